@@ -1,0 +1,293 @@
+! The only file f2py reads: plain subroutines over the pykd modules.
+!
+! Rules that keep f2py from corrupting data (see ENGINEERING.md):
+! - kinds are iso_c_binding names or literal integer(1); the build fails if
+!   f2py has to guess a kind;
+! - arrays are declared with the Fortran (transposed) shapes of NumPy's
+!   C-ordered arrays, and Python passes `a.T`, so nothing is copied;
+! - outputs are intent(inout) arrays allocated by Python: f2py refuses,
+!   rather than copies, an array of the wrong dtype or order;
+! - dimensions are intent(hide): f2py derives and checks them;
+! - every routine releases the GIL (threadsafe) and returns a status.
+
+subroutine dense_forward(x, w, b, act, y, n_in, n_out, n, stat)
+  use iso_c_binding, only: c_float, c_int
+  use pykd_dense, only: impl => dense_forward
+  implicit none
+  integer(c_int), intent(in) :: n_in, n_out, n, act
+  real(c_float), intent(in) :: x(n_in, n), w(n_out, n_in), b(n_out)
+  real(c_float), intent(inout) :: y(n_out, n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n_in, n_out, n
+  call impl(x, w, b, act, y, stat)
+end subroutine dense_forward
+
+subroutine dense_backward(dy, x, w, y, act, dw, db, dx, n_in, n_out, n, stat)
+  use iso_c_binding, only: c_float, c_int
+  use pykd_dense, only: impl => dense_backward
+  implicit none
+  integer(c_int), intent(in) :: n_in, n_out, n, act
+  real(c_float), intent(in) :: dy(n_out, n), x(n_in, n), w(n_out, n_in), y(n_out, n)
+  real(c_float), intent(inout) :: dw(n_out, n_in), db(n_out), dx(n_in, n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n_in, n_out, n
+  call impl(dy, x, w, y, act, dw, db, dx=dx, stat=stat)
+end subroutine dense_backward
+
+subroutine dense_backward_nodx(dy, x, w, y, act, dw, db, n_in, n_out, n, stat)
+  use iso_c_binding, only: c_float, c_int
+  use pykd_dense, only: impl => dense_backward
+  implicit none
+  integer(c_int), intent(in) :: n_in, n_out, n, act
+  real(c_float), intent(in) :: dy(n_out, n), x(n_in, n), w(n_out, n_in), y(n_out, n)
+  real(c_float), intent(inout) :: dw(n_out, n_in), db(n_out)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n_in, n_out, n
+  call impl(dy, x, w, y, act, dw, db, stat=stat)
+end subroutine dense_backward_nodx
+
+subroutine softmax(z, t, take_log, p, c, n, stat)
+  use iso_c_binding, only: c_float, c_int
+  use pykd_softmax, only: softmax_impl => softmax, log_softmax_impl => log_softmax
+  implicit none
+  integer(c_int), intent(in) :: c, n, take_log
+  real(c_float), intent(in) :: z(c, n), t
+  real(c_float), intent(inout) :: p(c, n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: c, n
+  if (take_log /= 0) then
+    call log_softmax_impl(z, t, p, stat)
+  else
+    call softmax_impl(z, t, p, stat)
+  end if
+end subroutine softmax
+
+subroutine cross_entropy(z, labels, dz, c, n, loss, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_loss, only: impl => cross_entropy
+  implicit none
+  integer(c_int), intent(in) :: c, n
+  real(c_float), intent(in) :: z(c, n)
+  integer(c_int64_t), intent(in) :: labels(n)
+  real(c_float), intent(inout) :: dz(c, n)
+  real(c_float), intent(out) :: loss
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: c, n
+  call impl(z, labels, loss, dz, stat)
+end subroutine cross_entropy
+
+subroutine kd_loss(s, t, labels, temperature, alpha, ds, c, n, loss, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_loss, only: impl => kd_loss
+  implicit none
+  integer(c_int), intent(in) :: c, n
+  real(c_float), intent(in) :: s(c, n), t(c, n), temperature, alpha
+  integer(c_int64_t), intent(in) :: labels(n)
+  real(c_float), intent(inout) :: ds(c, n)
+  real(c_float), intent(out) :: loss
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: c, n
+  call impl(s, t, labels, temperature, alpha, loss, ds, stat)
+end subroutine kd_loss
+
+subroutine sgd_step(p, g, vel, lr, momentum, weight_decay, n, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_optim, only: impl => sgd_step
+  implicit none
+  integer(c_int64_t), intent(in) :: n
+  real(c_float), intent(inout) :: p(n), vel(n)
+  real(c_float), intent(in) :: g(n), lr, momentum, weight_decay
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  call impl(p, g, vel, lr, momentum, weight_decay, stat=stat)
+end subroutine sgd_step
+
+subroutine sgd_step_masked(p, g, vel, lr, momentum, weight_decay, mask, n, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_optim, only: impl => sgd_step
+  implicit none
+  integer(c_int64_t), intent(in) :: n
+  real(c_float), intent(inout) :: p(n), vel(n)
+  real(c_float), intent(in) :: g(n), lr, momentum, weight_decay
+  integer(1), intent(in) :: mask(n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  call impl(p, g, vel, lr, momentum, weight_decay, mask, stat)
+end subroutine sgd_step_masked
+
+subroutine adam_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, n, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_optim, only: impl => adam_step
+  implicit none
+  integer(c_int64_t), intent(in) :: n, step
+  real(c_float), intent(inout) :: p(n), m(n), v(n)
+  real(c_float), intent(in) :: g(n), lr, beta1, beta2, eps, weight_decay
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  call impl(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, stat=stat)
+end subroutine adam_step
+
+subroutine adam_step_masked(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, mask, n, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_optim, only: impl => adam_step
+  implicit none
+  integer(c_int64_t), intent(in) :: n, step
+  real(c_float), intent(inout) :: p(n), m(n), v(n)
+  real(c_float), intent(in) :: g(n), lr, beta1, beta2, eps, weight_decay
+  integer(1), intent(in) :: mask(n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  call impl(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay, mask, stat)
+end subroutine adam_step_masked
+
+subroutine magnitude_mask(w, k, mask, n, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_prune, only: impl => magnitude_mask
+  implicit none
+  integer(c_int64_t), intent(in) :: n, k
+  real(c_float), intent(in) :: w(n)
+  integer(1), intent(inout) :: mask(n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  call impl(w, k, mask, stat)
+end subroutine magnitude_mask
+
+subroutine prune_magnitudes(w, mags, n, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_prune, only: magnitudes
+  implicit none
+  integer(c_int64_t), intent(in) :: n
+  real(c_float), intent(in) :: w(n)
+  real(c_float), intent(inout) :: mags(n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  call magnitudes(w, mags, stat)
+end subroutine prune_magnitudes
+
+subroutine prune_select(a, k, n, kth)
+  use iso_c_binding, only: c_float, c_int64_t
+  use pykd_prune, only: select_kth
+  implicit none
+  integer(c_int64_t), intent(in) :: n, k
+  real(c_float), intent(inout) :: a(n)
+  real(c_float), intent(out) :: kth
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  call select_kth(a, k, kth)
+end subroutine prune_select
+
+subroutine prune_count_below(w, tau, n, below)
+  use iso_c_binding, only: c_float, c_int64_t
+  use pykd_prune, only: count_below
+  implicit none
+  integer(c_int64_t), intent(in) :: n
+  real(c_float), intent(in) :: w(n), tau
+  integer(c_int64_t), intent(out) :: below
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  below = count_below(w, tau)
+end subroutine prune_count_below
+
+subroutine prune_apply(w, tau, ties, mask, n)
+  use iso_c_binding, only: c_float, c_int64_t
+  use pykd_prune, only: mask_from_threshold
+  implicit none
+  integer(c_int64_t), intent(in) :: n
+  real(c_float), intent(in) :: w(n), tau
+  integer(c_int64_t), intent(inout) :: ties
+  integer(1), intent(inout) :: mask(n)
+  !f2py threadsafe
+  !f2py intent(hide) :: n
+  !f2py intent(in, out) :: ties
+  call mask_from_threshold(w, tau, ties, mask)
+end subroutine prune_apply
+
+subroutine quantize_weights(w, q, scale, n_out, n_in, n_scale, stat)
+  use iso_c_binding, only: c_float, c_int
+  use pykd_quant, only: impl => quantize_weights
+  implicit none
+  integer(c_int), intent(in) :: n_out, n_in, n_scale
+  real(c_float), intent(in) :: w(n_out, n_in)
+  integer(1), intent(inout) :: q(n_out, n_in)
+  real(c_float), intent(inout) :: scale(n_scale)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n_out, n_in, n_scale
+  call impl(w, q, scale, stat)
+end subroutine quantize_weights
+
+subroutine dequantize_weights(q, scale, w, n_out, n_in, n_scale, stat)
+  use iso_c_binding, only: c_float, c_int
+  use pykd_quant, only: impl => dequantize_weights
+  implicit none
+  integer(c_int), intent(in) :: n_out, n_in, n_scale
+  integer(1), intent(in) :: q(n_out, n_in)
+  real(c_float), intent(in) :: scale(n_scale)
+  real(c_float), intent(inout) :: w(n_out, n_in)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n_out, n_in, n_scale
+  call impl(q, scale, w, stat)
+end subroutine dequantize_weights
+
+subroutine quantize_activations(x, qx, sx, n_in, n, stat)
+  use iso_c_binding, only: c_float, c_int
+  use pykd_quant, only: quantize_columns
+  implicit none
+  integer(c_int), intent(in) :: n_in, n
+  real(c_float), intent(in) :: x(n_in, n)
+  integer(1), intent(inout) :: qx(n_in, n)
+  real(c_float), intent(inout) :: sx(n)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: n_in, n
+  call quantize_columns(x, qx, sx, stat)
+end subroutine quantize_activations
+
+subroutine int8_gemm(qw, qx, acc, n_out, n_in, n)
+  use iso_c_binding, only: c_int, c_int32_t
+  use pykd_quant, only: impl => int8_gemm
+  implicit none
+  integer(c_int), intent(in) :: n_out, n_in, n
+  integer(1), intent(in) :: qw(n_out, n_in), qx(n_in, n)
+  integer(c_int32_t), intent(inout) :: acc(n_out, n)
+  !f2py threadsafe
+  !f2py intent(hide) :: n_out, n_in, n
+  call impl(qw, qx, acc)
+end subroutine int8_gemm
+
+subroutine int8_matmul(x, qw, scale_w, b, y, n_in, n_out, n, n_scale, stat)
+  use iso_c_binding, only: c_float, c_int, c_int32_t
+  use pykd_status, only: PYKD_ERR_ALLOC
+  use pykd_quant, only: impl => int8_matmul
+  implicit none
+  integer(c_int), intent(in) :: n_in, n_out, n, n_scale
+  real(c_float), intent(in) :: x(n_in, n), scale_w(n_scale), b(n_out)
+  integer(1), intent(in) :: qw(n_out, n_in)
+  real(c_float), intent(inout) :: y(n_out, n)
+  integer(c_int), intent(out) :: stat
+  integer(1), allocatable :: qx(:, :)
+  real(c_float), allocatable :: sx(:)
+  integer(c_int32_t), allocatable :: acc(:, :)
+  integer :: ierr
+  !f2py threadsafe
+  !f2py intent(hide) :: n_in, n_out, n, n_scale
+  allocate (qx(n_in, n), sx(n), acc(n_out, n), stat=ierr)
+  if (ierr /= 0) then
+    stat = PYKD_ERR_ALLOC
+    return
+  end if
+  call impl(x, qw, scale_w, b, y, qx, sx, acc, stat)
+end subroutine int8_matmul

@@ -1,0 +1,22 @@
+!> pykd: knowledge distillation and model compression kernels.
+!!
+!! The one module a Fortran program needs: `use pykd`. Array layout is
+!! column-major with one sample per column, e.g. `x(features, n)`.
+module pykd
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, &
+                         PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT
+  use pykd_config, only: ACT_IDENTITY, ACT_RELU, ACT_TANH
+  use pykd_dense, only: dense_forward, dense_backward
+  use pykd_softmax, only: softmax, log_softmax
+  use pykd_loss, only: cross_entropy, kd_loss
+  use pykd_optim, only: sgd_step, adam_step
+  use pykd_prune, only: magnitude_mask
+  use pykd_quant, only: quantize_weights, dequantize_weights, int8_matmul
+  implicit none
+  private
+  public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, &
+            PYKD_ERR_IO, PYKD_ERR_FORMAT
+  public :: ACT_IDENTITY, ACT_RELU, ACT_TANH
+  public :: dense_forward, dense_backward, softmax, log_softmax, cross_entropy, kd_loss, &
+            sgd_step, adam_step, magnitude_mask, quantize_weights, dequantize_weights, int8_matmul
+end module pykd

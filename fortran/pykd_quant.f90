@@ -1,0 +1,210 @@
+!> Symmetric int8 quantization and the int8 x int8 -> int32 product.
+!!
+!! Rule (TFLite-style weights, zero point 0): scale = max|w| / 127 in float32
+!! (scale = 1 for an all-zero group), q = clamp(rint(w * (1/scale)), -127, 127)
+!! with round half to even and the float32 reciprocal, as PyTorch does. The
+!! range is symmetric, [-127, 127], so -q never overflows. Dequantization is
+!! w ~ q * scale, with |w - q * scale| <= scale / 2.
+!!
+!! Weights `w(out, in)` (NumPy `W (in, out)`) get one scale per tensor or per
+!! output channel (row of `w`). Activations `x(in, n)` are quantized per
+!! sample (column) at run time, so a sample's result does not depend on the
+!! rest of its batch.
+module pykd_quant
+  use iso_fortran_env, only: real32, int8, int32, int64
+  use ieee_arithmetic, only: ieee_is_finite
+  use pykd_config, only: PAR_MIN_WORK
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
+  implicit none
+  private
+  public :: quantize_weights, dequantize_weights, quantize_columns, int8_gemm, int8_matmul, &
+            QMAX
+
+  integer, parameter :: QMAX = 127
+  !> Samples per block of the int8 product: each weight column loaded is
+  !! used for this many samples.
+  integer, parameter :: BLOCK_N = 4
+
+contains
+
+  !> Round half to even for |x| < 2**22: adding 1.5 * 2**23 leaves no
+  !! fraction bits, so the FPU's default rounding mode does the work. Valid
+  !! without -ffast-math (which pykd is never built with).
+  elemental real(real32) function rint_small(x)
+    real(real32), intent(in) :: x
+    real(real32), parameter :: magic = 12582912.0_real32
+    rint_small = (x + magic) - magic
+  end function rint_small
+
+  pure elemental real(real32) function scale_of(amax)
+    real(real32), intent(in) :: amax
+    scale_of = merge(amax / QMAX, 1.0_real32, amax > 0)
+  end function scale_of
+
+  !> q = quantized w; one scale per tensor (size(scale) == 1) or per row of
+  !! `w` (size(scale) == size(w, 1), per output channel).
+  subroutine quantize_weights(w, q, scale, stat, errmsg)
+    real(real32), intent(in), contiguous :: w(:, :)     !! (out, in)
+    integer(int8), intent(out), contiguous :: q(:, :)   !! (out, in)
+    real(real32), intent(out) :: scale(:)               !! (1) or (out)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    real(real32), allocatable :: amax(:), inv(:)
+    integer :: i, k, n_out, ierr
+
+    n_out = size(w, 1)
+    if (any(shape(q) /= shape(w)) .or. (size(scale) /= 1 .and. size(scale) /= n_out)) then
+      call set_status(PYKD_ERR_ARG, 'quantize_weights: inconsistent sizes', stat, errmsg)
+      return
+    end if
+    allocate (amax(n_out), inv(n_out), stat=ierr)
+    if (ierr /= 0) then
+      call set_status(PYKD_ERR_ALLOC, 'quantize_weights: cannot allocate workspace', stat, errmsg)
+      return
+    end if
+    amax = 0
+    do k = 1, size(w, 2)
+      amax = max(amax, abs(w(:, k)))
+    end do
+    ! max() may drop a NaN, so test the data itself.
+    if (.not. all(ieee_is_finite(w))) then
+      call set_status(PYKD_ERR_NONFINITE, 'quantize_weights: weights contain NaN or inf', stat, errmsg)
+      return
+    end if
+    if (size(scale) == 1 .and. n_out > 0) then
+      scale(1) = scale_of(maxval(amax))
+      inv = 1 / scale(1)
+    else
+      scale = scale_of(amax)
+      inv = 1 / scale
+    end if
+    !$omp parallel do schedule(static) if(size(w) >= PAR_MIN_WORK)
+    do k = 1, size(w, 2)
+      do i = 1, n_out
+        q(i, k) = int(min(max(rint_small(w(i, k) * inv(i)), -real(QMAX, real32)), real(QMAX, real32)), int8)
+      end do
+    end do
+    !$omp end parallel do
+    call set_status(PYKD_OK, '', stat, errmsg)
+  end subroutine quantize_weights
+
+  !> w = q * scale (per tensor if size(scale) == 1, else per row).
+  subroutine dequantize_weights(q, scale, w, stat, errmsg)
+    integer(int8), intent(in), contiguous :: q(:, :)  !! (out, in)
+    real(real32), intent(in) :: scale(:)              !! (1) or (out)
+    real(real32), intent(out), contiguous :: w(:, :)  !! (out, in)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    integer :: k
+
+    if (any(shape(q) /= shape(w)) .or. (size(scale) /= 1 .and. size(scale) /= size(q, 1))) then
+      call set_status(PYKD_ERR_ARG, 'dequantize_weights: inconsistent sizes', stat, errmsg)
+      return
+    end if
+    !$omp parallel do schedule(static) if(size(w) >= PAR_MIN_WORK)
+    do k = 1, size(q, 2)
+      if (size(scale) == 1) then
+        w(:, k) = real(q(:, k), real32) * scale(1)
+      else
+        w(:, k) = real(q(:, k), real32) * scale
+      end if
+    end do
+    !$omp end parallel do
+    call set_status(PYKD_OK, '', stat, errmsg)
+  end subroutine dequantize_weights
+
+  !> Quantize each column (sample) of `x` with its own scale.
+  subroutine quantize_columns(x, qx, sx, stat)
+    real(real32), intent(in), contiguous :: x(:, :)    !! (in, n)
+    integer(int8), intent(out), contiguous :: qx(:, :) !! (in, n)
+    real(real32), intent(out) :: sx(:)                 !! (n)
+    integer, intent(out) :: stat
+    integer :: j, n_bad
+    real(real32) :: amax, inv
+
+    n_bad = 0
+    !$omp parallel do schedule(static) private(amax, inv) reduction(+:n_bad) &
+    !$omp& if(size(x) >= PAR_MIN_WORK)
+    do j = 1, size(x, 2)
+      amax = maxval(abs(x(:, j)))
+      if (.not. all(ieee_is_finite(x(:, j)))) n_bad = n_bad + 1
+      sx(j) = scale_of(amax)
+      inv = 1 / sx(j)
+      qx(:, j) = int(min(max(rint_small(x(:, j) * inv), -real(QMAX, real32)), real(QMAX, real32)), int8)
+    end do
+    !$omp end parallel do
+    stat = merge(PYKD_OK, PYKD_ERR_NONFINITE, n_bad == 0)
+  end subroutine quantize_columns
+
+  !> acc = qw qx, exactly, in int32. |acc| <= in * 127**2 must fit int32,
+  !! so in <= 133143 (the caller checks).
+  subroutine int8_gemm(qw, qx, acc)
+    integer(int8), intent(in), contiguous :: qw(:, :)   !! (out, in)
+    integer(int8), intent(in), contiguous :: qx(:, :)   !! (in, n)
+    integer(int32), intent(out), contiguous :: acc(:, :) !! (out, n)
+    integer :: j0, j, k, nb
+
+    ! BLOCK_N samples share each weight column while it is in registers/L1.
+    !$omp parallel do schedule(static) private(j, k, nb) if(int(size(acc), int64) * size(qw, 2) >= 64 * PAR_MIN_WORK)
+    do j0 = 1, size(qx, 2), BLOCK_N
+      nb = min(BLOCK_N, size(qx, 2) - j0 + 1)
+      acc(:, j0:j0 + nb - 1) = 0
+      if (nb == BLOCK_N) then
+        do k = 1, size(qw, 2)
+          acc(:, j0) = acc(:, j0) + int(qw(:, k), int32) * qx(k, j0)
+          acc(:, j0 + 1) = acc(:, j0 + 1) + int(qw(:, k), int32) * qx(k, j0 + 1)
+          acc(:, j0 + 2) = acc(:, j0 + 2) + int(qw(:, k), int32) * qx(k, j0 + 2)
+          acc(:, j0 + 3) = acc(:, j0 + 3) + int(qw(:, k), int32) * qx(k, j0 + 3)
+        end do
+      else
+        do j = j0, j0 + nb - 1
+          do k = 1, size(qw, 2)
+            acc(:, j) = acc(:, j) + int(qw(:, k), int32) * qx(k, j)
+          end do
+        end do
+      end if
+    end do
+    !$omp end parallel do
+  end subroutine int8_gemm
+
+  !> y = (qw quantize(x)) * (scale_w scale_x) + b: dynamic int8 inference.
+  !! `acc` and `qx` are caller-owned workspaces.
+  subroutine int8_matmul(x, qw, scale_w, b, y, qx, sx, acc, stat, errmsg)
+    real(real32), intent(in), contiguous :: x(:, :)        !! (in, n)
+    integer(int8), intent(in), contiguous :: qw(:, :)      !! (out, in)
+    real(real32), intent(in) :: scale_w(:)                 !! (1) or (out)
+    real(real32), intent(in) :: b(:)                       !! (out)
+    real(real32), intent(out), contiguous :: y(:, :)       !! (out, n)
+    integer(int8), intent(out), contiguous :: qx(:, :)     !! (in, n) workspace
+    real(real32), intent(out) :: sx(:)                     !! (n) workspace
+    integer(int32), intent(out), contiguous :: acc(:, :)   !! (out, n) workspace
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    integer :: j, n_out, n_in, n, st
+
+    n_out = size(qw, 1); n_in = size(qw, 2); n = size(x, 2)
+    if (size(x, 1) /= n_in .or. size(b) /= n_out .or. any(shape(y) /= [n_out, n]) &
+        .or. any(shape(qx) /= [n_in, n]) .or. size(sx) /= n .or. any(shape(acc) /= [n_out, n]) &
+        .or. (size(scale_w) /= 1 .and. size(scale_w) /= n_out) .or. n_in > 133143) then
+      call set_status(PYKD_ERR_ARG, 'int8_matmul: inconsistent sizes', stat, errmsg)
+      return
+    end if
+    call quantize_columns(x, qx, sx, st)
+    if (st /= PYKD_OK) then
+      call set_status(st, 'int8_matmul: input contains NaN or inf', stat, errmsg)
+      return
+    end if
+    call int8_gemm(qw, qx, acc)
+    !$omp parallel do schedule(static) if(size(y) >= PAR_MIN_WORK)
+    do j = 1, n
+      if (size(scale_w) == 1) then
+        y(:, j) = real(acc(:, j), real32) * (scale_w(1) * sx(j)) + b
+      else
+        y(:, j) = real(acc(:, j), real32) * (scale_w * sx(j)) + b
+      end if
+    end do
+    !$omp end parallel do
+    call set_status(PYKD_OK, '', stat, errmsg)
+  end subroutine int8_matmul
+
+end module pykd_quant

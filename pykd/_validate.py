@@ -1,0 +1,87 @@
+"""Argument checks shared by the public functions.
+
+Everything is checked before any array reaches Fortran: f2py would otherwise
+cast or copy silently (float64 -> float32, C -> Fortran order, int64 -> int8
+with wraparound) or reject zero-size arrays with an unhelpful message.
+Type problems raise TypeError; shape and value problems raise ValueError.
+"""
+import math
+import numbers
+
+import numpy as np
+
+BACKENDS = ("fortran", "numpy")
+
+
+def backend(value):
+    if value not in BACKENDS:
+        raise ValueError(f"backend must be 'fortran' or 'numpy', got {value!r}")
+    return value
+
+
+def array(name, a, dtype=np.float32, ndim=None, allow_empty=False, writeable=False):
+    """Check that `a` is a C-contiguous ndarray of `dtype` (no conversion)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of {np.dtype(dtype).name}, "
+                        f"got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype} "
+                        f"(convert explicitly, e.g. {name}.astype(np.{np.dtype(dtype).name}))")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray({name}))")
+    if a.size == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty (shape {a.shape})")
+    if writeable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place")
+    return a
+
+
+def same_shape(name, a, ref_name, ref):
+    if a.shape != ref.shape:
+        raise ValueError(f"{name} has shape {a.shape} but {ref_name} has shape {ref.shape}")
+
+
+def labels(name, y, n, n_classes):
+    """Integer class indices of length n; returned as int64 (converted only if
+    another integer dtype was given: a copy of n integers, documented)."""
+    if not isinstance(y, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of integers, got {type(y).__name__}")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {y.shape}")
+    if y.size and (y.min() < 0 or y.max() >= n_classes):
+        bad = y[(y < 0) | (y >= n_classes)][0]
+        raise ValueError(f"{name} out of range: {bad} is not in [0, {n_classes})")
+    return np.ascontiguousarray(y, dtype=np.int64)
+
+
+def real(name, value, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """A finite real scalar in [low, high] (or open at either end)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and \
+        (v < high if high_open else v <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{name} must be finite and in {lo}{low}, {high}{hi}, got {value!r}")
+    return v
+
+
+def integer(name, value, low=None):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def activation(value):
+    from ._reference import ACTIVATIONS
+    if value not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {value!r}")
+    return ACTIVATIONS.index(value)
