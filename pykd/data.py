@@ -1,0 +1,327 @@
+"""Datasets: IDX (MNIST-format) readers and a loader for Fashion-MNIST.
+
+Only NumPy and the standard library are used, so this module can be imported
+without the compiled Fortran extension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import os
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DEFAULT_DATA_DIR", "Dataset", "DatasetError", "load_dataset", "read_idx"]
+
+#: Where the Debian package ``dataset-fashion-mnist`` installs the IDX files.
+DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+#: The four IDX files of an MNIST-style dataset directory, by role.
+IDX_FILES = {
+    "X_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "X_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+INSTALL_HINT = (
+    "Install it with `apt-get install dataset-fashion-mnist` (as root; "
+    "`sudo apt-get install dataset-fashion-mnist` otherwise), or pass "
+    "`--data DIR` with a directory holding the four IDX files "
+    "(or an .npz file with X_train, y_train, X_test, y_test)."
+)
+
+# IDX type codes; the element data is big-endian, so we read into native
+# arrays and swap in place afterwards.
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(np.int16),
+    0x0C: np.dtype(np.int32),
+    0x0D: np.dtype(np.float32),
+    0x0E: np.dtype(np.float64),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+# Deflate cannot expand data by more than about 1032:1, so a gzip file of
+# n bytes holds at most this many times n bytes. This bounds a bogus header
+# before we allocate for it.
+_MAX_GZIP_RATIO = 1032
+_CHUNK = 1 << 20
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, malformed or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Dataset:
+    """A train/test split of a classification dataset.
+
+    Attributes
+    ----------
+    X_train, X_test : ndarray of float32, shape (n, n_features)
+        C-contiguous feature matrices. Images stored as uint8 are scaled to
+        [0, 1] by dividing by 255.
+    y_train, y_test : ndarray of int64, shape (n,)
+        Non-negative class labels.
+    name : str
+        Short name for messages and metadata.
+    """
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    name: str
+
+    @property
+    def n_features(self) -> int:
+        """Number of input features (columns of ``X_train``)."""
+        return self.X_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        """``max label + 1`` over train and test labels (0 if there are none)."""
+        return int(max((y.max() + 1 for y in (self.y_train, self.y_test) if y.size), default=0))
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, train={self.X_train.shape[0]}, "
+            f"test={self.X_test.shape[0]}, n_features={self.n_features}, "
+            f"n_classes={self.n_classes})"
+        )
+
+
+def _readinto_full(f, buf: memoryview) -> int:
+    """Fill ``buf`` from ``f`` (which may return short reads); return bytes read."""
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:got + _CHUNK])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _count_rest(f) -> int:
+    n = 0
+    while chunk := f.read(_CHUNK):
+        n += len(chunk)
+    return n
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), raw or gzip-compressed.
+
+    Compression is detected from the gzip magic bytes ``1f 8b``, not from the
+    file name.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The IDX file.
+
+    Returns
+    -------
+    ndarray
+        A writeable, native-endian, C-contiguous array with the dtype and
+        shape given in the file header.
+
+    Raises
+    ------
+    DatasetError
+        If the header is invalid, the data is truncated or followed by extra
+        bytes, or the gzip stream is corrupt. The message names the file.
+    OSError
+        If the file cannot be opened.
+    """
+    name = os.fspath(path)
+    with open(path, "rb") as raw:
+        is_gzip = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        file_size = os.fstat(raw.fileno()).st_size
+        f = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
+        try:
+            return _read_idx_stream(f, name, file_size, is_gzip)
+        except (OSError, EOFError, zlib.error) as e:
+            if not is_gzip:
+                raise
+            raise DatasetError(f"{name}: corrupt gzip data ({e})") from e
+
+
+def _read_idx_stream(f, name: str, file_size: int, is_gzip: bool) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4:
+        raise DatasetError(f"{name}: truncated: expected a 4-byte IDX header, found {len(head)} bytes")
+    if head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
+        raise DatasetError(
+            f"{name}: not an IDX file (bad magic {head.hex(' ')}; expected 00 00, "
+            f"a type code in {{{', '.join(f'{c:#04x}' for c in _IDX_DTYPES)}}}, ndim)"
+        )
+    dtype, ndim = _IDX_DTYPES[head[2]], head[3]
+    if ndim == 0:
+        raise DatasetError(f"{name}: invalid IDX header: ndim is 0")
+    dims_raw = f.read(4 * ndim)
+    if len(dims_raw) < 4 * ndim:
+        raise DatasetError(
+            f"{name}: truncated: expected {4 * ndim} bytes of dimensions, found {len(dims_raw)}"
+        )
+    shape = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=">u4"))
+    expected = math.prod(shape) * dtype.itemsize
+    header_len = 4 + 4 * ndim
+
+    limit = file_size * _MAX_GZIP_RATIO if is_gzip else file_size - header_len
+    if expected > limit:  # cannot possibly be there: do not allocate for it
+        found = _count_rest(f)
+        raise DatasetError(f"{name}: truncated: expected {expected} bytes of data, found {found}")
+
+    out = np.empty(shape, dtype=dtype)
+    got = _readinto_full(f, memoryview(out.reshape(-1).view(np.uint8)))
+    if got < expected:
+        raise DatasetError(f"{name}: truncated: expected {expected} bytes of data, found {got}")
+    extra = _count_rest(f)
+    if extra:
+        raise DatasetError(
+            f"{name}: trailing bytes: expected {expected} bytes of data, found {expected + extra}"
+        )
+    if dtype.itemsize > 1 and sys.byteorder == "little":
+        out.byteswap(inplace=True)
+    return out
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    # Prefer the uncompressed file: it is faster to read.
+    for candidate in (directory / stem, directory / (stem + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _features(X: np.ndarray, what: str, source: str) -> np.ndarray:
+    """Return ``X`` as C-contiguous float32 (n, features); uint8 is scaled by 1/255."""
+    if X.ndim not in (2, 3):
+        raise DatasetError(f"{source}: {what} must be 2-D or 3-D, got shape {X.shape}")
+    if X.dtype.kind not in "uif":
+        raise DatasetError(f"{source}: {what} must be numeric, got dtype {X.dtype}")
+    X = X.reshape(X.shape[0], math.prod(X.shape[1:]))  # -1 fails for 0 rows
+    if X.dtype == np.uint8:
+        out = np.empty(X.shape, dtype=np.float32)
+        np.divide(X, np.float32(255), out=out)  # one pass, no float64 temporary
+        return out
+    out = np.ascontiguousarray(X, dtype=np.float32)
+    if X.dtype.kind == "f" and not np.isfinite(out).all():
+        raise DatasetError(f"{source}: {what} contains NaN or infinite values")
+    return out
+
+
+def _labels(y: np.ndarray, what: str, source: str) -> np.ndarray:
+    if y.ndim != 1:
+        raise DatasetError(f"{source}: {what} must be 1-D, got shape {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise DatasetError(f"{source}: {what} must be integers, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise DatasetError(f"{source}: {what} contains negative labels (min {y.min()})")
+    return np.ascontiguousarray(y, dtype=np.int64)
+
+
+def _make_dataset(arrays: dict, name: str, source: str) -> Dataset:
+    X_train = _features(arrays["X_train"], "X_train", source)
+    X_test = _features(arrays["X_test"], "X_test", source)
+    y_train = _labels(arrays["y_train"], "y_train", source)
+    y_test = _labels(arrays["y_test"], "y_test", source)
+    for split, X, y in (("train", X_train, y_train), ("test", X_test, y_test)):
+        if X.shape[0] != y.shape[0]:
+            raise DatasetError(
+                f"{source}: {split} set has {X.shape[0]} images but {y.shape[0]} labels"
+            )
+    if X_test.shape[0] and X_test.shape[1] != X_train.shape[1]:
+        raise DatasetError(
+            f"{source}: train images have {X_train.shape[1]} features but test images "
+            f"have {X_test.shape[1]}"
+        )
+    return Dataset(X_train, y_train, X_test, y_test, name)
+
+
+def _load_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            if {"X_train", "y_train", "X_test", "y_test"} <= keys:
+                return {k: z[k] for k in IDX_FILES}
+            if {"X", "y"} <= keys:
+                X, y = z["X"], z["y"]
+                return {
+                    "X_train": X,
+                    "y_train": y,
+                    "X_test": np.zeros((0,) + X.shape[1:], dtype=X.dtype),
+                    "y_test": np.zeros(0, dtype=y.dtype),
+                }
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: cannot read .npz file ({e})") from e
+    raise DatasetError(
+        f"{path}: expected arrays X_train, y_train, X_test, y_test (or X, y); "
+        f"found {', '.join(sorted(keys)) or 'none'}"
+    )
+
+
+def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
+    """Load a classification dataset.
+
+    Parameters
+    ----------
+    path : str, path-like or None
+        * ``None``: Fashion-MNIST from :data:`DEFAULT_DATA_DIR`, as installed by
+          the Debian package ``dataset-fashion-mnist``.
+        * A directory: the MNIST-style IDX files ``train-images-idx3-ubyte``,
+          ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+          ``t10k-labels-idx1-ubyte``, each optionally gzip-compressed with a
+          ``.gz`` suffix (the uncompressed file is used if both exist).
+        * A ``.npz`` file with arrays ``X_train, y_train, X_test, y_test``, or
+          with ``X, y`` only, in which case the test set is empty (0 rows).
+          Loaded with ``allow_pickle=False``.
+
+    Returns
+    -------
+    Dataset
+        Images (2-D, or 3-D flattened to 2-D) as float32; ``uint8`` images are
+        scaled to [0, 1] by dividing by 255, other numeric dtypes are converted
+        unchanged. Labels as int64.
+
+    Raises
+    ------
+    DatasetError
+        If files are missing (the message names them; for the default
+        location it gives the install command), malformed, or inconsistent:
+        image and label counts differ, labels are negative or not integers,
+        images are not 2-D/3-D or contain NaN/inf, or train and test feature
+        counts differ.
+    """
+    default = path is None
+    directory = Path(DEFAULT_DATA_DIR if default else path)
+    if not default and directory.is_file():
+        if directory.suffix != ".npz":
+            raise DatasetError(
+                f"{directory}: expected a directory of IDX files or a .npz file"
+            )
+        return _make_dataset(_load_npz(directory), directory.stem, str(directory))
+
+    files = {role: _find_idx(directory, stem) for role, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[role] + "[.gz]" for role, p in files.items() if p is None]
+    if missing:
+        if default:
+            raise DatasetError(
+                f"Fashion-MNIST not found in {directory} (missing {', '.join(missing)}). "
+                + INSTALL_HINT
+            )
+        if not directory.exists():
+            raise DatasetError(f"{directory}: no such file or directory")
+        raise DatasetError(f"{directory}: missing {', '.join(missing)}")
+    arrays = {role: read_idx(p) for role, p in files.items()}
+    name = "fashion-mnist" if default else directory.name
+    return _make_dataset(arrays, name, str(directory))
