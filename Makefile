@@ -1,0 +1,32 @@
+# pykd: `make demo` runs the main job, `make test` the tests, `make bench`
+# the benchmarks. Each target installs what is missing first (tools/setup.sh).
+PY := .venv/bin/python
+MESON := .venv/bin/meson
+
+.PHONY: setup demo test test-fortran test-python bench bench-quick clean
+
+setup:
+	@bash tools/setup.sh
+
+demo: setup
+	$(PY) examples/kernel_demo.py
+
+test: setup test-fortran test-python
+
+# The Fortran library on its own (no Python), and its test program.
+test-fortran:
+	@[ -f build/fortran/build.ninja ] || $(MESON) setup build/fortran -Dpython=false >/dev/null
+	$(MESON) compile -C build/fortran >/dev/null
+	$(MESON) test -C build/fortran --print-errorlogs
+
+test-python:
+	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
+
+bench: setup
+	$(PY) benchmarks/bench_kernels.py --json benchmarks/results.json --markdown benchmarks/RESULTS.md
+
+bench-quick: setup
+	$(PY) benchmarks/bench_kernels.py --quick
+
+clean:
+	rm -rf build .venv

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Install what pykd needs, skipping what is already there, then build and
+# install pykd into the virtual environment .venv (created with access to the
+# system's site-packages, so packages already installed are reused).
+#
+# Debian packages: gfortran, OpenBLAS, pkg-config, Python headers and venv,
+# and the Fashion-MNIST dataset. Needs root (or sudo) only if one is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv
+apt_pkgs=()
+command -v gfortran >/dev/null || apt_pkgs+=(gfortran)
+command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
+if ! pkg-config --exists openblas 2>/dev/null && ! pkg-config --exists blas 2>/dev/null; then
+  apt_pkgs+=(libopenblas-dev)
+fi
+[ -d /usr/share/datasets/fashion-mnist ] || apt_pkgs+=(dataset-fashion-mnist)
+if ! command -v python3 >/dev/null; then
+  apt_pkgs+=(python3 python3-dev python3-venv python3-pip)
+else
+  python3 -c 'import venv, ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv python3-pip)
+  inc=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  [ -f "$inc/Python.h" ] || apt_pkgs+=(python3-dev)
+fi
+
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  echo "pykd setup: installing Debian packages: ${apt_pkgs[*]}"
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null; then sudo=sudo; else
+    echo "pykd setup: please run as root: apt-get install ${apt_pkgs[*]}" >&2; exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${apt_pkgs[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "pykd setup: creating $venv"
+  python3 -m venv --system-site-packages "$venv"
+fi
+py="$venv/bin/python"
+# Build requirements (pyproject.toml) and test/run requirements.
+"$py" -m pip install -q --disable-pip-version-check \
+  "numpy>=2.0" "meson>=1.4" "meson-python>=0.15" ninja threadpoolctl tqdm \
+  pytest hypothesis
+# copy_report: the f2py runtime prints a line whenever it copies an array;
+# the tests use it to prove the public API copies nothing.
+"$py" -m pip install -q --disable-pip-version-check --no-build-isolation \
+  -Csetup-args=-Dcopy_report=true -Cbuild-dir=build/py .
