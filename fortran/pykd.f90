@@ -12,6 +12,8 @@ module pykd
   use pykd_optim, only: sgd_step, adam_step
   use pykd_prune, only: magnitude_mask
   use pykd_quant, only: quantize_weights, dequantize_weights, int8_matmul
+  use pykd_mlp, only: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM, mlp_param_count, &
+                      mlp_workspace_size, mlp_forward, mlp_train_step
   implicit none
   private
   public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, &
@@ -19,4 +21,6 @@ module pykd
   public :: ACT_IDENTITY, ACT_RELU, ACT_TANH
   public :: dense_forward, dense_backward, softmax, log_softmax, cross_entropy, kd_loss, &
             sgd_step, adam_step, magnitude_mask, quantize_weights, dequantize_weights, int8_matmul
+  public :: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM, mlp_param_count, &
+            mlp_workspace_size, mlp_forward, mlp_train_step
 end module pykd

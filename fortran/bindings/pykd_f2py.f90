@@ -291,3 +291,87 @@ subroutine int8_matmul(x, qw, scale_w, b, y, n_in, n_out, n, n_scale, stat)
   end if
   call impl(x, qw, scale_w, b, y, qx, sx, acc, stat)
 end subroutine int8_matmul
+
+subroutine mlp_workspace_size(sizes, batch, n_hint, nl1, words)
+  use iso_c_binding, only: c_int, c_int64_t
+  use pykd_mlp, only: impl => mlp_workspace_size
+  implicit none
+  integer(c_int), intent(in) :: nl1, batch, n_hint
+  integer(c_int), intent(in) :: sizes(nl1)
+  integer(c_int64_t), intent(out) :: words
+  !f2py intent(hide) :: nl1
+  words = impl(sizes, batch, n_hint)
+end subroutine mlp_workspace_size
+
+subroutine mlp_forward(sizes, acts, params, x, upto, out, work, nl1, nl, np, n_in, n, n_out, nw, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_mlp, only: impl => mlp_forward
+  implicit none
+  integer(c_int), intent(in) :: nl1, nl, n_in, n, n_out, upto
+  integer(c_int64_t), intent(in) :: np, nw
+  integer(c_int), intent(in) :: sizes(nl1), acts(nl)
+  real(c_float), intent(in) :: params(np), x(n_in, n)
+  real(c_float), intent(inout) :: out(n_out, n), work(nw)
+  integer(c_int), intent(out) :: stat
+  !f2py threadsafe
+  !f2py intent(hide) :: nl1, nl, np, n_in, n, n_out, nw
+  call impl(sizes, acts, params, x, out, upto, work, stat)
+end subroutine mlp_forward
+
+! One training step. Arrays that a configuration does not use (teacher
+! logits without KD, hint target without a hint, mask) are passed as 1x1 /
+! size-1 placeholders and flagged off by use_teacher / use_hint / use_mask.
+subroutine mlp_train_step(sizes, acts, params, grads, state1, state2, x, labels, &
+                          teacher, use_teacher, hint_target, use_hint, mask, use_mask, &
+                          loss_kind, temperature, alpha, optimizer, lr, beta1, beta2, eps, &
+                          momentum, weight_decay, dropout, seed, hint_layer, hint_weight, step, work, &
+                          nl1, nl, np, n_in, n, tc, tn, hc, hn, nm, nw, loss, n_correct, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_mlp, only: impl => mlp_train_step, train_config
+  implicit none
+  integer(c_int), intent(in) :: nl1, nl, n_in, n, tc, tn, hc, hn
+  integer(c_int64_t), intent(in) :: np, nm, nw
+  integer(c_int), intent(in) :: sizes(nl1), acts(nl)
+  real(c_float), intent(inout) :: params(np), grads(np), state1(np), state2(np), work(nw)
+  real(c_float), intent(in) :: x(n_in, n), teacher(tc, tn), hint_target(hc, hn)
+  integer(c_int64_t), intent(in) :: labels(n)
+  integer(1), intent(in) :: mask(nm)
+  integer(c_int), intent(in) :: use_teacher, use_hint, use_mask, loss_kind, optimizer, hint_layer
+  real(c_float), intent(in) :: temperature, alpha, lr, beta1, beta2, eps, momentum, weight_decay
+  real(c_float), intent(in) :: dropout, hint_weight
+  integer(c_int64_t), intent(in) :: seed, step
+  real(c_float), intent(out) :: loss
+  integer(c_int), intent(out) :: n_correct, stat
+  type(train_config) :: cfg
+  !f2py threadsafe
+  !f2py intent(hide) :: nl1, nl, np, n_in, n, tc, tn, hc, hn, nm, nw
+  cfg = train_config(loss=loss_kind, temperature=temperature, alpha=alpha, optimizer=optimizer, &
+                     lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum, &
+                     weight_decay=weight_decay, dropout=dropout, seed=seed, &
+                     hint_layer=hint_layer, hint_weight=hint_weight)
+  if (use_teacher /= 0 .and. use_hint /= 0 .and. use_mask /= 0) then
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              teacher=teacher, hint_target=hint_target, mask=mask, stat=stat)
+  else if (use_teacher /= 0 .and. use_hint /= 0) then
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              teacher=teacher, hint_target=hint_target, stat=stat)
+  else if (use_teacher /= 0 .and. use_mask /= 0) then
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              teacher=teacher, mask=mask, stat=stat)
+  else if (use_hint /= 0 .and. use_mask /= 0) then
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              hint_target=hint_target, mask=mask, stat=stat)
+  else if (use_teacher /= 0) then
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              teacher=teacher, stat=stat)
+  else if (use_hint /= 0) then
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              hint_target=hint_target, stat=stat)
+  else if (use_mask /= 0) then
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              mask=mask, stat=stat)
+  else
+    call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
+              stat=stat)
+  end if
+end subroutine mlp_train_step

@@ -1,0 +1,420 @@
+!> A multilayer perceptron on one flat parameter buffer: inference and a
+!! whole training step (forward, loss, backward, optimizer) in one call.
+!!
+!! Network: `sizes(1:L+1)` units per layer, `acts(1:L)` activation codes.
+!! Parameter layout, for each layer l in order: W_l(sizes(l+1), sizes(l))
+!! column-major, then b_l(sizes(l+1)); with a hint term, a regressor
+!! R(n_t, sizes(k+1)) and c(n_t) follow. NumPy sees each W_l as a C-ordered
+!! (n_in, n_out) view of the same memory. Gradients and optimizer state use
+!! the same layout, so an update is a pass over contiguous memory.
+!!
+!! Each layer is updated right after its gradient is computed (its input
+!! gradient first, with the old weights), while dW is still in cache; the
+!! result is the same as updating all layers after the backward pass.
+module pykd_mlp
+  use iso_fortran_env, only: real32, real64, int8, int64
+  use ieee_arithmetic, only: ieee_is_finite
+  use pykd_blas, only: sgemm
+  use pykd_config, only: PAR_MIN_WORK, ACT_IDENTITY, ACT_TANH
+  use pykd_dense, only: dense_forward, dense_backward
+  use pykd_loss, only: cross_entropy, kd_loss
+  use pykd_optim, only: sgd_step, adam_step
+  use pykd_random, only: stream_key, uniform01
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
+  implicit none
+  private
+  public :: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM
+  public :: mlp_param_count, mlp_workspace_size, mlp_forward, mlp_train_step, dropout_apply
+
+  integer, parameter :: LOSS_CE = 0  !! cross-entropy on labels
+  integer, parameter :: LOSS_KD = 1  !! Hinton distillation against teacher logits
+  integer, parameter :: OPT_SGD = 0  !! SGD with momentum (state1 = velocity)
+  integer, parameter :: OPT_ADAM = 1 !! Adam (state1 = m, state2 = v)
+
+  !> Everything a training step needs besides the arrays.
+  type :: train_config
+    integer :: loss = LOSS_CE
+    real(real32) :: temperature = 4     !! KD temperature T
+    real(real32) :: alpha = 0.1         !! KD weight of the hard-label term
+    integer :: optimizer = OPT_ADAM
+    real(real32) :: lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8
+    real(real32) :: momentum = 0.9, weight_decay = 0
+    real(real32) :: dropout = 0         !! drop probability on hidden layers
+    integer(int64) :: seed = 0          !! dropout random stream
+    integer :: hint_layer = 0           !! 0: no hint; k: output of layer k is hinted
+    real(real32) :: hint_weight = 0     !! weight of the hint MSE
+  end type train_config
+
+  type :: view2
+    real(real32), pointer, contiguous :: p(:, :) => null()
+  end type view2
+
+contains
+
+  !> Number of parameters of the network (plus a hint regressor onto
+  !! `n_hint` teacher units from the output of layer `hint_layer`).
+  pure integer(int64) function mlp_param_count(sizes, hint_layer, n_hint) result(n)
+    integer, intent(in) :: sizes(:)
+    integer, intent(in) :: hint_layer, n_hint
+    integer :: l
+    n = 0
+    do l = 1, size(sizes) - 1
+      n = n + int(sizes(l), int64) * sizes(l + 1) + sizes(l + 1)
+    end do
+    if (hint_layer > 0) n = n + int(n_hint, int64) * sizes(hint_layer + 1) + n_hint
+  end function mlp_param_count
+
+  !> float32 workspace a training step on `n` samples needs: every layer's
+  !! output, the dropped-out hidden outputs, three gradient buffers and the
+  !! hint residual.
+  pure integer(int64) function mlp_workspace_size(sizes, n, n_hint) result(w)
+    integer, intent(in) :: sizes(:)
+    integer, intent(in) :: n, n_hint
+    integer :: nl
+    nl = size(sizes) - 1
+    w = int(n, int64) * (sum(int(sizes(2:), int64)) + sum(int(sizes(2:nl), int64)) &
+                         + 3 * maxval(sizes(2:)) + n_hint)
+  end function mlp_workspace_size
+
+  !> Inference: out = the output of layer `upto` (default: the last) for the
+  !! batch x(sizes(1), n). Reads the parameters only, so concurrent calls with
+  !! their own workspaces are safe. `work` needs 2 * maxval(sizes(2:)) * n
+  !! floats; without it the call allocates its own.
+  subroutine mlp_forward(sizes, acts, params, x, out, upto, work, stat, errmsg)
+    integer, intent(in) :: sizes(:), acts(:)
+    real(real32), intent(in), contiguous, target :: params(:)
+    real(real32), intent(in), contiguous, target :: x(:, :)
+    real(real32), intent(out), contiguous, target :: out(:, :)
+    integer, intent(in), optional :: upto
+    real(real32), intent(inout), contiguous, target, optional :: work(:)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    real(real32), allocatable, target :: own(:)
+    real(real32), pointer, contiguous :: buf(:), inp(:, :), res(:, :), w(:, :), b(:)
+    integer(int64) :: off, half
+    integer :: l, last, n, ierr
+
+    last = size(sizes) - 1
+    if (present(upto)) last = upto
+    n = size(x, 2)
+    if (.not. valid_net(sizes, acts) .or. last < 1 .or. last > size(sizes) - 1) then
+      call set_status(PYKD_ERR_ARG, 'mlp_forward: bad layer sizes, activations or upto', stat, errmsg)
+      return
+    end if
+    if (size(params, kind=int64) /= mlp_param_count(sizes, 0, 0) .or. size(x, 1) /= sizes(1) &
+        .or. size(out, 1) /= sizes(last + 1) .or. size(out, 2) /= n) then
+      call set_status(PYKD_ERR_ARG, 'mlp_forward: params, x or out has the wrong size', stat, errmsg)
+      return
+    end if
+    half = int(maxval(sizes(2:)), int64) * n
+    if (present(work)) then
+      if (size(work, kind=int64) < 2 * half) then
+        call set_status(PYKD_ERR_ARG, 'mlp_forward: workspace too small', stat, errmsg)
+        return
+      end if
+      buf => work
+    else
+      allocate (own(2 * half), stat=ierr)
+      if (ierr /= 0) then
+        call set_status(PYKD_ERR_ALLOC, 'mlp_forward: cannot allocate workspace', stat, errmsg)
+        return
+      end if
+      buf => own
+    end if
+
+    inp => x
+    off = 0
+    do l = 1, last
+      w(1:sizes(l + 1), 1:sizes(l)) => params(off + 1:off + int(sizes(l), int64) * sizes(l + 1))
+      off = off + int(sizes(l), int64) * sizes(l + 1)
+      b => params(off + 1:off + sizes(l + 1))
+      off = off + sizes(l + 1)
+      if (l == last) then
+        res => out
+      else
+        ! Ping-pong between the two halves of the workspace.
+        res(1:sizes(l + 1), 1:n) => buf(mod(l, 2) * half + 1:mod(l, 2) * half + int(sizes(l + 1), int64) * n)
+      end if
+      call dense_forward(inp, w, b, acts(l), res)
+      inp => res
+    end do
+    call set_status(PYKD_OK, '', stat, errmsg)
+  end subroutine mlp_forward
+
+  pure logical function valid_net(sizes, acts)
+    integer, intent(in) :: sizes(:), acts(:)
+    valid_net = size(sizes) >= 2 .and. size(sizes) <= 64 .and. size(acts) == size(sizes) - 1
+    if (valid_net) valid_net = all(sizes >= 1) .and. all(acts >= ACT_IDENTITY .and. acts <= ACT_TANH)
+  end function valid_net
+
+  !> buf(i) = buf(i) * m(i), m(i) = 0 with probability p, else 1 / (1 - p);
+  !! m is a hash of (seed, step, layer, flat index), see pykd_random.
+  subroutine dropout_apply(buf, p, seed, step, layer)
+    real(real32), intent(inout), contiguous :: buf(:, :)
+    real(real32), intent(in) :: p
+    integer(int64), intent(in) :: seed, step
+    integer, intent(in) :: layer
+    integer(int64) :: key, i, n_rows
+    integer :: j
+    real(real32) :: keep_scale
+
+    key = stream_key(seed, step, layer)
+    keep_scale = 1 / (1 - p)
+    n_rows = size(buf, 1)
+    !$omp parallel do schedule(static) private(i) if(size(buf) >= PAR_MIN_WORK)
+    do j = 1, size(buf, 2)
+      do i = 1, n_rows
+        buf(i, j) = merge(buf(i, j) * keep_scale, 0.0_real32, &
+                          uniform01(key, (j - 1) * n_rows + i - 1) >= p)
+      end do
+    end do
+    !$omp end parallel do
+  end subroutine dropout_apply
+
+  !> One training step on the batch x(sizes(1), n): forward (with dropout on
+  !! hidden layers), loss (CE, or KD against teacher(classes, n); plus the
+  !! hint MSE against hint_target(n_t, n)), backward, and the optimizer update
+  !! of params, in place. `step` counts from 1. On a non-finite loss nothing
+  !! is updated and stat = PYKD_ERR_NONFINITE.
+  subroutine mlp_train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, &
+                            work, loss, n_correct, teacher, hint_target, mask, stat, errmsg)
+    integer, intent(in) :: sizes(:), acts(:)
+    real(real32), intent(inout), contiguous, target :: params(:), grads(:), state1(:), state2(:)
+    real(real32), intent(in), contiguous, target :: x(:, :)
+    integer(int64), intent(in) :: labels(:)
+    type(train_config), intent(in) :: cfg
+    integer(int64), intent(in) :: step
+    real(real32), intent(inout), contiguous, target :: work(:)
+    real(real32), intent(out) :: loss
+    integer, intent(out) :: n_correct
+    real(real32), intent(in), contiguous, optional :: teacher(:, :)
+    real(real32), intent(in), contiguous, optional :: hint_target(:, :)
+    integer(int8), intent(in), contiguous, optional :: mask(:)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+
+    type(view2) :: a(size(sizes) - 1), d(size(sizes) - 1)
+    real(real32), pointer, contiguous :: inp(:, :), cur(:, :), nxt(:, :), z(:, :)
+    real(real32), pointer, contiguous :: g1(:), g2(:), gt(:)
+    real(real32), pointer, contiguous :: w(:, :), b(:), dw(:, :), db(:), r(:, :), rw(:, :), dr(:, :)
+    integer(int64) :: off_w(size(sizes)), off_r, pos, maxw, np, n_t
+    integer :: l, nl, n, k, j, st, ni, no
+    real(real64) :: hint_sum
+    real(real32) :: scale
+
+    nl = size(sizes) - 1
+    n = size(x, 2)
+    k = cfg%hint_layer
+    loss = 0; n_correct = 0
+    if (.not. valid_net(sizes, acts)) then
+      call set_status(PYKD_ERR_ARG, 'mlp_train_step: bad layer sizes or activations', stat, errmsg)
+      return
+    end if
+    n_t = 0
+    if (k > 0 .and. present(hint_target)) n_t = size(hint_target, 1)
+    np = mlp_param_count(sizes, k, int(n_t))
+    if (size(params, kind=int64) /= np .or. size(grads, kind=int64) /= np &
+        .or. size(state1, kind=int64) /= np &
+        .or. (cfg%optimizer == OPT_ADAM .and. size(state2, kind=int64) /= np)) then
+      call set_status(PYKD_ERR_ARG, 'mlp_train_step: params, grads or optimizer state has the wrong size', &
+                      stat, errmsg)
+      return
+    end if
+    if (n < 1 .or. size(x, 1) /= sizes(1) .or. size(labels) /= n &
+        .or. size(work, kind=int64) < mlp_workspace_size(sizes, n, int(n_t))) then
+      call set_status(PYKD_ERR_ARG, 'mlp_train_step: x, labels or workspace has the wrong size', &
+                      stat, errmsg)
+      return
+    end if
+    if (cfg%loss == LOSS_KD) then
+      if (.not. present(teacher)) then
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: KD needs teacher logits', stat, errmsg)
+        return
+      end if
+      if (size(teacher, 1) /= sizes(nl + 1) .or. size(teacher, 2) /= n) then
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: teacher logits have the wrong shape', stat, errmsg)
+        return
+      end if
+    else if (cfg%loss /= LOSS_CE) then
+      call set_status(PYKD_ERR_ARG, 'mlp_train_step: unknown loss', stat, errmsg)
+      return
+    end if
+    if (k < 0 .or. k > nl .or. (k > 0 .and. .not. present(hint_target))) then
+      call set_status(PYKD_ERR_ARG, 'mlp_train_step: bad hint layer or missing hint target', stat, errmsg)
+      return
+    end if
+    if (k > 0) then
+      if (size(hint_target, 2) /= n) then
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: hint target has the wrong shape', stat, errmsg)
+        return
+      end if
+    end if
+    if (present(mask)) then
+      if (size(mask, kind=int64) /= np) then
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: mask has the wrong size', stat, errmsg)
+        return
+      end if
+    end if
+    if (.not. (cfg%dropout >= 0 .and. cfg%dropout < 1) .or. &
+        (cfg%optimizer /= OPT_ADAM .and. cfg%optimizer /= OPT_SGD)) then
+      call set_status(PYKD_ERR_ARG, 'mlp_train_step: dropout outside [0, 1) or unknown optimizer', &
+                      stat, errmsg)
+      return
+    end if
+
+    ! Carve the workspace: layer outputs, dropped-out outputs, gradient buffers.
+    pos = 0
+    do l = 1, nl
+      a(l)%p(1:sizes(l + 1), 1:n) => work(pos + 1:pos + int(sizes(l + 1), int64) * n)
+      pos = pos + int(sizes(l + 1), int64) * n
+    end do
+    do l = 1, nl - 1
+      d(l)%p(1:sizes(l + 1), 1:n) => work(pos + 1:pos + int(sizes(l + 1), int64) * n)
+      pos = pos + int(sizes(l + 1), int64) * n
+    end do
+    maxw = maxval(sizes(2:))
+    ! g1 holds d loss / d (layer output), g2 receives d loss / d (layer input);
+    ! they swap after each layer.
+    g1 => work(pos + 1:pos + maxw * n)
+    g2 => work(pos + maxw * n + 1:pos + 2 * maxw * n)
+    z(1:maxw, 1:n) => work(pos + 2 * maxw * n + 1:pos + 3 * maxw * n)
+    cur(1:sizes(nl + 1), 1:n) => g1
+    pos = pos + 3 * maxw * n
+    off_w(1) = 0
+    do l = 1, nl
+      off_w(l + 1) = off_w(l) + int(sizes(l), int64) * sizes(l + 1) + sizes(l + 1)
+    end do
+    off_r = off_w(nl + 1)
+
+    ! Forward.
+    inp => x
+    do l = 1, nl
+      call layer_views(params, l, w, b)
+      call dense_forward(inp, w, b, acts(l), a(l)%p)
+      inp => a(l)%p
+      if (l < nl .and. cfg%dropout > 0) then
+        d(l)%p = a(l)%p
+        call dropout_apply(d(l)%p, cfg%dropout, cfg%seed, step, l)
+        inp => d(l)%p
+      end if
+    end do
+
+    ! Loss and its gradient with respect to the logits.
+    if (cfg%loss == LOSS_KD) then
+      call kd_loss(a(nl)%p, teacher, labels, cfg%temperature, cfg%alpha, loss, cur, st)
+    else
+      call cross_entropy(a(nl)%p, labels, loss, cur, st)
+    end if
+    if (st /= PYKD_OK) then
+      call set_status(st, 'mlp_train_step: loss failed (labels out of range or non-finite logits)', &
+                      stat, errmsg)
+      return
+    end if
+    do j = 1, n
+      if (maxloc(a(nl)%p(:, j), 1) - 1 == labels(j)) n_correct = n_correct + 1
+    end do
+
+    ! Hint: residual r = R h_k + c - target; loss += w/(n n_t) |r|^2; dr = 2w/(n n_t) r.
+    if (k > 0) then
+      r(1:n_t, 1:n) => work(pos + 1:pos + n_t * n)
+      rw(1:n_t, 1:sizes(k + 1)) => params(off_r + 1:off_r + n_t * sizes(k + 1))
+      b => params(off_r + n_t * sizes(k + 1) + 1:off_r + n_t * sizes(k + 1) + n_t)
+      call dense_forward(a(k)%p, rw, b, ACT_IDENTITY, r)
+      r = r - hint_target
+      hint_sum = 0
+      do j = 1, n
+        hint_sum = hint_sum + sum(real(r(:, j), real64)**2)
+      end do
+      loss = loss + real(cfg%hint_weight * hint_sum / (real(n, real64) * n_t), real32)
+      scale = real(2 * cfg%hint_weight / (real(n, real64) * n_t), real32)
+      r = scale * r
+      dr => r
+    end if
+    if (.not. ieee_is_finite(loss)) then
+      call set_status(PYKD_ERR_NONFINITE, 'mlp_train_step: loss is not finite; parameters not updated', &
+                      stat, errmsg)
+      return
+    end if
+
+    ! Backward, updating each layer as soon as its gradients are known.
+    do l = nl, 1, -1
+      no = sizes(l + 1); ni = sizes(l)
+      if (l == k) call hint_backward()
+      call layer_views(params, l, w, b)
+      call layer_views(grads, l, dw, db)
+      inp => x
+      if (l > 1) then
+        inp => a(l - 1)%p
+        if (cfg%dropout > 0) inp => d(l - 1)%p
+      end if
+      if (l > 1) then
+        nxt(1:ni, 1:n) => g2
+        call dense_backward(cur, inp, w, a(l)%p, acts(l), dw, db, dx=nxt, work=z, stat=st)
+      else
+        call dense_backward(cur, inp, w, a(l)%p, acts(l), dw, db, work=z, stat=st)
+      end if
+      call update(off_w(l) + 1, off_w(l + 1))
+      if (l > 1) then
+        if (cfg%dropout > 0) call dropout_apply(nxt, cfg%dropout, cfg%seed, step, l - 1)
+        cur => nxt
+        gt => g1; g1 => g2; g2 => gt
+      end if
+    end do
+    call set_status(PYKD_OK, '', stat, errmsg)
+
+  contains
+
+    !> W_l and b_l of a buffer with the parameter layout, as 2-D/1-D views.
+    subroutine layer_views(buf, layer, wv, bv)
+      real(real32), intent(in), contiguous, target :: buf(:)
+      integer, intent(in) :: layer
+      real(real32), pointer, contiguous, intent(out) :: wv(:, :), bv(:)
+      integer(int64) :: o, nw
+      o = off_w(layer)
+      nw = int(sizes(layer), int64) * sizes(layer + 1)
+      wv(1:sizes(layer + 1), 1:sizes(layer)) => buf(o + 1:o + nw)
+      bv => buf(o + nw + 1:o + nw + sizes(layer + 1))
+    end subroutine layer_views
+
+    !> Gradient of the hint term: dR = dr h_k^T, dc = sum(dr), and
+    !! d loss / d h_k += R^T dr (before R is updated).
+    subroutine hint_backward()
+      real(real32), pointer, contiguous :: drw(:, :), dc(:)
+      integer :: ns
+      ns = sizes(k + 1)
+      drw(1:n_t, 1:ns) => grads(off_r + 1:off_r + n_t * ns)
+      dc => grads(off_r + n_t * ns + 1:off_r + n_t * ns + n_t)
+      call sgemm('N', 'T', int(n_t), ns, n, 1.0_real32, dr, int(n_t), a(k)%p, ns, 0.0_real32, drw, int(n_t))
+      dc = 0
+      do j = 1, n
+        dc = dc + dr(:, j)
+      end do
+      call sgemm('T', 'N', ns, n, int(n_t), 1.0_real32, rw, int(n_t), dr, int(n_t), 1.0_real32, cur, ns)
+      call update(off_r + 1, off_r + n_t * ns + n_t)
+    end subroutine hint_backward
+
+    !> Optimizer step on params(lo:hi).
+    subroutine update(lo, hi)
+      integer(int64), intent(in) :: lo, hi
+      if (cfg%optimizer == OPT_ADAM) then
+        if (present(mask)) then
+          call adam_step(params(lo:hi), grads(lo:hi), state1(lo:hi), state2(lo:hi), step, cfg%lr, &
+                         cfg%beta1, cfg%beta2, cfg%eps, cfg%weight_decay, mask(lo:hi))
+        else
+          call adam_step(params(lo:hi), grads(lo:hi), state1(lo:hi), state2(lo:hi), step, cfg%lr, &
+                         cfg%beta1, cfg%beta2, cfg%eps, cfg%weight_decay)
+        end if
+      else
+        if (present(mask)) then
+          call sgd_step(params(lo:hi), grads(lo:hi), state1(lo:hi), cfg%lr, cfg%momentum, &
+                        cfg%weight_decay, mask(lo:hi))
+        else
+          call sgd_step(params(lo:hi), grads(lo:hi), state1(lo:hi), cfg%lr, cfg%momentum, &
+                        cfg%weight_decay)
+        end if
+      end if
+    end subroutine update
+
+  end subroutine mlp_train_step
+
+end module pykd_mlp

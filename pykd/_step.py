@@ -1,0 +1,283 @@
+"""A whole training step of an MLP in one call, and batched inference.
+
+The network lives in one flat float32 buffer (see :func:`layer_slices`);
+gradients and optimizer state are buffers of the same layout. With
+``backend="fortran"`` a step is a single call into ``pykd_mlp``; with
+``backend="numpy"`` the same step runs on the NumPy twins of the kernels,
+with the same dropout random numbers, so the two paths agree to rounding.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _reference as ref
+from ._reference import ACTIVATIONS
+
+try:
+    from . import _fkernels as _f
+except ImportError:  # pragma: no cover
+    _f = None
+
+LOSSES = ("ce", "kd")
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training step (see pykd.kernels for the formulas)."""
+    loss: str = "ce"            # "ce": labels only; "kd": Hinton KD against teacher logits
+    temperature: float = 4.0
+    alpha: float = 0.1          # KD weight of the hard-label term
+    optimizer: str = "adam"     # "adam" or "sgd" (with momentum)
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    dropout: float = 0.0        # probability of dropping a hidden unit
+    seed: int = 0               # dropout random stream
+    hint_layer: int = 0         # 0: no hint; k: output of layer k (1-based) is hinted
+    hint_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (self.lr >= 0 and self.weight_decay >= 0 and self.momentum >= 0):
+            raise ValueError("lr, weight_decay and momentum must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0):
+            raise ValueError("beta1 and beta2 must be in [0, 1) and eps > 0")
+        if not 0 <= int(self.seed) < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.hint_layer < 0 or self.hint_weight < 0:
+            raise ValueError("hint_layer and hint_weight must be >= 0")
+
+
+def layer_slices(sizes, hint=None):
+    """Where each layer's W and b live in the flat buffer.
+
+    Returns a list of ``(W_slice, b_slice, (n_in, n_out))``, one per layer,
+    then one for the hint regressor when ``hint=(k, n_teacher_units)``
+    (R maps the output of student layer k to the teacher's units).
+    ``buf[W_slice].reshape(n_in, n_out)`` is a view.
+    """
+    shapes = list(zip(sizes[:-1], sizes[1:]))
+    if hint is not None:
+        k, n_t = hint
+        if not 1 <= k <= len(shapes):
+            raise ValueError(f"hint layer must be in [1, {len(shapes)}], got {k}")
+        shapes.append((sizes[k], n_t))
+    out, pos = [], 0
+    for n_in, n_out in shapes:
+        w = slice(pos, pos + n_in * n_out)
+        b = slice(w.stop, w.stop + n_out)
+        out.append((w, b, (n_in, n_out)))
+        pos = b.stop
+    return out
+
+
+def param_count(sizes, hint=None):
+    return layer_slices(sizes, hint)[-1][1].stop
+
+
+def _views(buf, sizes, hint=None):
+    return [(buf[w].reshape(shape), buf[b]) for w, b, shape in layer_slices(sizes, hint)]
+
+
+class Workspace:
+    """Scratch memory for training steps on batches of up to ``batch_size``;
+    allocate once per run."""
+
+    def __init__(self, sizes, batch_size, hint=None):
+        self.sizes = np.asarray(sizes, np.int32)
+        self.batch_size = int(batch_size)
+        self.n_hint = 0 if hint is None else int(hint[1])
+        words = _f.mlp_workspace_size(self.sizes, self.batch_size, self.n_hint) if _f else 0
+        self.work = np.empty(words, np.float32)
+        self.placeholder = np.zeros((1, 1), np.float32)
+        self.no_mask = np.ones(1, np.int8)
+
+
+# --- dropout random numbers, identical to pykd_random.f90 -------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x):
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_multipliers(shape, p, seed, step, layer):
+    """0 with probability p, else 1/(1-p); entry i (flat C order) is a hash of
+    (seed, step, layer, i)."""
+    one = lambda v: np.array([v], dtype=np.uint64)  # arrays wrap silently
+    key = _splitmix64(one(seed) ^ _splitmix64(one(step * 64 + layer)))
+    idx = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    u = (_splitmix64(key + idx) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+    keep = np.float32(1) / (np.float32(1) - np.float32(p))
+    return np.where(u >= np.float32(p), keep, np.float32(0)).reshape(shape)
+
+
+# --- the step ------------------------------------------------------------------
+def _check_batch(x, labels, n_in):
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
+            and x.flags.c_contiguous and x.shape[1] == n_in and x.shape[0] >= 1):
+        raise ValueError(f"x must be a non-empty C-contiguous float32 array of shape (n, {n_in})")
+    if not (isinstance(labels, np.ndarray) and labels.dtype == np.int64
+            and labels.shape == (x.shape[0],)):
+        raise ValueError(f"labels must be an int64 array of shape ({x.shape[0]},)")
+
+
+def _check_rows(name, a, n):
+    if a is None:
+        raise ValueError(f"{name} is required by this configuration")
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 2
+            and a.flags.c_contiguous and a.shape[0] == n):
+        raise ValueError(f"{name} must be a C-contiguous float32 array with {n} rows")
+
+
+def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, ws, *,
+               teacher_logits=None, hint_target=None, mask=None, backend="fortran"):
+    """One training step: forward, loss, backward and optimizer update of
+    ``params`` in place. Returns ``(loss, n_correct)``.
+
+    Raises FloatingPointError, leaving every buffer's parameters untouched,
+    if the loss is not finite.
+    """
+    n = x.shape[0] if isinstance(x, np.ndarray) else 0
+    _check_batch(x, labels, sizes[0])
+    if cfg.loss == "kd":
+        _check_rows("teacher_logits", teacher_logits, n)
+    if cfg.hint_layer:
+        _check_rows("hint_target", hint_target, n)
+    if backend == "numpy":
+        return _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
+                           teacher_logits, hint_target, mask)
+    if n > ws.batch_size:
+        raise ValueError(f"batch of {n} exceeds the workspace's batch size {ws.batch_size}")
+    act_codes = np.array([ACTIVATIONS.index(a) for a in acts], np.int32)
+    use_t = cfg.loss == "kd"
+    use_h = cfg.hint_layer > 0
+    use_m = mask is not None
+    loss, n_correct, stat = _f.mlp_train_step(
+        ws.sizes, act_codes, params, grads, state1, state2, x.T, labels,
+        teacher_logits.T if use_t else ws.placeholder, int(use_t),
+        hint_target.T if use_h else ws.placeholder, int(use_h),
+        mask.view(np.int8) if use_m else ws.no_mask, int(use_m),
+        LOSSES.index(cfg.loss), cfg.temperature, cfg.alpha, OPTIMIZERS.index(cfg.optimizer),
+        cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.momentum, cfg.weight_decay, cfg.dropout,
+        int(cfg.seed), cfg.hint_layer, cfg.hint_weight, int(step), ws.work)
+    if stat == 3:
+        raise FloatingPointError(f"loss is not finite at step {step}; parameters not updated")
+    if stat == 2:
+        raise ValueError(f"labels out of range [0, {sizes[-1]})")
+    if stat != 0:
+        raise ValueError(f"training step rejected its arguments (status {stat})")
+    return float(loss), int(n_correct)
+
+
+def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
+                teacher_logits, hint_target, mask):
+    nl = len(sizes) - 1
+    hint = (cfg.hint_layer, hint_target.shape[1]) if cfg.hint_layer else None
+    P, G = _views(params, sizes, hint), _views(grads, sizes, hint)
+    slices = layer_slices(sizes, hint)
+    if labels.min() < 0 or labels.max() >= sizes[-1]:
+        raise ValueError(f"labels out of range [0, {sizes[-1]})")
+
+    # Forward; `inputs[l]` is what layer l reads (dropped-out output of l-1).
+    outs, inputs, drops = [], [x], []
+    for l, ((W, b), act) in enumerate(zip(P[:nl], acts), start=1):
+        a = ref.dense(inputs[-1], W, b, act)
+        outs.append(a)
+        if l < nl and cfg.dropout > 0:
+            m = dropout_multipliers(a.shape, cfg.dropout, cfg.seed, step, l)
+            drops.append(m)
+            inputs.append(a * m)
+        else:
+            inputs.append(a)
+    logits = outs[-1]
+    if cfg.loss == "kd":
+        loss, dy = ref.kd_loss(logits, teacher_logits, labels, cfg.temperature, cfg.alpha)
+    else:
+        loss, dy = ref.cross_entropy(logits, labels)
+    n_correct = int((logits.argmax(axis=1) == labels).sum())
+    if hint:
+        k, n_t = hint
+        R, c = P[nl]
+        r = outs[k - 1] @ R + c - hint_target
+        n = x.shape[0]
+        loss = loss + np.float32(cfg.hint_weight * float((r.astype(np.float64) ** 2).sum()) / (n * n_t))
+        dr = np.float32(2 * cfg.hint_weight / (n * n_t)) * r
+    if not np.isfinite(loss):
+        raise FloatingPointError(f"loss is not finite at step {step}; parameters not updated")
+
+    def update(sl):
+        mk = None if mask is None else mask[sl]
+        if cfg.optimizer == "adam":
+            ref.adam_step(params[sl], grads[sl], state1[sl], state2[sl], step, cfg.lr,
+                          cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, mk)
+        else:
+            ref.sgd_step(params[sl], grads[sl], state1[sl], cfg.lr, cfg.momentum,
+                         cfg.weight_decay, mk)
+
+    for l in range(nl, 0, -1):
+        if hint and l == hint[0]:
+            R, _ = P[nl]
+            dR, dc = G[nl]
+            dR[...] = outs[l - 1].T @ dr
+            dc[...] = dr.sum(axis=0)
+            dy = dy + dr @ R.T
+            update(slice(slices[nl][0].start, slices[nl][1].stop))
+        W, _ = P[l - 1]
+        dW, db = G[l - 1]
+        dx, dW[...], db[...] = ref.dense_backward(dy, inputs[l - 1], W, outs[l - 1], acts[l - 1],
+                                                  need_dx=l > 1)
+        update(slice(slices[l - 1][0].start, slices[l - 1][1].stop))
+        if l > 1:
+            dy = dx * drops[l - 2] if cfg.dropout > 0 else dx
+    return float(loss), n_correct
+
+
+def forward(sizes, acts, params, x, *, upto=None, batch_size=1024, backend="fortran"):
+    """Output of layer ``upto`` (default: the logits) for every row of ``x``,
+    computed ``batch_size`` rows at a time."""
+    nl = len(sizes) - 1
+    upto = nl if upto is None else int(upto)
+    if not 1 <= upto <= nl:
+        raise ValueError(f"upto must be in [1, {nl}], got {upto}")
+    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
+            and x.flags.c_contiguous and x.shape[1] == sizes[0]):
+        raise ValueError(f"x must be a C-contiguous float32 array of shape (n, {sizes[0]})")
+    out = np.empty((x.shape[0], sizes[upto]), np.float32)
+    if x.shape[0] == 0:
+        return out
+    if backend == "numpy":
+        P = _views(params, sizes)
+        for start in range(0, x.shape[0], batch_size):
+            h = x[start:start + batch_size]
+            for (W, b), act in zip(P[:upto], acts[:upto]):
+                h = ref.dense(h, W, b, act)
+            out[start:start + batch_size] = h
+        return out
+    sz = np.asarray(sizes, np.int32)
+    act_codes = np.array([ACTIVATIONS.index(a) for a in acts], np.int32)
+    work = np.empty(2 * max(sizes[1:]) * min(batch_size, x.shape[0]), np.float32)
+    for start in range(0, x.shape[0], batch_size):
+        xb, ob = x[start:start + batch_size], out[start:start + batch_size]
+        stat = _f.mlp_forward(sz, act_codes, params, xb.T, upto, ob.T, work)
+        if stat != 0:
+            raise ValueError(f"forward rejected its arguments (status {stat})")
+    return out
