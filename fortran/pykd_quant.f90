@@ -1,7 +1,7 @@
 !> Symmetric int8 quantization and the int8 x int8 -> int32 product.
 !!
 !! Rule (TFLite-style weights, zero point 0): scale = max|w| / 127 in float32
-!! (scale = 1 for an all-zero group), q = clamp(rint(w * (1/scale)), -127, 127)
+!! (at least tiny(1.0), the smallest normal number; 1 for an all-zero group), q = clamp(rint(w * (1/scale)), -127, 127)
 !! with round half to even and the float32 reciprocal, as PyTorch does. The
 !! range is symmetric, [-127, 127], so -q never overflows. Dequantization is
 !! w ~ q * scale, with |w - q * scale| <= scale / 2.
@@ -18,9 +18,11 @@ module pykd_quant
   implicit none
   private
   public :: quantize_weights, dequantize_weights, quantize_columns, int8_gemm, int8_matmul, &
-            QMAX
+            QMAX, MAX_IN
 
   integer, parameter :: QMAX = 127
+  !> Longest int8 dot product whose int32 sum cannot overflow: 131071 * 128**2 < 2**31.
+  integer, parameter :: MAX_IN = 131071
   !> Samples per block of the int8 product: each weight column loaded is
   !! used for this many samples.
   integer, parameter :: BLOCK_N = 4
@@ -36,9 +38,11 @@ contains
     rint_small = (x + magic) - magic
   end function rint_small
 
+  !> scale = max|w| / 127, but at least the smallest normal float32 so that
+  !! 1 / scale stays finite for tiny weights; 1 for an all-zero group.
   pure elemental real(real32) function scale_of(amax)
     real(real32), intent(in) :: amax
-    scale_of = merge(amax / QMAX, 1.0_real32, amax > 0)
+    scale_of = merge(max(amax / QMAX, tiny(amax)), 1.0_real32, amax > 0)
   end function scale_of
 
   !> q = quantized w; one scale per tensor (size(scale) == 1) or per row of
@@ -136,8 +140,8 @@ contains
     stat = merge(PYKD_OK, PYKD_ERR_NONFINITE, n_bad == 0)
   end subroutine quantize_columns
 
-  !> acc = qw qx, exactly, in int32. |acc| <= in * 127**2 must fit int32,
-  !! so in <= 133143 (the caller checks).
+  !> acc = qw qx, exactly, in int32. |acc| <= in * 128**2 must fit int32
+  !! (int8 weights may hold -128), so in <= MAX_IN = 131071.
   subroutine int8_gemm(qw, qx, acc)
     integer(int8), intent(in), contiguous :: qw(:, :)   !! (out, in)
     integer(int8), intent(in), contiguous :: qx(:, :)   !! (in, n)
@@ -185,7 +189,7 @@ contains
     n_out = size(qw, 1); n_in = size(qw, 2); n = size(x, 2)
     if (size(x, 1) /= n_in .or. size(b) /= n_out .or. any(shape(y) /= [n_out, n]) &
         .or. any(shape(qx) /= [n_in, n]) .or. size(sx) /= n .or. any(shape(acc) /= [n_out, n]) &
-        .or. (size(scale_w) /= 1 .and. size(scale_w) /= n_out) .or. n_in > 133143) then
+        .or. (size(scale_w) /= 1 .and. size(scale_w) /= n_out) .or. n_in > MAX_IN) then
       call set_status(PYKD_ERR_ARG, 'int8_matmul: inconsistent sizes', stat, errmsg)
       return
     end if

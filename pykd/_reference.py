@@ -128,7 +128,10 @@ def magnitude_masks(arrays, k):
 
 
 def _scale(amax):
-    return np.where(amax > 0, amax / np.float32(QMAX), np.float32(1)).astype(np.float32)
+    # At least the smallest normal float32, so 1/scale stays finite.
+    tiny = np.finfo(np.float32).tiny
+    return np.where(amax > 0, np.maximum(amax / np.float32(QMAX), tiny),
+                    np.float32(1)).astype(np.float32)
 
 
 def _quantize(x, scale):

@@ -63,20 +63,26 @@ def real(name, value, low=-math.inf, high=math.inf, low_open=False, high_open=Fa
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    ok = math.isfinite(v) and (v > low if low_open else v >= low) and \
-        (v < high if high_open else v <= high)
+    # The kernels take float32: check the value they will actually see, so
+    # 1e40 (inf) or 1e-50 (0) cannot slip past a range check.
+    v32 = float(np.float32(v)) if math.isfinite(v) and abs(v) < 1e39 else math.inf
+    ok = all(math.isfinite(u) and (u > low if low_open else u >= low) and
+             (u < high if high_open else u <= high) for u in (v, v32))
     if not ok:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
-        raise ValueError(f"{name} must be finite and in {lo}{low}, {high}{hi}, got {value!r}")
+        raise ValueError(f"{name} must be finite in float32 and in {lo}{low}, {high}{hi}, "
+                         f"got {value!r}")
     return v
 
 
-def integer(name, value, low=None):
+def integer(name, value, low=None, high=2**62):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
     return int(value)
 
 

@@ -162,10 +162,11 @@ def _softmax(name, z, T, take_log, backend):
     z = check.array("z", z, ndim=2)
     T = check.real("T", T, low=0, low_open=True)
     if backend == "numpy":
-        p = ref.log_softmax(z, T) if take_log else ref.softmax(z, T)
-        if not np.isfinite(p).all():
+        # Same rule as the Fortran kernel: NaN, +inf or an all -inf row is an
+        # error; a -inf logit (a masked class) is fine.
+        if not np.isfinite(z.max(axis=1)).all():
             raise ValueError("z contains NaN or inf")
-        return p
+        return ref.log_softmax(z, T) if take_log else ref.softmax(z, T)
     p = np.empty_like(z)
     _raise_for(_fortran().softmax(z.T, T, int(take_log), p.T), "z")
     return p
@@ -472,7 +473,8 @@ def magnitude_mask(W, sparsity, *, backend="fortran"):
         for mk in masks:
             mk[...] = True
         return masks
-    tau = f.prune_select(mags, k)
+    tau, stat = f.prune_select(mags, k)
+    _raise_for(stat, "magnitude_mask")
     ties = k - sum(int(f.prune_count_below(a.reshape(-1), tau)) for a in arrays)
     for a, mk in zip(arrays, masks):
         ties = f.prune_apply(a.reshape(-1), tau, ties, mk.reshape(-1).view(np.int8))
@@ -579,7 +581,7 @@ def quantize_activations(x, *, backend="fortran"):
     return qx, sx
 
 
-_MAX_IN = 133143   # in * 127**2 must fit an int32 accumulator
+_MAX_IN = 131071   # in * 128**2 must fit an int32 accumulator (q may hold -128)
 
 
 def _int8_operands(x_name, x, x_dtype, q):
@@ -598,7 +600,7 @@ def int8_gemm(qx, q, *, backend="fortran"):
     Parameters
     ----------
     qx : ndarray, int8, shape (n, in)
-    q : ndarray, int8, shape (in, out), in <= 133143
+    q : ndarray, int8, shape (in, out), in <= 131071
 
     Returns
     -------

@@ -176,15 +176,21 @@ subroutine prune_magnitudes(w, mags, n, stat)
   call magnitudes(w, mags, stat)
 end subroutine prune_magnitudes
 
-subroutine prune_select(a, k, n, kth)
-  use iso_c_binding, only: c_float, c_int64_t
+subroutine prune_select(a, k, n, kth, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG
   use pykd_prune, only: select_kth
   implicit none
   integer(c_int64_t), intent(in) :: n, k
   real(c_float), intent(inout) :: a(n)
   real(c_float), intent(out) :: kth
+  integer(c_int), intent(out) :: stat
   !f2py threadsafe
   !f2py intent(hide) :: n
+  kth = 0
+  stat = PYKD_ERR_ARG
+  if (k < 1 .or. k > n) return
+  stat = PYKD_OK
   call select_kth(a, k, kth)
 end subroutine prune_select
 

@@ -2,10 +2,10 @@
 !! against a naive loop or a hand-derived value; the program exits non-zero
 !! if any fails.
 program test_kernels
-  use iso_fortran_env, only: real32, real64, int8, int64, output_unit
+  use iso_fortran_env, only: real32, real64, int8, int64
   use pykd
+  use test_harness, only: check, finish
   implicit none
-  integer :: failures = 0
 
   call test_dense()
   call test_softmax()
@@ -15,24 +15,9 @@ program test_kernels
   call test_quant()
   call test_bad_status()
 
-  if (failures > 0) then
-    write (output_unit, '(i0,a)') failures, ' Fortran kernel checks failed'
-    error stop 1
-  end if
-  write (output_unit, '(a)') 'all Fortran kernel checks passed'
+  call finish('Fortran kernel')
 
 contains
-
-  subroutine check(ok, what)
-    logical, intent(in) :: ok
-    character(len=*), intent(in) :: what
-    if (ok) then
-      write (output_unit, '(a)') 'ok    '//what
-    else
-      write (output_unit, '(a)') 'FAIL  '//what
-      failures = failures + 1
-    end if
-  end subroutine check
 
   subroutine test_dense()
     integer, parameter :: n_in = 7, n_out = 5, n = 3
