@@ -1,0 +1,504 @@
+"""Shared helpers for the pykd benchmarks.
+
+The machine is a small, shared, noisy VM (see shared/notes/ENGINEERING.md):
+never trust one absolute time. Everything here is built to compare several
+candidates *in the same run*, interleaved (A B A B ...), so that a noisy
+neighbour hits all of them alike, and to report medians and ratios.
+
+Only NumPy is required; threadpoolctl is used when importable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+try:  # optional
+    import threadpoolctl as _tpc
+except Exception:  # pragma: no cover - depends on the environment
+    _tpc = None
+
+__all__ = [
+    "time_alternating",
+    "measure_sgemm_ceiling",
+    "measure_copy_bandwidth",
+    "machine_info",
+    "with_threads",
+    "default_threads",
+    "write_json",
+    "markdown_table",
+    "write_markdown",
+    "format_seconds",
+    "capture_stderr_fd",
+]
+
+_perf = time.perf_counter
+
+
+# --------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------
+
+def _calibrate(func: Callable[[], object], min_time: float, max_inner: int) -> tuple[int, float]:
+    """Return (inner loop count, estimated seconds per call) such that one
+    sample of ``inner`` calls lasts at least ``min_time`` seconds."""
+    n = 1
+    while True:
+        t0 = _perf()
+        for _ in range(n):
+            func()
+        dt = _perf() - t0
+        if dt >= min_time or n >= max_inner:
+            return n, dt / n
+        if dt <= 0.0:
+            n = min(max_inner, n * 10)
+            continue
+        # aim a bit above min_time; grow by at most 100x per step so that a
+        # first, cold measurement cannot blow the count up absurdly
+        want = int(math.ceil(n * 1.2 * min_time / dt))
+        n = min(max_inner, max(n + 1, min(want, n * 100)))
+
+
+def _stats(samples: Sequence[float]) -> dict:
+    a = np.asarray(samples, dtype=np.float64)
+    q1, med, q3 = np.percentile(a, [25.0, 50.0, 75.0])
+    return {
+        "median": float(med),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "q1": float(q1),
+        "q3": float(q3),
+        "iqr": float(q3 - q1),
+        "n_samples": int(a.size),
+    }
+
+
+def time_alternating(
+    funcs: Mapping[str, Callable[[], object]],
+    repeats: int = 15,
+    warmup: int = 2,
+    min_time: float = 0.02,
+    max_time: float | None = None,
+    max_inner: int = 1_000_000,
+    keep_samples: bool = False,
+    blocked: bool = False,
+    settle: float = 0.0,
+) -> dict[str, dict]:
+    """Time zero-argument callables interleaved: A B A B ... for ``repeats``
+    rounds.
+
+    * each candidate is first called ``warmup`` times;
+    * then an inner loop count is chosen per candidate so that one sample
+      (``inner`` back-to-back calls) lasts at least ``min_time`` seconds
+      (20 ms by default; microsecond kernels get thousands of calls);
+    * ``repeats`` rounds follow; in each round every candidate takes one
+      sample, in the same fixed order, so noise lands on all alike;
+    * ``max_time`` (seconds, optional) caps the timed rounds: the number of
+      rounds is lowered (never below 3) if the calibration predicts more.
+
+    The garbage collector is disabled during the samples.
+
+    ``settle`` (seconds) sleeps before each sample, outside the timed part,
+    when the candidate changes: idle BLAS/OpenMP worker threads of the
+    previous candidate spin for a while after its last call (OpenBLAS up to
+    ~0.1 s, libgomp with an active wait policy likewise) and on a 2-core
+    machine steal the cores of the next candidate's pool.
+
+    ``blocked=True`` is a diagnostic: all rounds of the first candidate, then
+    all of the next, ... (no interleaving). Use it to see whether candidates
+    disturb each other, e.g. two BLAS/OpenMP thread pools whose idle threads
+    spin on the two cores after a call.
+
+    Returns ``{name: {"median", "min", "max", "q1", "q3", "iqr",
+    "n_samples", "inner"}}`` in seconds per call (plus ``"samples"`` when
+    ``keep_samples``).
+    """
+    if not funcs:
+        return {}
+    names = list(funcs)
+    for name in names:
+        for _ in range(max(0, int(warmup))):
+            funcs[name]()
+
+    inner: dict[str, int] = {}
+    est: dict[str, float] = {}
+    for name in names:
+        inner[name], est[name] = _calibrate(funcs[name], min_time, max_inner)
+
+    rounds = max(1, int(repeats))
+    if max_time is not None:
+        per_round = sum(inner[n] * est[n] for n in names)
+        if per_round > 0:
+            rounds = max(min(3, rounds), min(rounds, int(max_time / per_round)))
+
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    if blocked:
+        order = [name for name in names for _ in range(rounds)]
+    else:
+        order = [name for _ in range(rounds) for name in names]
+    prev = None
+    try:
+        for name in order:
+            f = funcs[name]
+            k = inner[name]
+            if settle > 0 and name != prev:
+                time.sleep(settle)
+            prev = name
+            t0 = _perf()
+            for _ in range(k):
+                f()
+            samples[name].append((_perf() - t0) / k)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+    out: dict[str, dict] = {}
+    for name in names:
+        s = _stats(samples[name])
+        s["inner"] = inner[name]
+        if keep_samples:
+            s["samples"] = samples[name]
+        out[name] = s
+    return out
+
+
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def capture_stderr_fd():
+    """Capture what is written to file descriptor 2 (also by C/Fortran code,
+    e.g. f2py's "copied an array" reports) inside the block; the text is in
+    the yielded object's ``.text`` afterwards."""
+    import tempfile
+    res = _Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield res
+        finally:
+            try:
+                sys.stderr.flush()
+            except Exception:
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            res.text = tmp.read().decode("utf-8", "replace")
+
+
+# --------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def with_threads(n: int | None):
+    """Limit BLAS and OpenMP thread pools (all that threadpoolctl sees: NumPy's
+    OpenBLAS, a system OpenBLAS, libgomp) to ``n`` threads inside the block.
+
+    Nothing else is changed (no environment variables). ``n=None`` or a
+    missing threadpoolctl makes this a no-op.
+    """
+    if n is None or _tpc is None:
+        yield None
+        return
+    with _tpc.threadpool_limits(limits=int(n)) as lim:
+        yield lim
+
+
+def default_threads() -> int:
+    """The thread count the process would use by default: the largest
+    ``num_threads`` among the pools threadpoolctl sees, else the CPU count."""
+    if _tpc is not None:
+        try:
+            counts = [int(p.get("num_threads", 0)) for p in _tpc.threadpool_info()]
+            counts = [c for c in counts if c > 0]
+            if counts:
+                return max(counts)
+        except Exception:
+            pass
+    return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------
+# ceilings
+# --------------------------------------------------------------------------
+
+def measure_sgemm_ceiling(threads: int | None = None, n: int = 2048,
+                          repeats: int = 7, warmup: int = 1) -> dict:
+    """Square float32 ``n x n @ n x n`` through ``np.matmul`` (NumPy's BLAS)
+    with ``threads`` BLAS threads. Returns GFLOP/s (median, min, max over
+    repeats, each repeat one product) and the timing statistics."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty((n, n), dtype=np.float32)
+    flops = 2.0 * n * n * n
+    with with_threads(threads):
+        r = time_alternating({"sgemm": lambda: np.matmul(a, b, out=c)},
+                             repeats=repeats, warmup=warmup, min_time=0.0)["sgemm"]
+    return {
+        "n": n,
+        "threads": threads,
+        "gflops": flops / r["median"] / 1e9,
+        "gflops_best": flops / r["min"] / 1e9,
+        "gflops_worst": flops / r["max"] / 1e9,
+        "timing": r,
+    }
+
+
+def measure_copy_bandwidth(mib: int = 256, repeats: int = 7, warmup: int = 1) -> dict:
+    """``np.copyto`` of a ``mib`` MiB float32 array into another; GB/s (1e9
+    bytes) counting read + write (2 x size) per copy."""
+    n = mib * (1 << 20) // 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.zeros(n, dtype=np.float32)  # touched: no page faults in timing
+    nbytes = 2.0 * src.nbytes
+    r = time_alternating({"copy": lambda: np.copyto(dst, src)},
+                         repeats=repeats, warmup=warmup, min_time=0.0)["copy"]
+    del src, dst
+    return {
+        "mib": mib,
+        "gbps": nbytes / r["median"] / 1e9,
+        "gbps_best": nbytes / r["min"] / 1e9,
+        "gbps_worst": nbytes / r["max"] / 1e9,
+        "timing": r,
+    }
+
+
+# --------------------------------------------------------------------------
+# machine description
+# --------------------------------------------------------------------------
+
+def _cpuinfo() -> dict:
+    info = {"model": platform.processor() or platform.machine(), "flags": set()}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return info
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    if m:
+        info["model"] = m.group(1).strip()
+    m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    if m:
+        info["flags"] = set(m.group(1).split())
+    m = re.search(r"^cpu MHz\s*:\s*(.+)$", text, re.M)
+    if m:
+        info["mhz"] = m.group(1).strip()
+    return info
+
+
+def _gfortran_version() -> str | None:
+    exe = shutil.which("gfortran")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except Exception:
+        return None
+    return out.splitlines()[0].strip() if out else None
+
+
+ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
+            "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+            "OMP_PROC_BIND", "MKL_NUM_THREADS")
+
+
+def thread_env() -> dict:
+    """The environment variables that steer BLAS/OpenMP threading."""
+    return {k: os.environ.get(k) for k in ENV_VARS}
+
+
+def cpu_busy_fraction(interval: float = 0.5) -> float | None:
+    """Fraction of all CPU time (user+system+steal, over all cores) that was
+    busy during ``interval`` seconds while this process sleeps: a sign that
+    other processes (or the hypervisor) are taking the cores."""
+    def snap():
+        with open("/proc/stat", encoding="ascii") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v[:8]), idle
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except Exception:
+        return None
+    dt = t1 - t0
+    return None if dt <= 0 else max(0.0, 1.0 - (i1 - i0) / dt)
+
+
+def machine_info() -> dict:
+    cpu = _cpuinfo()
+    flags = cpu["flags"]
+    info: dict = {
+        "cpu_model": cpu["model"],
+        "cpu_mhz": cpu.get("mhz"),
+        "avx2": "avx2" in flags,
+        "fma": "fma" in flags,
+        "avx512f": "avx512f" in flags,
+        "logical_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "gfortran": _gfortran_version(),
+        "env": thread_env(),
+    }
+    try:
+        with open("/proc/loadavg", encoding="ascii") as fh:
+            info["loadavg"] = fh.read().split()[:3]
+    except OSError:
+        pass
+    try:
+        info["affinity_cores"] = len(os.sched_getaffinity(0))
+    except Exception:
+        pass
+    if _tpc is not None:
+        try:
+            info["threadpools"] = [
+                {k: p.get(k) for k in ("user_api", "internal_api", "prefix", "version",
+                                       "num_threads", "architecture",
+                                       "threading_layer", "filepath")}
+                for p in _tpc.threadpool_info()
+            ]
+        except Exception as exc:  # pragma: no cover
+            info["threadpools"] = f"threadpool_info failed: {exc!r}"
+    else:
+        info["threadpools"] = None
+    return info
+
+
+def format_machine_info(info: Mapping) -> str:
+    lines = [
+        f"CPU: {info.get('cpu_model')}  cores={info.get('logical_cores')} "
+        f"avx2={info.get('avx2')} fma={info.get('fma')} avx512f={info.get('avx512f')}",
+        f"Python {info.get('python')}  NumPy {info.get('numpy')}  "
+        f"gfortran: {info.get('gfortran') or 'not found'}",
+    ]
+    env = {k: v for k, v in (info.get("env") or {}).items() if v is not None}
+    lines.append("env: " + (", ".join(f"{k}={v}" for k, v in env.items()) or "(none set)"))
+    pools = info.get("threadpools")
+    if isinstance(pools, list):
+        for p in pools:
+            lines.append(
+                f"pool: {p.get('user_api')}/{p.get('internal_api')} {p.get('version')} "
+                f"threads={p.get('num_threads')} arch={p.get('architecture')} "
+                f"{os.path.basename(str(p.get('filepath')))}")
+    elif pools is None:
+        lines.append("pool: threadpoolctl not importable")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------
+
+def _jsonable(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: str, obj) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(_jsonable(obj), fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]],
+                   align: Sequence[str] | None = None) -> str:
+    """GitHub-flavoured Markdown table. ``align`` entries: 'l', 'r' or 'c'."""
+    headers = [str(h) for h in headers]
+    rows = [["" if c is None else str(c).replace("|", "\\|") for c in r] for r in rows]
+    if align is None:
+        align = ["l"] + ["r"] * (len(headers) - 1)
+    sep = {"l": ":---", "r": "---:", "c": ":---:"}
+    out = ["| " + " | ".join(headers) + " |",
+           "| " + " | ".join(sep.get(a, "---") for a in align) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def text_table(headers: Sequence[str], rows: Iterable[Sequence[object]],
+               left: Sequence[int] = (0, 1, -1)) -> str:
+    """Plain aligned table for the terminal; columns in ``left`` (indices,
+    negative allowed) are left-aligned, the rest right-aligned."""
+    rows = [["" if c is None else str(c) for c in r] for r in rows]
+    cols = [list(map(str, headers))] + rows
+    ncol = len(headers)
+    widths = [max(len(r[i]) for r in cols) for i in range(ncol)]
+    lefts = {i % ncol for i in left}
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if i in lefts else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    lines = [fmt(list(map(str, headers))), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r) for r in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text if text.endswith("\n") else text + "\n")
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    if s < 1e-6:
+        return f"{s * 1e9:.0f} ns"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us" if s < 1e-4 else f"{s * 1e6:.0f} us"
+    if s < 1.0:
+        return f"{s * 1e3:.2f} ms" if s < 1e-2 else f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+if __name__ == "__main__":  # small self-test / machine report
+    info = machine_info()
+    print(format_machine_info(info))
+    x = np.random.default_rng(0).standard_normal((64, 10), dtype=np.float32)
+    r = time_alternating({"np.exp": lambda: np.exp(x), "np.max": lambda: x.max(axis=1)},
+                         repeats=5)
+    for k, v in r.items():
+        print(f"{k:8s} {format_seconds(v['median'])}  inner={v['inner']}  "
+              f"iqr={format_seconds(v['iqr'])}")
+    for t in (1, default_threads()):
+        c = measure_sgemm_ceiling(t, repeats=3)
+        print(f"sgemm 2048 threads={t}: {c['gflops']:.1f} GFLOP/s "
+              f"[{c['gflops_worst']:.1f}-{c['gflops_best']:.1f}]")
+    bw = measure_copy_bandwidth(repeats=3)
+    print(f"copy 256 MiB: {bw['gbps']:.1f} GB/s [{bw['gbps_worst']:.1f}-{bw['gbps_best']:.1f}]")
