@@ -25,7 +25,7 @@ module pykd_models
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT, &
                          set_status
   use pykd_dense, only: dense_forward
-  use pykd_quant, only: int8_matmul, quantize_weights
+  use pykd_quant, only: int8_matmul, quantize_weights, MAX_IN
   use pykd_crc32, only: crc32_init, crc32_update, crc32_final
   implicit none
   private
@@ -154,6 +154,7 @@ contains
     integer(int64) :: n
     character(len=256) :: iomsg
 
+    iomsg = ''
     open (newunit=u, file=path, access='stream', form='unformatted', status='old', &
           action='read', iostat=ios, iomsg=iomsg)
     if (ios /= 0) then
@@ -497,6 +498,11 @@ contains
     do l = 1, nl
       if (l < nl) half = max(half, model%layers(l)%n_out * n)
       if (model%layers(l)%kind == LAYER_DENSE_INT8) then
+        if (model%layers(l)%n_in > MAX_IN) then
+          call fail(PYKD_ERR_ARG, 'pykd_predict: layer '//str(int(l, int64))//': an int8 layer takes at most '// &
+                    str(int(MAX_IN, int64))//' inputs (its int32 sums could overflow)')
+          return
+        end if
         nq = max(nq, model%layers(l)%n_in * n)
         nacc = max(nacc, model%layers(l)%n_out * n)
       end if

@@ -256,10 +256,26 @@ contains
     call check(stat == PYKD_ERR_ARG, 'save of an empty model: '//trim(msg))
     call pykd_save_model(m, 'no/such/dir/model.pykd', stat, msg)
     call check(stat == PYKD_ERR_IO .and. index(msg, 'cannot create') > 0, 'save into a missing directory: '//trim(msg))
+    call check_int8_too_wide()
     m%layers(2)%w(1, 1) = ieee_value(1.0_real32, ieee_positive_inf)
     call pykd_save_model(m, FILE, stat, msg)
     call check(stat == PYKD_ERR_ARG .and. index(msg, 'NaN or inf') > 0, 'save refuses NaN/inf weights')
   end subroutine test_errors
+
+  !> int8 layers wider than the int32 accumulator allows are refused.
+  subroutine check_int8_too_wide()
+    integer, parameter :: WIDE = 131072
+    type(pykd_model) :: m
+    real(real32), allocatable :: x(:, :)
+    real(real32) :: logits(1, 1)
+    integer :: stat
+    character(len=256) :: msg
+    call pykd_model_from_params([WIDE, 1], [ACT_IDENTITY], spread(1.0_real32, 1, WIDE + 1), m, stat=stat)
+    call pykd_quantize_model(m, stat)
+    allocate (x(WIDE, 1), source=1.0_real32)
+    call pykd_predict(m, x, logits, stat, msg)
+    call check(stat == PYKD_ERR_ARG .and. index(msg, 'at most 131071 inputs') > 0, 'too wide int8 layer: '//trim(msg))
+  end subroutine check_int8_too_wide
 
   !> Many threads predicting with one model, each with its own workspace,
   !! give the same logits as one batched call.
