@@ -107,25 +107,29 @@ class Workspace:
 
 
 # --- dropout random numbers, identical to pykd_random.f90 -------------------
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+_M32 = np.uint64(0xFFFFFFFF)
 
 
-def _splitmix64(x):
-    z = x + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
+def _hash32(x):
+    """lowbias32 of the low 32 bits of x (uint64 array)."""
+    h = x & _M32
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x7FEB352D)) & _M32
+    h ^= h >> np.uint64(15)
+    h = (h * np.uint64(0x846CA68B)) & _M32
+    h ^= h >> np.uint64(16)
+    return h
 
 
 def dropout_multipliers(shape, p, seed, step, layer):
     """0 with probability p, else 1/(1-p); entry i (flat C order) is a hash of
     (seed, step, layer, i)."""
-    one = lambda v: np.array([v], dtype=np.uint64)  # arrays wrap silently
-    key = _splitmix64(one(seed) ^ _splitmix64(one(step * 64 + layer)))
+    one = lambda v: np.array([v], dtype=np.uint64)
+    seed = one(seed)
+    key = _hash32(_hash32(seed ^ (seed >> np.uint64(32)))
+                  ^ _hash32((one(step) & _M32) * np.uint64(64) + np.uint64(layer)))
     idx = np.arange(int(np.prod(shape)), dtype=np.uint64)
-    u = (_splitmix64(key + idx) >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+    u = (_hash32(key + idx) >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
     keep = np.float32(1) / (np.float32(1) - np.float32(p))
     return np.where(u >= np.float32(p), keep, np.float32(0)).reshape(shape)
 
