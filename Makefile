@@ -22,11 +22,13 @@ test-fortran:
 test-python:
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
 
+# Benchmarks (never fail on timing). matplotlib draws the scaling plots.
 bench: setup
-	$(PY) benchmarks/bench_kernels.py --json benchmarks/results.json --markdown benchmarks/RESULTS.md
+	$(PY) -m pip install -q --disable-pip-version-check matplotlib
+	$(PY) benchmarks/run_all.py
 
 bench-quick: setup
-	$(PY) benchmarks/bench_kernels.py --quick
+	$(PY) benchmarks/run_all.py --quick --out build/bench-quick
 
 clean:
 	rm -rf build .venv

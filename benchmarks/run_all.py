@@ -1,0 +1,60 @@
+"""Run every benchmark and write benchmarks/RESULTS.md, JSON and plots.
+
+    python benchmarks/run_all.py [--quick] [--out benchmarks]
+
+Kernels (bench_kernels.py), pipeline phases (bench_pipeline.py) and scaling
+(bench_scaling.py), Fortran against the NumPy path in the same run. Timing
+never fails the run: targets are printed as MET or MISSED.
+"""
+import argparse
+import datetime
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kernels  # noqa: E402
+import bench_pipeline  # noqa: E402
+import bench_scaling  # noqa: E402
+import harness  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="about a minute in all")
+    ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    a = ap.parse_args(argv)
+    out = a.out
+    os.makedirs(out, exist_ok=True)
+    tag = "quick" if a.quick else "full"
+    q = ["--quick"] if a.quick else []
+    parts = []
+    for name, mod, extra in (
+            ("kernels", bench_kernels, []),
+            ("pipeline", bench_pipeline, []),
+            ("scaling", bench_scaling, ["--plots", os.path.join(out, "plots")])):
+        print(f"\n=== {name} ===", flush=True)
+        js = os.path.join(out, f"{name}-{tag}.json")
+        md = os.path.join(out, f"{name}-{tag}.md")
+        args = q + ["--json", js] + extra
+        if name != "scaling":
+            args += ["--markdown", md]
+        mod.main(args)
+        if os.path.exists(md):
+            with open(md, encoding="utf-8") as fh:
+                parts.append(f"## {name}\n\n{fh.read()}")
+    info = harness.machine_info()
+    head = (f"# pykd benchmark results ({tag})\n\n"
+            f"{datetime.date.today()} on this machine:\n\n```\n"
+            f"{harness.format_machine_info(info)}\n```\n\n"
+            "Fortran against the NumPy path in the same run, alternating; medians. "
+            "The machine is a shared 2-core VM: compare ratios, not absolute times.\n\n")
+    if not a.quick:
+        with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as fh:
+            fh.write(head + "\n".join(parts) +
+                     "\n## scaling\n\nSee `scaling-full.json` and `plots/*.png`.\n")
+        print(f"wrote {os.path.join(out, 'RESULTS.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
