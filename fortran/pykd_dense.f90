@@ -7,7 +7,7 @@
 !! bias, activation and its derivative are fused into one pass over `y`.
 module pykd_dense
   use iso_fortran_env, only: real32
-  use pykd_blas, only: sgemm
+  use pykd_blas, only: sgemm, sgemv
   use pykd_config, only: PAR_MIN_WORK, ACT_IDENTITY, ACT_RELU, ACT_TANH
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_ALLOC, set_status
   implicit none
@@ -42,6 +42,9 @@ contains
     if (n == 0 .or. n_out == 0) return
     if (n_in == 0) then
       y = 0
+    else if (n == 1) then
+      ! One sample: sgemv streams W once; sgemm with n = 1 is several times slower.
+      call sgemv('N', n_out, n_in, 1.0_real32, w, n_out, x, 1, 0.0_real32, y, 1)
     else
       call sgemm('N', 'N', n_out, n, n_in, 1.0_real32, w, n_out, x, n_in, 0.0_real32, y, n_out)
     end if
