@@ -9,7 +9,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	$(PY) examples/kernel_demo.py
+	$(PY) -m pykd demo
 
 test: setup test-fortran test-python
 

@@ -3,6 +3,10 @@
 The kernels (dense layers, softmax, distillation loss, optimizers, pruning,
 int8 quantization) run in Fortran by default and in pure NumPy with
 ``backend="numpy"``; both give the same answers.
+
+On top of them: ``MLP`` (all parameters in one flat buffer), ``fit`` (one
+Fortran call per training step: CE, Hinton KD, hints), ``soft_labels``,
+``evaluate`` and ``load_model``; the ``pykd`` command runs the pipeline.
 """
 import os
 
@@ -26,6 +30,8 @@ from .kernels import (
     sgd_step,
     softmax,
 )
+from .models import MLP, load_model
+from .train import TrainConfig, evaluate, fit, soft_labels
 
 __version__ = "0.1.0"
 
@@ -33,4 +39,5 @@ __all__ = [
     "adam_step", "cross_entropy", "dense", "dense_backward", "dequantize_int8",
     "int8_gemm", "int8_matmul", "kd_loss", "log_softmax", "magnitude_mask",
     "quantize_activations", "quantize_int8", "sgd_step", "softmax",
+    "MLP", "TrainConfig", "evaluate", "fit", "load_model", "soft_labels",
 ]

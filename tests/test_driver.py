@@ -203,7 +203,8 @@ def _checkpoint_runs(tmp_path, X, y, cfg, extra, interrupt_at):
 def test_ctrl_c_mid_epoch_then_resume_is_identical(tmp_path, data, interrupt_at):
     X, y = data[:2]
     cfg = TrainConfig(dropout=0.2, seed=0)
-    straight, resumed, h1, h2, meta = _checkpoint_runs(tmp_path, X, y, cfg, {}, interrupt_at)
+    straight, resumed, h1, h2, meta = _checkpoint_runs(tmp_path, X, y, cfg, {"lr_decay": 0.7},
+                                                       interrupt_at)
     assert meta["epoch"] == (interrupt_at - 1) // 19 and meta["batch"] == (interrupt_at - 1) % 19 + 1
     assert np.array_equal(straight.params, resumed.params)
     assert h1["loss"] == h2["loss"] and h1["train_accuracy"] == h2["train_accuracy"]
@@ -260,6 +261,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data):
     assert ckpt.read_bytes() == saved["bytes"]
     _, meta = load_checkpoint(ckpt)
     assert meta["epoch"] == 1 and meta["batch"] == 0
+
+
+def test_lr_decay_starts_after_the_first_epoch(data):
+    X, y = data[:2]
+    a, ha = _fit(X, y, epochs=2)
+    b, hb = _fit(X, y, epochs=2, lr_decay=0.5)
+    assert ha["loss"][0] == hb["loss"][0] and ha["loss"][1] != hb["loss"][1]
+    with pytest.raises(ValueError, match="lr_decay"):
+        _fit(X, y, epochs=1, lr_decay=0)
 
 
 def test_fortran_and_numpy_backends_agree(data):

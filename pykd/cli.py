@@ -1,0 +1,789 @@
+"""The ``pykd`` command line: train a teacher, make soft labels, distill a
+student, evaluate, and ``pykd demo`` for the whole pipeline.
+
+Run ``pykd COMMAND --help`` for the options of each command. Exit codes: 0 on
+success, 2 for bad input (options, files), 1 when training fails (NaN/inf
+loss), 130 after Ctrl-C (a checkpoint is saved; rerun with ``--resume``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import __version__
+from ._step import TrainConfig
+from .data import DatasetError, load_dataset
+from .modelfile import ModelFormatError
+from .models import MLP, load_model
+from .train import (NonFiniteLossError, TrainingInterrupted, atomic_write, evaluate, fit,
+                    hint_targets_from, soft_labels)
+
+#: The reference configuration of ``pykd demo`` (architectures, optimizer,
+#: batch, T, alpha from the issue; epochs and dropout tuned on Fashion-MNIST).
+DEMO = {
+    "teacher_hidden": [1200, 1200],
+    "student_hidden": [200, 200],
+    "lr": 1e-3,
+    "batch_size": 64,
+    "temperature": 5.0,
+    "alpha": 0.1,
+    "teacher_epochs": 20,
+    "teacher_dropout": 0.3,
+    "teacher_lr_decay": 0.9,
+    "student_epochs": 15,
+    "student_lr_decay": 1.0,
+    "seeds": 3,
+}
+#: ``pykd demo --quick``: a smoke test of the whole pipeline in seconds.
+QUICK = {"n_train": 3000, "n_test": 1000, "teacher_epochs": 2, "student_epochs": 2}
+
+
+class CLIError(Exception):
+    """Bad input: printed as ``pykd CMD: error: ...``, exit code 2."""
+
+
+# ----------------------------------------------------------- option types
+
+def _hidden(text):
+    text = text.strip()
+    if text in ("", "none"):
+        return []
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer widths such as 1200,1200, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"layer widths must be >= 1, got {text!r}")
+    return sizes
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        lo_ok = low is None or (v > low if low_open else v >= low)
+        hi_ok = high is None or (v < high if high_open else v <= high)
+        if not (lo_ok and hi_ok):
+            lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+            hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+            rng = f"in {lo}, {hi}" if low is not None and high is not None else (
+                f"{'>' if low_open else '>='} {low}" if low is not None else
+                f"{'<' if high_open else '<='} {high}")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {text!r}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_pos_int = _number(int, 1)
+_nonneg_int = _number(int, 0)
+_pos_float = _number(float, 0, low_open=True)
+_nonneg_float = _number(float, 0)
+_unit = _number(float, 0, 1)
+_dropout = _number(float, 0, 1, high_open=True)
+
+
+# ------------------------------------------------------------------ parser
+
+def _add_common(p, *, data=True):
+    if data:
+        p.add_argument("--data", metavar="DIR|FILE.npz",
+                       help="dataset: a directory of MNIST-format IDX files or an .npz with "
+                            "X_train, y_train, X_test, y_test (default: Fashion-MNIST from "
+                            "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--backend", choices=("fortran", "numpy"), default="fortran",
+                   help="run the compute in Fortran (default) or in NumPy")
+    p.add_argument("--threads", type=_pos_int, metavar="N",
+                   help="limit BLAS/OpenMP threads (same seed and threads: same bits)")
+    p.add_argument("--report", metavar="FILE.json",
+                   help="write accuracy, size, timings and configuration as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch output")
+
+
+def _add_training(p, *, hidden, epochs, dropout=0.0, lr_decay=1.0, out):
+    p.add_argument("--hidden", type=_hidden, default=hidden, metavar="W1,W2,...",
+                   help=f"hidden layer widths (default: {','.join(map(str, hidden))})")
+    p.add_argument("--epochs", type=_nonneg_int, default=epochs,
+                   help=f"training epochs (default: {epochs})")
+    p.add_argument("--batch-size", type=_pos_int, default=DEMO["batch_size"],
+                   help=f"batch size (default: {DEMO['batch_size']})")
+    p.add_argument("--lr", type=_pos_float, default=DEMO["lr"],
+                   help=f"learning rate (default: {DEMO['lr']:g})")
+    p.add_argument("--lr-decay", type=_number(float, 0, 1, low_open=True), default=lr_decay,
+                   metavar="GAMMA", help="multiply the learning rate by GAMMA after every "
+                                         f"epoch (default: {lr_decay:g}; 1 = constant)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="adam (default) or sgd with momentum")
+    p.add_argument("--momentum", type=_nonneg_float, default=0.9,
+                   help="SGD momentum (default: 0.9)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.0,
+                   help="L2 weight decay added to the gradient (default: 0)")
+    p.add_argument("--dropout", type=_dropout, default=dropout,
+                   help=f"dropout probability on hidden layers (default: {dropout:g})")
+    p.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seed of initialisation, shuffling and dropout (default: 0)")
+    p.add_argument("--out", default=out, metavar="MODEL",
+                   help=f"where to save the trained model (default: {out})")
+    p.add_argument("--checkpoint", metavar="FILE.npz",
+                   help="checkpoint file, written every epoch and on Ctrl-C "
+                        "(default: MODEL.ckpt.npz)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint (ends at the same weights as an "
+                        "uninterrupted run)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw training curves (needs matplotlib)")
+
+
+def _add_kd(p):
+    p.add_argument("--temperature", "-T", type=_pos_float, default=DEMO["temperature"],
+                   help=f"distillation temperature (default: {DEMO['temperature']:g})")
+    p.add_argument("--alpha", type=_unit, default=DEMO["alpha"],
+                   help="weight of the hard-label loss; 1 - alpha weights the soft term "
+                        f"(default: {DEMO['alpha']:g})")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="pykd",
+        description="Knowledge distillation with Fortran kernels: train a teacher, make soft "
+                    "labels, distill a small student, compare.",
+        epilog="Exit codes: 0 ok, 1 training failed (NaN/inf loss), 2 bad input, "
+               "130 interrupted (resume with --resume).")
+    parser.add_argument("--version", action="version", version=f"pykd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train-teacher", help="train a model on the labels (cross-entropy)",
+                       description="Train an MLP on the labels with cross-entropy.")
+    _add_training(p, hidden=DEMO["teacher_hidden"], epochs=DEMO["teacher_epochs"],
+                  dropout=DEMO["teacher_dropout"], lr_decay=DEMO["teacher_lr_decay"],
+                  out="teacher.pykd")
+    _add_common(p)
+    p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("soft-labels", help="save a teacher's logits for the training set (.npy)",
+                       description="Teacher logits (unscaled; the temperature is applied in "
+                                   "the distillation loss) for the transfer set, as .npy.")
+    p.add_argument("--teacher", required=True, metavar="MODEL", help="teacher model file")
+    p.add_argument("--out", required=True, metavar="FILE.npy", help="output file")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="which split to label (default: train, the transfer set)")
+    p.add_argument("--temperature", "-T", type=_pos_float, default=DEMO["temperature"],
+                   help="accepted for symmetry with distill; logits are saved unscaled")
+    _add_common(p)
+    p.set_defaults(func=cmd_soft_labels)
+
+    p = sub.add_parser("distill", help="train a student from a teacher (Hinton KD, hints)",
+                       description="Train a student with the Hinton distillation loss against "
+                                   "a teacher model or a file of teacher logits, optionally "
+                                   "plus a hint (FitNets) term.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", metavar="MODEL", help="teacher model file")
+    src.add_argument("--teacher-logits", metavar="FILE.npy",
+                     help="teacher logits for the training set, shape (n_train, classes)")
+    _add_kd(p)
+    p.add_argument("--hint-student-layer", type=_nonneg_int, default=0, metavar="K",
+                   help="add a hint term on the student's hidden layer K (1-based; 0: off)")
+    p.add_argument("--hint-teacher-layer", type=_pos_int, metavar="J",
+                   help="the teacher's hidden layer to match (default: the teacher's last "
+                        "hidden layer); needs --teacher")
+    p.add_argument("--hint-weight", type=_nonneg_float, default=1.0,
+                   help="weight of the hint MSE term (default: 1)")
+    _add_training(p, hidden=DEMO["student_hidden"], epochs=DEMO["student_epochs"],
+                  lr_decay=DEMO["student_lr_decay"], out="student.pykd")
+    _add_common(p)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("evaluate", help="accuracy, loss, confusion matrix, size of a model",
+                       description="Evaluate a model on the test split.")
+    p.add_argument("--model", required=True, metavar="MODEL", help="model file")
+    p.add_argument("--teacher", metavar="MODEL", help="also report top-1 agreement with this model")
+    p.add_argument("--split", choices=("train", "test"), default="test",
+                   help="which split to evaluate (default: test)")
+    _add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the whole pipeline: teacher, KD students, scratch students",
+                       description="Train the teacher, distill students (one per seed), train "
+                                   "the same students without distillation, and compare.")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK['n_train']} training images, "
+                        f"{QUICK['teacher_epochs']} epochs each (under a minute)")
+    p.add_argument("--teacher-hidden", type=_hidden, default=DEMO["teacher_hidden"],
+                   metavar="W1,W2,...", help="teacher hidden widths (default: 1200,1200)")
+    p.add_argument("--student-hidden", type=_hidden, default=DEMO["student_hidden"],
+                   metavar="W1,W2,...", help="student hidden widths (default: 200,200)")
+    p.add_argument("--teacher-epochs", type=_nonneg_int, default=None,
+                   help=f"(default: {DEMO['teacher_epochs']})")
+    p.add_argument("--student-epochs", type=_nonneg_int, default=None,
+                   help=f"(default: {DEMO['student_epochs']})")
+    p.add_argument("--dropout", type=_dropout, default=DEMO["teacher_dropout"],
+                   help=f"teacher dropout (default: {DEMO['teacher_dropout']:g})")
+    p.add_argument("--seeds", type=_pos_int, default=DEMO["seeds"],
+                   help=f"students per kind, seeds 0..N-1 (default: {DEMO['seeds']})")
+    _add_kd(p)
+    p.add_argument("--batch-size", type=_pos_int, default=DEMO["batch_size"])
+    p.add_argument("--lr", type=_pos_float, default=DEMO["lr"])
+    p.add_argument("--teacher-lr-decay", type=_number(float, 0, 1, low_open=True),
+                   default=DEMO["teacher_lr_decay"], metavar="GAMMA",
+                   help="the teacher's per-epoch learning-rate factor "
+                        f"(default: {DEMO['teacher_lr_decay']:g})")
+    p.add_argument("--student-lr-decay", type=_number(float, 0, 1, low_open=True),
+                   default=DEMO["student_lr_decay"], metavar="GAMMA",
+                   help="the students' per-epoch learning-rate factor "
+                        f"(default: {DEMO['student_lr_decay']:g}, constant)")
+    p.add_argument("--out", default="pykd-demo", metavar="DIR",
+                   help="directory for models, logits and checkpoints (default: pykd-demo)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished models in DIR and resume an interrupted one")
+    p.add_argument("--plot", metavar="FILE.png", help="draw training curves (needs matplotlib)")
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# ----------------------------------------------------------------- helpers
+
+class _Ctx:
+    """What a command needs besides its options: output and the report."""
+
+    def __init__(self, args):
+        self.args = args
+        self.quiet = args.quiet
+        self.models = []          # report entries
+        self.histories = {}       # name -> history, for --plot
+
+    def info(self, msg):
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+
+def _load_data(args, ctx):
+    t = time.perf_counter()
+    ds = load_dataset(args.data)
+    if ds.X_train.shape[0] == 0:
+        raise CLIError(f"{ds.name}: the training set is empty")
+    ctx.info(f"data: {ds!r} ({time.perf_counter() - t:.1f} s)")
+    return ds
+
+
+def _check_plot(args):
+    if getattr(args, "plot", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib, which is not installed; install it with "
+                           "`pip install matplotlib` (or `pip install 'pykd[plot]'`), or drop "
+                           "--plot") from None
+
+
+def _load_model_checked(path, n_features, what="model", backend="fortran"):
+    if not os.path.exists(path):
+        raise CLIError(f"{what} file {path} does not exist")
+    model = load_model(path, backend=backend)
+    if model.n_features != n_features:
+        raise CLIError(f"{path}: the {what} takes {model.n_features} inputs but the data has "
+                       f"{n_features} features")
+    return model
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _nan_to_none(obj.item())
+    return obj
+
+
+def _write_json(path, obj):
+    text = json.dumps(_nan_to_none(obj), indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _save_npy(path, array):
+    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def _threads_info():
+    try:
+        from threadpoolctl import threadpool_info
+        return sorted({(p.get("internal_api"), p.get("num_threads")) for p in threadpool_info()})
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _entry(name, model, ev, history, config, path=None):
+    seconds = list(history.get("seconds", [])) if history else []
+    return {
+        "name": name,
+        "path": None if path is None else os.fspath(path),
+        "test_accuracy": ev["accuracy"],
+        "test_loss": ev["loss"],
+        "agreement": ev.get("agreement"),
+        "parameters": model.parameters,
+        "bytes": model.nbytes,
+        "seconds_per_epoch": seconds,
+        "confusion": ev["confusion"],
+        "config": config,
+        "history": history,
+    }
+
+
+def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoint, resume,
+           backend, teacher=None, teacher_logits=None, hint_teacher_layer=None, role,
+           extra_config=None, lr_decay=1.0):
+    """Train (or, when resuming a finished phase of the demo, reuse) one model;
+    save it with its history and configuration; return the report entry."""
+    config = {"role": role, "sizes": sizes, "epochs": epochs, "batch_size": batch_size,
+              "seed": seed, "backend": backend, "dataset": ds.name, "lr_decay": lr_decay,
+              "n_train": int(ds.X_train.shape[0]), "train": _cfg_json(cfg)}
+    config.update(extra_config or {})
+    model = MLP(sizes, seed=seed, backend=backend)
+    hint_targets = None
+    if cfg.hint_layer:
+        t = time.perf_counter()
+        hint_targets = hint_targets_from(teacher, ds.X_train, hint_teacher_layer, backend=backend)
+        ctx.info(f"{name}: teacher features of layer {hint_teacher_layer} for the hint "
+                 f"({time.perf_counter() - t:.1f} s)")
+    has_test = ds.X_test.shape[0] > 0
+    ctx.info(f"{name}: training {'-'.join(map(str, sizes))} ({model.parameters:,} parameters) "
+             f"for {epochs} epochs" + (" (resuming)" if resume else ""))
+    history = fit(model, ds.X_train, ds.y_train, cfg=cfg, epochs=epochs, batch_size=batch_size,
+                  teacher_logits=teacher_logits, hint_targets=hint_targets,
+                  X_val=ds.X_test if has_test else None, y_val=ds.y_test if has_test else None,
+                  checkpoint=checkpoint, resume=resume, progress=not ctx.quiet, backend=backend,
+                  seed=seed, desc=name, lr_decay=lr_decay)
+    agree_with = teacher if teacher is not None else None
+    ev = evaluate(model, ds.X_test, ds.y_test, teacher=agree_with) if has_test else _empty_eval(model)
+    model.metadata.update({"role": role, "config": config, "history": history,
+                           "test_accuracy": ev["accuracy"] if has_test else None,
+                           "pykd_version": __version__})
+    model.save(out)
+    ctx.histories[name] = history
+    entry = _entry(name, model, ev, history, config, out)
+    ctx.models.append(entry)
+    spe = history["seconds"]
+    if ctx.args.command == "demo":     # the other commands print a result line
+        ctx.info(f"{name}: test accuracy {_pct(ev['accuracy'])}, "
+                 f"{statistics.median(spe) if spe else float('nan'):.2f} s/epoch; saved {out}")
+    return model, entry
+
+
+def _empty_eval(model):
+    return {"accuracy": float("nan"), "loss": float("nan"), "confusion": [], "agreement": None,
+            "parameters": model.parameters, "bytes": model.nbytes, "n": 0}
+
+
+def _cfg_json(cfg):
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def _pct(v):
+    return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.2f}%"
+
+
+def _fmt_bytes(n):
+    for unit, div in (("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _finish(ctx, extra=None):
+    args = ctx.args
+    if getattr(args, "plot", None) and ctx.histories:
+        _plot(ctx.histories, args.plot)
+        ctx.info(f"training curves: {args.plot}")
+    if args.report:
+        report = {"pykd_version": __version__, "command": args.command,
+                  "argv": sys.argv[1:], "backend": getattr(args, "backend", None),
+                  "threads": _threads_info(), "models": ctx.models}
+        if extra:
+            report.update(extra)
+        _write_json(args.report, report)
+        ctx.info(f"report: {args.report}")
+    return 0
+
+
+def _plot(histories, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    groups = {"kd_student": ("C1", "KD student"), "scratch_student": ("C2", "scratch student")}
+    labelled = set()
+    for i, (name, h) in enumerate(histories.items()):
+        color, label = f"C{i % 10}", name
+        for prefix, (c, group_label) in groups.items():
+            if name.startswith(prefix):     # the demo's seeds: one colour, one legend entry
+                color, label = c, group_label
+        if label in labelled:
+            label = None
+        labelled.add(label)
+        ax1.plot(h["epoch"], h["loss"], color=color, label=label, alpha=0.85)
+        acc = [np.nan if v is None else 100 * v for v in h["test_accuracy"]]
+        ax2.plot(h["epoch"], acc, color=color, label=label, alpha=0.85)
+    ax1.set(xlabel="epoch", ylabel="training loss", title="Training loss (KD: the KD objective)")
+    ax2.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    from matplotlib.ticker import MaxNLocator
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _train_cfg(args, *, loss="ce", **kw):
+    return TrainConfig(loss=loss, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, dropout=args.dropout, seed=args.seed, **kw)
+
+
+def _ckpt(args):
+    return args.checkpoint or f"{args.out}.ckpt.npz"
+
+
+def _check_out_dir(path):
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise CLIError(f"cannot write {path}: directory {d} does not exist")
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_train_teacher(args, ctx):
+    _check_out_dir(args.out)
+    ds = _load_data(args, ctx)
+    sizes = [ds.n_features, *args.hidden, ds.n_classes]
+    cfg = _train_cfg(args)
+    _train(ctx, "teacher", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
+           seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
+           backend=args.backend, role="teacher", lr_decay=args.lr_decay)
+    _print_result(ctx)
+    return _finish(ctx)
+
+
+def cmd_soft_labels(args, ctx):
+    _check_out_dir(args.out)
+    ds = _load_data(args, ctx)
+    teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+    X = ds.X_train if args.split == "train" else ds.X_test
+    t = time.perf_counter()
+    logits = soft_labels(teacher, X, args.temperature, backend=args.backend,
+                         progress=not ctx.quiet)
+    seconds = time.perf_counter() - t
+    _save_npy(args.out, logits)
+    print(f"soft labels: {logits.shape[0]} x {logits.shape[1]} teacher logits (unscaled) of the "
+          f"{args.split} split in {seconds:.2f} s -> {args.out}")
+    if args.report:
+        ctx.models.append({"name": "teacher", "path": args.teacher,
+                           "parameters": teacher.parameters, "bytes": teacher.nbytes,
+                           "config": teacher.metadata.get("config")})
+    return _finish(ctx, {"soft_labels": {"path": args.out, "shape": list(logits.shape),
+                                         "split": args.split, "seconds": seconds}})
+
+
+def cmd_distill(args, ctx):
+    _check_out_dir(args.out)
+    if args.hint_student_layer and args.teacher is None:
+        raise CLIError("hint distillation (--hint-student-layer) needs --teacher MODEL: "
+                       "the teacher's hidden features are not in a logits file")
+    n_hidden = len(args.hidden)
+    if args.hint_student_layer > n_hidden:
+        raise CLIError(f"--hint-student-layer must be a hidden layer of the student, in "
+                       f"[1, {n_hidden}], got {args.hint_student_layer}")
+    ds = _load_data(args, ctx)
+    n = ds.X_train.shape[0]
+    teacher = None
+    t = time.perf_counter()
+    if args.teacher:
+        teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+        if teacher.n_outputs != ds.n_classes:
+            raise CLIError(f"{args.teacher}: the teacher has {teacher.n_outputs} outputs but the "
+                           f"data has {ds.n_classes} classes")
+        logits = soft_labels(teacher, ds.X_train, args.temperature, backend=args.backend,
+                             progress=not ctx.quiet)
+        ctx.info(f"soft labels from {args.teacher}: {time.perf_counter() - t:.1f} s")
+    else:
+        logits = _load_logits(args.teacher_logits, n, ds.n_classes)
+    hint_teacher_layer = None
+    extra = {"temperature": args.temperature, "alpha": args.alpha,
+             "teacher": args.teacher, "teacher_logits": args.teacher_logits}
+    if args.hint_student_layer:
+        t_hidden = len(teacher.sizes) - 2
+        hint_teacher_layer = args.hint_teacher_layer or t_hidden
+        if not 1 <= hint_teacher_layer <= t_hidden:
+            raise CLIError(f"--hint-teacher-layer must be a hidden layer of the teacher, in "
+                           f"[1, {t_hidden}], got {hint_teacher_layer}")
+        extra.update(hint_student_layer=args.hint_student_layer,
+                     hint_teacher_layer=hint_teacher_layer, hint_weight=args.hint_weight)
+    cfg = _train_cfg(args, loss="kd", temperature=args.temperature, alpha=args.alpha,
+                     hint_layer=args.hint_student_layer,
+                     hint_weight=args.hint_weight if args.hint_student_layer else 0.0)
+    sizes = [ds.n_features, *args.hidden, ds.n_classes]
+    _train(ctx, "student", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
+           seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
+           backend=args.backend, teacher=teacher, teacher_logits=logits,
+           hint_teacher_layer=hint_teacher_layer, role="student", extra_config=extra,
+           lr_decay=args.lr_decay)
+    _print_result(ctx)
+    return _finish(ctx)
+
+
+def _load_logits(path, n, n_classes):
+    if not os.path.exists(path):
+        raise CLIError(f"teacher logits file {path} does not exist")
+    try:
+        logits = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{path}: cannot read .npy file ({e})") from None
+    if not isinstance(logits, np.ndarray):
+        logits.close()
+        raise CLIError(f"{path}: cannot read .npy file (it is an .npz archive; save the logits "
+                       "with np.save)")
+    if logits.ndim != 2 or logits.shape != (n, n_classes):
+        raise CLIError(f"{path}: teacher logits must have shape ({n}, {n_classes}) "
+                       f"(training set x classes), got {logits.shape}")
+    if logits.dtype.kind != "f":
+        raise CLIError(f"{path}: teacher logits must be floating point, got {logits.dtype}")
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    if not np.isfinite(logits).all():
+        raise CLIError(f"{path}: teacher logits contain NaN or inf")
+    return logits
+
+
+def _print_result(ctx):
+    for e in ctx.models:
+        agree = "" if e.get("agreement") is None else f", agreement {_pct(e['agreement'])}"
+        spe = e["seconds_per_epoch"]
+        print(f"{e['name']}: test accuracy {_pct(e['test_accuracy'])}{agree}, "
+              f"{e['parameters']:,} parameters ({_fmt_bytes(e['bytes'])}), "
+              f"{statistics.median(spe) if spe else float('nan'):.2f} s/epoch -> {e['path']}")
+
+
+def cmd_evaluate(args, ctx):
+    ds = _load_data(args, ctx)
+    model = _load_model_checked(args.model, ds.n_features, "model", args.backend)
+    X, y = (ds.X_test, ds.y_test) if args.split == "test" else (ds.X_train, ds.y_train)
+    if X.shape[0] == 0:
+        raise CLIError(f"{ds.name}: the {args.split} split is empty")
+    if y.max() >= model.n_outputs:
+        raise CLIError(f"{args.model}: the model has {model.n_outputs} outputs but the labels go "
+                       f"up to {int(y.max())}")
+    teacher = None
+    if args.teacher:
+        teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+    t = time.perf_counter()
+    ev = evaluate(model, X, y, teacher=teacher, backend=args.backend)
+    seconds = time.perf_counter() - t
+    history = model.metadata.get("history") or {}
+    config = model.metadata.get("config")
+    entry = _entry(os.path.basename(args.model), model, ev, history, config, args.model)
+    entry["split"] = args.split
+    entry["eval_seconds"] = seconds
+    ctx.models.append(entry)
+    print(f"{args.model}: {'-'.join(map(str, model.sizes))}, {model.parameters:,} parameters "
+          f"({_fmt_bytes(model.nbytes)})")
+    print(f"  {args.split} accuracy {_pct(ev['accuracy'])}, loss {ev['loss']:.4f} "
+          f"({ev['n']} images, {seconds:.2f} s)")
+    if ev["agreement"] is not None:
+        print(f"  top-1 agreement with {args.teacher}: {_pct(ev['agreement'])}")
+    if not ctx.quiet:
+        conf = np.array(ev["confusion"])
+        width = max(5, len(str(conf.max())) + 1)
+        print("  confusion matrix (rows: true class, columns: predicted):")
+        print("      " + "".join(f"{j:>{width}}" for j in range(conf.shape[1])))
+        for i, row in enumerate(conf):
+            print(f"  {i:>3} " + "".join(f"{v:>{width}}" for v in row))
+    return _finish(ctx)
+
+
+# -------------------------------------------------------------------- demo
+
+def cmd_demo(args, ctx):
+    quick = args.quick
+    teacher_epochs = args.teacher_epochs if args.teacher_epochs is not None else (
+        QUICK["teacher_epochs"] if quick else DEMO["teacher_epochs"])
+    student_epochs = args.student_epochs if args.student_epochs is not None else (
+        QUICK["student_epochs"] if quick else DEMO["student_epochs"])
+    os.makedirs(args.out, exist_ok=True)
+    ds = _load_data(args, ctx)
+    if quick:
+        from .data import Dataset
+        ds = Dataset(ds.X_train[:QUICK["n_train"]], ds.y_train[:QUICK["n_train"]],
+                     ds.X_test[:QUICK["n_test"]], ds.y_test[:QUICK["n_test"]],
+                     ds.name + " (quick subset)")
+        ctx.info(f"quick: {ds!r}")
+    if ds.X_test.shape[0] == 0:
+        raise CLIError(f"{ds.name}: the demo needs a test set")
+    path = lambda name: os.path.join(args.out, name)  # noqa: E731
+    t0 = time.perf_counter()
+
+    def phase(name, sizes, cfg, epochs, seed, lr_decay, **kw):
+        out = path(f"{name}.pykd")
+        if args.resume and os.path.exists(out):
+            model = load_model(out, backend=args.backend)
+            old = model.metadata.get("config") or {}
+            want = {"sizes": sizes, "epochs": epochs, "n_train": int(ds.X_train.shape[0]),
+                    "train": _cfg_json(cfg), "lr_decay": lr_decay}
+            if any(old.get(k) != v for k, v in want.items()):
+                raise CLIError(f"{out} was trained with another configuration; use a new --out "
+                               f"directory or run without --resume")
+            ev = evaluate(model, ds.X_test, ds.y_test, teacher=kw.get("teacher"))
+            history = model.metadata.get("history") or {}
+            ctx.histories[name] = history
+            entry = _entry(name, model, ev, history, model.metadata.get("config"), out)
+            ctx.models.append(entry)
+            ctx.info(f"{name}: reusing {out} (test accuracy {_pct(ev['accuracy'])})")
+            return model, entry
+        return _train(ctx, name, sizes, ds, cfg, epochs=epochs, batch_size=args.batch_size,
+                      seed=seed, out=out, checkpoint=out + ".ckpt.npz", resume=args.resume
+                      and os.path.exists(out + ".ckpt.npz"), backend=args.backend,
+                      lr_decay=lr_decay, **kw)
+
+    t_sizes = [ds.n_features, *args.teacher_hidden, ds.n_classes]
+    s_sizes = [ds.n_features, *args.student_hidden, ds.n_classes]
+    tcfg = TrainConfig(loss="ce", lr=args.lr, dropout=args.dropout, seed=0)
+    teacher, t_entry = phase("teacher", t_sizes, tcfg, teacher_epochs, 0, args.teacher_lr_decay,
+                             role="teacher")
+
+    t = time.perf_counter()
+    logits = soft_labels(teacher, ds.X_train, args.temperature, backend=args.backend,
+                         progress=not ctx.quiet)
+    soft_seconds = time.perf_counter() - t
+    _save_npy(path("teacher_logits.npy"), logits)
+    ctx.info(f"soft labels: {logits.shape} in {soft_seconds:.2f} s -> {path('teacher_logits.npy')}")
+
+    kd_entries, scratch_entries = [], []
+    for seed in range(args.seeds):
+        kcfg = TrainConfig(loss="kd", temperature=args.temperature, alpha=args.alpha,
+                           lr=args.lr, seed=seed)
+        _, e = phase(f"kd_student_seed{seed}", s_sizes, kcfg, student_epochs, seed,
+                     args.student_lr_decay, teacher=teacher, teacher_logits=logits, role="student",
+                     extra_config={"temperature": args.temperature, "alpha": args.alpha})
+        kd_entries.append(e)
+        scfg = TrainConfig(loss="ce", lr=args.lr, seed=seed)
+        _, e = phase(f"scratch_student_seed{seed}", s_sizes, scfg, student_epochs, seed,
+                     args.student_lr_decay, teacher=teacher, role="scratch")
+        scratch_entries.append(e)
+    total = time.perf_counter() - t0
+
+    rows = [("teacher", [t_entry]), ("KD student", kd_entries),
+            ("scratch student", scratch_entries)]
+    summary = {}
+    print()
+    decay = lambda g: f" x {g:g}/epoch" if g != 1 else ""  # noqa: E731
+    print(f"pykd demo on {ds.name} ({args.backend} backend)")
+    print(f"  teacher {'-'.join(map(str, t_sizes))}: {teacher_epochs} epochs, dropout "
+          f"{args.dropout:g}, Adam lr {args.lr:g}{decay(args.teacher_lr_decay)}, batch "
+          f"{args.batch_size}")
+    print(f"  students {'-'.join(map(str, s_sizes))}: {student_epochs} epochs, Adam lr "
+          f"{args.lr:g}{decay(args.student_lr_decay)}, batch {args.batch_size}; KD with "
+          f"T={args.temperature:g}, alpha={args.alpha:g}; {args.seeds} seed"
+          f"{'s' if args.seeds > 1 else ''} each")
+    header = f"{'model':<17} {'test accuracy':>17} {'agreement':>10} {'parameters':>11} " \
+             f"{'bytes':>10} {'s/epoch':>8}"
+    print(header)
+    print("-" * len(header))
+    for label, entries in rows:
+        accs = [e["test_accuracy"] for e in entries]
+        agrees = [e["agreement"] for e in entries if e.get("agreement") is not None]
+        spe = [s for e in entries for s in e["seconds_per_epoch"]]
+        mean = statistics.fmean(accs)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        acc_txt = f"{100 * mean:.2f}%" + (f" ± {100 * sd:.2f}" if len(accs) > 1 else "")
+        agree_txt = f"{100 * statistics.fmean(agrees):.2f}%" if agrees else "-"
+        med = statistics.median(spe) if spe else float("nan")
+        print(f"{label:<17} {acc_txt:>17} {agree_txt:>10} {entries[0]['parameters']:>11,} "
+              f"{_fmt_bytes(entries[0]['bytes']):>10} {med:>8.2f}")
+        summary[label] = {"test_accuracy_mean": mean, "test_accuracy_std": sd,
+                          "test_accuracy": accs, "runs": len(accs),
+                          "agreement_mean": statistics.fmean(agrees) if agrees else None,
+                          "parameters": entries[0]["parameters"], "bytes": entries[0]["bytes"],
+                          "seconds_per_epoch_median": med}
+    gain = summary["KD student"]["test_accuracy_mean"] - summary["scratch student"]["test_accuracy_mean"]
+    n_seeds = args.seeds
+    print(f"KD - scratch: {100 * gain:+.2f} points (mean over {n_seeds} seed"
+          f"{'s' if n_seeds > 1 else ''}); compression {t_entry['parameters'] / kd_entries[0]['parameters']:.1f}x; "
+          f"soft labels {soft_seconds:.2f} s; total {total:.0f} s")
+    summary["kd_gain_points"] = 100 * gain
+    summary["soft_labels_seconds"] = soft_seconds
+    summary["total_seconds"] = total
+    demo_cfg = {"quick": quick, "teacher_sizes": t_sizes, "student_sizes": s_sizes,
+                "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
+                "teacher_dropout": args.dropout, "temperature": args.temperature,
+                "alpha": args.alpha, "lr": args.lr, "teacher_lr_decay": args.teacher_lr_decay,
+                "student_lr_decay": args.student_lr_decay,
+                "batch_size": args.batch_size,
+                "seeds": args.seeds, "backend": args.backend, "dataset": ds.name}
+    return _finish(ctx, {"summary": summary, "demo_config": demo_cfg})
+
+
+# -------------------------------------------------------------------- main
+
+def _resume_command(argv):
+    args = [a for a in argv if a != "--resume"]
+    return " ".join(shlex.quote(a) for a in ["pykd", *args, "--resume"])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = _Ctx(args)
+    prog = f"pykd {args.command}"
+    debug = bool(os.environ.get("PYKD_DEBUG"))
+    try:
+        _check_plot(args)
+        limiter = contextlib.nullcontext()
+        if args.threads:
+            from threadpoolctl import threadpool_limits
+            limiter = threadpool_limits(limits=args.threads)
+        with limiter:
+            return args.func(args, ctx)
+    except TrainingInterrupted as e:
+        print(f"\n{prog}: interrupted: {e}.", file=sys.stderr)
+        if e.checkpoint:
+            print(f"Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted.", file=sys.stderr)
+        if args.command == "demo":      # finished models are reused by --resume
+            print(f"Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except (CLIError, DatasetError, ModelFormatError, FileNotFoundError, IsADirectoryError,
+            PermissionError) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e} (set PYKD_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
