@@ -24,7 +24,7 @@ module pykd_mlp
   implicit none
   private
   public :: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM
-  public :: mlp_param_count, mlp_workspace_size, mlp_forward, mlp_train_step, dropout_apply
+  public :: mlp_param_count, mlp_workspace_size, mlp_forward, mlp_train_step, dropout_multipliers
 
   integer, parameter :: LOSS_CE = 0  !! cross-entropy on labels
   integer, parameter :: LOSS_KD = 1  !! Hinton distillation against teacher logits
@@ -65,14 +65,14 @@ contains
   end function mlp_param_count
 
   !> float32 workspace a training step on `n` samples needs: every layer's
-  !! output, the dropped-out hidden outputs, three gradient buffers and the
-  !! hint residual.
+  !! output, the dropped-out hidden outputs and their dropout multipliers,
+  !! three gradient buffers and the hint residual.
   pure integer(int64) function mlp_workspace_size(sizes, n, n_hint) result(w)
     integer, intent(in) :: sizes(:)
     integer, intent(in) :: n, n_hint
     integer :: nl
     nl = size(sizes) - 1
-    w = int(n, int64) * (sum(int(sizes(2:), int64)) + sum(int(sizes(2:nl), int64)) &
+    w = int(n, int64) * (sum(int(sizes(2:), int64)) + 2 * sum(int(sizes(2:nl), int64)) &
                          + 3 * maxval(sizes(2:)) + n_hint)
   end function mlp_workspace_size
 
@@ -147,10 +147,11 @@ contains
     if (valid_net) valid_net = all(sizes >= 1) .and. all(acts >= ACT_IDENTITY .and. acts <= ACT_TANH)
   end function valid_net
 
-  !> buf(i) = buf(i) * m(i), m(i) = 0 with probability p, else 1 / (1 - p);
-  !! m is a hash of (seed, step, layer, flat index), see pykd_random.
-  subroutine dropout_apply(buf, p, seed, step, layer)
-    real(real32), intent(inout), contiguous :: buf(:, :)
+  !> m(i) = 0 with probability p, else 1 / (1 - p); m(i) is a hash of
+  !! (seed, step, layer, flat index), see pykd_random. Computed once per
+  !! step and kept for the backward pass (hashing costs more than storing).
+  subroutine dropout_multipliers(m, p, seed, step, layer)
+    real(real32), intent(out), contiguous :: m(:, :)
     real(real32), intent(in) :: p
     integer(int64), intent(in) :: seed, step
     integer, intent(in) :: layer
@@ -160,16 +161,15 @@ contains
 
     key = stream_key(seed, step, layer)
     keep_scale = 1 / (1 - p)
-    n_rows = size(buf, 1)
-    !$omp parallel do schedule(static) private(i) if(size(buf) >= PAR_MIN_WORK)
-    do j = 1, size(buf, 2)
+    n_rows = size(m, 1)
+    !$omp parallel do schedule(static) private(i) if(size(m) >= PAR_MIN_WORK)
+    do j = 1, size(m, 2)
       do i = 1, n_rows
-        buf(i, j) = merge(buf(i, j) * keep_scale, 0.0_real32, &
-                          uniform01(key, (j - 1) * n_rows + i - 1) >= p)
+        m(i, j) = merge(keep_scale, 0.0_real32, uniform01(key, (j - 1) * n_rows + i - 1) >= p)
       end do
     end do
     !$omp end parallel do
-  end subroutine dropout_apply
+  end subroutine dropout_multipliers
 
   !> One training step on the batch x(sizes(1), n): forward (with dropout on
   !! hidden layers), loss (CE, or KD against teacher(classes, n); plus the
@@ -193,7 +193,7 @@ contains
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
 
-    type(view2) :: a(size(sizes) - 1), d(size(sizes) - 1)
+    type(view2) :: a(size(sizes) - 1), d(size(sizes) - 1), m(size(sizes) - 1)
     real(real32), pointer, contiguous :: inp(:, :), cur(:, :), nxt(:, :), z(:, :)
     real(real32), pointer, contiguous :: g1(:), g2(:), gt(:)
     real(real32), pointer, contiguous :: w(:, :), b(:), dw(:, :), db(:), r(:, :), rw(:, :), dr(:, :)
@@ -271,6 +271,8 @@ contains
     do l = 1, nl - 1
       d(l)%p(1:sizes(l + 1), 1:n) => work(pos + 1:pos + int(sizes(l + 1), int64) * n)
       pos = pos + int(sizes(l + 1), int64) * n
+      m(l)%p(1:sizes(l + 1), 1:n) => work(pos + 1:pos + int(sizes(l + 1), int64) * n)
+      pos = pos + int(sizes(l + 1), int64) * n
     end do
     maxw = maxval(sizes(2:))
     ! g1 holds d loss / d (layer output), g2 receives d loss / d (layer input);
@@ -293,8 +295,8 @@ contains
       call dense_forward(inp, w, b, acts(l), a(l)%p)
       inp => a(l)%p
       if (l < nl .and. cfg%dropout > 0) then
-        d(l)%p = a(l)%p
-        call dropout_apply(d(l)%p, cfg%dropout, cfg%seed, step, l)
+        call dropout_multipliers(m(l)%p, cfg%dropout, cfg%seed, step, l)
+        d(l)%p = a(l)%p * m(l)%p
         inp => d(l)%p
       end if
     end do
@@ -355,7 +357,7 @@ contains
       end if
       call update(off_w(l) + 1, off_w(l + 1))
       if (l > 1) then
-        if (cfg%dropout > 0) call dropout_apply(nxt, cfg%dropout, cfg%seed, step, l - 1)
+        if (cfg%dropout > 0) nxt = nxt * m(l - 1)%p
         cur => nxt
         gt => g1; g1 => g2; g2 => gt
       end if
