@@ -13,10 +13,8 @@ import numpy as np
 from . import _reference as ref
 from ._reference import ACTIVATIONS
 
-try:
-    from . import _fkernels as _f
-except ImportError:  # pragma: no cover
-    _f = None
+from . import kernels as _kernels
+from .kernels import _fortran
 
 LOSSES = ("ce", "kd")
 OPTIMIZERS = ("sgd", "adam")
@@ -100,7 +98,9 @@ class Workspace:
         self.sizes = np.asarray(sizes, np.int32)
         self.batch_size = int(batch_size)
         self.n_hint = 0 if hint is None else int(hint[1])
-        words = _f.mlp_workspace_size(self.sizes, self.batch_size, self.n_hint) if _f else 0
+        # Only the Fortran step uses it; the NumPy path works without the extension.
+        ext = _kernels._f
+        words = ext.mlp_workspace_size(self.sizes, self.batch_size, self.n_hint) if ext else 0
         self.work = np.empty(words, np.float32)
         self.placeholder = np.zeros((1, 1), np.float32)
         self.no_mask = np.ones(1, np.int8)
@@ -175,7 +175,7 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
     use_t = cfg.loss == "kd"
     use_h = cfg.hint_layer > 0
     use_m = mask is not None
-    loss, n_correct, stat = _f.mlp_train_step(
+    loss, n_correct, stat = _fortran().mlp_train_step(
         ws.sizes, act_codes, params, grads, state1, state2, x.T, labels,
         teacher_logits.T if use_t else ws.placeholder, int(use_t),
         hint_target.T if use_h else ws.placeholder, int(use_h),
@@ -281,7 +281,7 @@ def forward(sizes, acts, params, x, *, upto=None, batch_size=1024, backend="fort
     work = np.empty(2 * max(sizes[1:]) * min(batch_size, x.shape[0]), np.float32)
     for start in range(0, x.shape[0], batch_size):
         xb, ob = x[start:start + batch_size], out[start:start + batch_size]
-        stat = _f.mlp_forward(sz, act_codes, params, xb.T, upto, ob.T, work)
+        stat = _fortran().mlp_forward(sz, act_codes, params, xb.T, upto, ob.T, work)
         if stat != 0:
             raise ValueError(f"forward rejected its arguments (status {stat})")
     return out
