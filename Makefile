@@ -1,7 +1,10 @@
 # pykd: `make demo` runs the main job, `make test` the tests, `make bench`
 # the benchmarks. Each target installs what is missing first (tools/setup.sh).
 PY := .venv/bin/python
-MESON := .venv/bin/meson
+# meson may come from the system's site-packages (the venv sees them), so run
+# it through the venv's Python; its tools (ninja) are found on this PATH.
+MESON := $(PY) -m mesonbuild.mesonmain
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: setup demo test test-fortran test-python bench bench-quick clean
 
