@@ -12,7 +12,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	$(PY) -m pykd demo
+	.venv/bin/pykd demo
 
 test: setup test-fortran test-python
 
