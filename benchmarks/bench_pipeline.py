@@ -61,6 +61,10 @@ class Trainer:
         self.x, self.y, self.t = x, y, t
         self.rng = rng
         self.step = 0
+        # Batch buffers allocated once, as pykd.train.fit does.
+        self.xb = np.empty((BATCH, x.shape[1]), np.float32)
+        self.yb = np.empty(BATCH, np.int64)
+        self.tb = np.empty((BATCH, t.shape[1]), np.float32)
 
     def run(self, steps):
         # As a training loop does: shuffle, gather each batch, one step call.
@@ -68,9 +72,11 @@ class Trainer:
         for i in range(steps):
             idx = order[i * BATCH:(i + 1) * BATCH]
             self.step += 1
-            t = self.t[idx] if self.cfg.loss == "kd" else None
-            _step.train_step(*self.args, self.p, self.g, self.m, self.v, self.x[idx], self.y[idx],
-                             self.cfg, self.step, self.ws, teacher_logits=t, backend=self.backend)
+            xb = np.take(self.x, idx, axis=0, out=self.xb)
+            yb = np.take(self.y, idx, out=self.yb)
+            tb = np.take(self.t, idx, axis=0, out=self.tb) if self.cfg.loss == "kd" else None
+            _step.train_step(*self.args, self.p, self.g, self.m, self.v, xb, yb,
+                             self.cfg, self.step, self.ws, teacher_logits=tb, backend=self.backend)
 
 
 def int8_layers(rng, sizes):
