@@ -162,7 +162,7 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     a = ap.parse_args(argv)
-    fraction = a.fraction or (0.03 if a.quick else 0.25)
+    fraction = a.fraction or (0.02 if a.quick else 0.25)
     repeats = a.repeats or (2 if a.quick else 5)
     threads = ([int(s) for s in a.threads.split(",")] if a.threads
                else [harness.default_threads()] if a.quick else [1, 2])

@@ -92,7 +92,7 @@ def width_scaling(widths, repeats):
 
 
 CHILD = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import numpy as np
     from pykd import _step
     n, backend = int(sys.argv[1]), sys.argv[2]
@@ -113,7 +113,10 @@ CHILD = textwrap.dedent("""
         _step.train_step(sizes, acts, p, g, m, v, x[idx], y[idx], cfg, s, ws,
                          teacher_logits=t[idx], backend=backend)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM belongs to this address space; ru_maxrss would carry the parent's
+    # peak across fork and exec.
+    with open("/proc/self/status") as fh:
+        peak = next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:"))
     print(json.dumps({"n": n, "seconds": dt, "peak_bytes": peak,
                       "data_bytes": x.nbytes + y.nbytes + t.nbytes}))
 """)
