@@ -2,7 +2,7 @@
 module pykd_config
   implicit none
   private
-  public :: PAR_MIN_WORK, ACT_IDENTITY, ACT_RELU, ACT_TANH
+  public :: PAR_MIN_WORK, PAR_MIN_OPT, ACT_IDENTITY, ACT_RELU, ACT_TANH
 
   !> Below this many elements an elementwise loop runs on one thread. Waking
   !! the OpenMP team costs more than a small loop, and around a BLAS call an
@@ -10,6 +10,10 @@ module pykd_config
   !! 64 x 1200 bias/activation pass (77k elements) takes ~30 us on one core
   !! next to a 2 ms sgemm. Optimizer steps on millions of weights do split.
   integer, parameter :: PAR_MIN_WORK = 262144
+
+  !> Optimizer steps do more per element (Adam: a square root and a
+  !! division), so they split across threads from fewer elements.
+  integer, parameter :: PAR_MIN_OPT = 32768
 
   integer, parameter :: ACT_IDENTITY = 0 !! y = z
   integer, parameter :: ACT_RELU = 1     !! y = max(z, 0)

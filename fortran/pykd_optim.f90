@@ -7,7 +7,7 @@
 !! added to the gradient; bias-corrected moments).
 module pykd_optim
   use iso_fortran_env, only: real32, real64, int8, int64
-  use pykd_config, only: PAR_MIN_WORK
+  use pykd_config, only: PAR_MIN_OPT
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, set_status
   implicit none
   private
@@ -41,7 +41,7 @@ contains
     call set_status(PYKD_OK, '', stat, errmsg)
 
     if (present(mask)) then
-      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_WORK)
+      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_OPT)
       do i = 1, n
         gi = g(i) + weight_decay * p(i)
         vel(i) = merge(momentum * vel(i) + gi, 0.0_real32, mask(i) /= 0)
@@ -49,7 +49,7 @@ contains
       end do
       !$omp end parallel do simd
     else
-      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_WORK)
+      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_OPT)
       do i = 1, n
         gi = g(i) + weight_decay * p(i)
         vel(i) = momentum * vel(i) + gi
@@ -98,7 +98,7 @@ contains
     one_b1 = 1 - beta1; one_b2 = 1 - beta2
 
     if (present(mask)) then
-      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_WORK)
+      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_OPT)
       do i = 1, n
         gi = g(i) + weight_decay * p(i)
         m(i) = merge(beta1 * m(i) + one_b1 * gi, 0.0_real32, mask(i) /= 0)
@@ -108,7 +108,7 @@ contains
       end do
       !$omp end parallel do simd
     else
-      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_WORK)
+      !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_OPT)
       do i = 1, n
         gi = g(i) + weight_decay * p(i)
         m(i) = beta1 * m(i) + one_b1 * gi
