@@ -28,7 +28,7 @@ import harness  # noqa: E402
 import pykd  # noqa: E402
 from pykd import _step  # noqa: E402
 
-TEACHER = [784, 1200, 1200, 10]
+TEACHER = [784, 1200, 1200, 10]  # PyTorch (torch.nn + Adam) is a third column when importable
 STUDENT = [784, 200, 200, 10]
 ACTS = ["relu", "relu", "identity"]
 N_TRAIN, BATCH = 60000, 64
@@ -79,6 +79,56 @@ class Trainer:
                              self.cfg, self.step, self.ws, teacher_logits=tb, backend=self.backend)
 
 
+try:  # optional third column
+    import torch
+except ImportError:
+    torch = None
+
+
+def torch_mlp(sizes):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+class TorchTrainer:
+    """The same epoch in PyTorch: Adam, CE or the seed example's KD loss."""
+
+    def __init__(self, sizes, cfg, x, y, t):
+        torch.manual_seed(0)
+        self.model = torch_mlp(sizes)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.cfg = cfg
+        self.x, self.y, self.t = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(t)
+        self.gen = torch.Generator().manual_seed(1)
+
+    def run(self, steps):
+        order = torch.randperm(len(self.x), generator=self.gen)
+        T, alpha = self.cfg.temperature, self.cfg.alpha
+        for i in range(steps):
+            idx = order[i * BATCH:(i + 1) * BATCH]
+            xb, yb = self.x[idx], self.y[idx]
+            logits = self.model(xb)
+            loss = torch.nn.functional.cross_entropy(logits, yb)
+            if self.cfg.loss == "kd":
+                soft = torch.nn.functional.kl_div(
+                    torch.log_softmax(logits / T, 1), torch.log_softmax(self.t[idx] / T, 1),
+                    reduction="batchmean", log_target=True)
+                loss = alpha * loss + (1 - alpha) * T * T * soft
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+
+
+def torch_forward(model, x, batch=1024):
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        return [model(xt[i:i + batch]) for i in range(0, len(xt), batch)]
+
+
 def int8_layers(rng, sizes):
     layers = []
     for a, b in zip(sizes[:-1], sizes[1:]):
@@ -106,6 +156,8 @@ def run(threads, fraction, repeats, rows):
     full_steps = -(-N_TRAIN // BATCH)
     scale = full_steps / steps
     results = []
+    if torch is not None:
+        torch.set_num_threads(threads)
     with harness.with_threads(threads):
         ceiling = harness.measure_sgemm_ceiling(threads)["gflops"]
         phases = [
@@ -115,6 +167,8 @@ def run(threads, fraction, repeats, rows):
         for name, sizes, cfg in phases:
             tr = {be: Trainer(sizes, cfg, be, np.random.default_rng(1), x, y, t)
                   for be in ("fortran", "numpy")}
+            if torch is not None:
+                tr["torch"] = TorchTrainer(sizes, cfg, x, y, t)
             r = harness.time_alternating({be: (lambda tr=tr[be]: tr.run(steps)) for be in tr},
                                          repeats=repeats, warmup=0, min_time=0.0)
             res = {be: {k: v * scale for k, v in r[be].items() if k in ("median", "min", "max")}
@@ -125,19 +179,29 @@ def run(threads, fraction, repeats, rows):
         teacher_p = (rng.standard_normal(_step.param_count(TEACHER)) * 0.02).astype(np.float32)
         soft = {be: (lambda be=be: _step.forward(TEACHER, ACTS, teacher_p, x, batch_size=1024,
                                                  backend=be)) for be in ("fortran", "numpy")}
+        if torch is not None:
+            tm = torch_mlp(TEACHER).eval()
+            soft["torch"] = lambda: torch_forward(tm, x)
         r = harness.time_alternating(soft, repeats=repeats, warmup=1, min_time=0.0)
         fl = 2.0 * N_TRAIN * sum(a * b for a, b in zip(TEACHER[:-1], TEACHER[1:]))
         results.append(("soft labels 60k", r, fl / r["fortran"]["median"] / 1e9, ceiling))
 
         student_p = (rng.standard_normal(_step.param_count(STUDENT)) * 0.05).astype(np.float32)
         q_layers = int8_layers(rng, STUDENT)
+        if torch is not None:
+            sm = torch_mlp(STUDENT).eval()
+            sm8 = torch.ao.quantization.quantize_dynamic(sm, {torch.nn.Linear}, dtype=torch.qint8)
         for nb in (1, 256):
             xb = x[:nb]
             f32 = {be: (lambda be=be: _step.forward(STUDENT, ACTS, student_p, xb, backend=be))
                    for be in ("fortran", "numpy")}
+            if torch is not None:
+                f32["torch"] = lambda xb=xb: torch_forward(sm, xb)
             r = harness.time_alternating(f32, repeats=max(repeats, 7), warmup=2)
             results.append((f"inference float32 batch {nb}", r, None, ceiling))
             i8 = {be: (lambda be=be: int8_forward(q_layers, xb, be)) for be in ("fortran", "numpy")}
+            if torch is not None:
+                i8["torch"] = lambda xb=xb: torch_forward(sm8, xb)
             r = harness.time_alternating(i8, repeats=max(repeats, 7), warmup=2)
             results.append((f"inference int8 batch {nb}", r, None, ceiling))
 
@@ -148,6 +212,7 @@ def run(threads, fraction, repeats, rows):
             "fortran_s": f["median"], "fortran_min": f["min"], "fortran_max": f["max"],
             "numpy_s": n["median"], "numpy_min": n["min"], "numpy_max": n["max"],
             "speedup": n["median"] / f["median"],
+            "torch_s": r["torch"]["median"] if "torch" in r else None,
             "gflops": gf, "sgemm_ceiling_gflops": ceil,
             "pct_ceiling": None if gf is None else 100 * gf / ceil,
         })
@@ -162,7 +227,7 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     a = ap.parse_args(argv)
-    fraction = a.fraction or (0.02 if a.quick else 0.25)
+    fraction = a.fraction or (0.01 if a.quick else 0.25)
     repeats = a.repeats or (2 if a.quick else 5)
     threads = ([int(s) for s in a.threads.split(",")] if a.threads
                else [harness.default_threads()] if a.quick else [1, 2])
@@ -176,9 +241,12 @@ def main(argv=None):
             print(f"WARNING: the CPUs were {busy:.0%} busy before the {th}-thread block; "
                   "timings are not reliable", file=sys.stderr)
         run(th, fraction, repeats, rows)
-    headers = ["threads", "phase", "fortran", "numpy", "np/F", "F GFLOP/s", "% sgemm ceiling"]
+    headers = ["threads", "phase", "fortran", "numpy", "torch", "np/F", "torch/F", "F GFLOP/s",
+               "% sgemm ceiling"]
     table = [[r["threads"], r["phase"], harness.format_seconds(r["fortran_s"]),
-              harness.format_seconds(r["numpy_s"]), f"{r['speedup']:.2f}x",
+              harness.format_seconds(r["numpy_s"]), harness.format_seconds(r["torch_s"]),
+              f"{r['speedup']:.2f}x",
+              "" if r["torch_s"] is None else f"{r['torch_s'] / r['fortran_s']:.2f}x",
               "" if r["gflops"] is None else f"{r['gflops']:.0f}",
               "" if r["pct_ceiling"] is None else f"{r['pct_ceiling']:.0f}%"] for r in rows]
     print(harness.text_table(headers, table))
