@@ -205,7 +205,7 @@ def main(argv=None):
     ap.add_argument("--plots", help="folder for PNG plots")
     a = ap.parse_args(argv)
     if a.quick:
-        batches, widths, ns, repeats = [1, 64, 1024], [128, 512], [5000, 10000], 3
+        batches, widths, ns, repeats = [1, 256], [128, 512], [5000, 10000], 3
     else:
         batches = [1, 4, 16, 64, 256, 1024, 4096]
         widths = [128, 256, 512, 1024, 2048, 4096]
