@@ -597,10 +597,10 @@ def main(argv=None):
     else:
         threads = [1, 2]
     if args.repeats is None:
-        args.repeats = 5 if args.quick else 15
+        args.repeats = 4 if args.quick else 15
     args.warmup = 1 if args.quick else 3
     args.min_time = 0.02
-    args.max_case_time = 1.0 if args.quick else 8.0
+    args.max_case_time = 0.7 if args.quick else 8.0
     ceil_repeats = 3 if args.quick else 7
 
     env_before = H.thread_env()
