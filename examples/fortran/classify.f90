@@ -15,7 +15,7 @@ program classify
   !$ use omp_lib, only: omp_get_thread_num, omp_get_max_threads
   use pykd, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_free, PYKD_OK, &
                   LAYER_DENSE
-  use fmnist_idx, only: read_images, read_labels
+  use fmnist_idx, only: read_images, read_labels, argument
   implicit none
   integer, parameter :: CHUNK = 256   ! samples per call inside the OpenMP loop
   type(pykd_model) :: model
@@ -97,15 +97,6 @@ contains
     real(real32), intent(in) :: z(:, :)
     accuracy = real(count(maxloc(z, 1) - 1 == y)) / size(y)
   end function accuracy
-
-  function argument(i) result(s)
-    integer, intent(in) :: i
-    character(len=:), allocatable :: s
-    integer :: length
-    call get_command_argument(i, length=length)
-    allocate (character(len=length) :: s)
-    call get_command_argument(i, s)
-  end function argument
 
   subroutine fail(text)
     character(len=*), intent(in) :: text

@@ -15,7 +15,7 @@ program distill
   use pykd, only: train_config, LOSS_CE, LOSS_KD, ACT_RELU, ACT_IDENTITY, PYKD_OK, mlp_param_count, &
                   mlp_workspace_size, mlp_forward, mlp_train_step, pykd_model, pykd_model_from_params, &
                   pykd_predict, pykd_quantize_model, pykd_save_model
-  use fmnist_idx, only: read_images, read_labels
+  use fmnist_idx, only: read_images, read_labels, argument
   implicit none
   integer, parameter :: BATCH = 64
   integer, parameter :: TEACHER(4) = [784, 512, 512, 10], T_ACTS(3) = [ACT_RELU, ACT_RELU, ACT_IDENTITY]
@@ -203,15 +203,6 @@ contains
     s = [(104729 * seed + 7919 * i, i = 1, n)]
     call random_seed(put=s)
   end subroutine seed_rng
-
-  function argument(i) result(s)
-    integer, intent(in) :: i
-    character(len=:), allocatable :: s
-    integer :: length
-    call get_command_argument(i, length=length)
-    allocate (character(len=length) :: s)
-    call get_command_argument(i, s)
-  end function argument
 
   integer function int_argument(i)
     integer, intent(in) :: i

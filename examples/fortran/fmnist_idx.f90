@@ -1,4 +1,5 @@
-!> Read MNIST-style IDX files (Fashion-MNIST) for the examples.
+!> Read MNIST-style IDX files (Fashion-MNIST) for the examples, and a
+!! command-line helper they share.
 !!
 !! Fortran cannot read gzip, so the files must be unpacked first
 !! (`gunzip -k`, see run.sh). IDX headers are big-endian: a magic number
@@ -8,7 +9,7 @@ module fmnist_idx
   use iso_fortran_env, only: int8, int32, int64, real32
   implicit none
   private
-  public :: read_images, read_labels
+  public :: read_images, read_labels, argument
 
 contains
 
@@ -104,5 +105,15 @@ contains
       big_endian_u32 = 256 * big_endian_u32 + iand(int(b(k), int64), 255_int64)
     end do
   end function big_endian_u32
+
+  !> Command-line argument i, whatever its length.
+  function argument(i) result(s)
+    integer, intent(in) :: i
+    character(len=:), allocatable :: s
+    integer :: length
+    call get_command_argument(i, length=length)
+    allocate (character(len=length) :: s)
+    call get_command_argument(i, s)
+  end function argument
 
 end module fmnist_idx
