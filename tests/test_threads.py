@@ -1,0 +1,71 @@
+"""Thread pools: which OpenBLAS the extension loads and how idle threads wait.
+
+Each case runs in a fresh interpreter: libgomp reads its settings once, when
+the extension loads.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pykd import _build_config
+
+PROBE = r"""
+import json, os
+import numpy as np
+import pykd, threadpoolctl
+pykd.dense(np.ones((2, 3), np.float32), np.ones((3, 4), np.float32), np.zeros(4, np.float32))
+pools = [{"api": p["internal_api"], "layer": p.get("threading_layer"), "path": p["filepath"]}
+         for p in threadpoolctl.threadpool_info()]
+print(json.dumps({"pools": pools, "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
+                  "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}))
+"""
+
+
+def probe(**env):
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_LIBRARY_PATH")}
+    clean.update(env)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=clean, capture_output=True,
+                         text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def our_openblas(pools):
+    """The OpenBLAS pool that is not NumPy's own (NumPy's wheel bundles scipy_openblas)."""
+    ours = [p for p in pools if p["api"] == "openblas" and "scipy_openblas" not in p["path"]]
+    assert len(ours) == 1, pools
+    return ours[0]
+
+
+@pytest.mark.skipif(not _build_config.blas_openmp_dir,
+                    reason="built without the OpenMP build of OpenBLAS")
+def test_openmp_openblas_shares_the_kernels_pool():
+    info = probe()
+    blas = our_openblas(info["pools"])
+    assert blas["layer"] == "openmp"
+    assert os.path.realpath(blas["path"]).startswith(
+        os.path.realpath(_build_config.blas_openmp_dir))
+    # One pool: idle threads spin briefly instead of sleeping at once.
+    assert info["GOMP_SPINCOUNT"] == "10000"
+    assert info["OMP_WAIT_POLICY"] is None
+
+
+@pytest.mark.skipif(bool(_build_config.blas_openmp_dir),
+                    reason="built with the OpenMP build of OpenBLAS")
+def test_pthreads_openblas_gets_passive_openmp_threads():
+    info = probe()
+    assert our_openblas(info["pools"])["layer"] == "pthreads"
+    assert info["OMP_WAIT_POLICY"] == "passive"
+    assert info["GOMP_SPINCOUNT"] is None
+
+
+@pytest.mark.parametrize("name, value", [("OMP_WAIT_POLICY", "active"),
+                                         ("GOMP_SPINCOUNT", "123")])
+def test_user_setting_wins(name, value):
+    info = probe(**{name: value})
+    assert info[name] == value
+    other = "GOMP_SPINCOUNT" if name == "OMP_WAIT_POLICY" else "OMP_WAIT_POLICY"
+    assert info[other] is None
