@@ -469,7 +469,8 @@ def run_case(case, threads, ceil_gflops, copy_gbps, args, problems):
     try:
         res = H.time_alternating(funcs, repeats=args.repeats, warmup=args.warmup,
                                  min_time=args.min_time, max_time=args.max_case_time,
-                                 blocked=args.blocked)
+                                 blocked=args.blocked,
+                                 settle=args.settle if case.kind in ("flops", "ops") else 0.0)
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}"
         row["errors"]["timing"] = msg
@@ -582,6 +583,10 @@ def main(argv=None):
     ap.add_argument("--markdown", default=None, help="write a Markdown summary here")
     ap.add_argument("--only", default=None, help="only kernels whose name contains this")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per kernel")
+    ap.add_argument("--settle", type=float, default=0.12,
+                    help="seconds to pause before a BLAS-bound sample when the backend changes "
+                         "(default 0.12): NumPy's OpenBLAS threads spin ~0.1 s after its last "
+                         "call and would take the cores from the next backend's threads; 0: none")
     ap.add_argument("--blocked", action="store_true",
                     help="diagnostic: time each backend in its own block instead of "
                          "interleaved (shows cross-talk between thread pools)")
@@ -729,6 +734,7 @@ def main(argv=None):
         "settings": {"threads": threads, "repeats": args.repeats, "warmup": args.warmup,
                      "min_time": args.min_time, "max_case_time": args.max_case_time,
                      "blocked": args.blocked,
+                     "settle": args.settle,
                      "only": args.only},
         "machine": info,
         "pykd": pykd_info,

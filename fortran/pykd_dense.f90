@@ -6,7 +6,7 @@
 !! transposed views and nothing is copied. The products go through sgemm; the
 !! bias, activation and its derivative are fused into one pass over `y`.
 module pykd_dense
-  use iso_fortran_env, only: real32
+  use iso_fortran_env, only: real32, int64
   use pykd_blas, only: sgemm, sgemv
   use pykd_config, only: PAR_MIN_WORK, ACT_IDENTITY, ACT_RELU, ACT_TANH
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_ALLOC, set_status
@@ -56,20 +56,8 @@ contains
     real(real32), intent(inout), contiguous :: y(:, :) !! (n_out, n)
     real(real32), intent(in) :: b(:)                   !! (n_out)
     integer, intent(in) :: act
-    integer :: j
 
-    !$omp parallel do schedule(static) if(size(y) >= PAR_MIN_WORK)
-    do j = 1, size(y, 2)
-      select case (act)
-      case (ACT_RELU)
-        y(:, j) = max(y(:, j) + b, 0.0_real32)
-      case (ACT_TANH)
-        y(:, j) = tanh(y(:, j) + b)
-      case default
-        y(:, j) = y(:, j) + b
-      end select
-    end do
-    !$omp end parallel do
+    call bias_act(size(y, 1), size(y, 2), y, b, act)
   end subroutine bias_activation
 
   !> dz = dy * act'(y) and db = sum of dz over samples, in one pass.
@@ -81,14 +69,45 @@ contains
     integer, intent(in) :: act
     real(real32), intent(out), contiguous :: dz(:, :)        !! (n_out, n)
     real(real32), intent(out) :: db(:)                       !! (n_out)
-    integer :: i0, i1, j, n_out
 
-    n_out = size(dy, 1)
-    !$omp parallel do schedule(static) private(i1, j) if(size(dy) >= PAR_MIN_WORK)
-    do i0 = 1, n_out, ROW_BLOCK
-      i1 = min(i0 + ROW_BLOCK - 1, n_out)
+    call act_grad(size(dy, 1), size(dy, 2), dy, y, act, dz, db)
+  end subroutine activation_grad
+
+  ! The loops take explicit-shape arrays: inside an OpenMP region gfortran 12
+  ! forgets that an assumed-shape column is contiguous and vectorizes it with
+  ! element-by-element gathers (see pykd_optim).
+
+  subroutine bias_act(m, n, y, b, act)
+    integer, intent(in) :: m, n, act
+    real(real32), intent(inout) :: y(m, n)
+    real(real32), intent(in) :: b(m)
+    integer :: j
+
+    !$omp parallel do schedule(static) if(int(m, int64) * n >= PAR_MIN_WORK)
+    do j = 1, n
+      select case (act)
+      case (ACT_RELU)
+        y(:, j) = max(y(:, j) + b, 0.0_real32)
+      case (ACT_TANH)
+        y(:, j) = tanh(y(:, j) + b)
+      case default
+        y(:, j) = y(:, j) + b
+      end select
+    end do
+    !$omp end parallel do
+  end subroutine bias_act
+
+  subroutine act_grad(m, n, dy, y, act, dz, db)
+    integer, intent(in) :: m, n, act
+    real(real32), intent(in) :: dy(m, n), y(m, n)
+    real(real32), intent(out) :: dz(m, n), db(m)
+    integer :: i0, i1, j
+
+    !$omp parallel do schedule(static) private(i1, j) if(int(m, int64) * n >= PAR_MIN_WORK)
+    do i0 = 1, m, ROW_BLOCK
+      i1 = min(i0 + ROW_BLOCK - 1, m)
       db(i0:i1) = 0
-      do j = 1, size(dy, 2)
+      do j = 1, n
         select case (act)
         case (ACT_RELU)
           dz(i0:i1, j) = merge(dy(i0:i1, j), 0.0_real32, y(i0:i1, j) > 0)
@@ -101,7 +120,7 @@ contains
       end do
     end do
     !$omp end parallel do
-  end subroutine activation_grad
+  end subroutine act_grad
 
   !> Gradients of a dense layer from the upstream gradient `dy`.
   !!
