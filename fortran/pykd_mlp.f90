@@ -19,7 +19,7 @@ module pykd_mlp
   use pykd_dense, only: dense_forward, dense_backward
   use pykd_loss, only: cross_entropy, kd_loss
   use pykd_optim, only: sgd_step, adam_step
-  use pykd_random, only: stream_key, uniform01
+  use pykd_random, only: stream_key, dropout_fill
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
   implicit none
   private
@@ -155,20 +155,8 @@ contains
     real(real32), intent(in) :: p
     integer(int64), intent(in) :: seed, step
     integer, intent(in) :: layer
-    integer(int64) :: key, i, n_rows
-    integer :: j
-    real(real32) :: keep_scale
 
-    key = stream_key(seed, step, layer)
-    keep_scale = 1 / (1 - p)
-    n_rows = size(m, 1)
-    !$omp parallel do schedule(static) private(i) if(size(m) >= PAR_MIN_WORK)
-    do j = 1, size(m, 2)
-      do i = 1, n_rows
-        m(i, j) = merge(keep_scale, 0.0_real32, uniform01(key, (j - 1) * n_rows + i - 1) >= p)
-      end do
-    end do
-    !$omp end parallel do
+    call dropout_fill(size(m, kind=int64), m, stream_key(seed, step, layer), p)
   end subroutine dropout_multipliers
 
   !> One training step on the batch x(sizes(1), n): forward (with dropout on

@@ -8,10 +8,11 @@
 !! are split into 16-bit halves so that no intermediate exceeds 2**48: the
 !! arithmetic never overflows, so no compiler flag (-fwrapv) is needed.
 module pykd_random
-  use iso_fortran_env, only: int64, real32
+  use iso_fortran_env, only: int32, int64, real32, real64
+  use pykd_config, only: PAR_MIN_OPT
   implicit none
   private
-  public :: hash32, stream_key, uniform01
+  public :: hash32, stream_key, uniform01, dropout_fill
 
   integer(int64), parameter :: MASK32 = 4294967295_int64 ! 2**32 - 1
   integer(int64), parameter :: MUL1 = 2146121005_int64   ! 0x7feb352d
@@ -50,5 +51,32 @@ contains
     integer(int64), intent(in) :: key, i
     uniform01 = real(ishft(hash32(key + i), -8), real32) * 2.0_real32**(-24)
   end function uniform01
+
+  !> m(i) = 1/(1-p) if uniform01(key, i - 1) >= p, else 0, for i = 1..n.
+  !!
+  !! Written to vectorize (8 hashes at a time with AVX2): explicit-shape m
+  !! (see pykd_optim), no branch, the int64 -> float conversion through int32
+  !! (AVX2 has no vector int64 -> float), and hash32 inlined, for which the
+  !! build passes -fno-semantic-interposition (with -fPIC gfortran does not
+  !! inline a public module function).
+  subroutine dropout_fill(n, m, key, p)
+    integer(int64), intent(in) :: n, key
+    real(real32), intent(out) :: m(n)
+    real(real32), intent(in) :: p
+    integer(int64) :: i, threshold
+    real(real32) :: keep_scale
+
+    keep_scale = 1 / (1 - p)
+    ! uniform01 = h / 2**24 with an integer h in [0, 2**24), and p * 2**24 is
+    ! exact, so (uniform01 >= p) == (h >= threshold).
+    threshold = ceiling(real(p, real64) * 2**24, int64)
+    !$omp parallel do simd schedule(static) if(n >= PAR_MIN_OPT)
+    do i = 1, n
+      ! 1 - (sign bit of h - threshold): 1 where kept, 0 where dropped.
+      m(i) = keep_scale * real(int(1 - ishft(ishft(hash32(key + i - 1), -8) - threshold, -63), &
+                                   int32), real32)
+    end do
+    !$omp end parallel do simd
+  end subroutine dropout_fill
 
 end module pykd_random
