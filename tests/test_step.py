@@ -62,6 +62,20 @@ def test_fortran_step_matches_numpy_twin(case):
         assert np.all(pf[~pb["mask"]] == 0) and np.all(sf[~pb["mask"]] == 0)
 
 
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_dropout_on_a_wide_layer_matches_numpy_twin(p):
+    # 32 x 1500 hidden units: the multipliers take the parallel, vectorized
+    # path; p = 0.5 puts the keep/drop threshold exactly on a hash value.
+    sizes, acts = [12, 1500, 5], ["relu", "identity"]
+    pb = problem(4, n=32, sizes=sizes)
+    cfg = TrainConfig(dropout=p, seed=11)
+    pf, gf, _, of = run(pb, cfg, "fortran", steps=2, sizes=sizes, acts=acts)
+    pn, gn, _, on = run(pb, cfg, "numpy", steps=2, sizes=sizes, acts=acts)
+    np.testing.assert_allclose([l for l, _ in of], [l for l, _ in on], rtol=1e-5)
+    np.testing.assert_allclose(gf, gn, atol=1e-6, rtol=1e-4)
+    np.testing.assert_allclose(pf, pn, atol=1e-6, rtol=2e-5)
+
+
 @pytest.mark.parametrize("cfg,hint", [(TrainConfig(loss="kd", temperature=2.0, alpha=0.4), None),
                                       (TrainConfig(hint_layer=1, hint_weight=0.7), (1, 3))],
                          ids=["kd", "hint"])
