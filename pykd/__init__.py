@@ -10,8 +10,6 @@ Fortran call per training step: CE, Hinton KD, hints), ``soft_labels``,
 """
 import os
 
-from . import _build_config
-
 
 def _set_thread_waiting():
     """How idle OpenMP threads wait; must be set before libgomp loads with the
@@ -26,8 +24,11 @@ def _set_thread_waiting():
     """
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    lib = os.path.join(_build_config.blas_openmp_dir, "libopenblas.so.0")
-    if _build_config.blas_openmp_dir and os.path.exists(lib):
+    try:
+        from ._build_config import blas_openmp_dir
+    except ImportError:  # a source tree without a build: NumPy backend only
+        blas_openmp_dir = ""
+    if blas_openmp_dir and os.path.exists(os.path.join(blas_openmp_dir, "libopenblas.so.0")):
         os.environ["GOMP_SPINCOUNT"] = "10000"
     else:
         os.environ["OMP_WAIT_POLICY"] = "passive"

@@ -69,3 +69,24 @@ def test_user_setting_wins(name, value):
     assert info[name] == value
     other = "GOMP_SPINCOUNT" if name == "OMP_WAIT_POLICY" else "OMP_WAIT_POLICY"
     assert info[other] is None
+
+
+def test_source_tree_without_a_build_imports_with_numpy_backend():
+    # The source tree has no _build_config.py or extension: pykd still imports,
+    # the NumPy backend works, and the Fortran one says what is missing.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import numpy as np, pykd, os\n"
+            "assert os.path.dirname(pykd.__file__) == os.path.join(%r, 'pykd')\n"
+            "print(pykd.softmax(np.zeros((1, 2), np.float32), backend='numpy')[0, 0])\n"
+            "try:\n"
+            "    pykd.softmax(np.zeros((1, 2), np.float32))\n"
+            "except ImportError as e:\n"
+            "    print('ImportError', 'not built' in str(e))\n") % (root, root)
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True,
+                         timeout=120, cwd=root)
+    if os.path.exists(os.path.join(root, "pykd", "_build_config.py")):
+        pytest.skip("this source tree holds a build")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0.5", "ImportError", "True"]
