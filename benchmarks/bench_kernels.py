@@ -583,10 +583,9 @@ def main(argv=None):
     ap.add_argument("--markdown", default=None, help="write a Markdown summary here")
     ap.add_argument("--only", default=None, help="only kernels whose name contains this")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per kernel")
-    ap.add_argument("--settle", type=float, default=0.3,
+    ap.add_argument("--settle", type=float, default=H.SETTLE,
                     help="seconds to pause before a BLAS-bound sample when the backend changes "
-                         "(default 0.3): NumPy's OpenBLAS threads spin ~0.1-0.2 s after its last "
-                         "call and would take the cores from the next backend's threads; 0: none")
+                         f"(default {H.SETTLE}; see harness.SETTLE); 0: none")
     ap.add_argument("--blocked", action="store_true",
                     help="diagnostic: time each backend in its own block instead of "
                          "interleaved (shows cross-talk between thread pools)")

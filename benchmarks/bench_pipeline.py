@@ -32,10 +32,6 @@ TEACHER = [784, 1200, 1200, 10]  # PyTorch (torch.nn + Adam) is a third column w
 STUDENT = [784, 200, 200, 10]
 ACTS = ["relu", "relu", "identity"]
 N_TRAIN, BATCH = 60000, 64
-# Pause (s) before a sample when the backend changes: NumPy's OpenBLAS threads
-# and PyTorch's OpenMP threads spin for ~0.1-0.2 s after their last call and
-# would take the cores from the next backend's threads.
-SETTLE = 0.3
 
 # Reference timings on this machine for a whole pipeline phase (ENGINEERING.md),
 # and the targets for the Fortran backend.
@@ -174,7 +170,8 @@ def run(threads, fraction, repeats, rows):
             if torch is not None:
                 tr["torch"] = TorchTrainer(sizes, cfg, x, y, t)
             r = harness.time_alternating({be: (lambda tr=tr[be]: tr.run(steps)) for be in tr},
-                                         repeats=repeats, warmup=0, min_time=0.0, settle=SETTLE)
+                                         repeats=repeats, warmup=0, min_time=0.0,
+                                         settle=harness.SETTLE)
             res = {be: {k: v * scale for k, v in r[be].items() if k in ("median", "min", "max")}
                    for be in r}
             gf = epoch_flops(sizes, N_TRAIN) / res["fortran"]["median"] / 1e9
@@ -188,7 +185,8 @@ def run(threads, fraction, repeats, rows):
         if torch is not None:
             tm = torch_mlp(TEACHER).eval()
             soft["torch"] = lambda: torch_forward(tm, xs)
-        r = harness.time_alternating(soft, repeats=repeats, warmup=1, min_time=0.0, settle=SETTLE)
+        r = harness.time_alternating(soft, repeats=repeats, warmup=1, min_time=0.0,
+                                     settle=harness.SETTLE)
         r = {be: {k: v * N_TRAIN / len(xs) for k, v in st.items() if k in ("median", "min", "max")}
              for be, st in r.items()}
         fl = 2.0 * N_TRAIN * sum(a * b for a, b in zip(TEACHER[:-1], TEACHER[1:]))
@@ -205,12 +203,14 @@ def run(threads, fraction, repeats, rows):
                    for be in ("fortran", "numpy")}
             if torch is not None:
                 f32["torch"] = lambda xb=xb: torch_forward(sm, xb)
-            r = harness.time_alternating(f32, repeats=max(repeats, 7), warmup=2, settle=SETTLE)
+            r = harness.time_alternating(f32, repeats=max(repeats, 7), warmup=2,
+                                         settle=harness.SETTLE)
             results.append((f"inference float32 batch {nb}", r, None, ceiling))
             i8 = {be: (lambda be=be: int8_forward(q_layers, xb, be)) for be in ("fortran", "numpy")}
             if torch is not None:
                 i8["torch"] = lambda xb=xb: torch_forward(sm8, xb)
-            r = harness.time_alternating(i8, repeats=max(repeats, 7), warmup=2, settle=SETTLE)
+            r = harness.time_alternating(i8, repeats=max(repeats, 7), warmup=2,
+                                         settle=harness.SETTLE)
             results.append((f"inference int8 batch {nb}", r, None, ceiling))
 
     for name, r, gf, ceil in results:

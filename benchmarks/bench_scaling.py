@@ -31,11 +31,6 @@ import harness  # noqa: E402
 from pykd import _step  # noqa: E402
 
 BACKENDS = ("fortran", "numpy")
-# Pause (s) before a sample when the backend changes: NumPy's OpenBLAS threads
-# spin for ~0.1-0.2 s after its last call; on 2 cores they preempt the next
-# backend's threads in the middle of a BLAS call, whose threads then wait for
-# each other (steps 5-10x slower: the batch 1-64 rows before this pause).
-SETTLE = 0.3
 
 
 def step_timer(sizes, batch, backend, cfg, rng):
@@ -65,12 +60,12 @@ def batch_scaling(batches, repeats):
     out = []
     for b in batches:
         r = harness.time_alternating({be: step_timer(student, b, be, cfg, rng) for be in BACKENDS},
-                                     repeats=repeats, warmup=1, settle=SETTLE)
+                                     repeats=repeats, warmup=1, settle=harness.SETTLE)
         x = rng.random((b, 784), dtype=np.float32)
         ri = harness.time_alternating(
             {be: (lambda be=be: _step.forward(teacher, ["relu", "relu", "identity"], tp, x,
                                               batch_size=4096, backend=be)) for be in BACKENDS},
-            repeats=repeats, warmup=1, settle=SETTLE)
+            repeats=repeats, warmup=1, settle=harness.SETTLE)
         out.append({"batch": b,
                     "train_step_s": {be: r[be]["median"] for be in BACKENDS},
                     "teacher_infer_s": {be: ri[be]["median"] for be in BACKENDS}})
@@ -87,7 +82,7 @@ def width_scaling(widths, repeats):
     for w in widths:
         sizes = [784, w, 10]
         r = harness.time_alternating({be: step_timer(sizes, 64, be, cfg, rng) for be in BACKENDS},
-                                     repeats=repeats, warmup=1, settle=SETTLE)
+                                     repeats=repeats, warmup=1, settle=harness.SETTLE)
         flops = 2 * 64 * (784 * w + w * 10) * 2 + 2 * 64 * w * 10
         out.append({"width": w, "train_step_s": {be: r[be]["median"] for be in BACKENDS},
                     "gflops": {be: flops / r[be]["median"] / 1e9 for be in BACKENDS}})

@@ -85,6 +85,14 @@ def _stats(samples: Sequence[float]) -> dict:
     }
 
 
+# Pause (s) before a sample when the backend changes. After its last call
+# NumPy's OpenBLAS keeps its threads spinning for ~0.1-0.2 s (PyTorch's OpenMP
+# threads likewise); on 2 cores they preempt the next backend's threads in the
+# middle of a BLAS call, whose threads then wait for each other: a one-sample
+# teacher forward took 2.2 ms right after NumPy calls, 0.26 ms after 0.2 s.
+SETTLE = 0.3
+
+
 def time_alternating(
     funcs: Mapping[str, Callable[[], object]],
     repeats: int = 15,
