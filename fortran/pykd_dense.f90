@@ -102,7 +102,7 @@ contains
     real(real32), intent(out) :: a(n)
     integer(int64) :: i
 
-    !$omp parallel do simd schedule(static) if(n >= PAR_MIN_WORK)
+    !$omp parallel do simd schedule(static) if(parallel: n >= PAR_MIN_WORK)
     do i = 1, n
       a(i) = 0
     end do

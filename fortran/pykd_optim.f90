@@ -102,7 +102,7 @@ contains
     real(real32), intent(in) :: g(n), lr, momentum, weight_decay
     integer(int64) :: i
 
-    !$omp parallel do simd schedule(static) if(n >= PAR_MIN_OPT)
+    !$omp parallel do simd schedule(static) if(parallel: n >= PAR_MIN_OPT)
     do i = 1, n
       vel(i) = momentum * vel(i) + (g(i) + weight_decay * p(i))
       p(i) = p(i) - lr * vel(i)
@@ -119,7 +119,7 @@ contains
     integer(int32) :: keep
     real(real32) :: vi
 
-    !$omp parallel do simd schedule(static) private(keep, vi) if(n >= PAR_MIN_OPT)
+    !$omp parallel do simd schedule(static) private(keep, vi) if(parallel: n >= PAR_MIN_OPT)
     do i = 1, n
       keep = merge(-1_int32, 0_int32, mask(i) /= 0)
       vi = momentum * vel(i) + (g(i) + weight_decay * p(i))
@@ -137,7 +137,7 @@ contains
     real(real32) :: gi, one_b1, one_b2
 
     one_b1 = 1 - beta1; one_b2 = 1 - beta2
-    !$omp parallel do simd schedule(static) private(gi) if(n >= PAR_MIN_OPT)
+    !$omp parallel do simd schedule(static) private(gi) if(parallel: n >= PAR_MIN_OPT)
     do i = 1, n
       gi = g(i) + weight_decay * p(i)
       m(i) = beta1 * m(i) + one_b1 * gi
@@ -158,7 +158,7 @@ contains
     real(real32) :: gi, mi, vi, one_b1, one_b2
 
     one_b1 = 1 - beta1; one_b2 = 1 - beta2
-    !$omp parallel do simd schedule(static) private(keep, gi, mi, vi) if(n >= PAR_MIN_OPT)
+    !$omp parallel do simd schedule(static) private(keep, gi, mi, vi) if(parallel: n >= PAR_MIN_OPT)
     do i = 1, n
       keep = merge(-1_int32, 0_int32, mask(i) /= 0)
       gi = g(i) + weight_decay * p(i)

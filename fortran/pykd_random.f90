@@ -70,7 +70,7 @@ contains
     ! uniform01 = h / 2**24 with an integer h in [0, 2**24), and p * 2**24 is
     ! exact, so (uniform01 >= p) == (h >= threshold).
     threshold = ceiling(real(p, real64) * 2**24, int64)
-    !$omp parallel do simd schedule(static) if(n >= PAR_MIN_OPT)
+    !$omp parallel do simd schedule(static) if(parallel: n >= PAR_MIN_OPT)
     do i = 1, n
       ! 1 - (sign bit of h - threshold): 1 where kept, 0 where dropped.
       m(i) = keep_scale * real(int(1 - ishft(ishft(hash32(key + i - 1), -8) - threshold, -63), &
