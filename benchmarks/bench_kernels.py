@@ -8,7 +8,9 @@ when importable), same inputs, timed interleaved.
 
 For every thread count (BLAS and OpenMP pools limited together through
 threadpoolctl) every kernel is timed with its backends alternating
-(F N F N ...), and the table shows medians, the speedup numpy/fortran, and
+(F N F N ...), each backend in a worker process of its own (as a user runs
+one backend; in one process the backends' thread pools slow each other
+down, see harness.Workers; --in-process shows that), and the table shows medians, the speedup numpy/fortran, and
 for GEMM-bound kernels GFLOP/s with the percentage of the sgemm ceiling
 measured in the same run, for bandwidth-bound kernels GB/s with the
 percentage of the measured copy bandwidth. Before timing, each kernel's
@@ -403,13 +405,29 @@ def compare_outputs(a, b, rtol=1e-4):
 # running
 # --------------------------------------------------------------------------
 
+def worker_factory(backend, quick):
+    """Runs in a timing worker (harness.Workers): the same cases, built from
+    the same seed, for one backend; returns get(case key) -> callable."""
+    import pykd
+    cases = {c.key: c for c in build_cases(pykd, quick=quick)}
+
+    def get(key):
+        case = cases[key]
+        if backend == "torch":
+            if case.make_torch is None:
+                raise ValueError("no PyTorch version of this kernel")
+            return case.make_torch()
+        return case.make(backend)
+    return get
+
+
 def _rate(case, seconds):
     if seconds is None or seconds <= 0 or case.work <= 0:
         return None
     return case.work / seconds / 1e9
 
 
-def run_case(case, threads, ceil_gflops, copy_gbps, args, problems):
+def run_case(case, threads, ceil_gflops, copy_gbps, args, problems, workers=None):
     row = {
         "kernel": case.kernel, "shape": case.shape, "kind": case.kind,
         "work": case.work, "threads": threads, "timings": {}, "errors": {},
@@ -449,6 +467,20 @@ def run_case(case, threads, ceil_gflops, copy_gbps, args, problems):
             problems.append(f"[{threads}T] {case.key}: fortran vs numpy {text}")
     del outs
 
+    settle = args.settle if case.kind in ("flops", "ops") else 0.0
+    if workers is not None:
+        cands = {be: (be, case.key) for be in BACKENDS if be not in row["errors"]}
+        if torch is not None and case.make_torch is not None:
+            cands["torch"] = ("torch", case.key)
+        res, errs = workers.time(cands, repeats=args.repeats, warmup=args.warmup,
+                                 min_time=args.min_time, max_time=args.max_case_time,
+                                 blocked=args.blocked, settle=settle)
+        for be, msg in errs.items():
+            row["errors"][be] = msg
+            if be != "torch":
+                problems.append(f"[{threads}T] {case.key} backend={be} failed while timing: {msg}")
+        return _finish_row(row, case, res, ceil_gflops, copy_gbps)
+
     funcs = {}
     for be in BACKENDS:
         if be in row["errors"]:
@@ -469,13 +501,16 @@ def run_case(case, threads, ceil_gflops, copy_gbps, args, problems):
     try:
         res = H.time_alternating(funcs, repeats=args.repeats, warmup=args.warmup,
                                  min_time=args.min_time, max_time=args.max_case_time,
-                                 blocked=args.blocked,
-                                 settle=args.settle if case.kind in ("flops", "ops") else 0.0)
+                                 blocked=args.blocked, settle=settle)
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}"
         row["errors"]["timing"] = msg
         problems.append(f"[{threads}T] {case.key} failed while timing: {msg}")
         return row
+    return _finish_row(row, case, res, ceil_gflops, copy_gbps)
+
+
+def _finish_row(row, case, res, ceil_gflops, copy_gbps):
     row["timings"] = res
     med = {k: v["median"] for k, v in res.items()}
     if "fortran" in med and "numpy" in med:
@@ -589,6 +624,10 @@ def main(argv=None):
     ap.add_argument("--blocked", action="store_true",
                     help="diagnostic: time each backend in its own block instead of "
                          "interleaved (shows cross-talk between thread pools)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="diagnostic: time all backends in this one process instead of one "
+                         "worker process per backend (their thread pools then disturb "
+                         "each other)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
     args = ap.parse_args(argv)
 
@@ -670,12 +709,24 @@ def main(argv=None):
                   f"[{ceil['gflops_worst']:.1f}-{ceil['gflops_best']:.1f}]"
                   + ("" if busy is None else f", CPU busy before start {100 * busy:.0f}%")
                   + " ===", flush=True)
-            rows = []
-            for c in cases:
-                row = run_case(c, nt, ceil["gflops"], bw["gbps"], args, problems)
-                rows.append(row)
-                if args.verbose:
-                    print(f"  done {c.key}", flush=True)
+            workers = None
+            if not args.in_process:
+                workers = H.Workers(worker_factory,
+                                    BACKENDS + (("torch",) if torch is not None else ()),
+                                    threads=nt, quick=args.quick)
+                for be, msg in workers.errors.items():
+                    problems.append(f"[{nt}T] worker for backend={be} failed to start: {msg}")
+            try:
+                rows = []
+                for c in cases:
+                    row = run_case(c, nt, ceil["gflops"], bw["gbps"], args, problems, workers)
+                    rows.append(row)
+                    if args.verbose:
+                        print(f"  done {c.key}", flush=True)
+            finally:
+                if workers is not None:
+                    workers.close()
+            time.sleep(args.settle)
             ceil_after = H.measure_sgemm_ceiling(nt, repeats=ceil_repeats)
         noise_warnings = []
         if busy is not None and busy > 0.25:
@@ -732,7 +783,7 @@ def main(argv=None):
         "mode": "quick" if args.quick else "full",
         "settings": {"threads": threads, "repeats": args.repeats, "warmup": args.warmup,
                      "min_time": args.min_time, "max_case_time": args.max_case_time,
-                     "blocked": args.blocked,
+                     "blocked": args.blocked, "in_process": args.in_process,
                      "settle": args.settle,
                      "only": args.only},
         "machine": info,

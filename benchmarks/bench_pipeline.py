@@ -10,7 +10,9 @@ alpha=0.1), soft labels (teacher forward over 60k rows), student inference at
 batch 1 and 256 (float32 and dynamic int8). An epoch is timed on a fraction
 of the 60k samples (default 0.25; --quick 0.03) and scaled to a whole epoch:
 the cost per step does not depend on the step. Each phase alternates the
-backends (F N F N ...) and reports medians, min-max and the ratio; the
+backends (F N F N ...), each backend in a worker process of its own (as a
+user runs one; see harness.Workers, and --in-process for the alternative),
+and reports medians, min-max and the ratio; the
 teacher epoch's GFLOP/s is set against NumPy's sgemm ceiling measured here.
 Synthetic data of the real shapes is used, so no dataset is needed; the
 timings do not depend on the values. Never fails on timing.
@@ -147,71 +149,109 @@ def int8_forward(layers, x, backend):
     return h
 
 
-def run(threads, fraction, repeats, rows):
+def make_data():
     rng = np.random.default_rng(0)
     x = rng.random((N_TRAIN, 784), dtype=np.float32)
     y = rng.integers(0, 10, N_TRAIN)
     t = rng.standard_normal((N_TRAIN, 10)).astype(np.float32)
+    return x, y, t
+
+
+def phase_plan(fraction):
+    """[(phase, samples timed, scale to the whole phase, work in FLOP or None)]."""
     steps = max(5, int(fraction * N_TRAIN / BATCH))
     full_steps = -(-N_TRAIN // BATCH)
-    scale = full_steps / steps
+    n_soft = max(1024, int(fraction * 4 * N_TRAIN) // 1024 * 1024)
+    soft_flops = 2.0 * N_TRAIN * sum(a * b for a, b in zip(TEACHER[:-1], TEACHER[1:]))
+    plan = [("teacher epoch", steps, full_steps / steps, epoch_flops(TEACHER, N_TRAIN)),
+            ("KD student epoch", steps, full_steps / steps, epoch_flops(STUDENT, N_TRAIN)),
+            ("soft labels 60k", n_soft, N_TRAIN / n_soft, soft_flops)]
+    for nb in (1, 256):
+        plan += [(f"inference float32 batch {nb}", nb, 1.0, None),
+                 (f"inference int8 batch {nb}", nb, 1.0, None)]
+    return plan
+
+
+CONFIGS = {"teacher epoch": (TEACHER, dict(loss="ce")),
+           "KD student epoch": (STUDENT, dict(loss="kd", temperature=5, alpha=0.1))}
+
+
+def make_phase(name, backend, data, fraction):
+    """Zero-argument callable running one timed sample of a phase."""
+    x, y, t = data
+    size = {p[0]: p[1] for p in phase_plan(fraction)}[name]
+    if name in CONFIGS:
+        sizes, cfg = CONFIGS[name]
+        cfg = _step.TrainConfig(**cfg)
+        tr = (TorchTrainer(sizes, cfg, x, y, t) if backend == "torch"
+              else Trainer(sizes, cfg, backend, np.random.default_rng(1), x, y, t))
+        return lambda: tr.run(size)
+    if name == "soft labels 60k":
+        xs = x[:size]
+        if backend == "torch":
+            tm = torch_mlp(TEACHER).eval()
+            return lambda: torch_forward(tm, xs)
+        p = (np.random.default_rng(2).standard_normal(_step.param_count(TEACHER)) * 0.02
+             ).astype(np.float32)
+        return lambda: _step.forward(TEACHER, ACTS, p, xs, batch_size=1024, backend=backend)
+    xb = x[:size]
+    if backend == "torch":
+        torch.manual_seed(0)
+        sm = torch_mlp(STUDENT).eval()
+        if "int8" in name:
+            sm = torch.ao.quantization.quantize_dynamic(sm, {torch.nn.Linear}, dtype=torch.qint8)
+        return lambda: torch_forward(sm, xb)
+    if "int8" in name:
+        q_layers = int8_layers(np.random.default_rng(3), STUDENT)
+        return lambda: int8_forward(q_layers, xb, backend)
+    p = (np.random.default_rng(4).standard_normal(_step.param_count(STUDENT)) * 0.05
+         ).astype(np.float32)
+    return lambda: _step.forward(STUDENT, ACTS, p, xb, backend=backend)
+
+
+def worker_factory(backend, fraction):
+    """Runs in a timing worker (harness.Workers): the phases of one backend."""
+    data = make_data()
+    return lambda name: make_phase(name, backend, data, fraction)
+
+
+def run(threads, fraction, repeats, rows, in_process=False):
+    backends = ("fortran", "numpy") + (("torch",) if torch is not None else ())
     results = []
-    if torch is not None:
+    if torch is not None and in_process:
         torch.set_num_threads(threads)
     with harness.with_threads(threads):
         ceiling = harness.measure_sgemm_ceiling(threads)["gflops"]
-        phases = [
-            ("teacher epoch", TEACHER, _step.TrainConfig(loss="ce")),
-            ("KD student epoch", STUDENT, _step.TrainConfig(loss="kd", temperature=5, alpha=0.1)),
-        ]
-        for name, sizes, cfg in phases:
-            tr = {be: Trainer(sizes, cfg, be, np.random.default_rng(1), x, y, t)
-                  for be in ("fortran", "numpy")}
-            if torch is not None:
-                tr["torch"] = TorchTrainer(sizes, cfg, x, y, t)
-            r = harness.time_alternating({be: (lambda tr=tr[be]: tr.run(steps)) for be in tr},
-                                         repeats=repeats, warmup=0, min_time=0.0,
-                                         settle=harness.SETTLE)
-            res = {be: {k: v * scale for k, v in r[be].items() if k in ("median", "min", "max")}
-                   for be in r}
-            gf = epoch_flops(sizes, N_TRAIN) / res["fortran"]["median"] / 1e9
-            results.append((name, res, gf, ceiling))
-
-        teacher_p = (rng.standard_normal(_step.param_count(TEACHER)) * 0.02).astype(np.float32)
-        # Soft labels: the teacher over the transfer set (a fraction of it, scaled).
-        xs = x[:max(1024, int(fraction * 4 * N_TRAIN) // 1024 * 1024)]
-        soft = {be: (lambda be=be: _step.forward(TEACHER, ACTS, teacher_p, xs, batch_size=1024,
-                                                 backend=be)) for be in ("fortran", "numpy")}
-        if torch is not None:
-            tm = torch_mlp(TEACHER).eval()
-            soft["torch"] = lambda: torch_forward(tm, xs)
-        r = harness.time_alternating(soft, repeats=repeats, warmup=1, min_time=0.0,
-                                     settle=harness.SETTLE)
-        r = {be: {k: v * N_TRAIN / len(xs) for k, v in st.items() if k in ("median", "min", "max")}
-             for be, st in r.items()}
-        fl = 2.0 * N_TRAIN * sum(a * b for a, b in zip(TEACHER[:-1], TEACHER[1:]))
-        results.append(("soft labels 60k", r, fl / r["fortran"]["median"] / 1e9, ceiling))
-
-        student_p = (rng.standard_normal(_step.param_count(STUDENT)) * 0.05).astype(np.float32)
-        q_layers = int8_layers(rng, STUDENT)
-        if torch is not None:
-            sm = torch_mlp(STUDENT).eval()
-            sm8 = torch.ao.quantization.quantize_dynamic(sm, {torch.nn.Linear}, dtype=torch.qint8)
-        for nb in (1, 256):
-            xb = x[:nb]
-            f32 = {be: (lambda be=be: _step.forward(STUDENT, ACTS, student_p, xb, backend=be))
-                   for be in ("fortran", "numpy")}
-            if torch is not None:
-                f32["torch"] = lambda xb=xb: torch_forward(sm, xb)
-            r = harness.time_alternating(f32, repeats=max(repeats, 7), warmup=2,
-                                         settle=harness.SETTLE)
-            results.append((f"inference float32 batch {nb}", r, None, ceiling))
-            i8 = {be: (lambda be=be: int8_forward(q_layers, xb, be)) for be in ("fortran", "numpy")}
-            if torch is not None:
-                i8["torch"] = lambda xb=xb: torch_forward(sm8, xb)
-            r = harness.time_alternating(i8, repeats=max(repeats, 7), warmup=2,
-                                         settle=harness.SETTLE)
-            results.append((f"inference int8 batch {nb}", r, None, ceiling))
+        if in_process:
+            data = make_data()
+        else:
+            workers = harness.Workers(worker_factory, backends, threads=threads,
+                                      fraction=fraction)
+            for be, msg in workers.errors.items():
+                print(f"WARNING: worker for backend={be} failed to start: {msg}",
+                      file=sys.stderr)
+        try:
+            for name, size, scale, work in phase_plan(fraction):
+                inference = name.startswith("inference")
+                opts = dict(repeats=max(repeats, 7) if inference else repeats,
+                            warmup=2 if inference else 0,
+                            min_time=0.02 if inference else 0.0, settle=harness.SETTLE)
+                if in_process:
+                    funcs = {be: make_phase(name, be, data, fraction) for be in backends}
+                    r = harness.time_alternating(funcs, **opts)
+                else:
+                    # one untimed sample's worth of warm-up calls only for the short phases
+                    r, errs = workers.time({be: (be, name) for be in backends},
+                                           warm=1 if inference else 0, **opts)
+                    for be, msg in errs.items():
+                        print(f"WARNING: {name} backend={be}: {msg}", file=sys.stderr)
+                r = {be: {k: v * scale for k, v in st.items() if k in ("median", "min", "max")}
+                     for be, st in r.items()}
+                gf = None if work is None else work / r["fortran"]["median"] / 1e9
+                results.append((name, r, gf, ceiling))
+        finally:
+            if not in_process:
+                workers.close()
 
     for name, r, gf, ceil in results:
         f, n = r["fortran"], r["numpy"]
@@ -234,6 +274,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--json")
     ap.add_argument("--markdown")
+    ap.add_argument("--in-process", action="store_true",
+                    help="diagnostic: all backends in this process instead of one worker "
+                         "process each (their thread pools then disturb each other)")
     a = ap.parse_args(argv)
     fraction = a.fraction or (0.01 if a.quick else 0.25)
     repeats = a.repeats or (2 if a.quick else 5)
@@ -248,7 +291,7 @@ def main(argv=None):
         if busy is not None and busy > 0.3:
             print(f"WARNING: the CPUs were {busy:.0%} busy before the {th}-thread block; "
                   "timings are not reliable", file=sys.stderr)
-        run(th, fraction, repeats, rows)
+        run(th, fraction, repeats, rows, a.in_process)
     headers = ["threads", "phase", "fortran", "numpy", "torch", "np/F", "torch/F", "F GFLOP/s",
                "% sgemm ceiling"]
     table = [[r["threads"], r["phase"], harness.format_seconds(r["fortran_s"]),

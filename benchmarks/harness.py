@@ -32,6 +32,7 @@ except Exception:  # pragma: no cover - depends on the environment
 
 __all__ = [
     "time_alternating",
+    "Workers",
     "measure_sgemm_ceiling",
     "measure_copy_bandwidth",
     "machine_info",
@@ -183,6 +184,214 @@ def time_alternating(
             s["samples"] = samples[name]
         out[name] = s
     return out
+
+
+# --------------------------------------------------------------------------
+# timing in worker processes
+# --------------------------------------------------------------------------
+
+def _worker_loop(conn, factory, kwargs, threads):
+    """Body of a timing worker process (see :class:`Workers`)."""
+    limiter = None  # kept alive: the limits hold for the life of the process
+    try:
+        get = factory(**kwargs)
+        # after the factory's imports: threadpoolctl sees loaded libraries only
+        if threads is not None and _tpc is not None:
+            limiter = _tpc.threadpool_limits(limits=int(threads))
+        torch_mod = sys.modules.get("torch")
+        if threads is not None and torch_mod is not None:
+            torch_mod.set_num_threads(int(threads))
+    except Exception as exc:
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ok", os.getpid()))
+    funcs: dict = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        op = msg[0]
+        if op == "quit":
+            break
+        try:
+            name = msg[1]
+            if name not in funcs:
+                funcs[name] = get(name)
+            f = funcs[name]
+            if op == "calibrate":
+                _, _, warmup, min_time, max_inner = msg
+                for _ in range(warmup):
+                    f()
+                conn.send(("ok", _calibrate(f, min_time, max_inner)))
+            elif op == "sample":
+                _, _, inner, warm = msg
+                for _ in range(warm):
+                    f()
+                gc.collect()
+                gc.disable()
+                try:
+                    t0 = _perf()
+                    for _ in range(inner):
+                        f()
+                    dt = _perf() - t0
+                finally:
+                    gc.enable()
+                conn.send(("ok", dt / inner))
+            else:
+                conn.send(("error", f"unknown request {op!r}"))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    del limiter
+
+
+class Workers:
+    """One worker process per backend, for timing each backend in a process
+    of its own while the parent alternates between them.
+
+    In one process, the thread pools of several backends (pykd's OpenMP and
+    BLAS pool, NumPy's OpenBLAS, PyTorch's OpenMP) disturb each other on a
+    2-core machine: measured here, pykd's 64x784x1200 forward took 0.75 ms
+    alone but 0.9-1.7 ms when alternating with NumPy in the same process
+    (even with a pause between them). A user runs one backend; so does each
+    worker.
+
+    ``factory(backend=..., **kwargs)`` runs in the worker (it must be a
+    module-level function, picklable by reference) and returns
+    ``get(name) -> zero-argument callable``. Workers are started with the
+    "spawn" method, so they share nothing with the parent but the files.
+    Thread pools are limited to ``threads`` (threadpoolctl, and PyTorch's
+    own setting when the factory imported it).
+
+    Use as a context manager; :meth:`time` has the interface and the result
+    of :func:`time_alternating`.
+    """
+
+    def __init__(self, factory, backends: Sequence[str], threads: int | None = None,
+                 **kwargs):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.procs: dict = {}
+        self.conns: dict = {}
+        self.errors: dict[str, str] = {}
+        for be in backends:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_loop, args=(child, factory, dict(kwargs, backend=be),
+                                                       threads), daemon=True)
+            p.start()
+            child.close()
+            self.procs[be], self.conns[be] = p, parent
+        for be in backends:
+            status, val = self._recv(be)
+            if status != "ok":
+                self.errors[be] = str(val)
+                self._stop(be)
+
+    @property
+    def backends(self) -> list[str]:
+        return list(self.conns)
+
+    def _recv(self, be):
+        try:
+            return self.conns[be].recv()
+        except (EOFError, OSError):
+            code = self.procs[be].exitcode
+            return "error", f"worker process died (exit code {code})"
+
+    def _ask(self, be, *msg):
+        try:
+            self.conns[be].send(msg)
+        except (BrokenPipeError, OSError):
+            return "error", "worker process is gone"
+        return self._recv(be)
+
+    def _stop(self, be):
+        conn = self.conns.pop(be, None)
+        proc = self.procs.pop(be, None)
+        if conn is not None:
+            try:
+                conn.send(("quit",))
+            except Exception:
+                pass
+            conn.close()
+        if proc is not None:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def close(self) -> None:
+        for be in list(self.conns):
+            self._stop(be)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def time(self, candidates: Mapping[str, tuple[str, str]], repeats: int = 15,
+             warmup: int = 2, min_time: float = 0.02, max_time: float | None = None,
+             max_inner: int = 1_000_000, settle: float = 0.0, warm: int = 1,
+             blocked: bool = False) -> tuple[dict[str, dict], dict[str, str]]:
+        """Time ``candidates`` = ``{label: (backend, name)}`` as
+        :func:`time_alternating` does (calibration, then rounds of one sample
+        per candidate, medians), each in its backend's worker.
+
+        ``warm`` untimed calls precede every sample: after a pause the first
+        call pays for waking sleeping threads (1-2 ms measured here), which
+        a training loop, calling back to back, does not.
+
+        Returns ``(stats, errors)``: the statistics per label in seconds per
+        call, and an error message per label that could not be timed.
+        """
+        errors: dict[str, str] = {}
+        inner: dict[str, int] = {}
+        est: dict[str, float] = {}
+        for label, (be, name) in candidates.items():
+            if be not in self.conns:
+                errors[label] = self.errors.get(be, f"no worker for backend {be!r}")
+                continue
+            if settle > 0:
+                time.sleep(settle)
+            status, val = self._ask(be, "calibrate", name, int(warmup), float(min_time),
+                                    int(max_inner))
+            if status != "ok":
+                errors[label] = str(val)
+                continue
+            inner[label], est[label] = val
+        labels = list(inner)
+        rounds = max(1, int(repeats))
+        if max_time is not None and labels:
+            per_round = sum(inner[k] * est[k] for k in labels)
+            if per_round > 0:
+                rounds = max(min(3, rounds), min(rounds, int(max_time / per_round)))
+        if blocked:
+            order = [k for k in labels for _ in range(rounds)]
+        else:
+            order = [k for _ in range(rounds) for k in labels]
+        samples: dict[str, list[float]] = {k: [] for k in labels}
+        prev = None
+        for label in order:
+            if label in errors:
+                continue
+            be, name = candidates[label]
+            if settle > 0 and label != prev:
+                time.sleep(settle)
+            prev = label
+            status, val = self._ask(be, "sample", name, inner[label], int(warm))
+            if status != "ok":
+                errors[label] = str(val)
+                continue
+            samples[label].append(val)
+        out: dict[str, dict] = {}
+        for label in labels:
+            if label in errors or not samples[label]:
+                continue
+            s = _stats(samples[label])
+            s["inner"] = inner[label]
+            out[label] = s
+        return out, errors
 
 
 class _Captured:
