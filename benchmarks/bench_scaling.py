@@ -12,7 +12,8 @@ against dataset size.
   n), and the peak resident memory of a child process that loads n samples
   and trains one epoch (nothing O(dataset) beyond the data and its logits).
 
-Each point alternates the backends and takes medians. Writes JSON and, when
+Each point alternates the backends, each in a worker process of its own
+(harness.Workers), and takes medians. Writes JSON and, when
 matplotlib is installed, PNG plots. Never fails on timing.
 """
 import argparse
@@ -51,21 +52,40 @@ def step_timer(sizes, batch, backend, cfg, rng):
     return f
 
 
-def batch_scaling(batches, repeats):
-    rng = np.random.default_rng(0)
-    cfg = _step.TrainConfig(loss="kd", temperature=5.0)
-    student = [784, 200, 200, 10]
-    teacher = [784, 1200, 1200, 10]
-    tp = (rng.standard_normal(_step.param_count(teacher)) * 0.02).astype(np.float32)
+STUDENT = (784, 200, 200, 10)
+TEACHER = (784, 1200, 1200, 10)
+
+
+def worker_factory(backend):
+    """Runs in a timing worker (harness.Workers): ("step", sizes, batch, loss)
+    -> one training step; ("infer", batch) -> teacher inference."""
+    tp = (np.random.default_rng(0).standard_normal(_step.param_count(TEACHER)) * 0.02
+          ).astype(np.float32)
+
+    def get(name):
+        if name[0] == "step":
+            _, sizes, batch, loss = name
+            cfg = _step.TrainConfig(loss=loss, temperature=5.0)
+            return step_timer(list(sizes), batch, backend, cfg, np.random.default_rng(batch))
+        x = np.random.default_rng(1).random((name[1], 784), dtype=np.float32)
+        return lambda: _step.forward(list(TEACHER), ["relu", "relu", "identity"], tp, x,
+                                     batch_size=4096, backend=backend)
+    return get
+
+
+def _time(workers, name, repeats):
+    r, errs = workers.time({be: (be, name) for be in BACKENDS}, repeats=repeats, warmup=1,
+                           settle=harness.SETTLE)
+    if errs:
+        raise RuntimeError(f"{name}: {errs}")
+    return r
+
+
+def batch_scaling(workers, batches, repeats):
     out = []
     for b in batches:
-        r = harness.time_alternating({be: step_timer(student, b, be, cfg, rng) for be in BACKENDS},
-                                     repeats=repeats, warmup=1, settle=harness.SETTLE)
-        x = rng.random((b, 784), dtype=np.float32)
-        ri = harness.time_alternating(
-            {be: (lambda be=be: _step.forward(teacher, ["relu", "relu", "identity"], tp, x,
-                                              batch_size=4096, backend=be)) for be in BACKENDS},
-            repeats=repeats, warmup=1, settle=harness.SETTLE)
+        r = _time(workers, ("step", STUDENT, b, "kd"), repeats)
+        ri = _time(workers, ("infer", b), repeats)
         out.append({"batch": b,
                     "train_step_s": {be: r[be]["median"] for be in BACKENDS},
                     "teacher_infer_s": {be: ri[be]["median"] for be in BACKENDS}})
@@ -75,14 +95,10 @@ def batch_scaling(batches, repeats):
     return out
 
 
-def width_scaling(widths, repeats):
-    rng = np.random.default_rng(1)
-    cfg = _step.TrainConfig()
+def width_scaling(workers, widths, repeats):
     out = []
     for w in widths:
-        sizes = [784, w, 10]
-        r = harness.time_alternating({be: step_timer(sizes, 64, be, cfg, rng) for be in BACKENDS},
-                                     repeats=repeats, warmup=1, settle=harness.SETTLE)
+        r = _time(workers, ("step", (784, w, 10), 64, "ce"), repeats)
         flops = 2 * 64 * (784 * w + w * 10) * 2 + 2 * 64 * w * 10
         out.append({"width": w, "train_step_s": {be: r[be]["median"] for be in BACKENDS},
                     "gflops": {be: flops / r[be]["median"] / 1e9 for be in BACKENDS}})
@@ -212,8 +228,11 @@ def main(argv=None):
         ns, repeats = [7500, 15000, 30000, 60000, 120000], 5
     result = {"machine": harness.machine_info(),
               "sgemm_ceiling": harness.measure_sgemm_ceiling()["gflops"]}
-    result["batch"] = batch_scaling(batches, repeats)
-    result["width"] = width_scaling(widths, repeats)
+    with harness.Workers(worker_factory, BACKENDS) as workers:
+        if workers.errors:
+            raise RuntimeError(f"timing workers failed to start: {workers.errors}")
+        result["batch"] = batch_scaling(workers, batches, repeats)
+        result["width"] = width_scaling(workers, widths, repeats)
     result["dataset"] = dataset_scaling(ns)
     if a.plots:
         result["plots"] = plots(result, a.plots)
