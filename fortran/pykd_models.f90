@@ -590,10 +590,18 @@ contains
   subroutine activate(y, act)
     real(real32), intent(inout), contiguous :: y(:, :)
     integer, intent(in) :: act
-    integer :: j
     if (act == ACT_IDENTITY) return
-    !$omp parallel do schedule(static) if(size(y) >= PAR_MIN_WORK)
-    do j = 1, size(y, 2)
+    call activate_cols(size(y, 1), size(y, 2), y, act)
+  end subroutine activate
+
+  ! Explicit shape: inside an OpenMP region gfortran 12 forgets that an
+  ! assumed-shape dummy is contiguous (docs/performance.md).
+  subroutine activate_cols(m, n, y, act)
+    integer, intent(in) :: m, n, act
+    real(real32), intent(inout) :: y(m, n)
+    integer :: j
+    !$omp parallel do schedule(static) if(int(m, int64) * n >= PAR_MIN_WORK)
+    do j = 1, n
       if (act == ACT_RELU) then
         y(:, j) = max(y(:, j), 0.0_real32)
       else
@@ -601,7 +609,7 @@ contains
       end if
     end do
     !$omp end parallel do
-  end subroutine activate
+  end subroutine activate_cols
 
   ! ------------------------------------------------------------------ building
 

@@ -713,3 +713,24 @@ def test_int8_gemm_minus_128_never_wraps(backend):
     except ValueError:
         return
     assert y[0, 0] == pytest.approx(-128.0 * n_in * (1 / 127) * 127, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_found_anywhere_in_a_large_array(backend, bad):
+    # The Fortran check is a vectorized count, not an early-exit loop: put
+    # the bad value in the vector body, at the ends and in a remainder lane.
+    rng = np.random.default_rng(5)
+    W0 = rng.standard_normal((300, 1037)).astype(F32)    # > PAR_MIN_WORK elements
+    for pos in [(0, 0), (150, 517), (299, 1036), (7, 1035)]:
+        W = W0.copy()
+        W[pos] = bad
+        for per_channel in (False, True):
+            with pytest.raises(ValueError, match="W contains NaN or inf"):
+                pykd.quantize_int8(W, per_channel=per_channel, backend=backend)
+        x = W[:5].copy() if pos[0] < 5 else W[pos[0] - 4:pos[0] + 1].copy()
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            pykd.quantize_activations(x, backend=backend)
+    # and the clean array passes
+    q, s = pykd.quantize_int8(W0, backend=backend)
+    assert q.shape == W0.shape and np.isfinite(s).all()
