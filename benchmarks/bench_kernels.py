@@ -716,6 +716,7 @@ def main(argv=None):
                                     threads=nt, quick=args.quick)
                 for be, msg in workers.errors.items():
                     problems.append(f"[{nt}T] worker for backend={be} failed to start: {msg}")
+            cpu0 = H.cpu_times()
             try:
                 rows = []
                 for c in cases:
@@ -726,9 +727,13 @@ def main(argv=None):
             finally:
                 if workers is not None:
                     workers.close()
+            steal = H.steal_fraction(cpu0, H.cpu_times())
             time.sleep(args.settle)
             ceil_after = H.measure_sgemm_ceiling(nt, repeats=ceil_repeats)
         noise_warnings = []
+        if steal is not None and steal > 0.03:
+            noise_warnings.append(f"the hypervisor took {100 * steal:.0f}% of the CPU time "
+                                  "(steal) during the block")
         if busy is not None and busy > 0.25:
             noise_warnings.append(f"the CPUs were {100 * busy:.0f}% busy with other work "
                                   "before this block started")
@@ -742,7 +747,7 @@ def main(argv=None):
         print(H.text_table(headers, trows), flush=True)
         targets = evaluate_targets(rows)
         runs.append({"threads": nt, "sgemm_ceiling": ceil, "sgemm_ceiling_after": ceil_after,
-                     "cpu_busy_before": busy, "noise_warnings": noise_warnings,
+                     "cpu_busy_before": busy, "steal": steal, "noise_warnings": noise_warnings,
                      "results": rows, "targets": targets})
         align = ["l", "l"] + ["r"] * (len(headers) - 3) + ["l"]
         md_parts.append(f"### threads = {nt}\n\nsgemm 2048 ceiling: "

@@ -43,6 +43,8 @@ __all__ = [
     "write_markdown",
     "format_seconds",
     "capture_stderr_fd",
+    "cpu_times",
+    "steal_fraction",
 ]
 
 _perf = time.perf_counter
@@ -563,6 +565,26 @@ def cpu_busy_fraction(interval: float = 0.5) -> float | None:
         return None
     dt = t1 - t0
     return None if dt <= 0 else max(0.0, 1.0 - (i1 - i0) / dt)
+
+
+def cpu_times() -> tuple[int, int] | None:
+    """(all CPU time, steal time) so far, in clock ticks over all cores, from
+    /proc/stat; None where that is not readable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+    except Exception:
+        return None
+    return sum(v[:8]), (v[7] if len(v) > 7 else 0)
+
+
+def steal_fraction(before, after) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two
+    :func:`cpu_times` readings ("st" in top). Several percent means the
+    timings in between are slower than the machine can do."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
 
 
 def machine_info() -> dict:
