@@ -611,7 +611,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="few repeats, one thread count (the current default); < 1 min")
+                    help="few repeats, one thread count (the current default); ~2 min")
     ap.add_argument("--threads", default=None,
                     help="comma-separated thread counts (default: 1,2; --quick: current default)")
     ap.add_argument("--json", default=None, help="write results JSON here")

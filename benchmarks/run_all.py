@@ -20,7 +20,7 @@ import harness  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="about 2 minutes in all")
+    ap.add_argument("--quick", action="store_true", help="about 3 minutes in all")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     a = ap.parse_args(argv)
     out = a.out
