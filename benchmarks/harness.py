@@ -74,6 +74,21 @@ def _calibrate(func: Callable[[], object], min_time: float, max_inner: int) -> t
         n = min(max_inner, max(n + 1, min(want, n * 100)))
 
 
+def _sample_order(names, inner, est, repeats, max_time, blocked) -> list:
+    """Which candidate takes each sample: ``repeats`` rounds of A B A B ...
+    (``blocked``: A A ... B B ...), fewer rounds (never below 3) when the
+    calibration (``inner`` calls of ``est`` seconds) predicts more than
+    ``max_time`` seconds."""
+    rounds = max(1, int(repeats))
+    if max_time is not None and names:
+        per_round = sum(inner[n] * est[n] for n in names)
+        if per_round > 0:
+            rounds = max(min(3, rounds), min(rounds, int(max_time / per_round)))
+    if blocked:
+        return [n for n in names for _ in range(rounds)]
+    return [n for _ in range(rounds) for n in names]
+
+
 def _stats(samples: Sequence[float]) -> dict:
     a = np.asarray(samples, dtype=np.float64)
     q1, med, q3 = np.percentile(a, [25.0, 50.0, 75.0])
@@ -148,20 +163,11 @@ def time_alternating(
     for name in names:
         inner[name], est[name] = _calibrate(funcs[name], min_time, max_inner)
 
-    rounds = max(1, int(repeats))
-    if max_time is not None:
-        per_round = sum(inner[n] * est[n] for n in names)
-        if per_round > 0:
-            rounds = max(min(3, rounds), min(rounds, int(max_time / per_round)))
-
+    order = _sample_order(names, inner, est, repeats, max_time, blocked)
     samples: dict[str, list[float]] = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
-    if blocked:
-        order = [name for name in names for _ in range(rounds)]
-    else:
-        order = [name for _ in range(rounds) for name in names]
     prev = None
     try:
         for name in order:
@@ -363,15 +369,7 @@ class Workers:
                 continue
             inner[label], est[label] = val
         labels = list(inner)
-        rounds = max(1, int(repeats))
-        if max_time is not None and labels:
-            per_round = sum(inner[k] * est[k] for k in labels)
-            if per_round > 0:
-                rounds = max(min(3, rounds), min(rounds, int(max_time / per_round)))
-        if blocked:
-            order = [k for k in labels for _ in range(rounds)]
-        else:
-            order = [k for _ in range(rounds) for k in labels]
+        order = _sample_order(labels, inner, est, repeats, max_time, blocked)
         samples: dict[str, list[float]] = {k: [] for k in labels}
         prev = None
         for label in order:
