@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _codes
 from . import _reference as ref
 from ._reference import ACTIVATIONS
 
@@ -183,11 +184,11 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
         LOSSES.index(cfg.loss), cfg.temperature, cfg.alpha, OPTIMIZERS.index(cfg.optimizer),
         cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.momentum, cfg.weight_decay, cfg.dropout,
         int(cfg.seed), cfg.hint_layer, cfg.hint_weight, int(step), ws.work)
-    if stat == 3:
+    if stat == _codes.ERR_NONFINITE:
         raise FloatingPointError(f"loss is not finite at step {step}; parameters not updated")
-    if stat == 2:
+    if stat == _codes.ERR_LABEL:
         raise ValueError(f"labels out of range [0, {sizes[-1]})")
-    if stat != 0:
+    if stat != _codes.OK:
         raise ValueError(f"training step rejected its arguments (status {stat})")
     return float(loss), int(n_correct)
 
@@ -282,6 +283,6 @@ def forward(sizes, acts, params, x, *, upto=None, batch_size=1024, backend="fort
     for start in range(0, x.shape[0], batch_size):
         xb, ob = x[start:start + batch_size], out[start:start + batch_size]
         stat = _fortran().mlp_forward(sz, act_codes, params, xb.T, upto, ob.T, work)
-        if stat != 0:
+        if stat != _codes.OK:
             raise ValueError(f"forward rejected its arguments (status {stat})")
     return out

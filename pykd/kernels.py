@@ -10,6 +10,7 @@ TypeError, a wrong shape or value a ValueError).
 """
 import numpy as np
 
+from . import _codes
 from . import _reference as ref
 from . import _validate as check
 
@@ -32,11 +33,11 @@ def _fortran():
 def _raise_for(stat, what):
     """Turn a Fortran status into an exception (the checks above normally
     catch everything first; this is the backstop)."""
-    if stat == 0:
+    if stat == _codes.OK:
         return
-    if stat == 3:
+    if stat == _codes.ERR_NONFINITE:
         raise ValueError(f"{what} contains NaN or inf")
-    if stat == 4:
+    if stat == _codes.ERR_ALLOC:
         raise MemoryError(f"{what}: the Fortran kernel could not allocate its workspace")
     raise ValueError(f"{what}: rejected by the Fortran kernel (status {stat})")
 

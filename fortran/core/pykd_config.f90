@@ -1,5 +1,6 @@
 !> Tuning constants shared by the kernels.
 module pykd_config
+  use pykd_codes, only: ACT_IDENTITY, ACT_RELU, ACT_TANH  ! re-exported for the kernels
   implicit none
   private
   public :: PAR_MIN_WORK, PAR_MIN_OPT, ACT_IDENTITY, ACT_RELU, ACT_TANH
@@ -15,7 +16,4 @@ module pykd_config
   !! division), so they split across threads from fewer elements.
   integer, parameter :: PAR_MIN_OPT = 32768
 
-  integer, parameter :: ACT_IDENTITY = 0 !! y = z
-  integer, parameter :: ACT_RELU = 1     !! y = max(z, 0)
-  integer, parameter :: ACT_TANH = 2     !! y = tanh(z)
 end module pykd_config
