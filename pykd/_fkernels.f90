@@ -381,3 +381,38 @@ subroutine mlp_train_step(sizes, acts, params, grads, state1, state2, x, labels,
               stat=stat)
   end if
 end subroutine mlp_train_step
+
+! A whole model (docs/model.md): the layer table and flat buffers, as
+! C-ordered NumPy arrays passed transposed (table.T, x.T, y.T), so nothing is
+! copied. The arrays are only read; `work` (network_workspace_size words) is
+! the caller's scratch, one per thread.
+subroutine network_forward(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, &
+                           nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw, stat, bad_layer)
+  use iso_c_binding, only: c_float, c_int, c_int32_t, c_int64_t
+  use pykd_network, only: impl => network_forward
+  implicit none
+  integer(c_int), intent(in) :: nl, n_in, n, n_out, upto
+  integer(c_int64_t), intent(in) :: nf32, ni8, ni32, nnorm, nw
+  integer(c_int64_t), intent(in) :: table(14, nl)
+  real(c_float), intent(in) :: f32(nf32), norm(nnorm), x(n_in, n)
+  integer(1), intent(in) :: i8(ni8)
+  integer(c_int32_t), intent(in) :: i32(ni32)
+  integer(c_int), intent(in) :: norm_kinds(2)
+  real(c_float), intent(inout) :: y(n_out, n), work(nw)
+  integer(c_int), intent(out) :: stat, bad_layer
+  !f2py threadsafe
+  !f2py intent(hide) :: nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw
+  call impl(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, stat, bad_layer)
+end subroutine network_forward
+
+subroutine network_workspace_size(table, n, upto, nl, words)
+  use iso_c_binding, only: c_int, c_int64_t
+  use pykd_network, only: impl => network_workspace_words
+  implicit none
+  integer(c_int), intent(in) :: nl, n, upto
+  integer(c_int64_t), intent(in) :: table(14, nl)
+  integer(c_int64_t), intent(out) :: words
+  !f2py threadsafe
+  !f2py intent(hide) :: nl
+  words = impl(table, n, upto)
+end subroutine network_workspace_size

@@ -32,6 +32,7 @@ module pykd_layer
     procedure(bytes_i), deferred, nopass :: record_bytes
     procedure(write_i), deferred, nopass :: write_record
     procedure(check_i), deferred, nopass :: check
+    procedure(check_row_i), deferred, nopass :: check_row
   end type pykd_layer_t
 
   abstract interface
@@ -54,7 +55,9 @@ module pykd_layer
       integer, intent(in) :: n
       real(real32), intent(in) :: x(row(COL_N_IN), n)    !! (n_in, n)
       real(real32), intent(out) :: y(row(COL_N_OUT), n)  !! (n_out, n)
-      real(real32), intent(inout) :: work(*)        !! workspace_words(row, n) words
+      !> workspace_words(row, n) words; `target` so that a kind can carve
+      !! its int8 / int32 scratch from them (c_f_pointer).
+      real(real32), intent(inout), target :: work(*)
       integer, intent(out) :: stat
     end subroutine forward_i
 
@@ -131,6 +134,18 @@ module pykd_layer
       integer, intent(out) :: stat
       character(len=*), intent(inout) :: msg
     end subroutine check_i
+
+    !> The row alone is consistent (sizes in range, slice lengths and kind
+    !! parameters as the kind's layout requires), reading no buffer: the
+    !! cheap check network_forward makes before every run, so that a bad
+    !! table gives a status instead of an out-of-bounds access.
+    !! stat: PYKD_OK or PYKD_ERR_ARG (with msg).
+    pure subroutine check_row_i(row, stat, msg)
+      import :: int64, N_FIELDS
+      integer(int64), intent(in) :: row(N_FIELDS)
+      integer, intent(out) :: stat
+      character(len=*), intent(inout) :: msg
+    end subroutine check_row_i
 
   end interface
 

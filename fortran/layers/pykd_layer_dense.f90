@@ -1,0 +1,168 @@
+!> Kind 1, `dense`: float32 W and b.
+!!
+!! Slices (docs/model.md): f32 = [W (n_in, n_out) C order = w(n_out, n_in), b (n_out)].
+!! Payload (v1 and v2 alike): W f32[n_in * n_out], b f32[n_out].
+module pykd_layer_dense
+  use iso_fortran_env, only: int8, int32, int64, real32
+  use pykd_codes, only: N_FIELDS, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
+                        COL_I8_LEN, COL_I32_LEN, COL_P1
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
+  use pykd_layer, only: pykd_layer_t
+  use pykd_activation, only: bias_activation
+  use pykd_bytes, only: get_f32, put_f32
+  use pykd_layer_util, only: take, sizes_ok, row_expect, nonfinite_count, gemm_nn
+  implicit none
+  private
+  public :: dense_layer_t
+
+  type, extends(pykd_layer_t) :: dense_layer_t
+  contains
+    procedure, nopass :: name => dense_name
+    procedure, nopass :: forward => dense_forward
+    procedure, nopass :: workspace_words => dense_workspace
+    procedure, nopass :: scan_record => dense_scan
+    procedure, nopass :: load_record => dense_load
+    procedure, nopass :: record_bytes => dense_bytes
+    procedure, nopass :: write_record => dense_write
+    procedure, nopass :: check => dense_check
+    procedure, nopass :: check_row => dense_check_row
+  end type dense_layer_t
+
+contains
+
+  pure function dense_name() result(s)
+    character(len=:), allocatable :: s
+    s = 'dense'
+  end function dense_name
+
+  !> y = act(w x + b): one BLAS product, then bias and activation in one pass.
+  subroutine dense_forward(row, f32, i8, i32, n, x, y, work, stat)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer, intent(in) :: n
+    real(real32), intent(in) :: x(row(COL_N_IN), n)
+    real(real32), intent(out) :: y(row(COL_N_OUT), n)
+    real(real32), intent(inout), target :: work(*)
+    integer, intent(out) :: stat
+    integer :: n_in, n_out
+    integer(int64) :: off
+
+    n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); off = row(COL_F32_OFF)
+    call gemm_nn(n_out, n, n_in, f32(off + 1), x, n_in, 0.0_real32, y)
+    call bias_activation(int(row(COL_ACT)), n_out, n, f32(off + row(COL_N_IN) * n_out + 1), y)
+    stat = PYKD_OK
+  end subroutine dense_forward
+
+  pure integer(int64) function dense_workspace(row, n)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    integer, intent(in) :: n
+    dense_workspace = 0
+  end function dense_workspace
+
+  subroutine dense_scan(version, buf, pos, limit, row, stat, msg)
+    integer, intent(in) :: version
+    integer(int8), intent(in) :: buf(:)
+    integer(int64), intent(inout) :: pos
+    integer(int64), intent(in) :: limit
+    integer(int64), intent(inout) :: row(N_FIELDS)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: need, nf
+    logical :: ok
+
+    stat = PYKD_ERR_FORMAT
+    call sizes_ok(row, ok, msg)
+    if (.not. ok) return
+    need = 0
+    nf = row(COL_N_IN) * row(COL_N_OUT) + row(COL_N_OUT)
+    if (.not. take(need, nf, 4, pos, limit, 'W and b', msg)) return
+    row(COL_F32_LEN) = nf
+    row(COL_I8_LEN) = 0
+    row(COL_I32_LEN) = 0
+    row(COL_P1:) = 0
+    pos = pos + need
+    stat = PYKD_OK
+  end subroutine dense_scan
+
+  subroutine dense_load(version, buf, pos, row, f32, i8, i32, stat, msg)
+    integer, intent(in) :: version
+    integer(int8), intent(in) :: buf(:)
+    integer(int64), intent(inout) :: pos
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(inout) :: f32(*)
+    integer(int8), intent(inout) :: i8(*)
+    integer(int32), intent(inout) :: i32(*)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: nf
+
+    nf = row(COL_F32_LEN)
+    call get_f32(buf, pos, f32(row(COL_F32_OFF) + 1), nf)
+    pos = pos + 4 * nf
+    call dense_values_ok(row, f32, PYKD_ERR_FORMAT, stat, msg)
+  end subroutine dense_load
+
+  integer(int64) function dense_bytes(row, f32, i8, i32)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    dense_bytes = 4 * (row(COL_N_IN) * row(COL_N_OUT) + row(COL_N_OUT))
+  end function dense_bytes
+
+  subroutine dense_write(row, f32, i8, i32, buf, pos)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer(int8), intent(inout) :: buf(:)
+    integer(int64), intent(inout) :: pos
+    call put_f32(buf, pos, f32(row(COL_F32_OFF) + 1), row(COL_N_IN) * row(COL_N_OUT) + row(COL_N_OUT))
+  end subroutine dense_write
+
+  subroutine dense_check(row, f32, i8, i32, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    call dense_check_row(row, stat, msg)
+    if (stat == PYKD_OK) call dense_values_ok(row, f32, PYKD_ERR_ARG, stat, msg)
+  end subroutine dense_check
+
+  pure subroutine dense_check_row(row, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    logical :: ok
+    stat = PYKD_ERR_ARG
+    call sizes_ok(row, ok, msg)
+    if (ok) call row_expect(row, row(COL_N_IN) * row(COL_N_OUT) + row(COL_N_OUT), 0_int64, 0_int64, &
+                            [0_int64, 0_int64, 0_int64, 0_int64], ok, msg)
+    if (ok) stat = PYKD_OK
+  end subroutine dense_check_row
+
+  !> W and b finite; else `code` with a message.
+  subroutine dense_values_ok(row, f32, code, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer, intent(in) :: code
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: off, nw
+
+    off = row(COL_F32_OFF); nw = row(COL_N_IN) * row(COL_N_OUT)
+    stat = code
+    if (nonfinite_count(nw, f32(off + 1)) > 0) then
+      msg = 'W contains NaN or infinite values'
+    else if (nonfinite_count(row(COL_N_OUT), f32(off + nw + 1)) > 0) then
+      msg = 'b contains NaN or infinite values'
+    else
+      stat = PYKD_OK
+    end if
+  end subroutine dense_values_ok
+
+end module pykd_layer_dense

@@ -1,0 +1,297 @@
+!> The whole-network forward on the model layout of docs/model.md: a layer
+!! table plus flat buffers. Python (through the f2py shim) and Fortran's
+!! pykd_model run a model through this one routine, so both get the same
+!! bits for the same batch and thread count.
+!!
+!! The model's arrays are only read; all scratch comes from the caller's
+!! `work` (network_workspace_words words), so any number of threads may run
+!! one model at once, each with its own `work`.
+module pykd_network
+  use iso_fortran_env, only: int8, int32, int64, real32
+  use pykd_codes, only: N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, &
+                        COL_F32_LEN, COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, &
+                        NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR
+  use pykd_config, only: PAR_MIN_WORK
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE
+  use pykd_bytes, only: str
+  use pykd_layer, only: pykd_layer_t, MSG_LEN
+  use pykd_layer_factory, only: new_layer
+  use pykd_activation, only: valid_activation
+  implicit none
+  private
+  public :: network_forward, network_workspace_words
+
+contains
+
+  !> Words of `work` that network_forward needs for n samples and this
+  !! `upto` (0: all layers). Not pure: it asks each layer's kind, and the
+  !! factory's polymorphic intent(out) argument cannot be pure. A table that
+  !! network_forward would reject gives a size that is merely large enough
+  !! for the checks to run.
+  integer(int64) function network_workspace_words(table, n, upto) result(words)
+    integer(int64), intent(in) :: table(:, :)   !! (N_FIELDS, n_layers)
+    integer, intent(in) :: n, upto
+    integer(int64) :: h_a, h_b, s
+    integer :: k, nl, st
+    class(pykd_layer_t), allocatable :: layer
+
+    words = 0
+    nl = size(table, 2)
+    if (size(table, 1) /= N_FIELDS .or. nl < 1 .or. n < 0) return
+    if (upto >= 1 .and. upto <= nl) nl = upto
+    ! Hidden outputs ping-pong between two regions A and B; the normalised
+    ! input sits in B (layer 1 writes A). The last layer writes y.
+    h_a = 0
+    do k = 1, nl - 1
+      h_a = max(h_a, table(COL_N_OUT, k))
+    end do
+    h_b = max(h_a, table(COL_N_IN, 1))
+    s = 0
+    do k = 1, nl
+      call new_layer(table(COL_KIND, k), layer, st)
+      if (st == PYKD_OK) s = max(s, layer%workspace_words(table(:, k), n))
+    end do
+    words = (max(h_a, 0_int64) + max(h_b, 0_int64)) * n + s
+  end function network_workspace_words
+
+  !> y = the model's output for x (upto = 0: all layers, then the output
+  !! normalisation undone: y * std + mean), or layer upto's output
+  !! (upto >= 1, no output normalisation). The input normalisation, if
+  !! any, is applied first: (x - mean) / std.
+  !! stat: PYKD_OK; PYKD_ERR_ARG for a bad table, buffer or size (checked
+  !! before anything runs); or a layer's status (PYKD_ERR_NONFINITE from an
+  !! int8 layer given NaN/inf). bad_layer: the failing layer (from 1), or 0.
+  subroutine network_forward(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, stat, &
+                             bad_layer, errmsg)
+    integer(int64), intent(in) :: table(:, :)               !! (N_FIELDS, n_layers)
+    real(real32), intent(in), contiguous :: f32(:)
+    integer(int8), intent(in), contiguous :: i8(:)
+    integer(int32), intent(in), contiguous :: i32(:)
+    real(real32), intent(in), contiguous :: norm(:)         !! [in_mean, in_std, out_mean, out_std]
+    integer, intent(in) :: norm_kinds(2)                    !! NORM_* of input and output
+    real(real32), intent(in), contiguous, target :: x(:, :) !! (n_features, n)
+    integer, intent(in) :: upto
+    real(real32), intent(inout), contiguous, target :: y(:, :)  !! (n_out of layer upto or last, n)
+    real(real32), intent(inout), contiguous, target :: work(:)  !! network_workspace_words
+    integer, intent(out) :: stat, bad_layer
+    character(len=*), intent(out), optional :: errmsg
+    character(len=MSG_LEN) :: msg
+    class(pykd_layer_t), allocatable :: layer
+    real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
+    integer(int64) :: a0, b0, s0, k_in
+    integer :: k, nl, n, st
+
+    call check_network(table, size(f32, kind=int64), size(i8, kind=int64), size(i32, kind=int64), &
+                       size(norm, kind=int64), norm_kinds, x, upto, y, size(work, kind=int64), &
+                       stat, bad_layer, msg)
+    if (present(errmsg)) errmsg = msg
+    if (stat /= PYKD_OK) return
+    n = size(x, 2)
+    nl = size(table, 2)
+    if (upto >= 1) nl = upto
+    if (n == 0) return
+    call regions(table, n, nl, a0, b0, s0)
+    k_in = norm_len(norm_kinds(1), table(COL_N_IN, 1))
+    cur => x
+    if (norm_kinds(1) /= NORM_NONE) then
+      cur(1:size(x, 1), 1:n) => work(b0 + 1:b0 + size(x, kind=int64))
+      call normalise(size(x, 1), n, int(k_in), x, norm(1:k_in), norm(k_in + 1:2 * k_in), cur)
+    end if
+    do k = 1, nl
+      if (k == nl) then
+        nxt => y
+      else if (mod(k, 2) == 1) then
+        nxt(1:table(COL_N_OUT, k), 1:n) => work(a0 + 1:a0 + table(COL_N_OUT, k) * n)
+      else
+        nxt(1:table(COL_N_OUT, k), 1:n) => work(b0 + 1:b0 + table(COL_N_OUT, k) * n)
+      end if
+      call new_layer(table(COL_KIND, k), layer, st)
+      call layer%forward(table(:, k), f32, i8, i32, n, cur, nxt, work(s0 + 1:), stat)
+      if (stat /= PYKD_OK) then
+        bad_layer = k
+        if (present(errmsg)) errmsg = 'layer '//str(int(k, int64))//' ('//layer%name()//'): '// &
+                                      trim(merge('input contains NaN or infinite values', &
+                                                 'corrupt layer data (bad index)       ', &
+                                                 stat == PYKD_ERR_NONFINITE))
+        return
+      end if
+      cur => nxt
+    end do
+    if (upto == 0 .and. norm_kinds(2) /= NORM_NONE) then
+      call denormalise(size(y, 1), n, int(norm_len(norm_kinds(2), int(size(y, 1), int64))), &
+                       norm(2 * k_in + 1:), y)
+    end if
+  end subroutine network_forward
+
+  !> Offsets of the regions A, B and the layer scratch in `work`, as sized by
+  !! network_workspace_words.
+  subroutine regions(table, n, nl, a0, b0, s0)
+    integer(int64), intent(in) :: table(:, :)
+    integer, intent(in) :: n, nl
+    integer(int64), intent(out) :: a0, b0, s0
+    integer(int64) :: h_a
+    integer :: k
+
+    h_a = 0
+    do k = 1, nl - 1
+      h_a = max(h_a, table(COL_N_OUT, k))
+    end do
+    a0 = 0
+    b0 = h_a * n
+    s0 = b0 + max(h_a, table(COL_N_IN, 1)) * n
+  end subroutine regions
+
+  !> Values per mean (and per std) of a normalisation code for m features.
+  pure integer(int64) function norm_len(kind, m)
+    integer, intent(in) :: kind
+    integer(int64), intent(in) :: m
+    norm_len = 0
+    if (kind == NORM_PER_FEATURE) norm_len = m
+    if (kind == NORM_SCALAR) norm_len = 1
+  end function norm_len
+
+  !> xn = (x - mean) / std; k == 1: one mean and std for every feature.
+  subroutine normalise(m, n, k, x, mean, std, xn)
+    integer, intent(in) :: m, n, k
+    real(real32), intent(in) :: x(m, n), mean(k), std(k)
+    real(real32), intent(out) :: xn(m, n)
+    integer :: j
+
+    !$omp parallel do schedule(static) if(parallel: int(m, int64) * n >= PAR_MIN_WORK)
+    do j = 1, n
+      if (k == 1) then
+        xn(:, j) = (x(:, j) - mean(1)) / std(1)
+      else
+        xn(:, j) = (x(:, j) - mean) / std
+      end if
+    end do
+    !$omp end parallel do
+  end subroutine normalise
+
+  !> y = y * std + mean (two roundings: the build forbids FMA contraction).
+  !! ms = [mean(k), std(k)]; k == 1: one for every output.
+  subroutine denormalise(m, n, k, ms, y)
+    integer, intent(in) :: m, n, k
+    real(real32), intent(in) :: ms(2 * k)
+    real(real32), intent(inout) :: y(m, n)
+    integer :: j
+
+    !$omp parallel do schedule(static) if(parallel: int(m, int64) * n >= PAR_MIN_WORK)
+    do j = 1, n
+      if (k == 1) then
+        y(:, j) = y(:, j) * ms(2) + ms(1)
+      else
+        y(:, j) = y(:, j) * ms(k + 1:2 * k) + ms(1:k)
+      end if
+    end do
+    !$omp end parallel do
+  end subroutine denormalise
+
+  !> Everything network_forward relies on, checked cheaply (no weight is
+  !! read): sizes, codes, the chain, slices inside their buffers, norm and
+  !! workspace sizes. stat PYKD_ERR_ARG with bad_layer and msg on failure.
+  subroutine check_network(table, nf32, ni8, ni32, nnorm, norm_kinds, x, upto, y, nwork, &
+                           stat, bad_layer, msg)
+    integer(int64), intent(in) :: table(:, :), nf32, ni8, ni32, nnorm, nwork
+    integer, intent(in) :: norm_kinds(2), upto
+    real(real32), intent(in) :: x(:, :), y(:, :)
+    integer, intent(out) :: stat, bad_layer
+    character(len=*), intent(out) :: msg
+    integer(int64) :: need, k_out
+    integer :: k, nl
+
+    stat = PYKD_ERR_ARG
+    bad_layer = 0
+    msg = ''
+    nl = size(table, 2)
+    if (size(table, 1) /= N_FIELDS .or. nl < 1) then
+      msg = 'table must be ('//str(int(N_FIELDS, int64))//', n_layers >= 1); got ('// &
+            str(size(table, 1, kind=int64))//', '//str(int(nl, int64))//')'
+      return
+    end if
+    if (upto < 0 .or. upto > nl) then
+      msg = 'upto = '//str(int(upto, int64))//' outside 0 .. '//str(int(nl, int64))
+      return
+    end if
+    do k = 1, nl
+      bad_layer = k
+      call check_layer(k, table(:, k), nf32, ni8, ni32, stat, msg)
+      if (stat /= PYKD_OK) return
+      stat = PYKD_ERR_ARG
+      if (k > 1) then
+        if (table(COL_N_IN, k) /= table(COL_N_OUT, k - 1)) then
+          msg = 'layer '//str(int(k, int64))//' takes '//str(table(COL_N_IN, k))// &
+                ' inputs but layer '//str(int(k - 1, int64))//' outputs '//str(table(COL_N_OUT, k - 1))
+          return
+        end if
+      end if
+    end do
+    bad_layer = 0
+    if (.not. (all(norm_kinds == NORM_NONE .or. norm_kinds == NORM_PER_FEATURE &
+                   .or. norm_kinds == NORM_SCALAR))) then
+      msg = 'unknown normalisation code in norm_kinds = ['//str(int(norm_kinds(1), int64))//', '// &
+            str(int(norm_kinds(2), int64))//']'
+      return
+    end if
+    k_out = norm_len(norm_kinds(2), table(COL_N_OUT, nl))
+    need = 2 * (norm_len(norm_kinds(1), table(COL_N_IN, 1)) + k_out)
+    if (nnorm < need) then
+      msg = 'norm has '//str(nnorm)//' values, but norm_kinds need '//str(need)
+      return
+    end if
+    if (upto >= 1) nl = upto
+    if (size(x, 1, kind=int64) /= table(COL_N_IN, 1) .or. size(y, 1, kind=int64) /= table(COL_N_OUT, nl) &
+        .or. size(y, 2) /= size(x, 2)) then
+      msg = 'x must be ('//str(table(COL_N_IN, 1))//', n) and y ('//str(table(COL_N_OUT, nl))// &
+            ', n) (Fortran order); got x ('//str(size(x, 1, kind=int64))//', '//str(size(x, 2, kind=int64))// &
+            ') and y ('//str(size(y, 1, kind=int64))//', '//str(size(y, 2, kind=int64))//')'
+      return
+    end if
+    need = network_workspace_words(table, size(x, 2), upto)
+    if (nwork < need) then
+      msg = 'work has '//str(nwork)//' words, network_workspace_words gives '//str(need)
+      return
+    end if
+    stat = PYKD_OK
+  end subroutine check_network
+
+  !> One row: a known kind and activation, the kind's own row check, and
+  !! each slice inside its buffer.
+  subroutine check_layer(k, row, nf32, ni8, ni32, stat, msg)
+    integer, intent(in) :: k
+    integer(int64), intent(in) :: row(N_FIELDS), nf32, ni8, ni32
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    class(pykd_layer_t), allocatable :: layer
+    character(len=MSG_LEN) :: what
+    integer(int64) :: sizes(3)
+    integer :: b, col(3)
+    character(len=3), parameter :: BUF_NAME(3) = ['f32', 'i8 ', 'i32']
+
+    call new_layer(row(COL_KIND), layer, stat)
+    if (stat /= PYKD_OK) then
+      msg = ': unknown layer kind '//str(row(COL_KIND))
+    else if (.not. valid_activation(row(COL_ACT))) then
+      stat = PYKD_ERR_ARG
+      msg = ' ('//layer%name()//'): unknown activation '//str(row(COL_ACT))
+    else
+      what = ''
+      call layer%check_row(row, stat, what)
+      if (stat /= PYKD_OK) msg = what
+      sizes = [nf32, ni8, ni32]
+      col = [COL_F32_OFF, COL_I8_OFF, COL_I32_OFF]
+      do b = 1, 3
+        if (stat /= PYKD_OK) exit
+        if (row(col(b)) < 0 .or. row(col(b) + 1) < 0 .or. row(col(b)) > sizes(b) - row(col(b) + 1)) then
+          stat = PYKD_ERR_ARG
+          msg = trim(BUF_NAME(b))//' slice (offset '//str(row(col(b)))//', length '// &
+                str(row(col(b) + 1))//') is not inside the '//trim(BUF_NAME(b))//' buffer of '// &
+                str(sizes(b))//' elements'
+        end if
+      end do
+      if (stat /= PYKD_OK) msg = ' ('//layer%name()//'): '//trim(msg)
+    end if
+    if (stat /= PYKD_OK) msg = 'layer '//str(int(k, int64))//trim(msg)
+  end subroutine check_layer
+
+end module pykd_network
