@@ -6,7 +6,11 @@ int8 quantization) run in Fortran by default and in pure NumPy with
 
 On top of them: ``MLP`` (all parameters in one flat buffer), ``fit`` (one
 Fortran call per training step: CE, Hinton KD, hints), ``soft_labels``,
-``evaluate`` and ``load_model``; the ``pykd`` command runs the pipeline.
+``evaluate`` and ``load_model``; ``Model``, a chain of layers of any kind
+(``pykd.layers``: dense, int8, sparse CSR, low rank, codebook, sparse
+codebook) run by one Fortran call per batch; the conversions
+``quantize_model``, ``sparsify``, ``low_rank`` and ``cluster``; the ``pykd``
+command runs the pipeline.
 """
 import os
 
@@ -51,7 +55,9 @@ from .kernels import (
     sgd_step,
     softmax,
 )
-from .models import MLP, load_model
+from . import layers
+from .compress import cluster, low_rank, quantize_model, sparsify
+from .models import MLP, Model, load_model
 from .train import TrainConfig, evaluate, fit, soft_labels
 
 __version__ = "0.1.0"
@@ -60,5 +66,6 @@ __all__ = [
     "adam_step", "cross_entropy", "dense", "dense_backward", "dequantize_int8",
     "int8_gemm", "int8_matmul", "kd_loss", "log_softmax", "magnitude_mask",
     "quantize_activations", "quantize_int8", "sgd_step", "softmax",
-    "MLP", "TrainConfig", "evaluate", "fit", "load_model", "soft_labels",
+    "MLP", "Model", "TrainConfig", "evaluate", "fit", "load_model", "soft_labels",
+    "layers", "cluster", "low_rank", "quantize_model", "sparsify",
 ]

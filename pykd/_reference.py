@@ -6,17 +6,49 @@ They assume already-validated arguments and serve as the test oracle and the
 benchmark baseline.
 """
 import numpy as np
+from scipy.special import erf as _erf
 
-ACTIVATIONS = ("identity", "relu", "tanh")
+from . import _codes
+
+#: Activations the training kernels accept (codes from pykd._codes).
+TRAINABLE_ACTIVATIONS = _codes.TRAINABLE_ACTIVATIONS
 QMAX = 127
+_F32 = np.float32
+_SQRT1_2 = np.float32(1 / np.sqrt(2))
 
 
 def _act(z, activation):
+    """Apply ``activation`` to the float32 array ``z`` in place; returns z.
+
+    relu keeps NaN (np.maximum propagates it); sigmoid is ``1 / (1 + exp(-z))``
+    (exp overflows to inf for very negative z, giving 0); gelu is the exact
+    ``z (1 + erf(z / sqrt 2)) / 2`` (PyTorch's default), silu ``z sigmoid(z)``.
+    """
+    if activation == "identity":
+        return z
     if activation == "relu":
         return np.maximum(z, 0, out=z)
     if activation == "tanh":
         return np.tanh(z, out=z)
-    return z
+    with np.errstate(over="ignore"):
+        if activation == "sigmoid":
+            np.negative(z, out=z)
+            np.exp(z, out=z)
+            z += _F32(1)
+            return np.divide(_F32(1), z, out=z)
+        if activation == "gelu":
+            e = _erf((z * _SQRT1_2).astype(_F32, copy=False)).astype(_F32, copy=False)
+            e += _F32(1)
+            e *= z
+            z[...] = e * _F32(0.5)
+            return z
+        if activation == "silu":
+            s = np.exp(-z)
+            s += _F32(1)
+            np.divide(_F32(1), s, out=s)
+            z *= s
+            return z
+    raise ValueError(f"activation must be one of {list(_codes.ACTIVATIONS)}, got {activation!r}")
 
 
 def dense(x, W, b, activation="identity"):
@@ -166,3 +198,48 @@ def int8_matmul(x, q, scale, b=None):
     if b is not None:
         y += b
     return y
+
+
+# --- the layer kinds (docs/model.md); arguments already validated ---------
+
+def dense_int8(x, q, scale, b, activation="identity", x_scale=None):
+    """int8 layer: ``qx = clamp(rint(x * (1/sx)), -127, 127)`` with one
+    ``sx = max|x_s| / 127`` per sample (dynamic, ``x_scale`` None) or the
+    static ``x_scale``; then ``act(float(qx @ q) * (scale * sx) + b)``:
+    exact int32 sums, one float32 multiply by the float32 product
+    ``scale * sx``, then the add of ``b`` (no fused multiply-add).
+
+    Raises ValueError if x has a NaN or inf (the ``NONFINITE`` status)."""
+    if not np.isfinite(x).all():
+        raise ValueError("the input of an int8 layer contains NaN or inf")
+    if x_scale is None:
+        sx = _scale(np.abs(x).max(axis=1))
+    else:
+        sx = np.full(x.shape[0], x_scale, _F32)
+    qx = _quantize(x, sx[:, None])
+    acc = qx.astype(np.int32) @ q.astype(np.int32)
+    y = acc.astype(_F32) * (scale[None, :] * sx[:, None])
+    y += b
+    return _act(y, activation)
+
+
+def sparse_csr(x, indptr, indices, values, b, n_out, activation="identity"):
+    """``act(x @ W + b)`` with W (n_in, n_out) in CSR rows (rows = inputs)."""
+    from scipy.sparse import csr_array
+    W = csr_array((values, indices, indptr), shape=(indptr.shape[0] - 1, n_out))
+    y = np.asarray((W.T @ x.T).T, dtype=_F32)  # (x @ W) without densifying W
+    y = np.ascontiguousarray(y)
+    y += b
+    return _act(y, activation)
+
+
+def low_rank(x, U, V, b, activation="identity"):
+    """``act((x @ U) @ V + b)``: two thin products."""
+    y = (x @ U) @ V
+    y += b
+    return _act(y, activation)
+
+
+def codebook(x, centroids, codes, b, activation="identity"):
+    """``act(x @ centroids[codes] + b)``, codes (n_in, n_out) unpacked."""
+    return dense(x, centroids[codes], b, activation)

@@ -12,7 +12,6 @@ import numpy as np
 
 from . import _codes
 from . import _reference as ref
-from ._reference import ACTIVATIONS
 
 from . import kernels as _kernels
 from .kernels import _fortran
@@ -172,7 +171,7 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
                            teacher_logits, hint_target, mask)
     if n > ws.batch_size:
         raise ValueError(f"batch of {n} exceeds the workspace's batch size {ws.batch_size}")
-    act_codes = np.array([ACTIVATIONS.index(a) for a in acts], np.int32)
+    act_codes = np.array([_codes.ACTIVATIONS[a] for a in acts], np.int32)
     use_t = cfg.loss == "kd"
     use_h = cfg.hint_layer > 0
     use_m = mask is not None
@@ -278,7 +277,7 @@ def forward(sizes, acts, params, x, *, upto=None, batch_size=1024, backend="fort
             out[start:start + batch_size] = h
         return out
     sz = np.asarray(sizes, np.int32)
-    act_codes = np.array([ACTIVATIONS.index(a) for a in acts], np.int32)
+    act_codes = np.array([_codes.ACTIVATIONS[a] for a in acts], np.int32)
     work = np.empty(2 * max(sizes[1:]) * min(batch_size, x.shape[0]), np.float32)
     for start in range(0, x.shape[0], batch_size):
         xb, ob = x[start:start + batch_size], out[start:start + batch_size]

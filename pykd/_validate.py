@@ -100,7 +100,7 @@ def integer(name, value, low=None, high=2**62):
 
 
 def activation(value):
-    from ._reference import ACTIVATIONS
-    if value not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {value!r}")
-    return ACTIVATIONS.index(value)
+    from ._codes import ACTIVATIONS, TRAINABLE_ACTIVATIONS
+    if value not in TRAINABLE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {TRAINABLE_ACTIVATIONS}, got {value!r}")
+    return ACTIVATIONS[value]

@@ -328,6 +328,21 @@ def _threads_info():
         return None
 
 
+def _model_info(model, path=None):
+    """What a report says about a model: file size, counts and its layers."""
+    net = model.to_model()
+    size = None
+    if path is not None and os.path.isfile(path):
+        size = os.path.getsize(path)
+    return {
+        "bytes_on_disk": size,
+        "parameters": model.parameters,
+        "nonzeros": model.nonzeros,
+        "layers": [{"kind": layer.kind, "activation": layer.activation, "n_in": layer.n_in,
+                    "n_out": layer.n_out} for layer in net.layers],
+    }
+
+
 def _entry(name, model, ev, history, config, path=None):
     seconds = list(history.get("seconds", [])) if history else []
     return {
@@ -336,7 +351,7 @@ def _entry(name, model, ev, history, config, path=None):
         "test_accuracy": ev["accuracy"],
         "test_loss": ev["loss"],
         "agreement": ev.get("agreement"),
-        "parameters": model.parameters,
+        **_model_info(model, path),
         "bytes": model.nbytes,
         "seconds_per_epoch": seconds,
         "confusion": ev["confusion"],
@@ -495,7 +510,7 @@ def cmd_soft_labels(args, ctx):
           f"{args.split} split in {seconds:.2f} s -> {args.out}")
     if args.report:
         ctx.models.append({"name": "teacher", "path": args.teacher,
-                           "parameters": teacher.parameters, "bytes": teacher.nbytes,
+                           **_model_info(teacher, args.teacher), "bytes": teacher.nbytes,
                            "config": teacher.metadata.get("config")})
     return _finish(ctx, {"soft_labels": {"path": args.out, "shape": list(logits.shape),
                                          "split": args.split, "seconds": seconds}})
@@ -600,8 +615,10 @@ def cmd_evaluate(args, ctx):
     entry["split"] = args.split
     entry["eval_seconds"] = seconds
     ctx.models.append(entry)
-    print(f"{args.model}: {'-'.join(map(str, model.sizes))}, {model.parameters:,} parameters "
-          f"({_fmt_bytes(model.nbytes)})")
+    kinds = sorted({layer["kind"] for layer in entry["layers"]})
+    print(f"{args.model}: {'-'.join(map(str, model.sizes))} ({', '.join(kinds)}), "
+          f"{model.parameters:,} parameters, {model.nonzeros:,} non-zero weights "
+          f"({_fmt_bytes(entry['bytes_on_disk'])} on disk)")
     print(f"  {args.split} accuracy {_pct(ev['accuracy'])}, loss {ev['loss']:.4f} "
           f"({ev['n']} images, {seconds:.2f} s)")
     if ev["agreement"] is not None:

@@ -1,4 +1,12 @@
-"""Models: a multilayer perceptron whose parameters live in one flat buffer.
+"""Models: :class:`Model`, a chain of typed layers, and :class:`MLP`, the
+trainable stack of dense layers whose parameters live in one flat buffer.
+
+A :class:`Model` is the layout of docs/model.md: a layer table (int64, one
+row per layer) and three flat buffers (float32, int8, int32) holding every
+layer's arrays; its layers' arrays are views of those buffers. A forward
+pass on a batch is one Fortran call (``pykd_network:network_forward``) that
+runs every layer, the input normalisation and the output normalisation.
+
 
 ``MLP`` owns a single contiguous float32 buffer ``params``; every weight
 matrix ``W`` (shape ``(n_in, n_out)``, so a layer is ``x @ W + b``) and bias
@@ -15,11 +23,16 @@ import os
 
 import numpy as np
 
-from . import _step
-from ._validate import BACKENDS
-from .modelfile import ACTIVATION_CODES, read_model, write_model
+from . import _codes, _step
+from . import _validate as check
+from . import kernels as _kernels
+from .layers import Dense, DenseInt8, Layer, from_record
+from .modelfile import ModelFormatError, read_model, write_model
 
-__all__ = ["MLP", "load_model"]
+__all__ = ["MLP", "Model", "load_model"]
+
+_TRAINABLE = _codes.TRAINABLE_ACTIVATIONS
+_COL = _codes.COL
 
 _F32 = np.float32
 
@@ -43,7 +56,8 @@ class MLP:
     sizes : sequence of int
         Layer widths from input to output, e.g. ``[784, 1200, 1200, 10]``.
     activations : sequence of str, optional
-        One per layer, from ``"identity"``, ``"relu"``, ``"tanh"``. Default:
+        One per layer, from ``"identity"``, ``"relu"``, ``"tanh"`` (the
+        activations training can differentiate). Default:
         relu on hidden layers, identity (logits) on the output layer.
     seed : int
         Seed of the initialisation: like PyTorch's ``nn.Linear`` default,
@@ -76,9 +90,11 @@ class MLP:
             raise ValueError(
                 f"need one activation per layer ({n_layers}), got {len(activations)}")
         for a in activations:
-            if a not in ACTIVATION_CODES:
+            if a not in _TRAINABLE:
                 raise ValueError(
-                    f"activation must be one of {list(ACTIVATION_CODES)}, got {a!r}")
+                    f"an MLP (trainable) takes the activations {list(_TRAINABLE)}, got {a!r}"
+                    + ("; use pykd.Model for inference with it" if a in _codes.ACTIVATIONS
+                       else ""))
         self.activations = activations
         self.norm = None
         if norm is not None:
@@ -101,6 +117,7 @@ class MLP:
         self.params = buffer
         self.layers = [(buffer[ws].reshape(shape), buffer[bs])
                        for ws, bs, shape in _step.layer_slices(self.sizes)]
+        self._net = None        # the network view of the buffer, made on first use
 
     def init(self, seed=0):
         """Re-initialise all parameters in place (PyTorch nn.Linear default)."""
@@ -128,6 +145,11 @@ class MLP:
     def nbytes(self) -> int:
         """Bytes of the parameters (float32)."""
         return int(self.params.nbytes)
+
+    @property
+    def nonzeros(self) -> int:
+        """Non-zero weights (entries of the W matrices; biases not counted)."""
+        return sum(int(np.count_nonzero(W)) for W, _ in self.layers)
 
     @property
     def n_features(self) -> int:
@@ -174,17 +196,20 @@ class MLP:
     def forward(self, X, *, upto=None, batch_size=1024, backend=None):
         """Logits (or hidden features) of ``X``.
 
+        Runs through the same network routine as :meth:`Model.forward` (one
+        Fortran call per ``batch_size`` rows; the model's normalisation is
+        applied inside it, X itself is never modified).
+
         Parameters
         ----------
         X : ndarray, shape (n, n_features)
-            Raw inputs; the model's normalisation is applied to a copy of each
-            chunk of rows (X itself is never modified). Non-float32 inputs are
-            converted chunk by chunk.
+            Raw inputs; non-float32 or non-contiguous inputs are converted to
+            float32 chunk by chunk.
         upto : int, optional
             Return the output of layer ``upto`` (1-based; hidden features)
             instead of the logits.
         batch_size : int
-            Rows per internal batch.
+            Rows per Fortran call.
         backend : {"fortran", "numpy"}, optional
             Defaults to the model's ``backend`` attribute.
 
@@ -193,34 +218,53 @@ class MLP:
         ndarray, float32, shape (n, sizes[upto or -1])
         """
         backend = backend or self.backend
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be 'fortran' or 'numpy', got {backend!r}")
+        if backend == "fortran" and not hasattr(_kernels._f, "network_forward"):
+            return self._forward_v1(X, upto, batch_size)     # until the shim has it
+        return self._network().forward(X, upto=upto, batch_size=batch_size, backend=backend)
+
+    def _forward_v1(self, X, upto, batch_size):
         self._check_input(X)
-        n_layers = len(self.sizes) - 1
-        if upto is not None and not (1 <= int(upto) <= n_layers):
-            raise ValueError(f"upto must be in [1, {n_layers}], got {upto}")
-        width = self.sizes[upto or -1]
         n = X.shape[0]
-        out = np.empty((n, width), _F32)
+        out = np.empty((n, self.sizes[upto or -1]), _F32)
         if n == 0:
             return out
-        direct = self.norm is None and X.dtype == _F32 and X.flags.c_contiguous
-        chunk = max(batch_size, 1) * 8 if not direct else n
-        buf = None if direct else np.empty((min(chunk, n), self.n_features), _F32)
-        for s in range(0, n, chunk):
-            xs = X[s:s + chunk]
-            if not direct:
-                xs = self.normalize(xs, out=buf[:xs.shape[0]])
-            out[s:s + xs.shape[0]] = _step.forward(
-                self.sizes, self.activations, self.params, xs, upto=upto,
-                batch_size=batch_size, backend=backend)
+        buf = np.empty((min(batch_size, n), self.n_features), _F32)
+        for s in range(0, n, batch_size):
+            xs = self.normalize(X[s:s + batch_size], out=buf[:min(batch_size, n - s)])
+            out[s:s + xs.shape[0]] = _step.forward(self.sizes, self.activations, self.params, xs,
+                                                   upto=upto, batch_size=batch_size)
         return out
+
+    def _network(self):
+        """The :class:`Model` view of the buffer (cached; rebuilt when the
+        buffer or the normalisation changes)."""
+        net = self._net
+        if net is None or net._mlp_norm is not self.norm:
+            net = Model._wrap([Dense._unchecked(W, b, a) for (W, b), a
+                               in zip(self.layers, self.activations)],
+                              _mlp_table(self.sizes, self.activations), self.params,
+                              norm=self.norm, metadata=self.metadata, backend=self.backend)
+            net._mlp_norm = self.norm
+            self._net = net
+        return net
+
+    def to_model(self):
+        """This network as a :class:`Model` of dense layers, without a copy:
+        the model's float32 buffer *is* ``self.params`` (training this MLP
+        changes the model)."""
+        net = Model._wrap([Dense._unchecked(W, b, a) for (W, b), a
+                           in zip(self.layers, self.activations)],
+                          _mlp_table(self.sizes, self.activations), self.params,
+                          norm=self.norm, metadata=dict(self.metadata), backend=self.backend)
+        return net
 
     __call__ = forward
 
     def predict(self, X, *, batch_size=1024, backend=None):
-        """Predicted class labels (int64) of ``X``."""
-        return self.forward(X, batch_size=batch_size, backend=backend).argmax(axis=1)
+        """Predicted class labels (int64) of ``X``.
+
+        Raises ValueError naming the rows whose logits are not finite."""
+        return _argmax_finite(self.forward(X, batch_size=batch_size, backend=backend))
 
     # ------------------------------------------------------------------ files
     def save(self, path, metadata=None):
@@ -242,25 +286,433 @@ class MLP:
         write_model(path, layers, norm=self.norm, metadata=meta)
 
 
-def load_model(path, *, backend="fortran"):
-    """Load an :class:`MLP` written by :meth:`MLP.save` (or any pykd model
-    file of dense layers with no or scalar normalisation).
+def _mlp_table(sizes, activations):
+    """The layer table of an MLP's flat buffer (docs/model.md): dense rows
+    pointing at the slices of :func:`pykd._step.layer_slices`."""
+    sl = _step.layer_slices(sizes)
+    table = np.zeros((len(sl), _codes.N_FIELDS), np.int64)
+    for k, ((ws, bs, (n_in, n_out)), a) in enumerate(zip(sl, activations)):
+        table[k, [_COL["kind"], _COL["act"], _COL["n_in"], _COL["n_out"], _COL["f32_off"],
+                  _COL["f32_len"]]] = (_codes.KINDS["dense"], _codes.ACTIVATIONS[a], n_in,
+                                       n_out, ws.start, bs.stop - ws.start)
+    return table
 
-    Returns a model with ``.forward(X)`` (logits), ``.predict(X)`` (labels)
-    and ``.save(path)``.
+
+def _argmax_finite(logits):
+    bad = ~np.isfinite(logits).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if rows.size > 10 else "")
+        raise ValueError(f"the logits of {rows.size} row(s) are not finite (rows {shown}): "
+                         "their inputs contain NaN or inf, or the model overflowed")
+    return logits.argmax(axis=1)
+
+
+
+
+# ---------------------------------------------------------------- Model
+
+def _norm_parts(name, norm, n):
+    """Validate a normalisation ``(mean, std)`` for ``n`` values: two scalars
+    (numbers or 0-d float32) or two float32 arrays of shape (n,). Returns
+    (code, mean float32 1-D, std float32 1-D, the norm as stored)."""
+    if norm is None:
+        return _codes.NORMS["none"], np.zeros(0, np.float32), np.zeros(0, np.float32), None
+    if not isinstance(norm, (tuple, list)) or len(norm) != 2:
+        raise TypeError(f"{name} must be None or a pair (mean, std)")
+    parts = []
+    for what, v in zip(("mean", "std"), norm):
+        if isinstance(v, np.ndarray) and v.ndim == 1:
+            if v.dtype != np.float32:
+                raise TypeError(f"{name} {what} must be float32, got {v.dtype}")
+            if v.shape != (n,):
+                raise ValueError(f"{name} {what} must be a scalar or have shape ({n},), "
+                                 f"got {v.shape}")
+            parts.append(np.ascontiguousarray(v))
+        elif (isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)) \
+                or (isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "fiu"):
+            parts.append(np.float32(v))
+        else:
+            raise TypeError(f"{name} {what} must be a number or a float32 array of shape "
+                            f"({n},), got {type(v).__name__}")
+    mean, std = parts
+    if np.ndim(mean) != np.ndim(std):
+        raise ValueError(f"{name} mean and std must both be scalars or both arrays of ({n},)")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (np.asarray(std) > 0).all()):
+        raise ValueError(f"{name} needs a finite mean and a finite std > 0")
+    code = _codes.NORMS["per_feature" if np.ndim(mean) else "scalar"]
+    return code, np.atleast_1d(mean).astype(np.float32), np.atleast_1d(std).astype(np.float32), \
+        (mean, std)
+
+
+def _network_ext():
+    ext = _kernels._fortran()
+    if not hasattr(ext, "network_forward"):
+        raise ImportError("this build of the pykd extension has no network_forward; rebuild "
+                          "pykd or use backend='numpy'")
+    return ext
+
+
+def _as_layer(layer, k):
+    if isinstance(layer, Layer):
+        return layer
+    if isinstance(layer, dict):
+        try:
+            return from_record(layer)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {k}: {e}") from None
+    raise TypeError(f"layer {k} must be a pykd.layers.Layer or a layer record dict, "
+                    f"got {type(layer).__name__}")
+
+
+class Model:
+    """A chain of typed layers (any kind), with input and output
+    normalisation and metadata, in the layout of docs/model.md.
+
+    Parameters
+    ----------
+    layers : sequence of pykd.layers.Layer (or record dicts)
+        From input to output; layer k's ``n_out`` is layer k+1's ``n_in``.
+        Their arrays are copied, once, into the model's buffers: the model's
+        ``layers`` are new layer objects whose arrays are views of the
+        buffers (the given layers are not modified).
+    norm : (mean, std) or None
+        Input normalisation ``(x - mean) / std``: two scalars or two float32
+        arrays of shape (n_features,), std > 0.
+    out_norm : (mean, std) or None
+        Output normalisation, undone after the last layer:
+        ``y * std + mean`` (scalars or arrays of shape (n_outputs,)).
+    metadata : dict, optional
+        Free-form JSON-serialisable information saved with the model.
+    backend : {"fortran", "numpy"}
+        Default backend of :meth:`forward`. "numpy" runs the layers' NumPy
+        twins layer by layer.
+
+    Attributes
+    ----------
+    table : ndarray, int64, shape (n_layers, 14)
+    f32, i8, i32 : ndarray
+        The flat buffers (each at least one element).
     """
+
+    def __init__(self, layers, *, norm=None, out_norm=None, metadata=None, backend="fortran"):
+        if isinstance(layers, (Layer, dict)) or not hasattr(layers, "__iter__"):
+            raise TypeError("layers must be a sequence of layers")
+        layers = [_as_layer(layer, k) for k, layer in enumerate(layers, start=1)]
+        if not layers:
+            raise ValueError("a model needs at least one layer")
+        for k in range(1, len(layers)):
+            if layers[k].n_in != layers[k - 1].n_out:
+                raise ValueError(f"layer sizes do not chain: layer {k} outputs "
+                                 f"{layers[k - 1].n_out} but layer {k + 1} takes {layers[k].n_in}")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+        check.backend(backend)
+        # Pack: each layer's slices in turn, in each buffer.
+        clones = []
+        for layer in layers:
+            c = object.__new__(type(layer))
+            c.__dict__.update(layer.__dict__)
+            clones.append(c)
+        lengths = np.array([c.slice_lengths() for c in clones], np.int64)   # (nl, 3)
+        offsets = np.zeros_like(lengths)
+        offsets[1:] = np.cumsum(lengths, axis=0)[:-1]
+        totals = lengths.sum(axis=0)
+        f32 = np.zeros(max(int(totals[0]), 1), np.float32)
+        i8 = np.zeros(max(int(totals[1]), 1), np.int8)
+        i32 = np.zeros(max(int(totals[2]), 1), np.int32)
+        table = np.zeros((len(clones), _codes.N_FIELDS), np.int64)
+        for k, c in enumerate(clones):
+            c._pack((f32, i8, i32), offsets[k])
+            table[k, :4] = (_codes.KINDS[c.kind], _codes.ACTIVATIONS[c.activation], c.n_in,
+                            c.n_out)
+            table[k, 4:10] = np.stack([offsets[k], lengths[k]], axis=1).reshape(-1)
+            table[k, 10:14] = c.kind_params()
+        self._setup(clones, table, f32, i8, i32, norm, out_norm, metadata, backend)
+
+    @classmethod
+    def _wrap(cls, layers, table, f32, i8=None, i32=None, *, norm=None, out_norm=None,
+              metadata=None, backend="fortran"):
+        """A model over existing buffers (no copy, no check of the layers)."""
+        self = object.__new__(cls)
+        one8, one32 = np.zeros(1, np.int8), np.zeros(1, np.int32)
+        self._setup(layers, table, f32, one8 if i8 is None else i8, one32 if i32 is None else i32,
+                    norm, out_norm, metadata, backend)
+        return self
+
+    def _setup(self, layers, table, f32, i8, i32, norm, out_norm, metadata, backend):
+        self._layers = list(layers)
+        self.table = table
+        self._table_f = table.T            # Fortran's table(N_FIELDS, n_layers): same memory
+        self.f32, self.i8, self.i32 = f32, i8, i32
+        nf, no = self._layers[0].n_in, self._layers[-1].n_out
+        c_in, m_in, s_in, self.norm = _norm_parts("norm", norm, nf)
+        c_out, m_out, s_out, self.out_norm = _norm_parts("out_norm", out_norm, no)
+        buf = np.concatenate([m_in, s_in, m_out, s_out]).astype(np.float32)
+        self._norm_buf = buf if buf.size else np.zeros(1, np.float32)
+        self._norm_kinds = np.array([c_in, c_out], np.int32)
+        self.metadata = dict(metadata or {})
+        self.backend = backend
+        self._mlp_norm = None
+
+    # ----------------------------------------------------------- properties
+    @property
+    def layers(self):
+        """The layers (their arrays are views of the model's buffers)."""
+        return list(self._layers)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def n_features(self) -> int:
+        return self._layers[0].n_in
+
+    @property
+    def n_outputs(self) -> int:
+        return self._layers[-1].n_out
+
+    @property
+    def sizes(self):
+        """Widths from input to output, ``[n_features, n_out of each layer]``."""
+        return [self.n_features] + [layer.n_out for layer in self._layers]
+
+    @property
+    def activations(self):
+        return [layer.activation for layer in self._layers]
+
+    @property
+    def kinds(self):
+        return [layer.kind for layer in self._layers]
+
+    @property
+    def parameters(self) -> int:
+        """Values stored: weights or factors, centroids, biases and int8 scales."""
+        return sum(layer.parameters for layer in self._layers)
+
+    @property
+    def nonzeros(self) -> int:
+        """Non-zero entries of the effective weight matrices (biases not counted)."""
+        return sum(layer.nonzeros for layer in self._layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layers' arrays in memory."""
+        return sum(layer.nbytes for layer in self._layers)
+
+    def __repr__(self):
+        layers = ", ".join(f"{layer.kind} {layer.n_in}x{layer.n_out} {layer.activation}"
+                           for layer in self._layers)
+        norm = "none" if self.norm is None else ("per_feature" if np.ndim(self.norm[0])
+                                                 else "scalar")
+        out = "none" if self.out_norm is None else ("per_output" if np.ndim(self.out_norm[0])
+                                                    else "scalar")
+        return (f"Model([{layers}], parameters={self.parameters}, nonzeros={self.nonzeros}, "
+                f"nbytes={self.nbytes}, norm={norm}, out_norm={out})")
+
+    def copy(self):
+        """An independent copy (own buffers)."""
+        return Model(self._layers, norm=self.norm, out_norm=self.out_norm,
+                     metadata=self.metadata, backend=self.backend)
+
+    # ------------------------------------------------------------ inference
+    def _check_forward(self, X, upto, batch_size, backend):
+        backend = check.backend(backend or self.backend)
+        if not isinstance(X, np.ndarray):
+            raise TypeError(f"X must be a numpy array, got {type(X).__name__}")
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ValueError(f"X must have shape (n, {self.n_features}), got {X.shape}")
+        if X.dtype.kind not in "iuf":
+            raise TypeError(f"X must be numeric, got dtype {X.dtype}")
+        batch_size = check.integer("batch_size", batch_size, low=1)
+        nl = self.n_layers
+        if upto is not None:
+            upto = check.integer("upto", upto, low=1, high=nl)
+        return backend, (nl if upto is None else upto), batch_size
+
+    def forward(self, X, *, upto=None, batch_size=1024, backend=None):
+        """Outputs (logits, or physical units with an output normalisation)
+        of ``X``, or the output of layer ``upto``.
+
+        With the Fortran backend every chunk of ``batch_size`` rows is one
+        call of ``network_forward``, which normalises the input, runs every
+        layer and undoes the output normalisation; each call has its own
+        workspace, so threads may share a model.
+
+        Parameters
+        ----------
+        X : ndarray, shape (n, n_features)
+            Raw inputs (not modified); non-float32 or non-contiguous inputs
+            are converted to float32 chunk by chunk.
+        upto : int, optional
+            Return the output of layer ``upto`` (1-based) instead; no output
+            normalisation unless ``upto`` is the last layer (the same as None).
+        batch_size : int >= 1
+            Rows per call.
+        backend : {"fortran", "numpy"}, optional
+            Defaults to the model's ``backend``.
+
+        Returns
+        -------
+        ndarray, float32, shape (n, width of layer upto or n_outputs)
+
+        Raises
+        ------
+        ValueError
+            If an int8 layer's input holds NaN or inf (naming the layer).
+        """
+        backend, upto, batch_size = self._check_forward(X, upto, batch_size, backend)
+        n = X.shape[0]
+        out = np.empty((n, self._layers[upto - 1].n_out), np.float32)
+        if n == 0:
+            return out
+        direct = X.dtype == np.float32 and X.flags.c_contiguous
+        if backend == "numpy":
+            for s in range(0, n, batch_size):
+                xs = X[s:s + batch_size]
+                out[s:s + xs.shape[0]] = self._forward_numpy(
+                    xs if direct else np.ascontiguousarray(xs, np.float32), upto)
+            return out
+        ext = _network_ext()
+        up = 0 if upto == self.n_layers else upto       # 0: all layers, out_norm undone
+        words = int(ext.network_workspace_size(table=self._table_f, n=min(batch_size, n),
+                                               upto=up))
+        work = np.empty(max(words, 1), np.float32)
+        for s in range(0, n, batch_size):
+            xs = X[s:s + batch_size]
+            if not direct:
+                xs = np.ascontiguousarray(xs, np.float32)
+            ys = out[s:s + xs.shape[0]]
+            res = ext.network_forward(table=self._table_f, f32=self.f32, i8=self.i8,
+                                      i32=self.i32, norm=self._norm_buf,
+                                      norm_kinds=self._norm_kinds, x=xs.T, upto=up, y=ys.T,
+                                      work=work)
+            stat, bad = int(res[0]), int(res[1])
+            if stat != _codes.OK:
+                self._raise(stat, bad, res[2] if len(res) > 2 else None)
+        return out
+
+    __call__ = forward
+
+    def _raise(self, stat, bad, msg=None):
+        if isinstance(msg, bytes):
+            msg = msg.decode("utf-8", "replace")
+        msg = (msg or "").strip()
+        where = (f"layer {bad} ({self._layers[bad - 1].kind})"
+                 if 1 <= bad <= self.n_layers else "the model")
+        if stat == _codes.ERR_NONFINITE:
+            raise ValueError(f"{where}: its input contains NaN or inf, which an int8 layer "
+                             "cannot quantize")
+        name = {v: k for k, v in _codes.STATUS.items()}.get(stat, str(stat))
+        raise ValueError(f"{where}: network_forward failed with status {name}"
+                         + (f" ({msg})" if msg else ""))
+
+    def _forward_numpy(self, x, upto):
+        """The NumPy twin of network_forward on one chunk."""
+        h = x
+        if self.norm is not None:
+            h = (h - self.norm[0]).astype(np.float32, copy=False) / self.norm[1]
+        for k, layer in enumerate(self._layers[:upto], start=1):
+            if isinstance(layer, DenseInt8) and not np.isfinite(h).all():
+                self._raise(_codes.ERR_NONFINITE, k)
+            h = layer.forward_numpy(np.ascontiguousarray(h, np.float32))
+        if upto == self.n_layers and self.out_norm is not None:
+            h = h * self.out_norm[1] + self.out_norm[0]
+        return h
+
+    def predict(self, X, *, batch_size=1024, backend=None):
+        """Predicted class labels (int64): the argmax of :meth:`forward`.
+
+        Raises ValueError naming the rows whose outputs are not finite."""
+        return _argmax_finite(self.forward(X, batch_size=batch_size, backend=backend))
+
+    # ------------------------------------------------------------ conversion
+    def to_mlp(self):
+        """This model as a trainable :class:`MLP`: every layer densified and
+        dequantized (``layer.to_dense()``). When the float32 buffer already
+        has the MLP layout (dense layers, in order, back to back) the MLP
+        uses it without a copy.
+
+        Raises ValueError for what an MLP cannot hold: activations other
+        than identity, relu and tanh, a per-feature input normalisation or
+        an output normalisation.
+        """
+        for k, layer in enumerate(self._layers, start=1):
+            if layer.activation not in _TRAINABLE:
+                raise ValueError(f"layer {k} has activation {layer.activation!r}; an MLP takes "
+                                 f"only {list(_TRAINABLE)}")
+        if self.norm is not None and np.ndim(self.norm[0]):
+            raise ValueError("an MLP takes only a scalar input normalisation; this model's is "
+                             "per-feature")
+        if self.out_norm is not None:
+            raise ValueError("an MLP has no output normalisation; this model has one")
+        mlp = MLP(self.sizes, self.activations, seed=None, norm=self.norm,
+                  metadata=self.metadata, backend=self.backend)
+        ref = _mlp_table(self.sizes, self.activations)
+        if (all(layer.kind == "dense" for layer in self._layers)
+                and np.array_equal(self.table, ref)
+                and self.f32.size == _step.param_count(self.sizes)):
+            mlp._bind(self.f32)
+        else:
+            for (W, b), layer in zip(mlp.layers, self._layers):
+                W[...] = layer.to_dense()
+                b[...] = layer.b
+        mlp.seed = self.metadata.get("init_seed")
+        return mlp
+
+    def to_model(self):
+        """The model itself (for code that takes an MLP or a Model)."""
+        return self
+
+    # ------------------------------------------------------------------ files
+    def save(self, path, metadata=None):
+        """Write the model in the pykd model format (docs/format.md):
+        its layers, normalisations and ``self.metadata`` updated with
+        ``metadata``."""
+        meta = dict(self.metadata)
+        if metadata:
+            meta.update(metadata)
+        kw = {} if self.out_norm is None else {"out_norm": self.out_norm}
+        write_model(path, [layer.to_record() for layer in self._layers], norm=self.norm,
+                    metadata=meta, **kw)
+
+
+def load_model(path, *, backend="fortran"):
+    """Load a pykd model file (any version this pykd reads).
+
+    Returns an :class:`MLP` when every layer is dense float32 with an
+    activation training can differentiate (identity, relu, tanh), and the
+    normalisation is none or scalar with no output normalisation (so
+    :func:`pykd.fit` on a loaded model keeps working); a :class:`Model`
+    otherwise. Both have ``forward``, ``predict``, ``save``,
+    ``parameters``, ``n_features`` and ``n_outputs``.
+
+    Raises
+    ------
+    TypeError
+        If ``path`` is not a str or path-like (a file descriptor is refused).
+    ModelFormatError
+        If the file is not a valid pykd model (the message names the file).
+    """
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     m = read_model(path)
     layers = m["layers"]
-    for k, layer in enumerate(layers, start=1):
-        if layer["kind"] != "dense":
-            raise ValueError(f"{os.fspath(path)}: layer {k} is {layer['kind']}; "
-                             "pykd.load_model reads dense layers only")
-    norm = m["norm"]
-    if norm is not None and np.ndim(norm[0]) != 0:
-        raise ValueError(f"{os.fspath(path)}: per-feature normalisation is not supported by "
-                         "pykd.MLP (only a scalar mean/std)")
-    sizes = [m["n_features"]] + [layer["W"].shape[1] for layer in layers]
+    norm, out_norm = m["norm"], m.get("out_norm")
     meta = m["metadata"]
+    is_mlp = (all(layer["kind"] == "dense" and layer["activation"] in _TRAINABLE
+                  for layer in layers)
+              and (norm is None or np.ndim(norm[0]) == 0) and out_norm is None)
+    if not is_mlp:
+        objs = []
+        for k, layer in enumerate(layers, start=1):
+            try:
+                objs.append(from_record(layer))
+            except (TypeError, ValueError) as e:
+                raise ModelFormatError(f"{os.fspath(path)}: layer {k}: {e}") from None
+        return Model(objs, norm=norm, out_norm=out_norm, metadata=meta, backend=backend)
+    sizes = [m["n_features"]] + [layer["W"].shape[1] for layer in layers]
     model = MLP(sizes, [layer["activation"] for layer in layers], seed=None, norm=norm,
                 metadata=meta, backend=backend)
     for (W, b), layer in zip(model.layers, layers):

@@ -252,9 +252,10 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
 
     Parameters
     ----------
-    model : MLP
+    model : MLP or Model
+        Any model with ``forward``, ``n_outputs``, ``parameters``, ``nbytes``.
     X : ndarray (n, n_features), raw inputs; y : int labels (n,)
-    teacher : MLP or ndarray of teacher logits (n, classes), optional
+    teacher : MLP, Model or ndarray of teacher logits (n, classes), optional
         Adds ``agreement``: the fraction of rows where the model's and the
         teacher's top-1 predictions agree.
 
@@ -262,7 +263,7 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
     -------
     dict with ``accuracy``, ``loss`` (mean cross-entropy), ``confusion``
     (list of lists; row = true class, column = predicted), ``agreement``
-    (or None), ``parameters``, ``bytes``, ``n``.
+    (or None), ``parameters``, ``nonzeros``, ``bytes`` (in memory), ``n``.
     """
     n_classes = model.n_outputs
     y = _as_labels("y", y, X.shape[0], n_classes)
@@ -285,6 +286,7 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
         "confusion": confusion.reshape(n_classes, n_classes).tolist(),
         "agreement": agreement,
         "parameters": model.parameters,
+        "nonzeros": model.nonzeros,
         "bytes": model.nbytes,
         "n": int(len(y)),
     }
@@ -347,7 +349,9 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         failing step and the last checkpoint written is left untouched.
     """
     if not isinstance(model, MLP):
-        raise TypeError(f"model must be a pykd.MLP, got {type(model).__name__}")
+        hint = (" (Model.to_mlp() densifies and dequantizes a Model into a trainable MLP)"
+                if hasattr(model, "to_mlp") else "")
+        raise TypeError(f"model must be a pykd.MLP, got {type(model).__name__}{hint}")
     cfg = TrainConfig() if cfg is None else cfg
     if cfg.loss not in ("ce", "kd"):
         raise ValueError(f"cfg.loss must be 'ce' or 'kd', got {cfg.loss!r}")

