@@ -16,8 +16,8 @@ module pykd_quant
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
   implicit none
   private
-  public :: quantize_weights, dequantize_weights, quantize_columns, int8_gemm, int8_matmul, &
-            QMAX, MAX_IN
+  public :: quantize_weights, dequantize_weights, quantize_columns, quantize_columns_static, &
+            int8_gemm, int8_matmul, rescale, QMAX, MAX_IN
 
   integer, parameter :: QMAX = 127
   !> Longest int8 dot product whose int32 sum cannot overflow: 131071 * 128**2 < 2**31.
@@ -181,6 +181,42 @@ contains
     !$omp end parallel do
   end subroutine quantize_cols
 
+  !> Quantize every column (sample) of `x` with one given scale (static
+  !! quantization from calibration): qx = clamp(rint(x * (1/x_scale)), -127, 127),
+  !! the same rounding as quantize_columns. x_scale must be finite and > 0.
+  !! stat: PYKD_OK, PYKD_ERR_NONFINITE (x has NaN/inf) or PYKD_ERR_ARG (x_scale).
+  subroutine quantize_columns_static(x, x_scale, qx, stat)
+    real(real32), intent(in), contiguous :: x(:, :)    !! (in, n)
+    real(real32), intent(in) :: x_scale
+    integer(int8), intent(out), contiguous :: qx(:, :) !! (in, n)
+    integer, intent(out) :: stat
+    integer :: n_bad
+
+    if (.not. (x_scale > 0 .and. x_scale <= huge(x_scale)) .or. any(shape(qx) /= shape(x))) then
+      stat = PYKD_ERR_ARG
+      return
+    end if
+    call quantize_cols_static(size(x, 1), size(x, 2), x, 1 / x_scale, qx, n_bad)
+    stat = merge(PYKD_OK, PYKD_ERR_NONFINITE, n_bad == 0)
+  end subroutine quantize_columns_static
+
+  subroutine quantize_cols_static(m, n, x, inv, qx, n_bad)
+    integer, intent(in) :: m, n
+    real(real32), intent(in) :: x(m, n), inv
+    integer(int8), intent(out) :: qx(m, n)
+    integer, intent(out) :: n_bad   !! columns with NaN or inf
+    integer :: j
+
+    n_bad = 0
+    !$omp parallel do schedule(static) reduction(+:n_bad) if(int(m, int64) * n >= PAR_MIN_WORK)
+    do j = 1, n
+      if (count_nonfinite(m, x(:, j)) > 0) n_bad = n_bad + 1
+      ! Beyond 2**22 rint_small is inexact, but such values clamp to +-127 anyway.
+      qx(:, j) = int(min(max(rint_small(x(:, j) * inv), -real(QMAX, real32)), real(QMAX, real32)), int8)
+    end do
+    !$omp end parallel do
+  end subroutine quantize_cols_static
+
   !> acc = qw qx, exactly, in int32. |acc| <= in * 128**2 must fit int32
   !! (int8 weights may hold -128), so in <= MAX_IN = 131071.
   subroutine int8_gemm(qw, qx, acc)
@@ -245,6 +281,7 @@ contains
   end subroutine int8_matmul
 
   !> y = acc * (scale_w * sx(column)) + b; ns == 1: one weight scale.
+  !! (Public: the dense_int8 layer kind rescales with it.)
   subroutine rescale(m, n, ns, acc, scale_w, sx, b, y)
     integer, intent(in) :: m, n, ns
     integer(int32), intent(in) :: acc(m, n)

@@ -111,7 +111,7 @@ contains
         bad_layer = k
         if (present(errmsg)) errmsg = 'layer '//str(int(k, int64))//' ('//layer%name()//'): '// &
                                       trim(merge('input contains NaN or infinite values', &
-                                                 'corrupt layer data (bad index)       ', &
+                                                 'corrupt layer data (a value or index)', &
                                                  stat == PYKD_ERR_NONFINITE))
         return
       end if
