@@ -2,11 +2,13 @@
 !! layer kind in pykd. Adding a kind is one module and one `case` here.
 module pykd_layer_factory
   use iso_fortran_env, only: int32, int64
-  use pykd_codes, only: KIND_DENSE, KIND_DENSE_INT8
+  use pykd_codes, only: KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, KIND_LOW_RANK
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG
   use pykd_layer, only: pykd_layer_t
   use pykd_layer_dense, only: dense_layer_t
   use pykd_layer_dense_int8, only: dense_int8_layer_t
+  use pykd_layer_sparse_csr, only: sparse_csr_layer_t
+  use pykd_layer_low_rank, only: low_rank_layer_t
   implicit none
   private
   public :: new_layer
@@ -32,6 +34,10 @@ contains
       allocate (dense_layer_t :: layer)
     case (KIND_DENSE_INT8)
       allocate (dense_int8_layer_t :: layer)
+    case (KIND_SPARSE_CSR)
+      allocate (sparse_csr_layer_t :: layer)
+    case (KIND_LOW_RANK)
+      allocate (low_rank_layer_t :: layer)
     case default
       stat = PYKD_ERR_ARG
     end select

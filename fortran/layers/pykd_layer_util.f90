@@ -9,10 +9,13 @@ module pykd_layer_util
                         COL_I32_LEN, COL_P1
   use pykd_bytes, only: get_u32, str
   use pykd_blas, only: sgemm, sgemv
+  use pykd_config, only: PAR_MIN_WORK
+  use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
   implicit none
   private
   public :: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count, negative_count, &
-            get_bits, put_bits, fewest_bits, packed_bytes, gemm_nn
+            get_bits, put_bits, fewest_bits, packed_bytes, gemm_nn, csr_ok, csr_product, nan_fill, &
+            put_uint, get_uint
 
   !> Largest count field (docs/format.md): 2**31 - 1.
   integer(int64), parameter :: MAX_COUNT = huge(0_int32)
@@ -150,6 +153,35 @@ contains
     end do
   end subroutine put_bits
 
+  !> nbytes little-endian bytes of v at byte pos of buf; pos advances.
+  pure subroutine put_uint(buf, pos, v, nbytes)
+    integer(int8), intent(inout) :: buf(:)
+    integer(int64), intent(inout) :: pos
+    integer(int64), intent(in) :: v
+    integer, intent(in) :: nbytes
+    integer(int64) :: b
+    integer :: m
+
+    do m = 0, nbytes - 1
+      b = iand(ishft(v, -8 * m), 255_int64)
+      buf(pos + 1 + m) = int(b - merge(256_int64, 0_int64, b > 127), int8)
+    end do
+    pos = pos + nbytes
+  end subroutine put_uint
+
+  !> The unsigned little-endian integer of nbytes (<= 4) bytes at byte pos.
+  pure integer(int64) function get_uint(buf, pos, nbytes)
+    integer(int8), intent(in) :: buf(:)
+    integer(int64), intent(in) :: pos
+    integer, intent(in) :: nbytes
+    integer :: m
+
+    get_uint = 0
+    do m = nbytes - 1, 0, -1
+      get_uint = ior(ishft(get_uint, 8), iand(int(buf(pos + 1 + m), int64), 255_int64))
+    end do
+  end function get_uint
+
   !> The fewest bits holding n_codes indices: any of 1..8 (pow2 false) or
   !! one of 1, 2, 4, 8 (pow2 true). n_codes in 1..256.
   pure integer function fewest_bits(n_codes, pow2)
@@ -184,5 +216,68 @@ contains
       call sgemm('N', 'N', m, n, k, 1.0_real32, a, m, b, ldb, beta, c, m)
     end if
   end subroutine gemm_nn
+
+  !> A CSR pattern (0-based indptr(n_in + 1), indices(nnz)) is valid:
+  !! indptr(1) = 0, non-decreasing, indptr(n_in + 1) = nnz, indices in
+  !! [0, n_out) and strictly increasing within a row. O(n_in + nnz).
+  pure logical function csr_ok(n_in, n_out, nnz, indptr, indices)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    integer :: i
+    integer(int64) :: k
+
+    csr_ok = indptr(1) == 0 .and. indptr(n_in + 1) == nnz
+    if (.not. csr_ok) return
+    csr_ok = all(indptr(2:) >= indptr(:n_in)) .and. all(indices >= 0 .and. indices < n_out)
+    if (.not. csr_ok) return
+    do i = 1, n_in
+      do k = indptr(i) + 2, indptr(i + 1)
+        if (indices(k) <= indices(k - 1)) then
+          csr_ok = .false.
+          return
+        end if
+      end do
+    end do
+  end function csr_ok
+
+  !> y = W x for W (n_in, n_out) in CSR (rows = inputs, a valid pattern:
+  !! csr_ok), scattering x(i) * values into the outputs of row i. A sample
+  !! with a NaN or inf input gets NaN outputs (docs/model.md), as the dense
+  !! product would. Samples split over threads above PAR_MIN_WORK entries;
+  !! each sample is summed in the same order whatever the thread count.
+  subroutine csr_product(n_in, n_out, n, nnz, indptr, indices, values, x, y)
+    integer, intent(in) :: n_in, n_out, n
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(nnz), x(n_in, n)
+    real(real32), intent(out) :: y(n_out, n)
+    integer :: i, j
+    integer(int64) :: k
+    real(real32) :: xi
+
+    !$omp parallel do schedule(static) private(i, k, xi) if(parallel: nnz * n >= PAR_MIN_WORK)
+    do j = 1, n
+      y(:, j) = 0
+      if (nonfinite_count(int(n_in, int64), x(:, j)) > 0) then
+        y(:, j) = ieee_value(xi, ieee_quiet_nan)
+        cycle
+      end if
+      do i = 1, n_in
+        xi = x(i, j)
+        do k = indptr(i) + 1, indptr(i + 1)
+          y(indices(k) + 1, j) = y(indices(k) + 1, j) + xi * values(k)
+        end do
+      end do
+    end do
+    !$omp end parallel do
+  end subroutine csr_product
+
+  !> a = NaN (a forward that fails still leaves its output defined).
+  subroutine nan_fill(m, a)
+    integer(int64), intent(in) :: m
+    real(real32), intent(out) :: a(m)
+    a = ieee_value(1.0_real32, ieee_quiet_nan)
+  end subroutine nan_fill
 
 end module pykd_layer_util
