@@ -16,10 +16,14 @@ module pykd
   use pykd_quant, only: quantize_weights, dequantize_weights, int8_matmul
   use pykd_mlp, only: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM, mlp_param_count, &
                       mlp_workspace_size, mlp_forward, mlp_train_step
-  use pykd_models, only: pykd_model, pykd_layer, pykd_workspace, pykd_load_model, pykd_predict, &
-                         pykd_save_model, pykd_free, pykd_model_from_params, pykd_quantize_model, &
-                         LAYER_DENSE, LAYER_DENSE_INT8, NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR, &
-                         PYKD_FORMAT_VERSION
+  use pykd_models, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, &
+                         pykd_save_model, pykd_free, pykd_model_from_params, pykd_model_from_arrays, &
+                         pykd_quantize_model
+  use pykd_codes, only: ACT_SIGMOID, ACT_GELU, ACT_SILU, KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, &
+                        KIND_LOW_RANK, KIND_CODEBOOK, KIND_SPARSE_CODEBOOK, NORM_NONE, NORM_PER_FEATURE, &
+                        NORM_SCALAR, QUANT_DYNAMIC, QUANT_STATIC, FORMAT_VERSION_MIN, FORMAT_VERSION, &
+                        N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
+                        COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, COL_P2, COL_P3, COL_P4
   implicit none
   private
   public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, &
@@ -29,7 +33,11 @@ module pykd
             sgd_step, adam_step, magnitude_mask, quantize_weights, dequantize_weights, int8_matmul
   public :: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM, mlp_param_count, &
             mlp_workspace_size, mlp_forward, mlp_train_step
-  public :: pykd_model, pykd_layer, pykd_workspace, pykd_load_model, pykd_predict, pykd_save_model, &
-            pykd_free, pykd_model_from_params, pykd_quantize_model, LAYER_DENSE, LAYER_DENSE_INT8, &
-            NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR, PYKD_FORMAT_VERSION
+  public :: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_save_model, &
+            pykd_free, pykd_model_from_params, pykd_model_from_arrays, pykd_quantize_model
+  public :: ACT_SIGMOID, ACT_GELU, ACT_SILU, KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, &
+            KIND_LOW_RANK, KIND_CODEBOOK, KIND_SPARSE_CODEBOOK, NORM_NONE, NORM_PER_FEATURE, &
+            NORM_SCALAR, QUANT_DYNAMIC, QUANT_STATIC, FORMAT_VERSION_MIN, FORMAT_VERSION, &
+            N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
+            COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, COL_P2, COL_P3, COL_P4
 end module pykd

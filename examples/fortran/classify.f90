@@ -13,8 +13,7 @@
 program classify
   use iso_fortran_env, only: real32, int64, error_unit
   !$ use omp_lib, only: omp_get_thread_num, omp_get_max_threads
-  use pykd, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_free, PYKD_OK, &
-                  LAYER_DENSE
+  use pykd, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_free, PYKD_OK
   use fmnist_idx, only: read_images, read_labels, argument
   implicit none
   integer, parameter :: CHUNK = 256   ! samples per call inside the OpenMP loop
@@ -24,6 +23,7 @@ program classify
   integer(int64), allocatable :: y(:)
   character(len=:), allocatable :: model_path, data_dir
   character(len=512) :: msg
+  integer, allocatable :: sizes(:)
   integer :: stat, l, n, c, tid, n_failed, st, n_threads
   integer(int64) :: t0, t1, t2, rate
 
@@ -38,13 +38,12 @@ program classify
   ! Every pykd routine reports failure through stat/errmsg; it never stops.
   call pykd_load_model(model_path, model, stat, msg)
   if (stat /= PYKD_OK) call fail(msg)
-  write (*, '(a,i0,a,i0,a,i0,a)') 'model '//model_path//': ', model%n_features, ' -> ', &
-    model%n_outputs, ' classes, ', size(model%layers), ' layers'
-  do l = 1, size(model%layers)
-    associate (layer => model%layers(l))
-      write (*, '(a,i0,a,i0,a,i0,a)') '  layer ', l, ': ', layer%n_in, ' -> ', layer%n_out, &
-        merge(' float32', ' int8   ', layer%kind == LAYER_DENSE)
-    end associate
+  write (*, '(a,i0,a,i0,a,i0,a,i0,a)') 'model '//model_path//': ', model%n_features, ' -> ', &
+    model%n_outputs, ' classes, ', model%n_layers(), ' layers, ', model%n_params(), ' stored numbers'
+  sizes = model%layer_sizes()
+  do l = 1, model%n_layers()
+    write (*, '(a,i0,a,i0,a,i0,a,a,a,a,a,i0,a)') '  layer ', l, ': ', sizes(l), ' -> ', sizes(l + 1), ' ', &
+      model%layer_kind(l), ', ', model%layer_activation(l), ' (', model%n_params(l), ' numbers)'
   end do
 
   call read_images(data_dir//'/t10k-images-idx3-ubyte', x, stat, msg)

@@ -83,7 +83,7 @@ program distill
   ! 4. The KD student as a model: normalisation inside, raw pixels in.
   write (meta, '(a,i0,a,i0,a)') '{"trained_by": "examples/fortran/distill.f90", "teacher_epochs": ', &
     teacher_epochs, ', "student_epochs": ', student_epochs, '}'
-  call pykd_model_from_params(STUDENT, S_ACTS, kd_params, model, [mean], [std], trim(meta), stat, msg)
+  call pykd_model_from_params(STUDENT, S_ACTS, kd_params, model, [mean], [std], trim(meta), stat=stat, errmsg=msg)
   if (stat /= PYKD_OK) call fail(msg)
   allocate (logits(STUDENT(size(STUDENT)), size(x_test, 2)))
   call pykd_predict(model, x_test_raw, logits, stat, msg)
