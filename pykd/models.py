@@ -217,23 +217,8 @@ class MLP:
         -------
         ndarray, float32, shape (n, sizes[upto or -1])
         """
-        backend = backend or self.backend
-        if backend == "fortran" and not hasattr(_kernels._f, "network_forward"):
-            return self._forward_v1(X, upto, batch_size)     # until the shim has it
-        return self._network().forward(X, upto=upto, batch_size=batch_size, backend=backend)
-
-    def _forward_v1(self, X, upto, batch_size):
-        self._check_input(X)
-        n = X.shape[0]
-        out = np.empty((n, self.sizes[upto or -1]), _F32)
-        if n == 0:
-            return out
-        buf = np.empty((min(batch_size, n), self.n_features), _F32)
-        for s in range(0, n, batch_size):
-            xs = self.normalize(X[s:s + batch_size], out=buf[:min(batch_size, n - s)])
-            out[s:s + xs.shape[0]] = _step.forward(self.sizes, self.activations, self.params, xs,
-                                                   upto=upto, batch_size=batch_size)
-        return out
+        return self._network().forward(X, upto=upto, batch_size=batch_size,
+                                       backend=backend or self.backend)
 
     def _network(self):
         """The :class:`Model` view of the buffer (cached; rebuilt when the
