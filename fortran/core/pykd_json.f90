@@ -12,31 +12,34 @@ module pykd_json
 contains
 
   !> The metadata is UTF-8 JSON text whose value is an object, nested at
-  !! most 64 levels deep (as the Python reader requires).
+  !! most MAX_DEPTH levels deep; else msg says why, in the Python reader's words.
   logical function json_object_ok(text, msg) result(ok)
     character(len=*), intent(in) :: text
     character(len=*), intent(inout) :: msg
-    integer :: p
+    integer :: p, depth
     ok = .false.
     if (.not. utf8_ok(text)) then
-      msg = 'metadata is not valid UTF-8'
+      msg = 'metadata is not valid UTF-8 JSON (invalid UTF-8)'
       return
     end if
-    p = skip_ws(text, 1)
-    if (p > len(text)) then
-      msg = 'metadata is not valid JSON (empty)'
-      return
-    end if
-    if (text(p:p) /= '{') then
-      msg = 'metadata is not a JSON object'
-      return
-    end if
-    ok = json_value(text, p, 1)
+    p = 1
+    depth = 0
+    ok = json_value(text, p, 1, depth)
     if (ok) then
       p = skip_ws(text, p)
       ok = p > len(text)
     end if
-    if (.not. ok) msg = 'metadata is not valid JSON (or nested more than 64 levels deep)'
+    if (.not. ok) then
+      if (depth > MAX_DEPTH) then
+        msg = 'metadata is nested more than 64 levels deep'
+      else
+        msg = 'metadata is not valid UTF-8 JSON (syntax error near byte '//itoa(min(p, len(text)))//')'
+      end if
+      return
+    end if
+    p = skip_ws(text, 1)
+    ok = text(p:p) == '{'
+    if (.not. ok) msg = 'metadata is not a JSON object'
   end function json_object_ok
 
   pure integer function skip_ws(s, p0) result(p)
@@ -50,17 +53,19 @@ contains
   end function skip_ws
 
   !> One JSON value at s(p:) (after white space); p moves past it.
-  recursive logical function json_value(s, p, depth) result(ok)
+  !! `deepest` records the deepest nesting seen (to name the failure).
+  recursive logical function json_value(s, p, depth, deepest) result(ok)
     character(len=*), intent(in) :: s
-    integer, intent(inout) :: p
+    integer, intent(inout) :: p, deepest
     integer, intent(in) :: depth
     ok = .false.
     p = skip_ws(s, p)
     if (p > len(s)) return
     select case (s(p:p))
     case ('{', '[')
+      deepest = max(deepest, depth)
       if (depth > MAX_DEPTH) return
-      ok = json_container(s, p, depth)
+      ok = json_container(s, p, depth, deepest)
     case ('"')
       ok = json_string(s, p)
     case ('t')
@@ -84,9 +89,9 @@ contains
   end function json_value
 
   !> An object or array at s(p:).
-  recursive logical function json_container(s, p, depth) result(ok)
+  recursive logical function json_container(s, p, depth, deepest) result(ok)
     character(len=*), intent(in) :: s
-    integer, intent(inout) :: p
+    integer, intent(inout) :: p, deepest
     integer, intent(in) :: depth
     character :: close
     logical :: is_object
@@ -111,7 +116,7 @@ contains
         if (s(p:p) /= ':') return
         p = p + 1
       end if
-      if (.not. json_value(s, p, depth + 1)) return
+      if (.not. json_value(s, p, depth + 1, deepest)) return
       p = skip_ws(s, p)
       if (p > len(s)) return
       if (s(p:p) == close) exit
@@ -227,5 +232,13 @@ contains
     end do
     ok = .true.
   end function utf8_ok
+
+  pure function itoa(i) result(s)
+    integer, intent(in) :: i
+    character(len=:), allocatable :: s
+    character(len=12) :: tmp
+    write (tmp, '(i0)') i
+    s = trim(tmp)
+  end function itoa
 
 end module pykd_json

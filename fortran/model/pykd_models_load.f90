@@ -18,7 +18,6 @@ submodule (pykd_models) pykd_models_load
 
   !> A model's arrays may take at most EXPANSION * file size + SLACK bytes (docs/format.md).
   integer(int64), parameter :: EXPANSION = 64, SLACK = 65536
-  integer(int64), parameter :: MAX_PAYLOAD = 2_int64**62
 
   !> Where the reader is: the next byte (0-based), the first byte it must not
   !! read, and the file's version.
@@ -238,19 +237,22 @@ contains
     end if
     model%n_features = int(n_features)
     model%n_outputs = int(n_outputs)
-    if (.not. read_norm(buf, cur, 'input', n_features, model%norm_kinds(1), in_vals, msg)) return
+    if (.not. read_norm(buf, cur, merge('in_norm', 'norm   ', cur%version >= 2), n_features, &
+                        model%norm_kinds(1), in_vals, msg)) return
     if (cur%version >= 2) then
-      if (.not. read_norm(buf, cur, 'output', n_outputs, model%norm_kinds(2), out_vals, msg)) return
+      if (.not. read_norm(buf, cur, 'out_norm', n_outputs, model%norm_kinds(2), out_vals, msg)) return
     else
       allocate (out_vals(0))
     end if
 
-    if (.not. read_count(buf, cur, 'meta_len', meta_len, msg)) return
+    if (.not. room(cur, 4_int64, 'meta_len', msg)) return
+    meta_len = get_u32(buf, cur%pos)
+    cur%pos = cur%pos + 4
+    if (.not. room(cur, meta_len, 'metadata', msg)) return
     if (meta_len > MAX_META_BYTES) then
-      msg = 'metadata is too large: '//str(meta_len)//' bytes (at most 16 MiB)'
+      msg = 'metadata is '//str(meta_len)//' bytes, more than the 16 MiB limit'
       return
     end if
-    if (.not. room(cur, meta_len, 'metadata', msg)) return
     if (meta_len == 0) then
       model%metadata = '{}'
     else
@@ -265,22 +267,25 @@ contains
     ok = json_object_ok(model%metadata, msg)
   end function parse_header
 
-  !> One normalisation: its code (u32) and [mean, std] (k values each, k = 0,
-  !! 1 or `units`), finite with std > 0.
-  logical function read_norm(buf, cur, which, units, kind, vals, msg) result(ok)
+  !> One normalisation (`name` as in the Python reader: in_norm, out_norm,
+  !! or norm in version 1): its code (u32) and [mean, std] (k values each,
+  !! k = 0, 1 or `units`), finite with std > 0.
+  logical function read_norm(buf, cur, name, units, kind, vals, msg) result(ok)
     integer(int8), intent(in) :: buf(:)
     type(cursor_t), intent(inout) :: cur
-    character(len=*), intent(in) :: which
+    character(len=*), intent(in) :: name
     integer(int64), intent(in) :: units
     integer(int32), intent(out) :: kind
     real(real32), allocatable, intent(out) :: vals(:)
     character(len=*), intent(inout) :: msg
     integer(int64) :: code, k
     integer :: ierr
+    character(len=:), allocatable :: lk
 
     ok = .false.
     kind = NORM_NONE
-    if (.not. room(cur, 4_int64, which//' normalisation kind', msg)) return
+    lk = trim(name)
+    if (.not. room(cur, 4_int64, lk, msg)) return
     code = get_u32(buf, cur%pos)
     cur%pos = cur%pos + 4
     select case (code)
@@ -291,21 +296,24 @@ contains
     case (NORM_SCALAR)
       k = 1
     case default
-      msg = 'unknown '//which//' normalisation kind '//str(code)
+      msg = lk//': unknown norm kind '//str(code)
       return
     end select
-    if (.not. room(cur, 8 * k, which//' normalisation mean and std', msg)) return
+    if (.not. room(cur, 4 * k, lk//' mean', msg)) return
+    if (.not. room(cur, 8 * k, lk//' std', msg)) return
     allocate (vals(2 * k), stat=ierr)
     if (ierr /= 0) then
-      msg = 'cannot allocate memory for the '//which//' normalisation'
+      msg = 'cannot allocate memory for '//lk
       return
     end if
     call get_f32(buf, cur%pos, vals, 2 * k)
     cur%pos = cur%pos + 8 * k
-    if (.not. all(ieee_is_finite(vals))) then
-      msg = which//' normalisation mean or std contains NaN or infinite values'
+    if (.not. all(ieee_is_finite(vals(1:k)))) then
+      msg = lk//' mean contains NaN or infinite values'
+    else if (.not. all(ieee_is_finite(vals(k + 1:)))) then
+      msg = lk//' std contains NaN or infinite values'
     else if (.not. all(vals(k + 1:) > 0)) then
-      msg = which//' normalisation std must be > 0'
+      msg = lk//' std must be > 0'
     else
       kind = int(code, int32)
       ok = .true.
@@ -344,11 +352,15 @@ contains
     end if
     model%table = 0
     cap = EXPANSION * size(buf, kind=int64) + SLACK
-    total = 8 * N_FIELDS * n_layers + 4 * n_norm
+    ! As the Python reader: the arrays (the table, at most 7 x the file, aside).
+    total = 4 * n_norm
     prev_out = model%n_features
     do k = 1, int(n_layers)
       if (.not. scan_record(buf, cur, k, prev_out, model%table(:, k), starts(k), msg)) return
-      if (.not. add_lengths(model%table(:, k), total, cap, msg)) return
+      if (.not. add_lengths(model%table(:, k), total, cap, size(buf, kind=int64), msg)) then
+        msg = 'layer '//str(int(k, int64))//': '//msg
+        return
+      end if
       prev_out = model%table(COL_N_OUT, k)
     end do
     if (prev_out /= n_outputs) then
@@ -378,28 +390,25 @@ contains
     lk = 'layer '//str(int(k, int64))
     start = 0
     payload = -1
-    if (.not. read_count(buf, cur, lk//' kind', row(COL_KIND), msg)) return
-    if (.not. read_count(buf, cur, lk//' activation', row(COL_ACT), msg)) return
+    if (.not. read_u32(buf, cur, lk//' kind', row(COL_KIND), msg)) return
+    if (.not. read_u32(buf, cur, lk//' activation', row(COL_ACT), msg)) return
     if (.not. read_count(buf, cur, lk//' n_in', row(COL_N_IN), msg)) return
     if (.not. read_count(buf, cur, lk//' n_out', row(COL_N_OUT), msg)) return
+    if (.not. header_ok(row, cur%version, lk, msg)) return
     if (cur%version >= 2) then
       if (.not. room(cur, 8_int64, lk//' payload_bytes', msg)) return
       payload = get_u64(buf, cur%pos)
       cur%pos = cur%pos + 8
-      if (payload < 0 .or. payload >= MAX_PAYLOAD) then
-        msg = lk//': payload_bytes is not below 2**62'
+      if (payload < 0 .or. payload > cur%limit - cur%pos) then
+        msg = 'truncated: '//lk//' payload_bytes = '//unsigned(payload)//' at offset '//str(cur%pos)// &
+              ', but only '//str(max(cur%limit - cur%pos, 0_int64))//' bytes remain'
         return
       end if
     end if
-    if (.not. header_ok(row, cur%version, lk, prev_out, msg)) return
+    if (.not. chain_ok(row, k, prev_out, msg)) return
     call new_layer(row(COL_KIND), obj, st)
     if (st /= PYKD_OK) then
       msg = lk//': unknown kind '//str(row(COL_KIND))
-      return
-    end if
-    if (payload > cur%limit - cur%pos) then
-      msg = 'truncated: '//lk//' payload needs '//str(payload)//' bytes at offset '//str(cur%pos)// &
-            ', but only '//str(max(cur%limit - cur%pos, 0_int64))//' remain'
       return
     end if
     start = cur%pos
@@ -410,59 +419,77 @@ contains
       return
     end if
     if (cur%version >= 2 .and. cur%pos - start /= payload) then
-      msg = lk//' ('//obj%name()//'): payload_bytes is '//str(payload)//', but its fields make '// &
-            str(cur%pos - start)//' bytes'
+      msg = lk//': payload_bytes is '//str(payload)//', but its fields imply '//str(cur%pos - start)
       return
     end if
     ok = .true.
   end function scan_record
 
-  !> The kind, activation and sizes of a record header are valid and chain.
-  logical function header_ok(row, version, lk, prev_out, msg) result(ok)
-    integer(int64), intent(in) :: row(N_FIELDS), prev_out
+  !> The kind, activation and sizes of a record header are valid.
+  logical function header_ok(row, version, lk, msg) result(ok)
+    integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: version
     character(len=*), intent(in) :: lk
     character(len=*), intent(inout) :: msg
-    integer(int64) :: n_in, n_out
+    character(len=:), allocatable :: v1
 
     ok = .false.
-    n_in = row(COL_N_IN); n_out = row(COL_N_OUT)
+    v1 = ''
+    if (version == 1) v1 = ' (for a version 1 file)'
     if (row(COL_KIND) < KIND_DENSE .or. row(COL_KIND) > merge(KIND_DENSE_INT8, KIND_MAX, version == 1)) then
-      msg = lk//': unknown kind '//str(row(COL_KIND))
-      if (version == 1 .and. row(COL_KIND) > KIND_DENSE_INT8 .and. row(COL_KIND) <= KIND_MAX) &
-        msg = trim(msg)//' in a version 1 file'
+      msg = lk//': unknown kind '//str(row(COL_KIND))//v1
     else if (row(COL_ACT) > merge(ACT_TANH, ACT_MAX, version == 1)) then
-      msg = lk//': unknown activation '//str(row(COL_ACT))
-      if (version == 1 .and. row(COL_ACT) <= ACT_MAX) msg = trim(msg)//' in a version 1 file'
-    else if (n_in == 0 .or. n_out == 0) then
-      msg = lk//': has zero size ('//str(n_in)//' x '//str(n_out)//')'
-    else if (n_in /= prev_out) then
-      if (lk == 'layer 1') then
-        msg = 'layer 1 takes '//str(n_in)//' inputs but the model has n_features = '//str(prev_out)
-      else
-        msg = 'layer sizes do not chain: the layer before '//lk//' outputs '//str(prev_out)// &
-              ' but '//lk//' takes '//str(n_in)
-      end if
+      msg = lk//': unknown activation '//str(row(COL_ACT))//v1
+    else if (row(COL_N_IN) == 0 .or. row(COL_N_OUT) == 0) then
+      msg = lk//': has zero size ('//str(row(COL_N_IN))//' x '//str(row(COL_N_OUT))//')'
     else
       ok = .true.
     end if
   end function header_ok
 
+  !> Layer 1 takes n_features inputs, layer k the outputs of layer k - 1.
+  logical function chain_ok(row, k, prev_out, msg) result(ok)
+    integer(int64), intent(in) :: row(N_FIELDS), prev_out
+    integer, intent(in) :: k
+    character(len=*), intent(inout) :: msg
+    ok = row(COL_N_IN) == prev_out
+    if (ok) return
+    if (k == 1) then
+      msg = 'layer 1 takes '//str(row(COL_N_IN))//' inputs but the model has n_features = '//str(prev_out)
+    else
+      msg = 'layer sizes do not chain: layer '//str(int(k - 1, int64))//' outputs '//str(prev_out)// &
+            ' but layer '//str(int(k, int64))//' takes '//str(row(COL_N_IN))
+    end if
+  end function chain_ok
+
+  !> A u64 read into int64 (2**63 and above come out negative), as text.
+  function unsigned(v) result(s)
+    integer(int64), intent(in) :: v
+    character(len=:), allocatable :: s
+    if (v >= 0) then
+      s = str(v)
+    else
+      s = '2**63 + '//str(v - huge(v) - 1)
+    end if
+  end function unsigned
+
   !> total += the bytes of the row's slices, each checked against `cap`
   !! first so that the sum cannot overflow.
-  logical function add_lengths(row, total, cap, msg) result(ok)
-    integer(int64), intent(in) :: row(N_FIELDS), cap
+  logical function add_lengths(row, total, cap, file_size, msg) result(ok)
+    integer(int64), intent(in) :: row(N_FIELDS), cap, file_size
     integer(int64), intent(inout) :: total
     character(len=*), intent(inout) :: msg
-    integer(int64) :: lens(3)
+    integer(int64) :: lens(3), nbytes
     lens = [row(COL_F32_LEN), row(COL_I8_LEN), row(COL_I32_LEN)]
     ok = all(lens >= 0) .and. all(lens <= cap)
+    nbytes = cap + 1
     if (ok) then
-      total = total + 4 * lens(1) + lens(2) + 4 * lens(3)
+      nbytes = 4 * lens(1) + lens(2) + 4 * lens(3)
+      total = total + nbytes
       ok = total <= cap
     end if
-    if (.not. ok) msg = 'the layers would need more than '//str(cap)// &
-                        ' bytes of memory (64 x the file size + 64 KiB): the file is corrupt'
+    if (.not. ok) msg = 'its arrays would take '//str(nbytes)//' bytes, more than the file''s size '// &
+                        'allows (at most 64 x '//str(file_size)//' bytes + 64 KiB for all arrays)'
   end function add_lengths
 
   !> Pass 2: lay the slices out one after another, allocate the buffers and
@@ -511,8 +538,8 @@ contains
     code = PYKD_OK
   end subroutine load_layers
 
-  !> The u32 count at the cursor (<= 2**31 - 1); the cursor advances.
-  logical function read_count(buf, cur, what, v, msg) result(ok)
+  !> The u32 at the cursor; the cursor advances.
+  logical function read_u32(buf, cur, what, v, msg) result(ok)
     integer(int8), intent(in) :: buf(:)
     type(cursor_t), intent(inout) :: cur
     character(len=*), intent(in) :: what
@@ -523,8 +550,19 @@ contains
     if (.not. ok) return
     v = get_u32(buf, cur%pos)
     cur%pos = cur%pos + 4
+  end function read_u32
+
+  !> The u32 count at the cursor (<= 2**31 - 1); the cursor advances.
+  logical function read_count(buf, cur, what, v, msg) result(ok)
+    integer(int8), intent(in) :: buf(:)
+    type(cursor_t), intent(inout) :: cur
+    character(len=*), intent(in) :: what
+    integer(int64), intent(out) :: v
+    character(len=*), intent(inout) :: msg
+    ok = read_u32(buf, cur, what, v, msg)
+    if (.not. ok) return
     ok = v <= MAX_COUNT
-    if (.not. ok) msg = what//' = '//str(v)//' exceeds 2**31 - 1'
+    if (.not. ok) msg = what//' = '//str(v)//' is larger than the largest count 2^31 - 1'
   end function read_count
 
   !> nbytes more bytes are present at the cursor; else a 'truncated' message.

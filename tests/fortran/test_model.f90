@@ -239,7 +239,19 @@ contains
     call pykd_load_model(FILE, r, stat)
     call check(get32(b, 8) == 2 .and. stat == PYKD_OK .and. all(r%table == m%table) &
                .and. same_arrays(r%f32, m%f32) .and. all(r%i8 == m%i8), 'a version-1 model is saved as version 2')
+    call read_all(BAD, b)
+    call v1_bad(b, 42_int64, KIND_SPARSE_CSR, 'layer 1: unknown kind 3 (for a version 1 file)')
+    call v1_bad(b, 46_int64, ACT_SIGMOID, 'layer 1: unknown activation 3 (for a version 1 file)')
+    call v1_bad(b, 24_int64, 7, 'norm: unknown norm kind 7')
   end subroutine test_version1
+
+  subroutine v1_bad(good, offset, value, phrase)
+    integer(int8), intent(in) :: good(:)
+    integer(int64), intent(in) :: offset
+    integer, intent(in) :: value
+    character(len=*), intent(in) :: phrase
+    call expect_patched(good, offset, value, phrase)
+  end subroutine v1_bad
 
   !> Independent int8 reference (float64 where it is exact): per-sample
   !! (x_scale = 0) or static input scale, q^T qx exact, one float32 rescale.
@@ -414,30 +426,42 @@ contains
     call expect_patched(good, rec, 9, 'layer 1: unknown kind 9')
     call expect_patched(good, rec, 0, 'layer 1: unknown kind 0')
     call expect_patched(good, rec + 4, ACT_SILU + 1, 'layer 1: unknown activation 6')
+    call expect_patched(good, rec, -1, 'layer 1: unknown kind 4294967295')
     call expect_patched(good, rec + 8, 13, 'layer 1 takes 13 inputs but the model has n_features = 12')
     call expect_patched(good, rec + 12, 0, 'layer 1: has zero size (12 x 0)')
-    call expect_patched(good, rec + 12, 17, 'payload_bytes is 832, but its fields make 884 bytes')
-    call expect_patched(good, rec + 24 + 832 + 8, 17, 'layer sizes do not chain: the layer before layer 2 '// &
-                        'outputs 16 but layer 2 takes 17')
-    call expect_patched(good, rec + 16, 4, 'payload_bytes is 4, but its fields make 832 bytes')
-    call expect_patched(good, rec + 20, -1, 'payload_bytes is not below 2**62')
-    call expect_patched(good, 12_int64, -1, 'n_layers = 4294967295 exceeds 2**31 - 1')
+    call expect_patched(good, rec + 12, 17, 'layer 1: payload_bytes is 832, but its fields imply 884')
+    call expect_patched(good, rec + 24 + 832 + 8, 17, 'layer sizes do not chain: layer 1 outputs 16 but layer 2 takes 17')
+    call expect_patched(good, rec + 16, 4, 'layer 1: payload_bytes is 4, but its fields imply 832')
+    call expect_patched(good, rec + 20, -1, 'truncated: layer 1 payload_bytes = 2**63 + ')
+    call expect_patched(good, 12_int64, -1, 'n_layers = 4294967295 is larger than the largest count 2^31 - 1')
     call expect_patched(good, 12_int64, huge(0), 'truncated: 2147483647 layer records')
     call expect_patched(good, 12_int64, 0, 'model has no layers')
     call expect_patched(good, 12_int64, 2, 'layer 2 outputs 8 but the model has n_outputs = 5')
     call expect_patched(good, 12_int64, 4, 'truncated')
     call expect_patched(good, 20_int64, 6, 'layer 3 outputs 5 but the model has n_outputs = 6')
-    call expect_patched(good, 24_int64, 3, 'unknown input normalisation kind 3')
-    call expect_patched(good, 28_int64, 7, 'unknown output normalisation kind 7')
-    call expect_patched(good, 24_int64, NORM_PER_FEATURE, 'input normalisation')
-    call expect_patched(good, 32_int64, 16 * 1024 * 1024 + 1, 'metadata is too large')
+    call expect_patched(good, 24_int64, 3, 'in_norm: unknown norm kind 3')
+    call expect_patched(good, 28_int64, 7, 'out_norm: unknown norm kind 7')
+    call expect_patched(good, 24_int64, NORM_PER_FEATURE, 'in_norm')
+    call expect_patched(good, 32_int64, 16 * 1024 * 1024 + 1, 'truncated: metadata needs 16777217 bytes')
     call expect_patched(good, 32_int64, 1000000, 'truncated: metadata needs 1000000 bytes')
+    call expect_bad(with_metadata(good, '{"a": "'//repeat('x', 16 * 1024 * 1024 - 8)//'"}'), &
+                    'metadata is 16777217 bytes, more than the 16 MiB limit')
+    call expect_bad(with_metadata(good, repeat('{"a": ', 65)//'1'//repeat('}', 65)), &
+                    'metadata is nested more than 64 levels deep')
+    call expect_ok(with_metadata(good, repeat('{"a": ', 63)//'[]'//repeat('}', 63)), 'metadata nested 64 deep loads')
+    call expect_ok(with_metadata(good, ' {"s": "\u00e9\n", "t": true, "f": false, "z": null, '// &
+                   '"n": [-0.5e-3, 12, 0], "o": {}} '), 'metadata with every JSON value type loads')
+    call expect_bad(with_metadata(good, '{"x": NaN}'), 'metadata is not valid UTF-8 JSON')
+    call expect_bad(with_metadata(good, '{"x": 01}'), 'metadata is not valid UTF-8 JSON')
+    call expect_bad(with_metadata(good, '{"x": "a'//achar(10)//'"}'), 'metadata is not valid UTF-8 JSON')
+    call expect_bad(with_metadata(good, '{} {}'), 'metadata is not valid UTF-8 JSON')
+    call expect_ok(with_metadata(good, ''), 'empty metadata is read as {}')
     b = good; b(37:38) = transfer('[]', 0_int8, 2); call fix_crc(b)
     call expect_bad(b, 'metadata is not a JSON object')
     b = good; b(37:38) = transfer('{"', 0_int8, 2); call fix_crc(b)
-    call expect_bad(b, 'metadata is not valid JSON')
+    call expect_bad(b, 'metadata is not valid UTF-8 JSON (syntax error')
     b = good; b(37) = -1; call fix_crc(b)
-    call expect_bad(b, 'metadata is not valid UTF-8')
+    call expect_bad(b, 'metadata is not valid UTF-8 JSON (invalid UTF-8)')
     b = good; b(rec + 25:rec + 28) = transfer(ieee_value(1.0_real32, ieee_quiet_nan), 0_int8, 4); call fix_crc(b)
     call expect_bad(b, 'layer 1 (dense): W contains NaN or infinite values')
     call test_huge_dense()
@@ -534,6 +558,29 @@ contains
                .and. .not. m%ok .and. .not. allocated(m%table) .and. .not. allocated(m%f32), &
                'bad file ('//phrase//'): '//trim(msg))
   end subroutine expect_bad
+
+  subroutine expect_ok(bytes, what)
+    integer(int8), intent(in) :: bytes(:)
+    character(len=*), intent(in) :: what
+    type(pykd_model) :: m
+    integer :: stat
+    character(len=512) :: msg
+    call write_all(BAD, bytes)
+    call pykd_load_model(BAD, m, stat, msg)
+    call check(stat == PYKD_OK .and. m%ok, what//': '//trim(msg))
+  end subroutine expect_ok
+
+  !> A v2 file without normalisation whose metadata ('{}') is replaced.
+  function with_metadata(good, meta) result(b)
+    integer(int8), intent(in) :: good(:)
+    character(len=*), intent(in) :: meta
+    integer(int8), allocatable :: b(:)
+    integer(int64) :: pos
+    b = [good(1:32), good(1:4), transfer(meta, 0_int8, len(meta)), good(39:)]
+    pos = 32
+    call put32(b, pos, [len(meta)])
+    call fix_crc(b)
+  end function with_metadata
 
   !> The u32 at `offset` set to `value`, the CRC recomputed.
   subroutine expect_patched(good, offset, value, phrase)
