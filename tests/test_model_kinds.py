@@ -16,7 +16,7 @@ from kinds_helpers import (ACTIVATIONS, F32, KINDS, act64, assert_close, dense64
 
 #: Kinds the Fortran network routine runs (the others run only in NumPy until
 #: their Fortran module lands).
-FORTRAN_KINDS = ("dense",)
+FORTRAN_KINDS = ("dense", "dense_int8", "sparse_csr", "low_rank")
 #: The model file writer knows every kind (format version 2).
 V2 = getattr(modelfile, "VERSION", 1) >= 2 or 2 in getattr(modelfile, "VERSIONS", ())
 
@@ -406,3 +406,61 @@ def test_model_constructor_errors():
 def test_mlp_rejects_untrainable_activation():
     with pytest.raises(ValueError, match="pykd.Model"):
         MLP([3, 2], ["gelu"])
+
+
+# -------------------------------------------------------------------- CLI
+
+def _cli_data(tmp_path):
+    rng = np.random.default_rng(20)
+    X = rng.random((120, 13)).astype(F32)
+    y = rng.integers(0, 5, 120)
+    Xt = rng.random((60, 13)).astype(F32)
+    yt = rng.integers(0, 5, 60)
+    y[:5] = yt[:5] = np.arange(5)                 # every class present
+    np.savez(tmp_path / "d.npz", X_train=X, y_train=y, X_test=Xt, y_test=yt)
+    return X, Xt, yt
+
+
+def _check_cli_model(tmp_path, model, capsys):
+    import json
+    import os
+    from pykd.cli import main
+    X, Xt, yt = _cli_data(tmp_path)
+    path = tmp_path / "m.pykd"
+    model.save(path)
+    assert main(["evaluate", "--model", str(path), "--data", str(tmp_path / "d.npz"),
+                 "--report", str(tmp_path / "r.json"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    (e,) = json.loads((tmp_path / "r.json").read_text())["models"]
+    loaded = load_model(path)
+    assert e["bytes_on_disk"] == os.path.getsize(path)
+    assert e["parameters"] == model.parameters and e["nonzeros"] == model.nonzeros
+    assert e["layers"] == [{"kind": layer.kind, "activation": layer.activation,
+                            "n_in": layer.n_in, "n_out": layer.n_out}
+                           for layer in model.to_model().layers]
+    assert e["test_accuracy"] == pytest.approx(pykd.evaluate(loaded, Xt, yt)["accuracy"])
+    assert "accuracy" in out
+    assert main(["soft-labels", "--teacher", str(path), "--data", str(tmp_path / "d.npz"),
+                 "--out", str(tmp_path / "l.npy"), "--report", str(tmp_path / "s.json"),
+                 "--quiet"]) == 0
+    assert np.array_equal(np.load(tmp_path / "l.npy"), loaded.forward(X, batch_size=4096))
+    (t,) = json.loads((tmp_path / "s.json").read_text())["models"]
+    assert t["bytes_on_disk"] == os.path.getsize(path) and t["layers"] == e["layers"]
+
+
+def test_cli_evaluate_and_soft_labels_on_an_mlp(tmp_path, capsys):
+    _check_cli_model(tmp_path, MLP([13, 8, 5], seed=0, norm=(0.5, 0.3)), capsys)
+
+
+@needs_v2
+@pytest.mark.parametrize("convert", ["quantize", "sparsify", "low_rank", "cluster"])
+def test_cli_evaluate_and_soft_labels_on_every_kind(tmp_path, capsys, convert):
+    mlp = MLP([13, 40, 30, 5], seed=0, norm=(0.5, 0.3))
+    mlp.layers[0][0][np.abs(mlp.layers[0][0]) < 0.25] = 0
+    model = {"quantize": lambda: pykd.quantize_model(mlp),
+             "sparsify": lambda: pykd.sparsify(mlp),
+             "low_rank": lambda: pykd.low_rank(mlp, rank=3),
+             "cluster": lambda: pykd.cluster(pykd.sparsify(mlp), 4)}[convert]()
+    if not all(k in FORTRAN_KINDS for k in model.kinds):
+        pytest.skip(f"no Fortran layer for one of {model.kinds} yet")
+    _check_cli_model(tmp_path, model, capsys)
