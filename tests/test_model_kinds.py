@@ -464,3 +464,42 @@ def test_cli_evaluate_and_soft_labels_on_every_kind(tmp_path, capsys, convert):
     if not all(k in FORTRAN_KINDS for k in model.kinds):
         pytest.skip(f"no Fortran layer for one of {model.kinds} yet")
     _check_cli_model(tmp_path, model, capsys)
+
+
+# ------------------------------------------------------------- no copies
+
+NO_COPY_CHILD = """
+import sys
+import numpy as np
+import pykd
+from kinds_helpers import make_layer
+rng = np.random.default_rng(0)
+for kind in sys.argv[1].split(","):
+    layers = [make_layer(kind, 40, 30, "relu", rng), make_layer(kind, 30, 7, "identity", rng)]
+    model = pykd.Model(layers, norm=(np.zeros(40, np.float32), np.ones(40, np.float32)),
+                       out_norm=(1.0, 2.0))
+    X = rng.standard_normal((300, 40)).astype(np.float32)
+    sys.stderr.write("@@ " + kind + "\\n"); sys.stderr.flush()
+    model.forward(X, batch_size=64); model.forward(X, upto=1); model.predict(X[:3])
+    sys.stderr.flush()
+mlp = pykd.MLP([40, 30, 7], norm=(0.5, 2.0))
+sys.stderr.write("@@ mlp\\n"); sys.stderr.flush()
+mlp.forward(X); mlp.to_model().forward(X, batch_size=1)
+sys.stderr.flush()
+sys.stderr.write("@@ done\\n")
+"""
+
+
+def test_forward_copies_no_array(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pykd import _build_config
+    if not _build_config.copy_report:
+        pytest.skip("built without copy_report")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", NO_COPY_CHILD, ",".join(FORTRAN_KINDS)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "@@ done" in proc.stderr
+    assert "copied an array" not in proc.stderr, proc.stderr[-2000:]
