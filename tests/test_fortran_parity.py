@@ -15,7 +15,7 @@ raw float32 logits. The reference is NumPy:
   normalised data (elementwise, identical) or the output of float32 layers
   whose products are exact ("dyadic" weights below).
 
-Bad files (wrong magic, version, checksum; truncated; reserved kind) must be
+Bad files (wrong magic, version, checksum; truncated; unknown kind) must be
 refused by both readers.
 """
 import json
@@ -188,9 +188,9 @@ def _bad(data, what):
         return data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
     if what == "trailing":
         return data + b"\0\0\0"
-    if what == "reserved kind":  # layer 1 kind = 3, with a valid CRC
-        at = 28 + 4 + 2           # no norm, metadata "{}"
-        body = data[:at] + (3).to_bytes(4, "little") + data[at + 4:-12]
+    if what == "unknown kind":  # layer 1 kind = 9, with a valid CRC
+        at = 28 + 4 + 4 + 2       # no norms, metadata "{}"
+        body = data[:at] + (9).to_bytes(4, "little") + data[at + 4:-12]
         return body + zlib.crc32(body).to_bytes(4, "little") + data[-8:]
     raise AssertionError(what)
 
@@ -201,7 +201,7 @@ def _bad(data, what):
     ("truncated", "truncated"),
     ("checksum", "checksum mismatch"),
     ("trailing", "trailing garbage"),
-    ("reserved kind", "kind 3 (sparse_csr) is reserved"),
+    ("unknown kind", "layer 1: unknown kind 9"),
 ])
 def test_bad_files_are_refused_by_both_readers(tmp_path, what, phrase):
     good = tmp_path / "good.pykd"
