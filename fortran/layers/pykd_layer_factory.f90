@@ -2,13 +2,16 @@
 !! layer kind in pykd. Adding a kind is one module and one `case` here.
 module pykd_layer_factory
   use iso_fortran_env, only: int32, int64
-  use pykd_codes, only: KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, KIND_LOW_RANK
+  use pykd_codes, only: KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, KIND_LOW_RANK, &
+                        KIND_CODEBOOK, KIND_SPARSE_CODEBOOK
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG
   use pykd_layer, only: pykd_layer_t
   use pykd_layer_dense, only: dense_layer_t
   use pykd_layer_dense_int8, only: dense_int8_layer_t
   use pykd_layer_sparse_csr, only: sparse_csr_layer_t
   use pykd_layer_low_rank, only: low_rank_layer_t
+  use pykd_layer_codebook, only: codebook_layer_t
+  use pykd_layer_sparse_codebook, only: sparse_codebook_layer_t
   implicit none
   private
   public :: new_layer
@@ -38,6 +41,10 @@ contains
       allocate (sparse_csr_layer_t :: layer)
     case (KIND_LOW_RANK)
       allocate (low_rank_layer_t :: layer)
+    case (KIND_CODEBOOK)
+      allocate (codebook_layer_t :: layer)
+    case (KIND_SPARSE_CODEBOOK)
+      allocate (sparse_codebook_layer_t :: layer)
     case default
       stat = PYKD_ERR_ARG
     end select

@@ -1,0 +1,280 @@
+!> Kind 5, `codebook`: W[i, j] = centroids[index(i n_out + j)], the indices
+!! packed `bits` (1, 2, 4 or 8) to a weight, LSB first.
+!!
+!! Slices (docs/model.md): f32 = [centroids (n_codes), b (n_out)], i8 =
+!! packed (the file's bytes); p1 = n_codes, p2 = bits.
+!! Payload v2: n_codes u32, bits u32, centroids f32[n_codes],
+!! packed u8[ceil(n_in n_out bits / 8)], b f32[n_out].
+!!
+!! The forward decodes a panel of input rows (at most PANEL_WORDS weights)
+!! into `work` and accumulates its product with BLAS: the whole float
+!! matrix is never built. The panel depends only on the layer's sizes, so
+!! the bits do not depend on the batch.
+module pykd_layer_codebook
+  use iso_fortran_env, only: int8, int32, int64, real32
+  use pykd_codes, only: N_FIELDS, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
+                        COL_I8_OFF, COL_I8_LEN, COL_I32_LEN, COL_P1, COL_P2
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
+  use pykd_layer, only: pykd_layer_t
+  use pykd_activation, only: bias_activation
+  use pykd_bytes, only: get_f32, put_u32, put_f32, put_bytes, str
+  use pykd_layer_util, only: take, read_count, sizes_ok, row_expect, nonfinite_count, fewest_bits, &
+                             packed_bytes, gemm_nn, nan_fill
+  implicit none
+  private
+  public :: codebook_layer_t, codes_ok
+
+  !> Weights decoded per panel: 64 KiB of float32, at home in L2.
+  integer(int64), parameter :: PANEL_WORDS = 16384
+
+  type, extends(pykd_layer_t) :: codebook_layer_t
+  contains
+    procedure, nopass :: name => cb_name
+    procedure, nopass :: forward => cb_forward
+    procedure, nopass :: workspace_words => cb_workspace
+    procedure, nopass :: scan_record => cb_scan
+    procedure, nopass :: load_record => cb_load
+    procedure, nopass :: record_bytes => cb_bytes
+    procedure, nopass :: write_record => cb_write
+    procedure, nopass :: check => cb_check
+    procedure, nopass :: check_row => cb_check_row
+  end type codebook_layer_t
+
+contains
+
+  pure function cb_name() result(s)
+    character(len=:), allocatable :: s
+    s = 'codebook'
+  end function cb_name
+
+  !> Input rows per panel.
+  pure integer function panel_rows(row)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    panel_rows = int(max(1_int64, min(row(COL_N_IN), PANEL_WORDS / max(row(COL_N_OUT), 1_int64))))
+  end function panel_rows
+
+  pure integer(int64) function cb_workspace(row, n)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    integer, intent(in) :: n
+    cb_workspace = max(row(COL_N_OUT), 0_int64) * panel_rows(row)
+  end function cb_workspace
+
+  subroutine cb_forward(row, f32, i8, i32, n, x, y, work, stat)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer, intent(in) :: n
+    real(real32), intent(in) :: x(row(COL_N_IN), n)
+    real(real32), intent(out) :: y(row(COL_N_OUT), n)
+    real(real32), intent(inout), target :: work(*)
+    integer, intent(out) :: stat
+    integer(int64) :: o, n_codes
+    integer :: n_in, n_out, p, i0, np
+
+    n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); n_codes = row(COL_P1)
+    o = row(COL_F32_OFF); p = panel_rows(row)
+    do i0 = 1, n_in, p
+      np = min(p, n_in - i0 + 1)
+      call decode(int(row(COL_P2)), n_codes, i8(row(COL_I8_OFF) + 1), int(i0 - 1, int64) * n_out, &
+                  int(np, int64) * n_out, f32(o + 1), work, stat)
+      if (stat /= PYKD_OK) then
+        call nan_fill(row(COL_N_OUT) * n, y)
+        return
+      end if
+      call gemm_nn(n_out, n, np, work, x(i0, 1), n_in, merge(0.0_real32, 1.0_real32, i0 == 1), y)
+    end do
+    call bias_activation(int(row(COL_ACT)), n_out, n, f32(o + n_codes + 1), y)
+  end subroutine cb_forward
+
+  !> w(1:m) = centroids(index(e0 + 1 .. e0 + m) + 1); stat PYKD_ERR_ARG if
+  !! an index is >= n_codes. With bits in {1, 2, 4, 8} no index straddles
+  !! a byte.
+  pure subroutine decode(bits, n_codes, packed, e0, m, centroids, w, stat)
+    integer, intent(in) :: bits
+    integer(int64), intent(in) :: n_codes, e0, m
+    integer(int8), intent(in) :: packed(*)
+    real(real32), intent(in) :: centroids(n_codes)
+    real(real32), intent(out) :: w(m)
+    integer, intent(out) :: stat
+    integer(int64) :: k, t, c, mask
+
+    mask = 2_int64**bits - 1
+    stat = PYKD_OK
+    do k = 1, m
+      t = (e0 + k - 1) * bits
+      c = iand(ishft(iand(int(packed(t / 8 + 1), int64), 255_int64), -int(mod(t, 8_int64))), mask)
+      if (c >= n_codes) then
+        stat = PYKD_ERR_ARG
+        return
+      end if
+      w(k) = centroids(c + 1)
+    end do
+  end subroutine decode
+
+  subroutine cb_scan(version, buf, pos, limit, row, stat, msg)
+    integer, intent(in) :: version
+    integer(int8), intent(in) :: buf(:)
+    integer(int64), intent(inout) :: pos
+    integer(int64), intent(in) :: limit
+    integer(int64), intent(inout) :: row(N_FIELDS)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: need, n_codes, bits, nb
+    logical :: ok
+
+    stat = PYKD_ERR_FORMAT
+    call sizes_ok(row, ok, msg)
+    if (.not. ok) return
+    need = 0
+    if (.not. read_count(buf, pos, need, limit, 'n_codes', n_codes, msg)) return
+    if (.not. read_count(buf, pos, need, limit, 'bits', bits, msg)) return
+    call codes_ok(n_codes, bits, .true., ok, msg)
+    if (.not. ok) return
+    nb = packed_bytes(row(COL_N_IN) * row(COL_N_OUT), int(bits))
+    if (.not. take(need, n_codes, 4, pos, limit, 'centroids', msg)) return
+    if (.not. take(need, nb, 1, pos, limit, 'packed indices', msg)) return
+    if (.not. take(need, row(COL_N_OUT), 4, pos, limit, 'b', msg)) return
+    row(COL_F32_LEN) = n_codes + row(COL_N_OUT)
+    row(COL_I8_LEN) = nb
+    row(COL_I32_LEN) = 0
+    row(COL_P1:) = 0
+    row(COL_P1) = n_codes
+    row(COL_P2) = bits
+    pos = pos + need
+    stat = PYKD_OK
+  end subroutine cb_scan
+
+  !> 1 <= n_codes <= 256 and bits the fewest (of 1, 2, 4, 8 if pow2, else
+  !! of 1..8) with 2**bits >= n_codes. (Shared with sparse_codebook.)
+  pure subroutine codes_ok(n_codes, bits, pow2, ok, msg)
+    integer(int64), intent(in) :: n_codes, bits
+    logical, intent(in) :: pow2
+    logical, intent(out) :: ok
+    character(len=*), intent(inout) :: msg
+    ok = n_codes >= 1 .and. n_codes <= 256
+    if (.not. ok) then
+      msg = 'n_codes = '//str(n_codes)//' outside 1 .. 256'
+      return
+    end if
+    ok = bits == fewest_bits(n_codes, pow2)
+    if (.not. ok) msg = 'bits = '//str(bits)//' for '//str(n_codes)//' codes (must be '// &
+                        str(int(fewest_bits(n_codes, pow2), int64))//')'
+  end subroutine codes_ok
+
+  subroutine cb_load(version, buf, pos, row, f32, i8, i32, stat, msg)
+    integer, intent(in) :: version
+    integer(int8), intent(in) :: buf(:)
+    integer(int64), intent(inout) :: pos
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(inout) :: f32(*)
+    integer(int8), intent(inout) :: i8(*)
+    integer(int32), intent(inout) :: i32(*)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: o, oq, nc, nb
+
+    o = row(COL_F32_OFF); oq = row(COL_I8_OFF); nc = row(COL_P1); nb = row(COL_I8_LEN)
+    pos = pos + 8
+    call get_f32(buf, pos, f32(o + 1), nc)
+    pos = pos + 4 * nc
+    i8(oq + 1:oq + nb) = buf(pos + 1:pos + nb)
+    pos = pos + nb
+    call get_f32(buf, pos, f32(o + nc + 1), row(COL_N_OUT))
+    pos = pos + 4 * row(COL_N_OUT)
+    call cb_values_ok(row, f32, i8, PYKD_ERR_FORMAT, stat, msg)
+  end subroutine cb_load
+
+  integer(int64) function cb_bytes(row, f32, i8, i32)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    cb_bytes = 8 + 4 * row(COL_P1) + packed_bytes(row(COL_N_IN) * row(COL_N_OUT), int(row(COL_P2))) &
+               + 4 * row(COL_N_OUT)
+  end function cb_bytes
+
+  subroutine cb_write(row, f32, i8, i32, buf, pos)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer(int8), intent(inout) :: buf(:)
+    integer(int64), intent(inout) :: pos
+    integer(int64) :: o, oq
+
+    o = row(COL_F32_OFF); oq = row(COL_I8_OFF)
+    call put_u32(buf, pos, [row(COL_P1), row(COL_P2)])
+    call put_f32(buf, pos, f32(o + 1), row(COL_P1))
+    call put_bytes(buf, pos, i8(oq + 1:oq + row(COL_I8_LEN)))
+    call put_f32(buf, pos, f32(o + row(COL_P1) + 1), row(COL_N_OUT))
+  end subroutine cb_write
+
+  subroutine cb_check(row, f32, i8, i32, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    call cb_check_row(row, stat, msg)
+    if (stat == PYKD_OK) call cb_values_ok(row, f32, i8, PYKD_ERR_ARG, stat, msg)
+  end subroutine cb_check
+
+  pure subroutine cb_check_row(row, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    logical :: ok
+
+    stat = PYKD_ERR_ARG
+    call sizes_ok(row, ok, msg)
+    if (ok) call codes_ok(row(COL_P1), row(COL_P2), .true., ok, msg)
+    if (.not. ok) return
+    call row_expect(row, row(COL_P1) + row(COL_N_OUT), &
+                    packed_bytes(row(COL_N_IN) * row(COL_N_OUT), int(row(COL_P2))), 0_int64, &
+                    [row(COL_P1), row(COL_P2), 0_int64, 0_int64], ok, msg)
+    if (ok) stat = PYKD_OK
+  end subroutine cb_check_row
+
+  !> Centroids and b finite, every index < n_codes, the unused high bits
+  !! of the last byte zero; else `code`.
+  subroutine cb_values_ok(row, f32, i8, code, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer, intent(in) :: code
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: o, oq, nc, nw, used, e0, m
+    integer :: bits, st
+    real(real32) :: w(PANEL_WORDS)
+
+    o = row(COL_F32_OFF); oq = row(COL_I8_OFF); nc = row(COL_P1); bits = int(row(COL_P2))
+    nw = row(COL_N_IN) * row(COL_N_OUT)
+    stat = code
+    used = mod(mod(nw, 8_int64) * bits, 8_int64)   ! bits used in the last byte (0: all 8)
+    if (nonfinite_count(nc, f32(o + 1)) > 0) then
+      msg = 'centroids contain NaN or infinite values'
+      return
+    else if (nonfinite_count(row(COL_N_OUT), f32(o + nc + 1)) > 0) then
+      msg = 'b contains NaN or infinite values'
+      return
+    else if (used /= 0) then
+      if (ishft(iand(int(i8(oq + row(COL_I8_LEN)), int64), 255_int64), -int(used)) /= 0) then
+        msg = 'packed indices: the unused high bits of the last byte are not 0'
+        return
+      end if
+    end if
+    do e0 = 0, nw - 1, PANEL_WORDS
+      m = min(PANEL_WORDS, nw - e0)
+      call decode(bits, nc, i8(oq + 1), e0, m, f32(o + 1), w, st)
+      if (st /= PYKD_OK) then
+        msg = 'packed indices: an index is >= n_codes = '//str(nc)
+        return
+      end if
+    end do
+    stat = PYKD_OK
+  end subroutine cb_values_ok
+
+end module pykd_layer_codebook
