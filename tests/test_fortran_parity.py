@@ -1,22 +1,18 @@
-"""Python writes a model file, pure Fortran reads and runs it: same answers.
+"""Python writes a model file of every layer kind, pure Fortran reads and runs it.
 
 The Fortran half is ``tests/fortran/predict_cli.f90`` (built by meson in the
 ``-Dpython=false`` build, ``make test-fortran``): it loads a model with
-``pykd_load_model``, runs ``pykd_predict`` on raw float32 inputs and writes
-raw float32 logits. The reference is NumPy:
+``pykd_load_model``, runs ``pykd_predict`` on raw float32 inputs, writes raw
+float32 logits and, if asked, saves the model again with ``pykd_save_model``.
 
-* float32 layers: ``act(x @ W + b)``. The two sides use different BLAS
-  builds (NumPy's bundled OpenBLAS, the system's for Fortran), which sum in
-  different orders, so logits agree to ~1e-6, not bit for bit.
-* int8 layers: ``pykd.int8_matmul(..., backend="numpy")`` (per-sample
-  activation quantization, exact int32 product, float32 rescale). Every step
-  is exact or a single correctly rounded float32 operation, so the logits
-  are bit-identical, as long as the layer's input is: the input is the
-  normalised data (elementwise, identical) or the output of float32 layers
-  whose products are exact ("dyadic" weights below).
-
-Bad files (wrong magic, version, checksum; truncated; unknown kind) must be
-refused by both readers.
+* Logits: Python's ``Model.forward`` and Fortran's ``pykd_predict`` both run
+  ``pykd_network:network_forward`` on the same arrays, so for the same batch
+  and thread count they are the same bits, for every kind. They are also
+  checked against an independent float64 reference (tests/kinds_helpers.py).
+* Files: a Fortran load + save of a file Python wrote reproduces its bytes
+  (both writers make the format's canonical choices), and Python reads what
+  Fortran wrote.
+* Bad files are refused by both readers with the same words.
 """
 import json
 import os
@@ -27,8 +23,10 @@ import zlib
 import numpy as np
 import pytest
 
-import pykd
+from kinds_helpers import ACTIVATIONS, KINDS, act64, dense64, int8_reference, make_layer
+from pykd.layers import DenseInt8
 from pykd.modelfile import ModelFormatError, read_model, write_model
+from pykd.models import Model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.environ.get("PYKD_PREDICT_CLI") or os.path.join(
@@ -40,179 +38,225 @@ pytestmark = pytest.mark.skipif(
            "-Dpython=false && meson compile -C build/fortran) or set PYKD_PREDICT_CLI",
 )
 
-SIZES = (784, 128, 64, 10)
-TOL = 1e-5
+F32 = np.float32
+SIZES = (40, 24, 16, 6)
+N = 300
 
 
-@pytest.fixture(scope="module")
-def pixels():
-    """The Fashion-MNIST test images as uint8 (n, 784), or random ones."""
-    try:
-        from pykd.data import DEFAULT_DATA_DIR, read_idx
-        return read_idx(DEFAULT_DATA_DIR / "t10k-images-idx3-ubyte.gz").reshape(-1, 784)
-    except (OSError, ValueError):
-        return np.random.default_rng(0).integers(0, 256, (10000, 784), dtype=np.uint8)
+def _threads_env(threads):
+    env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    return env
 
 
-@pytest.fixture(scope="module")
-def X(pixels):
-    return np.divide(pixels, np.float32(255), dtype=np.float32)  # as pykd.data does
-
-
-def he_layers(seed, activations=("relu", "tanh", "identity")):
-    rng = np.random.default_rng(seed)
-    layers = []
-    for (n_in, n_out), act in zip(zip(SIZES[:-1], SIZES[1:]), activations):
-        W = (rng.standard_normal((n_in, n_out)) * np.sqrt(2 / n_in)).astype(np.float32)
-        b = (0.1 * rng.standard_normal(n_out)).astype(np.float32)
-        layers.append({"kind": "dense", "W": W, "b": b, "activation": act})
-    return layers
-
-
-def to_int8(layer):
-    q, scale = pykd.quantize_int8(layer["W"], per_channel=True, backend="numpy")
-    return {"kind": "dense_int8", "q": q, "scale": scale, "b": layer["b"],
-            "activation": layer["activation"]}
-
-
-def reference(model, X):
-    """NumPy forward pass of a model dict as returned by read_model."""
-    h = X.astype(np.float32)
-    if model["norm"] is not None:
-        mean, std = model["norm"]
-        h = (h - mean) / std
-    for layer in model["layers"]:
-        if layer["kind"] == "dense":
-            h = h @ layer["W"]
-            h += layer["b"]
-        else:
-            h = pykd.int8_matmul(h, layer["q"], layer["scale"], layer["b"], backend="numpy")
-        if layer["activation"] == "relu":
-            h = np.maximum(h, 0)
-        elif layer["activation"] == "tanh":
-            h = np.tanh(h)
-    return h
-
-
-def run_fortran(tmp_path, model_path, X, chunk=0, resave=None):
+def run_fortran(tmp_path, model_path, X, chunk=0, resave=None, threads=None):
+    """(logits, per-layer description lines) from predict_cli."""
     inp, out = tmp_path / "x.f32", tmp_path / "logits.f32"
     np.ascontiguousarray(X, dtype="<f4").tofile(inp)
     args = [CLI, str(model_path), str(inp), str(out), str(chunk)]
     if resave is not None:
         args.append(str(resave))
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env=_threads_env(threads))
     assert proc.returncode == 0, proc.stderr
-    return np.fromfile(out, dtype="<f4").reshape(X.shape[0], -1)
+    return np.fromfile(out, dtype="<f4").reshape(X.shape[0], -1), proc.stdout.splitlines()
 
 
-def assert_same_predictions(ref, got, margin):
-    """argmax equal except where the reference's top two are within `margin`."""
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    near_tie = top2[:, 1] - top2[:, 0] <= margin
-    differ = ref.argmax(axis=1) != got.argmax(axis=1)
-    assert not (differ & ~near_tie).any(), f"{int((differ & ~near_tie).sum())} predictions differ"
+def python_forward(model, X, batch_size, threads=None):
+    if threads is None:
+        return model.forward(X, batch_size=batch_size)
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=threads):
+        return model.forward(X, batch_size=batch_size)
 
 
-def test_float32_model_matches_numpy(tmp_path, X):
-    mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-    std = (X.std(axis=0, dtype=np.float64) + 0.1).astype(np.float32)
-    path = tmp_path / "f32.pykd"
-    write_model(path, he_layers(1), norm=(mean, std), metadata={"test": "float32"})
-    ref = reference(read_model(path), X)
-    got = run_fortran(tmp_path, path, X)
-    assert got.shape == ref.shape == (X.shape[0], 10)
-    np.testing.assert_allclose(got, ref, rtol=TOL, atol=TOL)
-    assert_same_predictions(ref, got, margin=4 * TOL * max(1, np.abs(ref).max()))
-    # Chunks from an OpenMP loop, one workspace per thread: same logits.
-    chunked = run_fortran(tmp_path, path, X, chunk=333)
-    np.testing.assert_allclose(chunked, got, rtol=TOL, atol=TOL)
+def kind_model(kind, seed, static=False, scalar_norms=False):
+    """Three layers of one kind, activations cycling through all six, both norms."""
+    rng = np.random.default_rng(seed)
+    acts = [ACTIVATIONS[(seed + k) % len(ACTIVATIONS)] for k in range(3)]
+    layers = [make_layer(kind, n_in, n_out, act, rng, static=static)
+              for n_in, n_out, act in zip(SIZES[:-1], SIZES[1:], acts)]
+    if scalar_norms:
+        norm, out_norm = (F32(0.25), F32(1.5)), (F32(-2), F32(3))
+    else:
+        norm = (rng.standard_normal(SIZES[0]).astype(F32),
+                (1 + rng.random(SIZES[0])).astype(F32))
+        out_norm = (rng.standard_normal(SIZES[-1]).astype(F32) * F32(5),
+                    (0.5 + rng.random(SIZES[-1])).astype(F32))
+    return Model(layers, norm=norm, out_norm=out_norm,
+                 metadata={"kind": kind, "caf\u00e9": [1, 2.5, None, True], "nested": {"a": {}}})
 
 
-def test_int8_model_is_bit_identical(tmp_path, X):
-    layers = [to_int8(layer) for layer in he_layers(2, ("relu", "relu", "identity"))]
-    path = tmp_path / "int8.pykd"
-    write_model(path, layers, norm=(np.float32(0.286), np.float32(0.353)))
-    ref = reference(read_model(path), X)
-    got = run_fortran(tmp_path, path, X)
-    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), \
-        f"max |diff| {np.abs(got - ref).max()}"
-    assert np.array_equal(got.argmax(axis=1), ref.argmax(axis=1))
-    # Per-sample quantization: a sample's result does not depend on its batch.
-    assert np.array_equal(run_fortran(tmp_path, path, X, chunk=97), got)
+def inputs(seed, n=N):
+    return np.random.default_rng(100 + seed).standard_normal((n, SIZES[0])).astype(F32)
 
 
-def test_float32_then_int8_is_bit_identical_with_dyadic_weights(tmp_path, pixels):
-    """A float32 layer feeding int8 layers. Weights are multiples of 1/16 and
-    inputs (x - 128) / 64 multiples of 1/64, so every product and partial sum
-    is exact in float32 whatever the BLAS summation order, and the int8 layers
-    see identical inputs. (With arbitrary float weights a 1-ulp difference
-    can move a quantized activation by one step; see the module docstring.)"""
-    rng = np.random.default_rng(3)
-    X = pixels.astype(np.float32)
-    dense = {"kind": "dense", "activation": "relu",
-             "W": (rng.integers(-8, 9, (784, 128)) / 16).astype(np.float32),
-             "b": (rng.integers(-8, 9, 128) / 16).astype(np.float32)}
-    tail = [to_int8(layer) for layer in he_layers(4, ("relu", "relu", "identity"))[1:]]
+def reference(model, X):
+    """Independent of network_forward: float64 layers from the layers' own
+    arrays (int8 layers by hand, exactly), output normalisation undone."""
+    h = ((X - model.norm[0]) / model.norm[1]).astype(F32)
+    for layer in model.layers:
+        if isinstance(layer, DenseInt8):
+            h = act64(int8_reference(h, layer).astype(np.float64), layer.activation).astype(F32)
+        else:
+            h = act64(h.astype(np.float64) @ dense64(layer) + layer.b, layer.activation).astype(F32)
+    return h.astype(np.float64) * model.out_norm[1] + model.out_norm[0]
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_fortran_logits_are_python_bits(tmp_path, kind):
+    model = kind_model(kind, KINDS.index(kind))
+    X = inputs(KINDS.index(kind))
+    path = tmp_path / f"{kind}.pykd"
+    model.save(path)
+    got, info = run_fortran(tmp_path, path, X)
+    assert info == [f"{layer.kind} {layer.activation} {layer.n_in} {layer.n_out}"
+                    for layer in model.layers]
+    ref = python_forward(model, X, batch_size=N)
+    assert same_bits(got, ref), f"max |diff| {np.abs(got - ref).max()}"
+    # Chunks from an OpenMP loop (one workspace per thread) against the same
+    # chunks from Python.
+    chunked, _ = run_fortran(tmp_path, path, X, chunk=64)
+    assert same_bits(chunked, python_forward(model, X, batch_size=64))
+    # And both against an independent float64 reference.
+    exact = reference(model, X)
+    rel = 1e-5 if kind == "dense_int8" else 1e-4
+    np.testing.assert_allclose(got, exact, rtol=rel, atol=rel * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mixed_model_same_bits_at_a_given_thread_count(tmp_path, threads):
+    """One model with every kind in a chain (static int8 in it): the same
+    bits from Fortran and Python for 1 and for 2 threads."""
+    rng = np.random.default_rng(7)
+    widths = [32, 28, 24, 20, 16, 12, 8]
+    layers = [make_layer(kind, a, b, act, rng, static=(kind == "dense_int8"))
+              for kind, a, b, act in zip(KINDS, widths[:-1], widths[1:], ACTIVATIONS)]
+    model = Model(layers, norm=(F32(0.5), F32(2)))
+    X = rng.standard_normal((2000, 32)).astype(F32)
     path = tmp_path / "mixed.pykd"
-    write_model(path, [dense] + tail, norm=(np.float32(128), np.float32(64)))
-    ref = reference(read_model(path), X)
-    got = run_fortran(tmp_path, path, X)
-    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), \
-        f"max |diff| {np.abs(got - ref).max()}"
+    model.save(path)
+    got, info = run_fortran(tmp_path, path, X, threads=threads)
+    assert [line.split()[0] for line in info] == list(KINDS)
+    ref = python_forward(model, X, batch_size=len(X), threads=threads)
+    assert same_bits(got, ref), f"max |diff| {np.abs(got - ref).max()}"
 
 
-def test_model_saved_by_fortran_reads_back_in_python(tmp_path, X):
-    layers = he_layers(5)
-    layers[1] = to_int8(layers[1])
-    path, again = tmp_path / "orig.pykd", tmp_path / "again.pykd"
-    meta = {"name": "round trip", "unicode": "\u00e9\u4e2d", "nested": {"a": [1, 2.5]}}
-    mean = np.linspace(0, 1, 784, dtype=np.float32)
-    std = np.linspace(1, 2, 784, dtype=np.float32)
-    write_model(path, layers, norm=(mean, std), metadata=meta)
-    run_fortran(tmp_path, path, X[:10], resave=again)
+@pytest.mark.parametrize("kind, variant", [(k, v) for k in KINDS for v in ("per_feature", "scalar")]
+                         + [("dense_int8", "static")])
+def test_fortran_load_save_reproduces_python_bytes(tmp_path, kind, variant):
+    model = kind_model(kind, 20 + KINDS.index(kind), static=variant == "static",
+                       scalar_norms=variant == "scalar")
+    path, again = tmp_path / "python.pykd", tmp_path / "fortran.pykd"
+    model.save(path)
+    run_fortran(tmp_path, path, inputs(0, 5), resave=again)
     assert again.read_bytes() == path.read_bytes()  # the same bytes, CRC included
-    m = read_model(again)
-    assert m["metadata"] == meta and m["n_features"] == 784 and m["n_outputs"] == 10
-    assert [layer["kind"] for layer in m["layers"]] == ["dense", "dense_int8", "dense"]
 
 
-def _bad(data, what):
-    if what == "magic":
-        return b"XYKDMDL\0" + data[8:]
-    if what == "version":
-        return data[:8] + (7).to_bytes(4, "little") + data[12:]
-    if what == "truncated":
-        return data[: len(data) // 2]
-    if what == "checksum":
-        mid = len(data) // 2
-        return data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
-    if what == "trailing":
-        return data + b"\0\0\0"
-    if what == "unknown kind":  # layer 1 kind = 9, with a valid CRC
-        at = 28 + 4 + 4 + 2       # no norms, metadata "{}"
-        body = data[:at] + (9).to_bytes(4, "little") + data[at + 4:-12]
-        return body + zlib.crc32(body).to_bytes(4, "little") + data[-8:]
-    raise AssertionError(what)
+def test_python_reads_what_fortran_wrote(tmp_path):
+    rng = np.random.default_rng(9)
+    layers = [make_layer(kind, 10, 10, "relu", rng) for kind in KINDS]
+    model = Model(layers, metadata={"name": "round trip", "unicode": "\u00e9\u4e2d"})
+    path, again = tmp_path / "orig.pykd", tmp_path / "again.pykd"
+    model.save(path)
+    run_fortran(tmp_path, path, rng.standard_normal((3, 10)).astype(F32), resave=again)
+    a, b = read_model(path), read_model(again)
+    assert b["metadata"] == model.metadata and b["version"] == 2
+    assert [layer["kind"] for layer in b["layers"]] == list(KINDS)
+    for la, lb in zip(a["layers"], b["layers"]):
+        assert la.keys() == lb.keys()
+        for key in la:
+            if isinstance(la[key], np.ndarray):
+                assert np.array_equal(la[key], lb[key]), key
+            else:
+                assert la[key] == lb[key], key
 
 
-@pytest.mark.parametrize("what, phrase", [
-    ("magic", "bad magic"),
-    ("version", "unsupported model format version 7"),
-    ("truncated", "truncated"),
-    ("checksum", "checksum mismatch"),
-    ("trailing", "trailing garbage"),
-    ("unknown kind", "layer 1: unknown kind 9"),
-])
-def test_bad_files_are_refused_by_both_readers(tmp_path, what, phrase):
+def _v1_file(W, b, q, scale, b2):
+    """A version-1 file by hand: scalar norm, dense relu then int8 identity."""
+    u32 = lambda *v: np.array(v, "<u4").tobytes()  # noqa: E731
+    body = (b"PYKDMDL\0" + u32(1, 2, W.shape[0], q.shape[1], 2)
+            + np.array([0.5, 2.0], "<f4").tobytes() + u32(2) + b"{}"
+            + u32(1, 1, *W.shape) + W.astype("<f4").tobytes() + b.astype("<f4").tobytes()
+            + u32(2, 0, *q.shape) + q.tobytes() + scale.astype("<f4").tobytes()
+            + b2.astype("<f4").tobytes())
+    return body + u32(zlib.crc32(body)) + b"PYKDEND\0"
+
+
+def test_version1_file_same_in_both(tmp_path):
+    rng = np.random.default_rng(11)
+    W = (rng.integers(-8, 9, (12, 9)) / 16).astype(F32)
+    b = (rng.integers(-8, 9, 9) / 16).astype(F32)
+    q = rng.integers(-127, 128, (9, 4)).astype(np.int8)
+    scale, b2 = rng.random(4).astype(F32) / 50, rng.standard_normal(4).astype(F32)
+    path = tmp_path / "v1.pykd"
+    path.write_bytes(_v1_file(W, b, q, scale, b2))
+    m = read_model(path)
+    assert m["version"] == 1 and [layer["kind"] for layer in m["layers"]] == ["dense", "dense_int8"]
+    X = rng.integers(-40, 40, (50, 12)).astype(F32)
+    got, info = run_fortran(tmp_path, path, X, resave=tmp_path / "v2.pykd")
+    assert info == ["dense relu 12 9", "dense_int8 identity 9 4"]
+    h = np.maximum((X - F32(0.5)) / F32(2) @ W + b, 0)  # exact: dyadic numbers
+    layer = DenseInt8(q, scale, b2, "identity")
+    assert same_bits(got, int8_reference(h.astype(F32), layer))
+    v2 = read_model(tmp_path / "v2.pykd")
+    assert v2["version"] == 2 and np.array_equal(v2["layers"][1]["q"], q)
+
+
+def _with_crc(body_and_trailer):
+    body = body_and_trailer[:-12]
+    return body + zlib.crc32(body).to_bytes(4, "little") + body_and_trailer[-8:]
+
+
+def _patch_u32(data, at, value):
+    return _with_crc(data[:at] + int(value).to_bytes(4, "little") + data[at + 4:])
+
+
+REC = 28 + 4 + 4 + 2   # layer 1's record: header, out_norm, meta_len, "{}" (no norms)
+
+BAD = {
+    "magic": (lambda d: b"XYKDMDL\0" + d[8:], "bad magic"),
+    "version": (lambda d: d[:8] + (7).to_bytes(4, "little") + d[12:],
+                "unsupported model format version 7 (this pykd reads versions 1 and 2)"),
+    "truncated": (lambda d: d[: len(d) // 2], "truncated"),
+    "checksum": (lambda d: d[: len(d) // 2] + bytes([d[len(d) // 2] ^ 0xFF]) + d[len(d) // 2 + 1:],
+                 "checksum mismatch"),
+    "trailing": (lambda d: d + b"\0\0\0", "trailing garbage"),
+    "unknown kind": (lambda d: _patch_u32(d, REC, 9), "layer 1: unknown kind 9"),
+    "unknown activation": (lambda d: _patch_u32(d, REC + 4, 6), "layer 1: unknown activation 6"),
+    "payload_bytes": (lambda d: _patch_u32(d, REC + 16, 4),
+                      "layer 1: payload_bytes is 4, but its fields imply"),
+    "n_layers": (lambda d: _patch_u32(d, 12, 2**32 - 1),
+                 "n_layers = 4294967295 is larger than the largest count 2^31 - 1"),
+    "no layers": (lambda d: _patch_u32(d, 12, 0), "model has no layers"),
+    "n_outputs": (lambda d: _patch_u32(d, 20, 7), "outputs 6 but the model has n_outputs = 7"),
+    "in_norm": (lambda d: _patch_u32(d, 24, 5), "in_norm: unknown norm kind 5"),
+    "out_norm": (lambda d: _patch_u32(d, 28, 5), "out_norm: unknown norm kind 5"),
+    "metadata": (lambda d: _with_crc(d[:36] + b"[]" + d[38:]), "metadata is not a JSON object"),
+    "chain": (lambda d: _patch_u32(d, REC + 8, 41),
+              "layer 1 takes 41 inputs but the model has n_features = 40"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD))
+def test_bad_files_are_refused_by_both_readers(tmp_path, what):
     good = tmp_path / "good.pykd"
-    write_model(good, he_layers(6), metadata={})
+    rng = np.random.default_rng(6)
+    write_model(good, [make_layer("dense", a, b, "relu", rng).to_record()
+                       for a, b in zip(SIZES[:-1], SIZES[1:])])
     assert json.dumps(read_model(good)["metadata"]) == "{}"
+    damage, phrase = BAD[what]
     bad = tmp_path / "bad.pykd"
-    bad.write_bytes(_bad(good.read_bytes(), what))
+    bad.write_bytes(damage(good.read_bytes()))
     with pytest.raises(ModelFormatError, match=re.escape(phrase)):
         read_model(bad)
     inp = tmp_path / "x.f32"
-    np.zeros((1, 784), "<f4").tofile(inp)
+    np.zeros((1, SIZES[0]), "<f4").tofile(inp)
     proc = subprocess.run([CLI, str(bad), str(inp), str(tmp_path / "out.f32")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0

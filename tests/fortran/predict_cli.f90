@@ -7,8 +7,10 @@
 !! i.e. Fortran's x(F, n)); OUTPUT receives the logits, NumPy (n, classes).
 !! CHUNK > 0 predicts in chunks of CHUNK samples from an OpenMP loop (one
 !! workspace per thread) instead of one batched call. RESAVE writes the
-!! loaded model back with pykd_save_model. On failure: the library's message
-!! on stderr and exit status 2.
+!! loaded model back with pykd_save_model. Standard output gets one line per
+!! layer, `<kind> <activation> <n_in> <n_out>` (the accessors layer_kind,
+!! layer_activation and layer_sizes). On failure: the library's message on
+!! stderr and exit status 2.
 program predict_cli
   use iso_fortran_env, only: real32, int64, error_unit
   !$ use omp_lib, only: omp_get_thread_num, omp_get_max_threads
@@ -20,7 +22,8 @@ program predict_cli
   character(len=:), allocatable :: model_path, in_path, out_path, arg
   character(len=512) :: msg
   integer(int64) :: n_bytes, n
-  integer :: stat, u, chunk, c, tid, n_bad, st, nt
+  integer, allocatable :: sizes(:)
+  integer :: stat, u, chunk, c, tid, n_bad, st, nt, l
 
   if (command_argument_count() < 3) call die('usage: predict_cli MODEL INPUT OUTPUT [CHUNK [RESAVE]]')
   model_path = argument(1); in_path = argument(2); out_path = argument(3)
@@ -33,6 +36,10 @@ program predict_cli
 
   call pykd_load_model(model_path, model, stat, msg)
   if (stat /= PYKD_OK) call die(msg)
+  sizes = model%layer_sizes()
+  do l = 1, model%n_layers()
+    write (*, '(a,1x,a,1x,i0,1x,i0)') model%layer_kind(l), model%layer_activation(l), sizes(l), sizes(l + 1)
+  end do
 
   open (newunit=u, file=in_path, access='stream', form='unformatted', status='old', action='read', iostat=stat)
   if (stat /= 0) call die('cannot open '//in_path)
