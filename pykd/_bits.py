@@ -291,7 +291,7 @@ def rice_decode(data, k: int, count: int, max_value: int) -> np.ndarray:
     return gaps
 
 
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16  # bits per chunk when listing zero-bits: bounded scratch
 
 
 def _terminators(stream: np.ndarray, k: int, count: int) -> np.ndarray:
