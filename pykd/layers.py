@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _codes
+from . import _bits, _codes
 from . import _reference as ref
 
 __all__ = ["Layer", "Dense", "DenseInt8", "SparseCSR", "LowRank", "Codebook",
@@ -105,27 +105,15 @@ def _fewest_bits(n_codes, choices):
 # ------------------------------------------------------------- bit streams
 
 def pack_bits(codes, bits):
-    """Pack unsigned codes ``bits`` (1, 2, 4 or 8) to an index, least
-    significant bit first (docs/format.md, *Bit streams*); uint8 array of
-    ``ceil(len(codes) * bits / 8)`` bytes, unused high bits 0."""
-    codes = np.asarray(codes, np.uint8).reshape(-1)
-    if bits == 8:
-        return codes.copy()
-    per = 8 // bits
-    pad = (-codes.size) % per
-    c = np.concatenate([codes, np.zeros(pad, np.uint8)]).reshape(-1, per)
-    shifts = (np.arange(per, dtype=np.uint8) * bits)
-    return np.bitwise_or.reduce(c << shifts, axis=1).astype(np.uint8)
+    """Pack unsigned codes (any shape, uint8) ``bits`` to an index, least
+    significant bit first (docs/format.md, *Bit streams*): :func:`pykd._bits.pack`."""
+    return _bits.pack(np.ascontiguousarray(codes, np.uint8).reshape(-1), bits)
 
 
 def unpack_bits(packed, bits, count):
-    """The first ``count`` codes of a stream written by :func:`pack_bits`."""
-    if bits == 8:
-        return packed[:count].copy()
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits)
-    mask = np.uint8(2**bits - 1)
-    return ((packed[:, None] >> shifts) & mask).reshape(-1)[:count]
+    """The ``count`` codes of a stream written by :func:`pack_bits`
+    (:func:`pykd._bits.unpack`; ValueError on a wrong length or padding)."""
+    return _bits.unpack(packed, bits, count)
 
 
 # ------------------------------------------------------------------ layers
@@ -570,11 +558,12 @@ class Codebook(Layer):
             self.n_in = _size("n_in", n_in)
             nbytes = -(-self.n_in * self.n_out * self.bits // 8)
             _arr("packed codes", codes, np.uint8, 1, (nbytes,))
-            decoded = unpack_bits(codes, self.bits, self.n_in * self.n_out)
+            try:
+                decoded = unpack_bits(codes, self.bits, self.n_in * self.n_out)
+            except ValueError as e:
+                raise ValueError(f"packed codes: {e}") from None
             if decoded.size and decoded.max() >= n_codes:
                 raise ValueError(f"codes must be < n_codes = {n_codes}, found {decoded.max()}")
-            if not np.array_equal(pack_bits(decoded, self.bits), codes):
-                raise ValueError("the unused high bits of the packed stream's last byte must be 0")
             packed = codes
         else:
             raise ValueError(f"codes must be 2-D (n_in, n_out) or a 1-D packed stream, "
@@ -624,13 +613,6 @@ class Codebook(Layer):
 
     def _payload_bytes(self):
         return 8 + 4 * self.n_codes + self.packed.size + 4 * self.n_out
-
-
-def rice_bytes(gaps, k):
-    """Bytes of the Rice code of ``gaps`` with parameter ``k`` (docs/format.md)."""
-    gaps = np.asarray(gaps, np.int64)
-    bits = int((gaps >> k).sum()) + gaps.size * (1 + k)
-    return -(-bits // 8)
 
 
 class SparseCodebook(Layer):
@@ -710,9 +692,8 @@ class SparseCodebook(Layer):
         return rows * self.n_out + self.indices
 
     def _payload_bytes(self):
-        p = self._positions()
-        gaps = np.diff(p, prepend=-1) - 1 if p.size else p
-        pos = min(rice_bytes(gaps, k) for k in range(32))
+        gaps = _bits.positions_to_gaps(self._positions())
+        pos = _bits.packed_len(_bits.rice_nbits(gaps, _bits.best_rice_k(gaps)), 1)
         return 20 + 4 * self.n_codes + pos + -(-self.nnz * self.bits // 8) + 4 * self.n_out
 
 

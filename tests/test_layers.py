@@ -174,7 +174,7 @@ def test_bad_inputs_are_clear_errors():
         Codebook(np.zeros(3, F32), np.full((3, 2), 3, np.uint8), b)
     with pytest.raises(ValueError, match="needs n_in"):
         Codebook(np.zeros(3, F32), np.zeros(2, np.uint8), b)
-    with pytest.raises(ValueError, match="unused high bits"):
+    with pytest.raises(ValueError, match="unused high"):
         Codebook(np.zeros(2, F32), np.array([0xFF], np.uint8), b, n_in=3)
     with pytest.raises(ValueError, match="codes must be < n_codes"):
         SparseCodebook(ip, np.array([0, 1], np.int32), np.array([0, 4], np.uint8),
@@ -189,3 +189,17 @@ def test_sparse_twin_matches_scipy_product():
     x = rng.standard_normal((4, 30)).astype(F32)
     assert_close(layer.forward_numpy(x), x.astype(np.float64) @ layer.to_scipy().toarray()
                  + layer.b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_record_bytes_is_the_file_record(kind, tmp_path):
+    """record_bytes (what sparsify compares) is the record the writer writes."""
+    import json
+    import os
+    from pykd.models import Model
+    rng = np.random.default_rng([KINDS.index(kind), 21])
+    for n_in, n_out in ((12, 10), (7, 300), (3, 70000)):
+        layer = make_layer(kind, n_in, n_out, "relu", rng, static=True)
+        Model([layer]).save(tmp_path / "m.pykd")
+        header = 8 + 4 * 5 + 4 + 4 + len(json.dumps({}))      # no norms, metadata {}
+        assert os.path.getsize(tmp_path / "m.pykd") == header + layer.record_bytes() + 12

@@ -7,23 +7,12 @@ import numpy as np
 import pytest
 
 import pykd
-from pykd import _codes, modelfile
+from pykd import _codes
 from pykd.layers import Dense, DenseInt8
 from pykd.models import MLP, Model, load_model
 
 from kinds_helpers import (ACTIVATIONS, F32, KINDS, act64, assert_close, dense64,
                            make_layer)
-
-#: Kinds the Fortran network routine runs (the others run only in NumPy until
-#: their Fortran module lands).
-FORTRAN_KINDS = ("dense", "dense_int8", "sparse_csr", "low_rank")
-#: The model file writer knows every kind (format version 2).
-V2 = getattr(modelfile, "VERSION", 1) >= 2 or 2 in getattr(modelfile, "VERSIONS", ())
-
-
-def fortran_kind(kind):
-    if kind not in FORTRAN_KINDS:
-        pytest.skip(f"no Fortran {kind} layer in this build yet")
 
 
 def chain(kinds, acts, rng, sizes=None, static=False):
@@ -45,7 +34,6 @@ def twin_chain(layers, x, norm=None, out_norm=None):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_fortran_forward_equals_twin(kind, act):
-    fortran_kind(kind)
     rng = np.random.default_rng([KINDS.index(kind), ACTIVATIONS.index(act), 1])
     layers = chain([kind, kind], [act, "identity"], rng)
     model = Model(layers)
@@ -78,9 +66,8 @@ def test_all_kinds_in_one_model():
     X = rng.standard_normal((20, 13)).astype(F32)
     want = twin_chain(model.layers, X, (F32(0.25), F32(1.5)), (F32(2), F32(0.5)))
     assert np.array_equal(model.forward(X, backend="numpy"), want)
-    if all(k in FORTRAN_KINDS for k in KINDS):
-        for bs in (1, 7, 64):
-            assert_close(model.forward(X, batch_size=bs), want)
+    for bs in (1, 7, 64):
+        assert_close(model.forward(X, batch_size=bs), want)
 
 
 @pytest.mark.parametrize("backend", ["fortran", "numpy"])
@@ -251,10 +238,6 @@ def test_fit_rejects_a_model_with_a_hint():
 
 # ------------------------------------------------------------------ files
 
-needs_v2 = pytest.mark.skipif(not V2, reason="the model file writer is still version 1")
-
-
-@needs_v2
 @pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip_every_kind(kind, tmp_path):
     rng = np.random.default_rng([KINDS.index(kind), 15])
@@ -269,11 +252,11 @@ def test_save_load_round_trip_every_kind(kind, tmp_path):
     assert np.array_equal(again.f32, model.f32)
     assert np.array_equal(again.i8, model.i8) and np.array_equal(again.i32, model.i32)
     X = rng.standard_normal((6, 13)).astype(F32)
-    backend = "fortran" if kind in FORTRAN_KINDS else "numpy"
-    assert np.array_equal(again.forward(X, backend=backend), model.forward(X, backend=backend))
+    for backend in ("fortran", "numpy"):
+        assert np.array_equal(again.forward(X, backend=backend),
+                              model.forward(X, backend=backend))
 
 
-@needs_v2
 def test_load_model_returns_mlp_or_model(tmp_path):
     rng = np.random.default_rng(16)
     mlp = MLP([13, 11, 9], seed=2, norm=(0.5, 2.0))
@@ -306,9 +289,8 @@ def test_load_model_refuses_non_paths():
 
 def test_two_threads_share_one_model():
     rng = np.random.default_rng(17)
-    kinds = [k for k in KINDS if k in FORTRAN_KINDS]
-    layers = [make_layer(kinds[i % len(kinds)], n_in, n_out, "relu", rng)
-              for i, (n_in, n_out) in enumerate([(200, 300), (300, 300), (300, 10)])]
+    layers = [make_layer(KINDS[i], n_in, n_out, "relu", rng) for i, (n_in, n_out) in
+              enumerate([(200, 300), (300, 300), (300, 250), (250, 200), (200, 150), (150, 10)])]
     model = Model(layers, norm=(0.1, 1.3))
     X = [rng.standard_normal((3000, 200)).astype(F32) for _ in range(2)]
     want = [model.forward(x, batch_size=256) for x in X]
@@ -334,8 +316,6 @@ def test_two_threads_share_one_model():
 
 @pytest.mark.parametrize("backend", ["fortran", "numpy"])
 def test_nonfinite_into_int8_names_the_layer(backend):
-    if backend == "fortran":
-        fortran_kind("dense_int8")
     rng = np.random.default_rng(18)
     model = Model(chain(["dense", "dense_int8"], ["relu", "identity"], rng), backend=backend)
     X = rng.standard_normal((4, 13)).astype(F32)
@@ -452,7 +432,6 @@ def test_cli_evaluate_and_soft_labels_on_an_mlp(tmp_path, capsys):
     _check_cli_model(tmp_path, MLP([13, 8, 5], seed=0, norm=(0.5, 0.3)), capsys)
 
 
-@needs_v2
 @pytest.mark.parametrize("convert", ["quantize", "sparsify", "low_rank", "cluster"])
 def test_cli_evaluate_and_soft_labels_on_every_kind(tmp_path, capsys, convert):
     mlp = MLP([13, 40, 30, 5], seed=0, norm=(0.5, 0.3))
@@ -461,8 +440,6 @@ def test_cli_evaluate_and_soft_labels_on_every_kind(tmp_path, capsys, convert):
              "sparsify": lambda: pykd.sparsify(mlp),
              "low_rank": lambda: pykd.low_rank(mlp, rank=3),
              "cluster": lambda: pykd.cluster(pykd.sparsify(mlp), 4)}[convert]()
-    if not all(k in FORTRAN_KINDS for k in model.kinds):
-        pytest.skip(f"no Fortran layer for one of {model.kinds} yet")
     _check_cli_model(tmp_path, model, capsys)
 
 
@@ -498,7 +475,7 @@ def test_forward_copies_no_array(tmp_path):
     if not _build_config.copy_report:
         pytest.skip("built without copy_report")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", NO_COPY_CHILD, ",".join(FORTRAN_KINDS)],
+    proc = subprocess.run([sys.executable, "-c", NO_COPY_CHILD, ",".join(KINDS)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "@@ done" in proc.stderr
