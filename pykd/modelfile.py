@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import stat
 import tempfile
 import zlib
@@ -62,6 +63,7 @@ DECODED_SLACK = 64 * 1024
 V1_KINDS = ("dense", "dense_int8")
 V1_ACTIVATIONS = ("identity", "relu", "tanh")
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 _ACTIVATION_NAMES = {v: k for k, v in ACTIVATION_CODES.items()}
 _NORM_NAMES = {v: k for k, v in NORM_CODES.items()}
@@ -780,7 +782,7 @@ class _Parser:
 
     def metadata(self) -> dict:
         meta_len = self.u32("meta_len")
-        raw = self.take(meta_len, "metadata")
+        raw = bytes(self.take(meta_len, "metadata"))
         if meta_len > MAX_METADATA_BYTES:
             raise ModelFormatError(f"metadata is {meta_len} bytes, more than the "
                                    f"{MAX_METADATA_BYTES >> 20} MiB limit")
@@ -791,7 +793,7 @@ class _Parser:
             raise ValueError(f"{name} is not JSON")
 
         try:
-            metadata = json.loads(bytes(raw).decode("utf-8"), parse_constant=no_constants)
+            metadata = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
         except RecursionError:
             raise ModelFormatError(
                 f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep") from None
@@ -802,6 +804,12 @@ class _Parser:
         if _json_depth_exceeds(metadata, MAX_METADATA_DEPTH):
             raise ModelFormatError(
                 f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
+        if _SURROGATE_ESCAPE.search(raw):  # only then can a string hold a lone surrogate
+            try:
+                json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ModelFormatError("metadata holds a lone surrogate \\uD800-\\uDFFF "
+                                       "(not valid Unicode)") from None
         return metadata
 
     def layer(self, k: int) -> tuple[dict, int, int]:

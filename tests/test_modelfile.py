@@ -856,9 +856,16 @@ def meta_file(meta):
     (b'{"a": ' + b"9" * 5000 + b"}", "not valid UTF-8 JSON"),        # int digits limit
     (b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested more than 64 levels deep"),
     (b'{"a": ' + b"[" * 64 + b"]" * 64 + b"}", "nested more than 64 levels deep"),
+    (b'{"a": "\\ud800"}', r"metadata holds a lone surrogate \\uD800-\\uDFFF"),
+    (b'{"a": "x\\udfff"}', "lone surrogate"),
 ])
 def test_bad_metadata_in_file(tmp_path, meta, match):
     check_error(tmp_path, meta_file(meta), match)
+
+
+def test_metadata_with_escaped_surrogate_pair_loads(tmp_path):
+    model = read_bytes(tmp_path, meta_file(b'{"a": "\\ud83d\\ude00"}'))
+    assert model["metadata"] == {"a": "\U0001F600"}
 
 
 def test_metadata_at_the_depth_limit_loads(tmp_path):
