@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _step
 from ._step import TrainConfig
-from .models import MLP
+from .models import MLP, _argmax_finite
 
 __all__ = [
     "CHECKPOINT_VERSION", "NonFiniteLossError", "TrainConfig", "TrainingInterrupted",
@@ -268,8 +268,8 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
     n_classes = model.n_outputs
     y = _as_labels("y", y, X.shape[0], n_classes)
     logits = model.forward(X, batch_size=batch_size, backend=backend)
+    pred = _argmax_finite(logits)          # rows with NaN/inf logits: a ValueError naming them
     accuracy, loss = _logits_stats(logits, y)
-    pred = logits.argmax(axis=1)
     confusion = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
     agreement = None
     if teacher is not None:

@@ -480,3 +480,13 @@ def test_forward_copies_no_array(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "@@ done" in proc.stderr
     assert "copied an array" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_evaluate_refuses_nonfinite_logits():
+    model = Model(chain(["dense", "dense"], ["relu", "identity"], np.random.default_rng(2)))
+    X = np.ones((4, 13), F32)
+    X[1, 1] = np.inf
+    with pytest.raises(ValueError, match=r"rows 1\)"):
+        pykd.evaluate(model, X, np.zeros(4, np.int64))
+    ev = pykd.evaluate(model, np.ones((4, 13), F32), np.zeros(4, np.int64))
+    assert ev["parameters"] == model.parameters and ev["nonzeros"] == model.nonzeros
