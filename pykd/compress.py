@@ -43,6 +43,8 @@ def _rebuild(model, layers, step):
     appended to the metadata's ``compression`` list."""
     from .models import Model
     meta = dict(model.metadata)
+    if meta.get("model") == "MLP":
+        meta["model"] = "Model"           # what the file now holds (training history kept)
     meta["compression"] = list(meta.get("compression", [])) + [step]
     return Model(layers, norm=model.norm, out_norm=model.out_norm, metadata=meta,
                  backend=model.backend)

@@ -490,3 +490,17 @@ def test_evaluate_refuses_nonfinite_logits():
         pykd.evaluate(model, X, np.zeros(4, np.int64))
     ev = pykd.evaluate(model, np.ones((4, 13), F32), np.zeros(4, np.int64))
     assert ev["parameters"] == model.parameters and ev["nonzeros"] == model.nonzeros
+
+
+def test_distill_from_a_compressed_teacher_with_a_hint(tmp_path, capsys):
+    from pykd.cli import main
+    X, _, _ = _cli_data(tmp_path)
+    teacher = pykd.quantize_model(MLP([13, 20, 5], seed=1, norm=(0.5, 0.3)))
+    teacher.save(tmp_path / "t.pykd")
+    feats = pykd.train.hint_targets_from(teacher, X, 1)
+    assert np.array_equal(feats, teacher.forward(X, upto=1, batch_size=4096))
+    assert main(["distill", "--teacher", str(tmp_path / "t.pykd"), "--hidden", "6",
+                 "--epochs", "1", "--hint-student-layer", "1", "--data",
+                 str(tmp_path / "d.npz"), "--out", str(tmp_path / "s.pykd"), "--quiet"]) == 0
+    student = load_model(tmp_path / "s.pykd")
+    assert isinstance(student, MLP) and student.sizes == [13, 6, 5]
