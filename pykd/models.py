@@ -19,6 +19,7 @@ checkpoints belong to :func:`pykd.train.fit`.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import numpy as np
@@ -39,9 +40,13 @@ _F32 = np.float32
 
 def _check_sizes(sizes):
     try:
-        sizes = [int(s) for s in sizes]
-    except (TypeError, ValueError):
+        items = list(sizes)
+    except TypeError:
         raise TypeError(f"sizes must be a sequence of positive integers, got {sizes!r}") from None
+    for s in items:   # 3.7 is an error, not 3
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"sizes must be a sequence of positive integers, got {sizes!r}")
+    sizes = [int(s) for s in items]
     if len(sizes) < 2 or min(sizes) < 1:
         raise ValueError(
             f"sizes must list at least an input and an output size, all >= 1, got {sizes}")

@@ -504,3 +504,11 @@ def test_distill_from_a_compressed_teacher_with_a_hint(tmp_path, capsys):
                  str(tmp_path / "d.npz"), "--out", str(tmp_path / "s.pykd"), "--quiet"]) == 0
     student = load_model(tmp_path / "s.pykd")
     assert isinstance(student, MLP) and student.sizes == [13, 6, 5]
+
+
+def test_mlp_sizes_must_be_integers():
+    with pytest.raises(TypeError, match="positive integers"):
+        MLP([3.7, 4, 2])
+    with pytest.raises(TypeError, match="positive integers"):
+        MLP(["3", 2])
+    assert MLP([np.int64(3), 2]).sizes == [3, 2]
