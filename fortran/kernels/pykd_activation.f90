@@ -56,21 +56,33 @@ contains
   end subroutine bias_activation
 
   !> One column. The select is on the activation code, once per column.
+  !! tanh, exp and erf are called one element at a time (!GCC$ novector):
+  !! under -fopenmp, gfortran vectorizes them with glibc's SIMD variants
+  !! (libmvec, declared by the math-vector-fortran.h pre-include), whose bits
+  !! differ from the scalar functions and between the SSE and AVX2 builds,
+  !! so the baseline and avx2 builds (and Python and Fortran) would disagree.
   subroutine act_column(act, m, z)
     integer, intent(in) :: act, m
     real(real32), intent(inout) :: z(m)
     real(real32) :: e(m)
+    integer :: i
 
     select case (act)
     case (ACT_RELU)
       ! z < 0 is false for NaN, so NaN is kept; -0.0 stays -0.0 (as np.maximum).
       z = merge(0.0_real32, z, z < 0)
     case (ACT_TANH)
-      z = tanh(z)
+      !GCC$ novector
+      do i = 1, m
+        z(i) = tanh(z(i))
+      end do
     case (ACT_SIGMOID)
       z = sigmoid(m, z)
     case (ACT_GELU)
-      z = 0.5_real32 * z * (1 + erf(z / sqrt(2.0_real32)))
+      !GCC$ novector
+      do i = 1, m
+        z(i) = 0.5_real32 * z(i) * (1 + erf(z(i) / sqrt(2.0_real32)))
+      end do
     case (ACT_SILU)
       e = sigmoid(m, z)
       z = z * e
@@ -83,7 +95,11 @@ contains
     integer, intent(in) :: m
     real(real32), intent(in) :: z(m)
     real(real32) :: s(m), e(m)
-    e = exp(-abs(z))
+    integer :: i
+    !GCC$ novector
+    do i = 1, m
+      e(i) = exp(-abs(z(i)))
+    end do
     s = merge(1 / (1 + e), e / (1 + e), z >= 0)
     ! NaN: z >= 0 is false, e is NaN, so s = NaN / (1 + NaN) = NaN.
   end function sigmoid
