@@ -178,14 +178,6 @@ class MLP:
         return m
 
     # ------------------------------------------------------------- inference
-    def _check_input(self, X):
-        if not isinstance(X, np.ndarray):
-            raise TypeError(f"X must be a numpy array, got {type(X).__name__}")
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            raise ValueError(f"X must have shape (n, {self.n_features}), got {X.shape}")
-        if X.dtype.kind not in "iuf":
-            raise TypeError(f"X must be numeric, got dtype {X.dtype}")
-
     def normalize(self, X, out=None):
         """``(X - mean) / std`` as a new float32 array (or into ``out``)."""
         if out is None:
@@ -227,26 +219,25 @@ class MLP:
 
     def _network(self):
         """The :class:`Model` view of the buffer (cached; rebuilt when the
-        buffer or the normalisation changes)."""
-        net = self._net
-        if net is None or net._mlp_norm is not self.norm:
-            net = Model._wrap([Dense._unchecked(W, b, a) for (W, b), a
-                               in zip(self.layers, self.activations)],
-                              _mlp_table(self.sizes, self.activations), self.params,
-                              norm=self.norm, metadata=self.metadata, backend=self.backend)
-            net._mlp_norm = self.norm
+        buffer, the normalisation or the activations change)."""
+        net, key = self._net, (self.norm, tuple(self.activations))
+        if net is None or net._mlp_key[0] is not key[0] or net._mlp_key[1] != key[1]:
+            net = self._view(self.metadata)
+            net._mlp_key = key
             self._net = net
         return net
+
+    def _view(self, metadata):
+        return Model._wrap([Dense._unchecked(W, b, a) for (W, b), a
+                            in zip(self.layers, self.activations)],
+                           _mlp_table(self.sizes, self.activations), self.params,
+                           norm=self.norm, metadata=metadata, backend=self.backend)
 
     def to_model(self):
         """This network as a :class:`Model` of dense layers, without a copy:
         the model's float32 buffer *is* ``self.params`` (training this MLP
         changes the model)."""
-        net = Model._wrap([Dense._unchecked(W, b, a) for (W, b), a
-                           in zip(self.layers, self.activations)],
-                          _mlp_table(self.sizes, self.activations), self.params,
-                          norm=self.norm, metadata=dict(self.metadata), backend=self.backend)
-        return net
+        return self._view(dict(self.metadata))
 
     __call__ = forward
 
@@ -443,7 +434,7 @@ class Model:
         self._norm_kinds = np.array([c_in, c_out], np.int32)
         self.metadata = dict(metadata or {})
         self.backend = backend
-        self._mlp_norm = None
+        self._mlp_key = (None, ())
 
     # ----------------------------------------------------------- properties
     @property

@@ -512,3 +512,17 @@ def test_mlp_sizes_must_be_integers():
     with pytest.raises(TypeError, match="positive integers"):
         MLP(["3", 2])
     assert MLP([np.int64(3), 2]).sizes == [3, 2]
+
+
+def test_mlp_forward_follows_norm_and_activation_changes():
+    mlp = MLP([13, 11, 9], seed=4)
+    X = np.random.default_rng(3).standard_normal((6, 13)).astype(F32)
+    a = mlp.forward(X)
+    mlp.set_norm(0.5, 2.0)
+    b = mlp.forward(X)
+    assert np.array_equal(b, MLP([13, 11, 9], seed=4, norm=(0.5, 2.0)).forward(X))
+    mlp.activations[0] = "tanh"
+    c = mlp.forward(X)
+    assert np.array_equal(c, MLP([13, 11, 9], ["tanh", "identity"], seed=4,
+                                 norm=(0.5, 2.0)).forward(X))
+    assert not np.array_equal(a, b) and not np.array_equal(b, c)
