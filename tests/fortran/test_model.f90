@@ -32,6 +32,7 @@ program test_model
   call test_int8()
   call test_static_int8()
   call test_from_arrays()
+  call test_every_kind()
   call test_bad_files()
   call test_truncation_everywhere()
   call test_not_regular()
@@ -396,6 +397,117 @@ contains
                                 norm_kinds=[NORM_SCALAR, NORM_NONE], stat=stat, errmsg=msg)
     call check(stat == PYKD_ERR_ARG .and. index(msg, 'std must be > 0') > 0, 'from_arrays: std = 0: '//trim(msg))
   end subroutine test_from_arrays
+
+  !> A model with every kind, built by hand from docs/model.md: it passes
+  !! the checks, predicts as a dense float64 reference, and survives save +
+  !! load with the same arrays and the same bytes on a second save.
+  subroutine test_every_kind()
+    type(pykd_model) :: m, r
+    integer(int64) :: t(N_FIELDS, 5)
+    integer(int8), allocatable :: b1(:), b2(:)
+    real(real32), allocatable :: f32(:)
+    integer(int8), allocatable :: i8(:)
+    integer(int32), allocatable :: i32(:)
+    real(real64) :: w1(3, 4), w2(3, 3), w3(2, 3), w4(2, 2), h(4)
+    real(real32) :: x(4, 8), got(2, 8), ref(2, 8), u(3, 2), v(2, 3), c3(3), c4(3), h4(2, 8)
+    integer(int8) :: q(2, 2)
+    integer :: stat, j, k
+    character(len=512) :: msg
+
+    ! Slices back to back in layer order (empty ones at the running offset),
+    ! as the loader lays them out.
+    t = 0
+    ! 1. sparse_csr 4 -> 3 (relu): rows (inputs) 0: {0: 1, 2: -0.5}, 1: {}, 2: {1: 0.25}, 3: {0: 2, 1: -1, 2: 0.5}.
+    t(:, 1) = [integer(int64) :: KIND_SPARSE_CSR, ACT_RELU, 4, 3, 0, 9, 0, 0, 0, 11, 6, 0, 0, 0]
+    f32 = [1.0, -0.5, 0.25, 2.0, -1.0, 0.5, 0.125, -0.25, 0.5]
+    i32 = [0, 2, 2, 3, 6, 0, 2, 1, 0, 1, 2]
+    w1 = 0; w1(1, 1) = 1; w1(3, 1) = -0.5; w1(2, 3) = 0.25; w1(:, 4) = [2.0, -1.0, 0.5]
+    ! 2. low_rank 3 -> 3, rank 2 (identity): U (3, 2), V (2, 3), b.
+    u = reshape([0.5, -1.0, 0.25, 1.0, 0.75, -0.5], [3, 2], order=[2, 1])
+    v = reshape([1.0, 0.5, -0.25, -1.0, 0.25, 2.0], [2, 3], order=[2, 1])
+    t(:, 2) = [integer(int64) :: KIND_LOW_RANK, ACT_IDENTITY, 3, 3, 9, 15, 0, 0, 11, 0, 2, 0, 0, 0]
+    f32 = [f32, reshape(transpose(u), [6]), reshape(transpose(v), [6]), [0.5, 0.0, -0.125]]
+    w2 = transpose(matmul(real(u, real64), real(v, real64)))
+    ! 3. codebook 3 -> 2, 3 centroids, 2 bits: indices of W (3, 2) row-major 0 1 2 1 0 2.
+    c3 = [-0.5, 0.25, 1.5]
+    t(:, 3) = [integer(int64) :: KIND_CODEBOOK, ACT_RELU, 3, 2, 24, 5, 0, 2, 11, 0, 3, 2, 0, 0]
+    f32 = [f32, c3, [0.25, -0.5]]
+    i8 = [int(z'64', int8), int(z'08', int8)]
+    w3 = real(reshape([c3(1), c3(2), c3(3), c3(2), c3(1), c3(3)], [2, 3]), real64)
+    ! 4. sparse_codebook 2 -> 2: row 0: {1: c(1)}, row 1: {0: c(0), 1: c(2)}; 3 codes, 2 bits.
+    c4 = [0.75, -1.25, 0.5]
+    t(:, 4) = [integer(int64) :: KIND_SPARSE_CODEBOOK, ACT_IDENTITY, 2, 2, 29, 5, 2, 3, 11, 6, 3, 3, 2, 0]
+    f32 = [f32, c4, [0.0, 1.0]]
+    i8 = [i8, [1_int8, 0_int8, 2_int8]]
+    i32 = [i32, [0, 1, 3, 1, 0, 1]]
+    w4 = reshape(real([0.0, c4(2), c4(1), c4(3)], real64), [2, 2])
+    ! 5. dense_int8 2 -> 2, static input scale 1/32: scale, b, x_scale; q (n_in, n_out) row-major,
+    !    which is Fortran's q(n_out, n_in).
+    q = reshape([integer(int8) :: 10, -20, 127, -127], [2, 2])
+    t(:, 5) = [integer(int64) :: KIND_DENSE_INT8, ACT_IDENTITY, 2, 2, 34, 5, 5, 4, 17, 0, QUANT_STATIC, 0, 0, 0]
+    f32 = [f32, [0.5, 0.25, 1.0, -2.0, 0.03125]]
+    i8 = [i8, reshape(q, [4])]
+
+    call pykd_model_from_arrays(t, f32, i8, i32, m, norm=[0.5_real32, 2.0_real32], &
+                                norm_kinds=[NORM_SCALAR, NORM_NONE], metadata='{"kinds": 5}', stat=stat, errmsg=msg)
+    call check(stat == PYKD_OK .and. m%n_layers() == 5 .and. m%layer_kind(4) == 'sparse_codebook', &
+               'a model of every kind from its arrays: '//trim(msg))
+    x = reshape(real([(mod(7 * j, 17) - 8, j = 1, 32)], real32) / 4, [4, 8])
+    do j = 1, 8
+      h = (x(:, j) - 0.5) / 2
+      h(1:3) = max(matmul(w1, h) + [0.125, -0.25, 0.5], 0.0_real64)
+      h(1:3) = matmul(w2, h(1:3)) + [0.5, 0.0, -0.125]
+      h(1:2) = max(matmul(w3, h(1:3)) + [0.25, -0.5], 0.0_real64)
+      h4(:, j) = real(matmul(w4, h(1:2)) + [0.0, 1.0], real32)
+    end do
+    call int8_ref(h4, q, [0.5, 0.25], [1.0, -2.0], 0.03125, ref)
+    call pykd_predict(m, x, got, stat, msg)
+    call check(stat == PYKD_OK .and. all(got == ref), 'every kind predicts as a float64 reference: '//trim(msg))
+    call pykd_save_model(m, FILE, stat, msg)
+    call pykd_load_model(FILE, r, stat, msg)
+    call check(stat == PYKD_OK .and. all(r%table == m%table) .and. same_arrays(r%f32, m%f32) &
+               .and. all(r%i8 == m%i8) .and. all(r%i32 == m%i32) .and. r%metadata == m%metadata, &
+               'every kind: save + load gives back the same table and buffers: '//trim(msg))
+    call pykd_save_model(r, AGAIN, stat)
+    call read_all(FILE, b1)
+    call read_all(AGAIN, b2)
+    call check(size(b1) == size(b2) .and. all(b1 == b2), 'every kind: a second save writes the same bytes')
+    ! The checks of each kind catch bad content.
+    do k = 1, 4
+      call expect_arg(k, t, f32, i8, i32)
+    end do
+  end subroutine test_every_kind
+
+  !> A damaged copy of test_every_kind's arrays is refused by from_arrays.
+  subroutine expect_arg(case, t, f32, i8, i32)
+    integer, intent(in) :: case
+    integer(int64), intent(in) :: t(:, :)
+    real(real32), intent(in) :: f32(:)
+    integer(int8), intent(in) :: i8(:)
+    integer(int32), intent(in) :: i32(:)
+    type(pykd_model) :: r
+    integer(int64), allocatable :: tt(:, :)
+    real(real32), allocatable :: ff(:)
+    integer(int8), allocatable :: bb(:)
+    integer(int32), allocatable :: ii(:)
+    character(len=64) :: what
+    character(len=512) :: msg
+    integer :: stat
+    tt = t; ff = f32; bb = i8; ii = i32
+    select case (case)
+    case (1)
+      ii(3) = 1; what = 'sparse_csr indptr not monotone'
+    case (2)
+      ii(7) = 7; what = 'sparse_csr index >= n_out'
+    case (3)
+      bb(2) = int(z'0C', int8); what = 'codebook index >= n_codes'
+    case (4)
+      ff(30) = ieee_value(1.0_real32, ieee_positive_inf); what = 'sparse_codebook centroid inf'
+    end select
+    call pykd_model_from_arrays(tt, ff, bb, ii, r, stat=stat, errmsg=msg)
+    call check(stat == PYKD_ERR_ARG .and. .not. r%ok .and. index(msg, 'layer ') > 0, &
+               'from_arrays refuses '//trim(what)//': '//trim(msg))
+  end subroutine expect_arg
 
   !> Every kind of damage gives PYKD_ERR_FORMAT (or _IO) and a message
   !! naming the file.
