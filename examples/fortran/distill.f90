@@ -98,7 +98,18 @@ program distill
   write (*, '(a,f6.2,a)') 'KD student, int8 weights and activations:    ', 100 * accuracy(logits), ' %'
   call pykd_save_model(model, out_prefix//'_int8.pykd', stat, msg)
   if (stat /= PYKD_OK) call fail(msg)
-  write (*, '(a)') 'saved '//out_prefix//'.pykd and '//out_prefix//'_int8.pykd'
+  ! 5. Static int8: one stored input scale per layer, max|input| / 127 over
+  !    1000 (raw) training images, instead of a scale per sample at run time.
+  call pykd_model_from_params(STUDENT, S_ACTS, kd_params, model, [mean], [std], trim(meta), stat=stat, errmsg=msg)
+  if (stat /= PYKD_OK) call fail(msg)
+  call pykd_quantize_model(model, stat, msg, calibration=x_train(:, 1:1000) * std + mean)
+  if (stat /= PYKD_OK) call fail(msg)
+  call pykd_predict(model, x_test_raw, logits, stat, msg)
+  if (stat /= PYKD_OK) call fail(msg)
+  write (*, '(a,f6.2,a)') 'KD student, int8, static input scales:       ', 100 * accuracy(logits), ' %'
+  call pykd_save_model(model, out_prefix//'_int8_static.pykd', stat, msg)
+  if (stat /= PYKD_OK) call fail(msg)
+  write (*, '(a)') 'saved '//out_prefix//'.pykd, '//out_prefix//'_int8.pykd and '//out_prefix//'_int8_static.pykd'
 
 contains
 

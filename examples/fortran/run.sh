@@ -9,7 +9,8 @@
 #    the Fortran-only library from this checkout and installs it into the
 #    work dir (meson -Dpython=false).
 # 3. Builds distill and classify with gfortran, runs distill (writes
-#    student.pykd and student_int8.pykd), then classify on both and on MODEL
+#    student.pykd, student_int8.pykd and student_int8_static.pykd), then
+#    classify on each and on MODEL
 #    (e.g. a model saved by `pykd distill` in Python), if given.
 # 4. Builds classify again with CMake (pkg_check_modules) and runs it.
 #
@@ -63,6 +64,7 @@ done
 "$work/bin/distill" "$work/data" "$work/student" ${EPOCHS:-2 3}
 "$work/bin/classify" "$work/student.pykd" "$work/data"
 "$work/bin/classify" "$work/student_int8.pykd" "$work/data"
+"$work/bin/classify" "$work/student_int8_static.pykd" "$work/data"
 if [ $# -ge 1 ]; then
   "$work/bin/classify" "$1" "$work/data"
 fi
