@@ -50,13 +50,15 @@ def _threads_env(threads):
     return env
 
 
-def run_fortran(tmp_path, model_path, X, chunk=0, resave=None, threads=None):
+def run_fortran(tmp_path, model_path, X, chunk=0, resave=None, threads=None, quant=None):
     """(logits, per-layer description lines) from predict_cli."""
     inp, out = tmp_path / "x.f32", tmp_path / "logits.f32"
     np.ascontiguousarray(X, dtype="<f4").tofile(inp)
     args = [CLI, str(model_path), str(inp), str(out), str(chunk)]
-    if resave is not None:
-        args.append(str(resave))
+    if resave is not None or quant is not None:
+        args.append("-" if resave is None else str(resave))
+    if quant is not None:
+        args.append(quant)
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
                           env=_threads_env(threads))
     assert proc.returncode == 0, proc.stderr
@@ -175,6 +177,40 @@ def test_python_reads_what_fortran_wrote(tmp_path):
                 assert np.array_equal(la[key], lb[key]), key
             else:
                 assert la[key] == lb[key], key
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+def test_fortran_quantize_model_is_pykd_quantize_model(tmp_path, activations):
+    """pykd_quantize_model as pykd.quantize_model: every kind becomes
+    dense_int8 with the same q and scale (the weights of a low-rank layer
+    are U V as each side multiplies them: allowed 1 step), the same input
+    scales (static: to float32 rounding of the calibration maxima)."""
+    rng = np.random.default_rng(12)
+    widths = [32, 28, 24, 20, 16, 12, 8]
+    layers = [make_layer(kind, a, b, act, rng) for kind, a, b, act in
+              zip(KINDS, widths[:-1], widths[1:], ACTIVATIONS)]
+    model = Model(layers, norm=(F32(0.5), F32(2)), out_norm=(F32(1), F32(3)))
+    X = rng.standard_normal((500, 32)).astype(F32)
+    path, fq = tmp_path / "f.pykd", tmp_path / "fq.pykd"
+    model.save(path)
+    got, _ = run_fortran(tmp_path, path, X, resave=fq, quant=activations)
+    import pykd
+    pq = pykd.quantize_model(model, activations=activations,
+                             calibration=X if activations == "static" else None)
+    theirs, ours = pq.layers, read_model(fq)["layers"]
+    assert [layer["kind"] for layer in ours] == ["dense_int8"] * len(KINDS)
+    for k, (a, b) in enumerate(zip(theirs, ours), start=1):
+        np.testing.assert_array_equal(a.scale, b["scale"], err_msg=f"layer {k}")
+        np.testing.assert_array_equal(a.b, b["b"], err_msg=f"layer {k}")
+        steps = np.abs(a.q.astype(int) - b["q"].astype(int))
+        assert steps.max() <= (1 if KINDS[k - 1] == "low_rank" else 0), f"layer {k}"
+        if activations == "static":
+            np.testing.assert_allclose(a.x_scale, b["x_scale"], rtol=2e-7, err_msg=f"layer {k}")
+        else:
+            assert a.x_scale is None and b["x_scale"] is None
+    if all(np.array_equal(a.q, b["q"]) for a, b in zip(theirs, ours)) and (
+            activations == "dynamic" or all(a.x_scale == b["x_scale"] for a, b in zip(theirs, ours))):
+        assert same_bits(got, pq.forward(X, batch_size=len(X)))   # the same arrays: the same bits
 
 
 def _v1_file(W, b, q, scale, b2):

@@ -1,20 +1,23 @@
 !> Test driver for tests/test_fortran_parity.py: run a model file on raw
 !! float32 inputs, all from Fortran.
 !!
-!!     predict_cli MODEL INPUT OUTPUT [CHUNK [RESAVE]]
+!!     predict_cli MODEL INPUT OUTPUT [CHUNK [RESAVE [QUANT]]]
 !!
 !! INPUT holds n samples of n_features float32 (NumPy's C-ordered (n, F),
 !! i.e. Fortran's x(F, n)); OUTPUT receives the logits, NumPy (n, classes).
 !! CHUNK > 0 predicts in chunks of CHUNK samples from an OpenMP loop (one
-!! workspace per thread) instead of one batched call. RESAVE writes the
-!! loaded model back with pykd_save_model. Standard output gets one line per
+!! workspace per thread) instead of one batched call. QUANT (dynamic or
+!! static) first quantizes the model with pykd_quantize_model, static
+!! calibrating on INPUT. RESAVE (- for none) writes the model back with
+!! pykd_save_model. Standard output gets one line per
 !! layer, `<kind> <activation> <n_in> <n_out>` (the accessors layer_kind,
 !! layer_activation and layer_sizes). On failure: the library's message on
 !! stderr and exit status 2.
 program predict_cli
   use iso_fortran_env, only: real32, int64, error_unit
   !$ use omp_lib, only: omp_get_thread_num, omp_get_max_threads
-  use pykd, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_save_model, PYKD_OK
+  use pykd, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_save_model, &
+                  pykd_quantize_model, PYKD_OK
   implicit none
   type(pykd_model) :: model
   type(pykd_workspace), allocatable :: ws(:)
@@ -25,7 +28,7 @@ program predict_cli
   integer, allocatable :: sizes(:)
   integer :: stat, u, chunk, c, tid, n_bad, st, nt, l
 
-  if (command_argument_count() < 3) call die('usage: predict_cli MODEL INPUT OUTPUT [CHUNK [RESAVE]]')
+  if (command_argument_count() < 3) call die('usage: predict_cli MODEL INPUT OUTPUT [CHUNK [RESAVE [QUANT]]]')
   model_path = argument(1); in_path = argument(2); out_path = argument(3)
   chunk = 0
   if (command_argument_count() >= 4) then
@@ -49,6 +52,18 @@ program predict_cli
   allocate (x(model%n_features, n), logits(model%n_outputs, n))
   read (u) x
   close (u)
+
+  if (command_argument_count() >= 6) then
+    select case (argument(6))
+    case ('dynamic')
+      call pykd_quantize_model(model, stat, msg)
+    case ('static')
+      call pykd_quantize_model(model, stat, msg, calibration=x)
+    case default
+      call die('QUANT must be dynamic or static')
+    end select
+    if (stat /= PYKD_OK) call die(msg)
+  end if
 
   if (chunk <= 0) then
     call pykd_predict(model, x, logits, stat, msg)
@@ -74,7 +89,7 @@ program predict_cli
   write (u) logits
   close (u)
 
-  if (command_argument_count() >= 5) then
+  if (command_argument_count() >= 5 .and. argument(5) /= '-') then
     call pykd_save_model(model, argument(5), stat, msg)
     if (stat /= PYKD_OK) call die(msg)
   end if

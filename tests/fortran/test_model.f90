@@ -472,11 +472,34 @@ contains
     call read_all(FILE, b1)
     call read_all(AGAIN, b2)
     call check(size(b1) == size(b2) .and. all(b1 == b2), 'every kind: a second save writes the same bytes')
+    ! Quantized: every layer dense_int8, q and scale those of its dense W.
+    call pykd_quantize_model(r, stat, msg)
+    call check(stat == PYKD_OK .and. all([(r%layer_kind(k) == 'dense_int8', k = 1, 5)]) .and. &
+               size(r%i32) == 1, 'quantize: every kind becomes dense_int8: '//trim(msg))
+    call check(int8_of(r, 1, real(w1, real32)) .and. int8_of(r, 2, real(w2, real32)) .and. &
+               int8_of(r, 3, real(w3, real32)) .and. int8_of(r, 4, real(w4, real32)) .and. &
+               all(r%i8(r%table(COL_I8_OFF, 5) + 1:) == reshape(q, [4])), &
+               'quantize: q and scale of each layer are quantize_weights of its dense W; int8 kept')
     ! The checks of each kind catch bad content.
     do k = 1, 4
       call expect_arg(k, t, f32, i8, i32)
     end do
   end subroutine test_every_kind
+
+  !> Layer l of m is dense_int8 with q and scale = quantize_weights(w).
+  logical function int8_of(m, l, w)
+    type(pykd_model), intent(in) :: m
+    integer, intent(in) :: l
+    real(real32), intent(in) :: w(:, :)
+    integer(int8) :: q(size(w, 1), size(w, 2))
+    real(real32) :: scale(size(w, 1))
+    integer(int64) :: fo, io
+    call quantize_weights(w, q, scale)
+    fo = m%table(COL_F32_OFF, l); io = m%table(COL_I8_OFF, l)
+    int8_of = m%table(COL_KIND, l) == KIND_DENSE_INT8 .and. &
+              all(m%i8(io + 1:io + size(q)) == reshape(q, [size(q)])) .and. &
+              same_arrays(m%f32(fo + 1:fo + size(scale)), scale)
+  end function int8_of
 
   !> A damaged copy of test_every_kind's arrays is refused by from_arrays.
   subroutine expect_arg(case, t, f32, i8, i32)
