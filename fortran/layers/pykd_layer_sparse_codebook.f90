@@ -289,7 +289,7 @@ contains
     sums = 0
     prev = -1
     do i = 0, int(n_in) - 1
-      do e = i32(oi + i + 1) + 1, i32(oi + i + 2)
+      do e = int(i32(oi + i + 1), int64) + 1, i32(oi + i + 2)
         g = i * row(COL_N_OUT) + i32(oi + n_in + 1 + e) - prev - 1
         prev = g + prev + 1
         do k = 0, 31
@@ -360,7 +360,7 @@ contains
     t = 8 * pos
     prev = -1
     do i = 0, int(n_in) - 1
-      do e = i32(oi + i + 1) + 1, i32(oi + i + 2)
+      do e = int(i32(oi + i + 1), int64) + 1, i32(oi + i + 2)
         g = i * row(COL_N_OUT) + i32(oi + n_in + 1 + e) - prev - 1
         prev = g + prev + 1
         do q = 1, ishft(g, -k)

@@ -232,7 +232,7 @@ contains
     csr_ok = all(indptr(2:) >= indptr(:n_in)) .and. all(indices >= 0 .and. indices < n_out)
     if (.not. csr_ok) return
     do i = 1, n_in
-      do k = indptr(i) + 2, indptr(i + 1)
+      do k = int(indptr(i), int64) + 2, indptr(i + 1)
         if (indices(k) <= indices(k - 1)) then
           csr_ok = .false.
           return
@@ -265,7 +265,7 @@ contains
       end if
       do i = 1, n_in
         xi = x(i, j)
-        do k = indptr(i) + 1, indptr(i + 1)
+        do k = int(indptr(i), int64) + 1, indptr(i + 1)
           y(indices(k) + 1, j) = y(indices(k) + 1, j) + xi * values(k)
         end do
       end do
