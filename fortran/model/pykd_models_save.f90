@@ -15,6 +15,11 @@ submodule (pykd_models) pykd_models_save
     integer(c_int) function c_getpid() bind(c, name='getpid')
       import :: c_int
     end function c_getpid
+    ! POSIX fsync(): the bytes are on disk before the rename makes them visible.
+    integer(c_int) function c_fsync(fd) bind(c, name='fsync')
+      import :: c_int
+      integer(c_int), value :: fd
+    end function c_fsync
   end interface
 
 contains
@@ -115,8 +120,8 @@ contains
   end subroutine encode
 
   !> Write `buf` to a fresh temporary file beside `path` (its name holds the
-  !! writer's process id), then rename it over `path` (C's rename(), atomic
-  !! on POSIX file systems).
+  !! writer's process id), fsync it, then rename it over `path` (C's
+  !! rename(), atomic on POSIX file systems).
   subroutine write_atomically(path, buf, code, msg)
     character(len=*), intent(in) :: path
     integer(int8), intent(in) :: buf(:)
@@ -144,6 +149,10 @@ contains
     end if
     write (u, iostat=ios, iomsg=iomsg) buf
     if (ios == 0) flush (u, iostat=ios, iomsg=iomsg)
+    if (ios == 0) then
+      ios = c_fsync(int(fnum(u), c_int))   ! FNUM: GNU Fortran's unit -> file descriptor
+      if (ios /= 0) iomsg = 'fsync failed'
+    end if
     if (ios /= 0) then
       close (u, status='delete')
       code = PYKD_ERR_IO
