@@ -14,18 +14,17 @@ from Python and from Fortran.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import re
 import stat
-import tempfile
 import zlib
 
 import numpy as np
 
 from . import _bits, _codes
+from . import io as _io
 
 __all__ = [
     "ACTIVATION_CODES", "END_MAGIC", "KIND_CODES", "MAGIC", "MAX_COUNT",
@@ -503,35 +502,15 @@ def write_model(path, layers, *, norm=None, out_norm=None, metadata=None) -> Non
 
 
 def _atomic_write(path: str, chunks: list) -> None:
-    """Write ``chunks`` plus the CRC trailer to a temp file, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.NamedTemporaryFile(
-        dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp", delete=False
-    )
-    try:
-        with tmp as f:
-            crc = 0
-            for chunk in chunks:
-                f.write(chunk)
-                crc = zlib.crc32(chunk, crc)
-            f.write(_u32(crc) + END_MAGIC)
-            f.flush()
-            os.fsync(f.fileno())
-        # NamedTemporaryFile creates mode 0600; give the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp.name, 0o666 & ~umask)
-        os.replace(tmp.name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp.name)
-        raise
-    # Make the rename itself durable.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write ``chunks`` plus the CRC trailer atomically (:func:`pykd.io.atomic_write`)."""
+    def write(f):
+        crc = 0
+        for chunk in chunks:
+            f.write(chunk)
+            crc = zlib.crc32(chunk, crc)
+        f.write(_u32(crc) + END_MAGIC)
+
+    _io.atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------

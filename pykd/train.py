@@ -24,18 +24,20 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
 
 from . import _step
+from . import _validate as check
+from . import io as _io
 from ._step import TrainConfig
 from .models import MLP, _argmax_finite
 
 __all__ = [
-    "CHECKPOINT_VERSION", "NonFiniteLossError", "TrainConfig", "TrainingInterrupted",
+    "CHECKPOINT_VERSION", "CheckpointError", "NonFiniteLossError", "TrainConfig",
+    "TrainingInterrupted",
     "evaluate", "fit", "hint_targets_from", "load_checkpoint", "soft_labels",
 ]
 
@@ -60,6 +62,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf; the last good checkpoint is kept."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, malformed, or does not belong to the
+    run resuming from it. The message starts with the file's path."""
+
+
 # ----------------------------------------------------------------- helpers
 
 def _progress_bar(enabled, **kw):
@@ -74,14 +81,34 @@ def _progress_bar(enabled, **kw):
     return tqdm(unit="sample", unit_scale=True, dynamic_ncols=True, mininterval=0.25, **kw)
 
 
-def _as_labels(name, y, n, n_classes):
+def _as_labels(name, y, n, n_classes, x_name="X"):
     if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu" or y.ndim != 1:
         raise TypeError(f"{name} must be a 1-D integer numpy array")
     if y.shape[0] != n:
-        raise ValueError(f"{name} has {y.shape[0]} labels but X has {n} rows")
+        raise ValueError(f"{name} has {y.shape[0]} labels but {x_name} has {n} rows")
     if n and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"{name} must be in [0, {n_classes}) (the model has {n_classes} outputs)")
+        bad = int(y[(y < 0) | (y >= n_classes)][0])
+        raise ValueError(f"{name} must be in [0, {n_classes}) (the model has {n_classes} "
+                         f"outputs), got the label {bad}")
     return np.ascontiguousarray(y, dtype=np.int64)
+
+
+def _check_finite(name, X, chunk=8192):
+    """ValueError naming ``name`` and its first non-finite rows (chunk by
+    chunk, so no full-size temporary)."""
+    if X.dtype.kind != "f":
+        return
+    rows = []
+    for i in range(0, X.shape[0], chunk):
+        bad = ~np.isfinite(X[i:i + chunk]).all(axis=1)
+        if bad.any():
+            rows.extend((np.flatnonzero(bad) + i).tolist())
+            if len(rows) > 10:
+                break
+    if rows:
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(f"{name} contains NaN or inf (rows {shown}); clean or drop those rows "
+                         "before training")
 
 
 def _as_f32(name, a, shape):
@@ -149,49 +176,146 @@ def _sigint_flag():
 
 # -------------------------------------------------------------- checkpoints
 
-def atomic_write(path, write):
-    """Call ``write(file)`` on a temp file next to ``path``, fsync it, give it
-    the usual (umask) permissions and ``os.replace`` it over ``path``; on any
-    failure ``path`` is left as it was."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# One atomic-write helper for the package (temp file, fsync, rename, directory fsync).
+atomic_write = _io.atomic_write
 
 
 def _save_checkpoint(path, P, S1, S2, meta):
-    """np.savez to a temp file in the same directory, then os.replace."""
+    """np.savez through the package's atomic write; a failure names ``path``."""
     blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    atomic_write(path, lambda f: np.savez(f, params=P, state1=S1, state2=S2, meta=blob))
+    try:
+        atomic_write(path, lambda f: np.savez(f, params=P, state1=S1, state2=S2, meta=blob))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the checkpoint ({e.strerror or e})",
+                      os.fspath(path)) from e
+
+
+#: The largest metadata blob a checkpoint may hold (history of many epochs fits easily).
+_MAX_META_BYTES = 64 << 20
+_BUFFERS = ("params", "state1", "state2")
 
 
 def load_checkpoint(path):
     """Read a checkpoint written by :func:`fit`: ``(arrays, meta)`` where
-    arrays has params, state1, state2 (float32) and meta is the JSON dict."""
+    arrays has params, state1, state2 (float32, 1-D) and meta is the JSON dict.
+
+    Every array's header is checked against its size before it is read
+    (:func:`pykd.io.load_npz`). This checks the file's structure only;
+    :func:`fit` checks every field against the run before resuming.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    CheckpointError
+        If it is not a readable pykd checkpoint of this version (naming the file).
+    """
     path = os.fspath(path)
+    members = {k: ("f", 1) for k in _BUFFERS}
+    members["meta"] = ("u", 1)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("params", "state1", "state2")}
-            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+        arrays = _io.load_npz(path, members, what="checkpoint")
     except FileNotFoundError:
         raise
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable pykd checkpoint ({e})") from e
-    if meta.get("format") != "pykd-checkpoint" or meta.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not a pykd checkpoint of version {CHECKPOINT_VERSION}")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable pykd checkpoint ({e})") from None
+    blob = arrays.pop("meta")
+    for k in _BUFFERS:
+        if arrays[k].dtype != _F32:
+            raise CheckpointError(f"{path}: checkpoint array {k!r} must be float32, got "
+                                  f"{arrays[k].dtype}")
+    if blob.dtype != np.uint8 or blob.size > _MAX_META_BYTES:
+        raise CheckpointError(f"{path}: checkpoint metadata must be at most "
+                              f"{_MAX_META_BYTES} bytes of uint8")
+    try:
+        meta = json.loads(blob.tobytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: checkpoint metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "pykd-checkpoint" \
+            or meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: not a pykd checkpoint of version {CHECKPOINT_VERSION}")
     return arrays, meta
+
+
+_HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss", "seconds",
+                 "samples_per_second")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v, low=-math.inf, high=math.inf):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and low <= v <= high)
+
+
+def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, seed, shape,
+                  norm, mask):
+    """Every field of a checkpoint against the run resuming from it (see
+    :func:`fit`); returns (step, epoch, batch, rng_state, history, accum, norm).
+    Raises CheckpointError naming ``path`` and the field."""
+    def bad(msg):
+        raise CheckpointError(f"{path}: cannot resume: {msg}")
+
+    required = ("fingerprint", "epoch", "batch", "step", "rng_state", "accum", "history", "norm")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        bad(f"the checkpoint has no {', '.join(missing)}")
+    fp = meta["fingerprint"]
+    if not isinstance(fp, dict):
+        bad("its fingerprint is not a JSON object")
+    if fp != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(fp) if fp.get(k) != fingerprint.get(k))
+        raise CheckpointError(f"{path} was written by a different run (differs in: "
+                              f"{', '.join(diff)}); start without --resume or use the same "
+                              "settings")
+    n_batches = -(-n // batch_size)
+    epoch, batch, step = meta["epoch"], meta["batch"], meta["step"]
+    if not _is_int(epoch) or not 0 <= epoch <= epochs:
+        bad(f"epoch must be an integer in [0, {epochs}] (the run's epochs), got {epoch!r}")
+    if not _is_int(batch) or not 0 <= batch <= n_batches or (epoch == epochs and batch):
+        bad(f"batch must be an integer in [0, {n_batches}] (batches per epoch), got {batch!r}")
+    if not _is_int(step) or step < 0 or step != epoch * n_batches + batch:
+        bad(f"step must be epoch * batches per epoch + batch = {epoch * n_batches + batch} "
+            f"(a non-negative integer), got {step!r}")
+    # The shuffling generator at the start of epoch `epoch` is determined by the seed.
+    rng = np.random.default_rng(seed)
+    for _ in range(epoch):
+        rng.permutation(n)
+    if meta["rng_state"] != rng.bit_generator.state:
+        bad(f"rng_state is not the shuffling state of seed {seed} at epoch {epoch}")
+    for k in _BUFFERS:
+        if arrays[k].shape != shape:
+            bad(f"array {k!r} has shape {arrays[k].shape}, the run needs {shape}")
+        if not np.isfinite(arrays[k]).all():
+            bad(f"array {k!r} contains NaN or inf")
+    if mask is not None and np.any(arrays["params"][~mask]):
+        bad("parameters the mask prunes (False) are not zero")
+    hist = meta["history"]
+    if not isinstance(hist, dict) or set(hist) != set(_HISTORY_KEYS) or any(
+            not isinstance(hist[k], list) or len(hist[k]) != epoch for k in _HISTORY_KEYS):
+        bad(f"history must hold the lists {', '.join(_HISTORY_KEYS)}, one entry per "
+            f"finished epoch ({epoch})")
+    if hist["epoch"] != list(range(1, epoch + 1)) or not all(
+            _is_num(v) for v in hist["loss"] + hist["seconds"]) or not all(
+            _is_num(v, 0, 1) for v in hist["train_accuracy"]) or not all(
+            v is None or _is_num(v) for v in
+            hist["test_accuracy"] + hist["test_loss"] + hist["samples_per_second"]):
+        bad("history holds values that are not finite numbers of the right range")
+    acc = meta["accum"]
+    seen = min(batch * batch_size, n)
+    if not isinstance(acc, dict) or set(acc) != {"loss_sum", "correct", "seen", "seconds"} \
+            or not _is_num(acc["loss_sum"]) or not _is_num(acc["seconds"], 0) \
+            or (batch and (acc["seen"] != seen or not _is_int(acc["correct"])
+                           or not 0 <= acc["correct"] <= seen)):
+        bad(f"accum must hold loss_sum, correct, seen ({seen} after batch {batch}) and seconds")
+    got = meta["norm"]
+    if not isinstance(got, list) or len(got) != 2 or not all(_is_num(v) for v in got):
+        bad(f"norm must be [mean, std], got {got!r}")
+    if norm is not None and got != [float(v) for v in norm]:
+        bad(f"norm {got} is not the run's input normalisation {[float(v) for v in norm]}")
+    return step, epoch, batch, meta["rng_state"], hist, acc, got
 
 
 # ------------------------------------------------------------------- public
