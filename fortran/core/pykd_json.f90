@@ -8,6 +8,10 @@ module pykd_json
 
   !> Deepest nesting of objects and arrays accepted (the top object is level 1).
   integer, parameter :: MAX_DEPTH = 64
+  !> Longest integer literal (digits): Python's int() limit, which json.loads hits.
+  integer, parameter :: MAX_INT_DIGITS = 4300
+  ! Why a value failed, beyond a syntax error.
+  integer, parameter :: BIG_INT = 1, LONE_SURROGATE = 2
 
 contains
 
@@ -16,7 +20,7 @@ contains
   logical function json_object_ok(text, msg) result(ok)
     character(len=*), intent(in) :: text
     character(len=*), intent(inout) :: msg
-    integer :: p, depth
+    integer :: p, depth, issue
     ok = .false.
     if (.not. utf8_ok(text)) then
       msg = 'metadata is not valid UTF-8 JSON (invalid UTF-8)'
@@ -24,7 +28,8 @@ contains
     end if
     p = 1
     depth = 0
-    ok = json_value(text, p, 1, depth)
+    issue = 0
+    ok = json_value(text, p, 1, depth, issue)
     if (ok) then
       p = skip_ws(text, p)
       ok = p > len(text)
@@ -32,6 +37,11 @@ contains
     if (.not. ok) then
       if (depth > MAX_DEPTH) then
         msg = 'metadata is nested more than 64 levels deep'
+      else if (issue == BIG_INT) then
+        msg = 'metadata is not valid UTF-8 JSON (an integer of more than 4300 digits, '// &
+              'Python''s limit)'
+      else if (issue == LONE_SURROGATE) then
+        msg = 'metadata holds a lone surrogate \uD800-\uDFFF (not valid Unicode)'
       else
         msg = 'metadata is not valid UTF-8 JSON (syntax error near byte '//itoa(min(p, len(text)))//')'
       end if
@@ -54,9 +64,9 @@ contains
 
   !> One JSON value at s(p:) (after white space); p moves past it.
   !! `deepest` records the deepest nesting seen (to name the failure).
-  recursive logical function json_value(s, p, depth, deepest) result(ok)
+  recursive logical function json_value(s, p, depth, deepest, issue) result(ok)
     character(len=*), intent(in) :: s
-    integer, intent(inout) :: p, deepest
+    integer, intent(inout) :: p, deepest, issue
     integer, intent(in) :: depth
     ok = .false.
     p = skip_ws(s, p)
@@ -65,9 +75,9 @@ contains
     case ('{', '[')
       deepest = max(deepest, depth)
       if (depth > MAX_DEPTH) return
-      ok = json_container(s, p, depth, deepest)
+      ok = json_container(s, p, depth, deepest, issue)
     case ('"')
-      ok = json_string(s, p)
+      ok = json_string(s, p, issue)
     case ('t')
       ok = literal('true')
     case ('f')
@@ -75,7 +85,7 @@ contains
     case ('n')
       ok = literal('null')
     case default
-      ok = json_number(s, p)
+      ok = json_number(s, p, issue)
     end select
   contains
     logical function literal(word)
@@ -89,9 +99,9 @@ contains
   end function json_value
 
   !> An object or array at s(p:).
-  recursive logical function json_container(s, p, depth, deepest) result(ok)
+  recursive logical function json_container(s, p, depth, deepest, issue) result(ok)
     character(len=*), intent(in) :: s
-    integer, intent(inout) :: p, deepest
+    integer, intent(inout) :: p, deepest, issue
     integer, intent(in) :: depth
     character :: close
     logical :: is_object
@@ -110,13 +120,13 @@ contains
         p = skip_ws(s, p)
         if (p > len(s)) return
         if (s(p:p) /= '"') return
-        if (.not. json_string(s, p)) return
+        if (.not. json_string(s, p, issue)) return
         p = skip_ws(s, p)
         if (p > len(s)) return
         if (s(p:p) /= ':') return
         p = p + 1
       end if
-      if (.not. json_value(s, p, depth + 1, deepest)) return
+      if (.not. json_value(s, p, depth + 1, deepest, issue)) return
       p = skip_ws(s, p)
       if (p > len(s)) return
       if (s(p:p) == close) exit
@@ -128,10 +138,10 @@ contains
   end function json_container
 
   !> A string at s(p:) (s(p:p) == '"'): no raw control characters, valid escapes.
-  logical function json_string(s, p) result(ok)
+  logical function json_string(s, p, issue) result(ok)
     character(len=*), intent(in) :: s
-    integer, intent(inout) :: p
-    integer :: c
+    integer, intent(inout) :: p, issue
+    integer :: c, u
     ok = .false.
     p = p + 1
     do while (p <= len(s))
@@ -145,9 +155,26 @@ contains
       if (s(p:p) == '\') then
         if (p + 1 > len(s)) return
         if (s(p + 1:p + 1) == 'u') then
-          if (p + 5 > len(s)) return
-          if (verify(s(p + 2:p + 5), '0123456789abcdefABCDEF') /= 0) return
+          if (.not. hex4(p + 2, u)) return
           p = p + 6
+          ! A high surrogate must be followed by a low one, as a pair.
+          if (u >= 56320 .and. u <= 57343) then
+            issue = LONE_SURROGATE
+            return
+          end if
+          if (u >= 55296 .and. u <= 56319) then
+            if (p + 1 > len(s)) return
+            if (s(p:p + 1) /= '\u') then
+              issue = LONE_SURROGATE
+              return
+            end if
+            if (.not. hex4(p + 2, u)) return
+            if (u < 56320 .or. u > 57343) then
+              issue = LONE_SURROGATE
+              return
+            end if
+            p = p + 6
+          end if
           cycle
         end if
         if (index('"\/bfnrt', s(p + 1:p + 1)) == 0) return
@@ -156,22 +183,36 @@ contains
       end if
       p = p + 1
     end do
+  contains
+    !> The 4 hex digits at s(q:q+3), as u.
+    logical function hex4(q, u)
+      integer, intent(in) :: q
+      integer, intent(out) :: u
+      u = 0
+      hex4 = q + 3 <= len(s)
+      if (.not. hex4) return
+      hex4 = verify(s(q:q + 3), '0123456789abcdefABCDEF') == 0
+      if (hex4) read (s(q:q + 3), '(z4)') u
+    end function hex4
   end function json_string
 
   !> A number at s(p:): -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?
-  logical function json_number(s, p) result(ok)
+  logical function json_number(s, p, issue) result(ok)
     character(len=*), intent(in) :: s
-    integer, intent(inout) :: p
+    integer, intent(inout) :: p, issue
+    integer :: int_start, int_end
     ok = .false.
     if (p <= len(s)) then
       if (s(p:p) == '-') p = p + 1
     end if
     if (p > len(s)) return
+    int_start = p
     if (s(p:p) == '0') then
       p = p + 1
     else if (.not. has_digits()) then
       return
     end if
+    int_end = p
     if (p <= len(s)) then
       if (s(p:p) == '.') then
         p = p + 1
@@ -186,6 +227,11 @@ contains
         end if
         if (.not. has_digits()) return
       end if
+    end if
+    ! Python reads a literal without fraction or exponent as an int.
+    if (p == int_end .and. int_end - int_start > MAX_INT_DIGITS) then
+      issue = BIG_INT
+      return
     end if
     ok = .true.
   contains

@@ -599,6 +599,13 @@ contains
     call expect_bad(with_metadata(good, '{"x": "a'//achar(10)//'"}'), 'metadata is not valid UTF-8 JSON')
     call expect_bad(with_metadata(good, '{} {}'), 'metadata is not valid UTF-8 JSON')
     call expect_ok(with_metadata(good, ''), 'empty metadata is read as {}')
+    call expect_ok(with_metadata(good, '{"n": '//repeat('7', 4300)//', "f": '//repeat('7', 5000)//'.5}'), &
+                   'metadata: an integer of 4300 digits and a long float load')
+    call expect_bad(with_metadata(good, '{"n": -'//repeat('7', 4301)//'}'), 'more than 4300 digits')
+    call expect_ok(with_metadata(good, '{"s": "\ud83d\ude00"}'), 'metadata: a surrogate pair loads')
+    call expect_bad(with_metadata(good, '{"s": "\ud83d"}'), 'metadata holds a lone surrogate')
+    call expect_bad(with_metadata(good, '{"s": "\ude00x"}'), 'metadata holds a lone surrogate')
+    call expect_bad(with_metadata(good, '{"s": "\ud83d\u0041"}'), 'metadata holds a lone surrogate')
     b = good; b(37:38) = transfer('[]', 0_int8, 2); call fix_crc(b)
     call expect_bad(b, 'metadata is not a JSON object')
     b = good; b(37:38) = transfer('{"', 0_int8, 2); call fix_crc(b)
