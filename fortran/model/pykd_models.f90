@@ -599,8 +599,9 @@ contains
     type(pykd_model), intent(in) :: model
     integer(int64), intent(in) :: row(N_FIELDS)
     character(len=*), intent(inout) :: msg
-    ok = inside(row(COL_F32_OFF), row(COL_F32_LEN), size(model%f32, kind=int64), 'f32') .and. &
-         inside(row(COL_I8_OFF), row(COL_I8_LEN), size(model%i8, kind=int64), 'i8')
+    ! One at a time: each sets msg when it fails.
+    ok = inside(row(COL_F32_OFF), row(COL_F32_LEN), size(model%f32, kind=int64), 'f32')
+    if (ok) ok = inside(row(COL_I8_OFF), row(COL_I8_LEN), size(model%i8, kind=int64), 'i8')
     if (ok) ok = inside(row(COL_I32_OFF), row(COL_I32_LEN), size(model%i32, kind=int64), 'i32')
     if (ok .and. (row(COL_N_IN) < 1 .or. row(COL_N_IN) > MAX_COUNT .or. row(COL_N_OUT) < 1 &
                   .or. row(COL_N_OUT) > MAX_COUNT)) then
