@@ -385,9 +385,9 @@ end subroutine mlp_train_step
 ! A whole model (docs/model.md): the layer table and flat buffers, as
 ! C-ordered NumPy arrays passed transposed (table.T, x.T, y.T), so nothing is
 ! copied. The arrays are only read; `work` (network_workspace_size words) is
-! the caller's scratch, one per thread.
+! the caller's scratch, one per thread. Returns (stat, bad_layer, errmsg).
 subroutine network_forward(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, &
-                           nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw, stat, bad_layer)
+                           nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw, stat, bad_layer, errmsg)
   use iso_c_binding, only: c_float, c_int, c_int32_t, c_int64_t
   use pykd_network, only: impl => network_forward
   implicit none
@@ -400,9 +400,10 @@ subroutine network_forward(table, f32, i8, i32, norm, norm_kinds, x, upto, y, wo
   integer(c_int), intent(in) :: norm_kinds(2)
   real(c_float), intent(inout) :: y(n_out, n), work(nw)
   integer(c_int), intent(out) :: stat, bad_layer
+  character(len=512), intent(out) :: errmsg   ! blank on success
   !f2py threadsafe
   !f2py intent(hide) :: nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw
-  call impl(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, stat, bad_layer)
+  call impl(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, stat, bad_layer, errmsg)
 end subroutine network_forward
 
 subroutine network_workspace_size(table, n, upto, nl, words)

@@ -215,9 +215,6 @@ contains
     end if
     do k = 1, nl
       bad_layer = k
-      call check_layer(k, table(:, k), nf32, ni8, ni32, stat, msg)
-      if (stat /= PYKD_OK) return
-      stat = PYKD_ERR_ARG
       if (k > 1) then
         if (table(COL_N_IN, k) /= table(COL_N_OUT, k - 1)) then
           msg = 'layer '//str(int(k, int64))//' takes '//str(table(COL_N_IN, k))// &
@@ -225,6 +222,9 @@ contains
           return
         end if
       end if
+      call check_layer(k, table(:, k), nf32, ni8, ni32, stat, msg)
+      if (stat /= PYKD_OK) return
+      stat = PYKD_ERR_ARG
     end do
     bad_layer = 0
     if (.not. (all(norm_kinds == NORM_NONE .or. norm_kinds == NORM_PER_FEATURE &
