@@ -1,0 +1,171 @@
+"""The inference benchmark (benchmarks/bench_inference.py) on a tiny model.
+
+Its numbers are only worth something if every candidate computes the same
+function: each candidate (every pykd variant, plain NumPy, ONNX Runtime
+float32 and int8, PyTorch when importable) is loaded from its file as the
+benchmark's workers do and compared with the NumPy float64 reference of its
+weights; the check itself must reject wrong logits; and a candidate that
+fails it must be reported, not timed. No timing is asserted.
+"""
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import bench_inference as bi  # noqa: E402
+
+import pykd  # noqa: E402
+
+pytestmark = pytest.mark.fortran
+HAVE_ORT = (importlib.util.find_spec("onnx") is not None
+            and importlib.util.find_spec("onnxruntime") is not None)
+PYKD_LABELS = ["pykd float32", "pykd int8 dynamic", "pykd int8 static", "pykd pruned 90% dense",
+               "pykd sparse_csr 90%", "pykd low_rank e0.9", "pykd codebook 4-bit",
+               "pykd sparse90+codebook 5-bit"]
+
+
+def blobs(n, rng, centers):
+    """Well separated Gaussian blobs in [0, 1]-ish pixels: the int8 models'
+    argmax then matches the float32 model's on (nearly) every row."""
+    y = rng.integers(0, len(centers), n)
+    X = (centers[y] + 0.05 * rng.standard_normal((n, centers.shape[1]))).astype(np.float32)
+    return X, y
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    centers = rng.random((4, 48)).astype(np.float32)
+    X, y = blobs(1500, rng, centers)
+    Xc, _ = blobs(300, rng, centers)
+    student = pykd.MLP([48, 24, 24, 4], seed=0)
+    pykd.fit(student, X, y, epochs=4, progress=False)
+    work = str(tmp_path_factory.mktemp("bench_inference"))
+    specs, absent = bi.prepare(student, X[:200], Xc, work, with_onnx=HAVE_ORT)
+    return student, Xc, work, specs, absent
+
+
+def test_every_candidate_agrees_with_the_numpy_reference(prepared):
+    _, Xc, work, specs, absent = prepared
+    labels = [s["label"] for s in specs]
+    expected = PYKD_LABELS + ["numpy float32"] + (["ORT float32", "ORT int8 dynamic"]
+                                                  if HAVE_ORT else [])
+    assert labels[:len(expected)] == expected
+    if importlib.util.find_spec("torch") is None:
+        assert "torch" in absent
+    ref_f32 = np.load(os.path.join(work, "ref_f32.npy"))
+    for s in specs:
+        assert s["bytes"] == os.path.getsize(s["path"]) > 0
+        y = bi.batched(bi.load_candidate(s, 1), Xc, batch=64)
+        res = bi.check_logits(y, np.load(os.path.join(work, s["ref"])), s["check"], ref_f32)
+        assert res["ok"], (s["label"], res)
+        if s["check"] == "float":
+            assert res["max_abs_diff"] <= res["tol"]
+        else:
+            assert res["agreement"] >= bi.INT8_AGREEMENT
+    # the converted variants really are smaller files than the float32 one
+    size = {s["label"]: s["bytes"] for s in specs}
+    for small in ("pykd int8 dynamic", "pykd sparse_csr 90%", "pykd codebook 4-bit",
+                  "pykd sparse90+codebook 5-bit"):
+        assert size[small] < size["pykd float32"], small
+
+
+def test_reference_is_independent_of_pykd(prepared):
+    """The float64 reference of the float32 student, by hand."""
+    student, Xc, work, _, _ = prepared
+    mean, std = (float(v) for v in student.norm)
+    h = (Xc.astype(np.float64) - mean) / std
+    for k, (W, b) in enumerate(student.layers):
+        h = h @ W.astype(np.float64) + b
+        if k < len(student.layers) - 1:
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(np.load(os.path.join(work, "ref_f32.npy")), h, rtol=0, atol=1e-9)
+
+
+def test_check_rejects_wrong_logits():
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((200, 4)) * 5
+    good = ref.astype(np.float32)
+    assert bi.check_logits(good, ref, "float", ref)["ok"]
+    bad = good.copy()
+    bad[7, 2] += 1e-2 * np.abs(ref).max()
+    r = bi.check_logits(bad, ref, "float", ref)
+    assert not r["ok"] and "reference" in r["why"]
+    nan = good.copy()
+    nan[0, 0] = np.nan
+    assert not bi.check_logits(nan, ref, "float", ref)["ok"]
+    assert not bi.check_logits(good[:, :3], ref, "float", ref)["ok"]
+    # int8: argmax agreement with the float32 model; 3 of 200 rows flipped is 98.5 %
+    flipped = good.copy()
+    for i in range(3):
+        flipped[i] = -flipped[i]
+    r = bi.check_logits(flipped, ref, "int8", ref)
+    assert not r["ok"] and r["agreement"] == pytest.approx(0.985)
+    assert bi.check_logits(good + 0.1, ref, "int8", ref)["ok"]
+
+
+def test_onnx_graph_structure():
+    pytest.importorskip("onnx")
+    rng = np.random.default_rng(2)
+    layers = [(rng.standard_normal((5, 3)).astype(np.float32), np.ones(3, np.float32), "relu"),
+              (rng.standard_normal((3, 2)).astype(np.float32), np.zeros(2, np.float32),
+               "identity")]
+    g = bi.onnx_graph(layers, (np.float32(0.5), np.float32(2.0)), None).graph
+    assert [n.op_type for n in g.node] == ["Sub", "Div", "MatMul", "Add", "Relu", "MatMul",
+                                           "Add", "Identity"]
+    with pytest.raises(ValueError, match="activation 'gelu'"):
+        bi.onnx_graph([(layers[0][0], layers[0][1], "gelu")], None, None)
+
+
+def test_workers_time_passing_candidates_and_report_failed_ones(prepared, tmp_path):
+    """The worker path end to end on two candidates, one of them given a
+    wrong reference: it is reported as failed and not timed."""
+    _, _, work, specs, _ = prepared
+    keep = {"pykd float32", "pykd low_rank e0.9"}
+    sub = [dict(s) for s in specs if s["label"] in keep]
+    for s in sub:
+        if s["label"] == "pykd low_rank e0.9":
+            s["ref"] = "ref_pykd_codebook_4_bit.npy"     # another model's logits
+    bi.harness.write_json(os.path.join(work, "specs.json"), sub)
+    try:
+        rows, block = bi.run_threads(sub, work, 1, rounds=1, block_calls={1: 3, 256: 2},
+                                     cold_reps=0, settle=0.0, log=lambda s: None)
+    finally:
+        bi.harness.write_json(os.path.join(work, "specs.json"), specs)
+    assert block["threads"] == 1
+    by = {(r["label"], r["batch"]): r for r in rows}
+    assert len(rows) == 4
+    for b in bi.BATCHES:
+        for lb in ("pykd float32",):
+            r = by[(lb, b)]
+            assert r["error"] is None and r["check"]["ok"]
+            assert r["median_s"] > 0 and r["p99_s"] >= r["median_s"] and r["n_calls"] >= 3
+        assert by[("pykd float32", b)]["vs_pykd_f32"] == 1.0
+        bad = by[("pykd low_rank e0.9", b)]
+        assert bad["error"].startswith("check failed") and "median_s" not in bad
+    result = {"model": "tiny", "model_sizes": "48-24-24-4", "mode": "test",
+              "machine": bi.harness.machine_info(), "versions": bi.versions(), "absent": {},
+              "blocks": [block], "rows": rows}
+    result["machine"]["cpu_flags"] = {}
+    md = bi.tables(result)
+    assert "## 1 thread, batch 256" in md and "FAILED: check failed" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert bi.plot(result, str(tmp_path / "p.png")) is None
+        assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_cold_factory_times_load_and_first_call(prepared, tmp_path):
+    """What a cold-start worker does, here in this process."""
+    _, _, work, _, _ = prepared
+    out = tmp_path / "cold.json"
+    get = bi.cold_factory("pykd codebook 4-bit", work, None, 256, str(out))  # no thread limits here
+    assert get("anything")() is None
+    import json
+    got = json.loads(out.read_text())
+    assert set(got) == {"load_s", "first_s"} and got["load_s"] > 0 and got["first_s"] > 0
+    with pytest.raises(KeyError, match="no candidate 'nope'"):
+        bi.cold_factory("nope", work, 1, 1, str(out))
