@@ -25,12 +25,14 @@ test-fortran:
 test-python:
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
 
-# Benchmarks (never fail on timing). matplotlib draws the scaling plots.
+# Benchmarks (never fail on timing). matplotlib draws the plots; onnx and
+# onnxruntime are the inference benchmark's peers.
 bench: setup
-	$(PY) -m pip install -q --disable-pip-version-check matplotlib
+	$(PY) -m pip install -q --disable-pip-version-check matplotlib onnx onnxruntime
 	$(PY) benchmarks/run_all.py
 
 bench-quick: setup
+	$(PY) -m pip install -q --disable-pip-version-check matplotlib onnx onnxruntime
 	$(PY) benchmarks/run_all.py --quick --out build/bench-quick
 
 clean:

@@ -426,6 +426,16 @@ def _limit_threads(threads):
         _LIMITS.append(harness._tpc.threadpool_limits(limits=int(threads)))
 
 
+def _import_backend(spec):
+    """Import the candidate's library before the thread limits are set
+    (threadpoolctl limits only the pools already loaded: pykd's libgomp and
+    BLAS come with ``import pykd``); a peer's worker does not load pykd."""
+    if spec["backend"] == "pykd":
+        import pykd  # noqa: F401
+    elif spec["backend"] == "torch":
+        import torch  # noqa: F401
+
+
 def _spec(workdir, label):
     with open(os.path.join(workdir, "specs.json"), encoding="utf-8") as fh:
         specs = {s["label"]: s for s in json.load(fh)}
@@ -441,8 +451,8 @@ def worker_factory(backend, workdir, n_threads, block_calls, check_dir):
     that make one untimed call and then ``block_calls[batch]`` calls timed
     one by one, appending their latencies (float64 seconds) to
     ``check_dir/lat-<slug>-<batch>.f64``."""
-    import pykd  # noqa: F401  (loads the extension and its OpenMP before the limits)
     spec = _spec(workdir, backend)
+    _import_backend(spec)
     _limit_threads(n_threads)
     forward = load_candidate(spec, n_threads)
     X = np.load(os.path.join(workdir, "x_check.npy"))
@@ -475,8 +485,8 @@ def cold_factory(backend, workdir, n_threads, batch, out):
     """A fresh process's first call: load the candidate ``backend`` (a
     label), call it once on ``batch`` test rows, write the load and call
     times (seconds) to ``out`` (JSON)."""
-    import pykd  # noqa: F401
     spec = _spec(workdir, backend)
+    _import_backend(spec)
     _limit_threads(n_threads)
     x = np.ascontiguousarray(np.load(os.path.join(workdir, "x_check.npy"))[:batch])
     t0 = time.perf_counter()
@@ -627,7 +637,7 @@ def tables(result):
     info = result["machine"]
     summary = machine_summary(info)
     vers = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
-    lines = ["# Inference: every pykd kind against ONNX Runtime, NumPy and PyTorch", "",
+    lines = ["## Inference: every pykd kind against ONNX Runtime, NumPy and PyTorch", "",
              f"Model: `{result['model']}` ({result['model_sizes']}); inputs: Fashion-MNIST "
              f"test rows; mode: {result['mode']}.", "",
              "```", harness.format_machine_info(info), "```", "",
@@ -649,7 +659,7 @@ def tables(result):
         th = blk["threads"]
         for batch in BATCHES:
             busy, steal = blk.get("busy_before"), blk.get("steal")
-            lines += [f"## {th} thread{'s' if th != 1 else ''}, batch {batch}", "",
+            lines += [f"### {th} thread{'s' if th != 1 else ''}, batch {batch}", "",
                       f"{summary}; threads {th} (BLAS/OpenMP pools via threadpoolctl, ORT "
                       f"intra-op {th}, inter-op 1). Machine load: CPUs "
                       f"{'?' if busy is None else f'{busy:.0%}'} busy before the block, steal "

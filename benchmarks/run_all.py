@@ -3,8 +3,9 @@
     python benchmarks/run_all.py [--quick] [--out benchmarks]
 
 Kernels (bench_kernels.py), pipeline phases (bench_pipeline.py) and scaling
-(bench_scaling.py), Fortran against the NumPy path in the same run. Timing
-never fails the run: targets are printed as MET or MISSED.
+(bench_scaling.py), Fortran against the NumPy path in the same run, and
+inference (bench_inference.py: every layer kind against ONNX Runtime, NumPy
+and PyTorch). Timing never fails the run: targets are printed as MET or MISSED.
 """
 import argparse
 import datetime
@@ -12,6 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_inference  # noqa: E402
 import bench_kernels  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_scaling  # noqa: E402
@@ -20,7 +22,7 @@ import harness  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="about 3 minutes in all")
+    ap.add_argument("--quick", action="store_true", help="about 4 minutes in all")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     a = ap.parse_args(argv)
     out = a.out
@@ -31,7 +33,9 @@ def main(argv=None):
     for name, mod, extra in (
             ("kernels", bench_kernels, []),
             ("pipeline", bench_pipeline, []),
-            ("scaling", bench_scaling, ["--plots", os.path.join(out, "plots")])):
+            ("scaling", bench_scaling, ["--plots", os.path.join(out, "plots")]),
+            ("inference", bench_inference,
+             ["--plot", os.path.join(out, "plots", f"inference-{tag}.png")])):
         print(f"\n=== {name} ===", flush=True)
         js = os.path.join(out, f"{name}-{tag}.json")
         md = os.path.join(out, f"{name}-{tag}.md")

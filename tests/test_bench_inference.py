@@ -152,7 +152,7 @@ def test_workers_time_passing_candidates_and_report_failed_ones(prepared, tmp_pa
               "blocks": [block], "rows": rows}
     result["machine"]["cpu_flags"] = {}
     md = bi.tables(result)
-    assert "## 1 thread, batch 256" in md and "FAILED: check failed" in md
+    assert "### 1 thread, batch 256" in md and "FAILED: check failed" in md
     if importlib.util.find_spec("matplotlib") is not None:
         assert bi.plot(result, str(tmp_path / "p.png")) is None
         assert (tmp_path / "p.png").stat().st_size > 0
@@ -162,7 +162,8 @@ def test_cold_factory_times_load_and_first_call(prepared, tmp_path):
     """What a cold-start worker does, here in this process."""
     _, _, work, _, _ = prepared
     out = tmp_path / "cold.json"
-    get = bi.cold_factory("pykd codebook 4-bit", work, None, 256, str(out))  # no thread limits here
+    # n_threads None: no thread limits on this (the test) process
+    get = bi.cold_factory("pykd codebook 4-bit", work, None, 256, str(out))
     assert get("anything")() is None
     import json
     got = json.loads(out.read_text())
