@@ -522,7 +522,8 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
 
     Returns ``(rows, block)``: one row per candidate and batch, and the
     block's machine load (busy fraction before it, steal during it)."""
-    block = {"threads": threads, "busy_before": harness.cpu_busy_fraction()}
+    block = {"threads": threads, "busy_before": harness.cpu_busy_fraction(),
+             "loadavg_before": _loadavg()}
     by = {s["label"]: s for s in specs}
     labels = list(by)
     tdir = os.path.join(workdir, f"t{threads}")
@@ -575,6 +576,7 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
             if got:
                 cold[(lb, batch)] = got
     block["cold_steal"] = harness.steal_fraction(cpu0, harness.cpu_times())
+    block["loadavg_after"] = _loadavg()
     block["cold_s"] = time.perf_counter() - t0
     rows = []
     for lb in labels:
@@ -595,6 +597,15 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
             rows.append(row)
     add_ratios(rows)
     return rows, block
+
+
+def _loadavg():
+    """The 1-minute load average (runnable processes; 2 cores here), or None."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as fh:
+            return float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def add_ratios(rows):
@@ -663,7 +674,9 @@ def tables(result):
                       f"{summary}; threads {th} (BLAS/OpenMP pools via threadpoolctl, ORT "
                       f"intra-op {th}, inter-op 1). Machine load: CPUs "
                       f"{'?' if busy is None else f'{busy:.0%}'} busy before the block, steal "
-                      f"{'?' if steal is None else f'{steal:.1%}'} during it.", ""]
+                      f"{'?' if steal is None else f'{steal:.1%}'} during it, 1-min load "
+                      f"average {blk.get('loadavg_before')} before and "
+                      f"{blk.get('loadavg_after')} after.", ""]
             table = []
             for r in result["rows"]:
                 if r["threads"] != th or r["batch"] != batch:
