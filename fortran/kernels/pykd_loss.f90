@@ -127,6 +127,8 @@ contains
 
     soft = alpha < 1
     tmax = 0; lse_s = 0; lse_t = 0
+    ! maxval skips NaN (gfortran), but a NaN logit makes its exp sum NaN, so the
+    ! loss is NaN and `fused` rejects it (PYKD_ERR_NONFINITE), as today.
     smax = maxval(s)
     e1 = 0
     do i = 1, size(s)

@@ -12,6 +12,7 @@
 !! `count_below` and `mask_from_threshold` tensor by tensor.
 module pykd_prune
   use iso_fortran_env, only: real32, int8, int64
+  use ieee_arithmetic, only: ieee_is_nan, ieee_value, ieee_quiet_nan
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
   implicit none
   private
@@ -80,6 +81,8 @@ contains
   !! splits runs of equal values (pruned zeros) evenly. After many unlucky
   !! rounds it switches to pseudo-random pivots, so adversarial orderings
   !! cannot make it quadratic. The answer does not depend on pivot choice.
+  !! A NaN in `a` gives kth = NaN (the partition needs ordered values: with a
+  !! NaN pivot its scans would run off the array).
   pure subroutine select_kth(a, k, kth)
     real(real32), intent(inout) :: a(:)
     integer(int64), intent(in) :: k
@@ -87,6 +90,10 @@ contains
     integer(int64) :: lo, hi, i, j, mid, rounds, seed
     real(real32) :: pivot
 
+    if (any(ieee_is_nan(a))) then
+      kth = ieee_value(kth, ieee_quiet_nan)
+      return
+    end if
     lo = 1; hi = size(a, kind=int64)
     rounds = 0; seed = 88172645463325252_int64
     do while (hi > lo)
@@ -147,6 +154,8 @@ contains
 
   !> mask = 1 where |w| > tau; 0 where |w| < tau; where |w| == tau, 0 for the
   !! first `ties` such entries (decremented as they are used), 1 after that.
+  !! A NaN |w| or tau compares neither way: that entry is kept, never pruned
+  !! as if it were a tie (callers reject NaN weights through `magnitudes`).
   pure subroutine mask_from_threshold(w, tau, ties, mask)
     real(real32), intent(in) :: w(:)
     real(real32), intent(in) :: tau
@@ -154,7 +163,7 @@ contains
     integer(int8), intent(out) :: mask(:)
     integer(int64) :: i
     do i = 1, size(w, kind=int64)
-      if (abs(w(i)) > tau) then
+      if (.not. (abs(w(i)) <= tau)) then
         mask(i) = 1
       else if (abs(w(i)) < tau) then
         mask(i) = 0

@@ -24,6 +24,8 @@ contains
     logical, intent(out) :: ok
     real(real32) :: zmax, lse
 
+    ! maxval skips NaN (gfortran), but a NaN logit still makes its exp and the
+    ! sum NaN, so such a column is reported through `ok`, never hidden.
     zmax = maxval(z)
     logp = (z - zmax) / t
     lse = real(log(sum(real(exp(logp), real64))), real32)
