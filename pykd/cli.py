@@ -2,30 +2,38 @@
 student, evaluate, and ``pykd demo`` for the whole pipeline.
 
 Run ``pykd COMMAND --help`` for the options of each command. Exit codes: 0 on
-success, 2 for bad input (options, files), 1 when training fails (NaN/inf
-loss), 130 after Ctrl-C (a checkpoint is saved; rerun with ``--resume``).
+success, 2 for bad input (options, files) or a failure of the environment
+(disk full, out of memory, ...), 1 when training fails (NaN/inf loss), 130
+after Ctrl-C (a checkpoint is saved; rerun with ``--resume``). Every error is
+one line on stderr naming the file and the problem; ``--debug`` (or
+``PYKD_DEBUG=1``) prints the traceback first. Inputs and outputs are checked
+before any training starts.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
 import shlex
+import stat
 import statistics
 import sys
 import time
+import traceback
 
 import numpy as np
 
 from . import __version__
+from . import io as _io
 from ._step import TrainConfig
-from .data import DatasetError, load_dataset
+from .data import DEFAULT_DATA_DIR, DatasetError, load_dataset
 from .modelfile import ModelFormatError
 from .models import MLP, load_model
-from .train import (NonFiniteLossError, TrainingInterrupted, atomic_write, evaluate, fit,
-                    hint_targets_from, soft_labels)
+from .train import (CheckpointError, NonFiniteLossError, TrainingInterrupted, atomic_write,
+                    evaluate, fit, hint_targets_from, soft_labels)
 
 #: The reference configuration of ``pykd demo`` (architectures, optimizer,
 #: batch, T, alpha from the issue; epochs and dropout tuned on Fashion-MNIST).
@@ -45,10 +53,21 @@ DEMO = {
 }
 #: ``pykd demo --quick``: a smoke test of the whole pipeline in seconds.
 QUICK = {"n_train": 3000, "n_test": 1000, "teacher_epochs": 2, "student_epochs": 2}
+#: The most classes a dataset (or ``--classes``) may have.
+MAX_CLASSES = 65536
 
 
 class CLIError(Exception):
     """Bad input: printed as ``pykd CMD: error: ...``, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (``pykd CMD: error: ... (see pykd CMD
+    --help)``, exit code 2) instead of the usage text plus the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} "
+                     f"(see {self.prog} --help)\n")
 
 
 # ----------------------------------------------------------- option types
@@ -110,17 +129,31 @@ def _add_common(p, *, data=True):
     p.add_argument("--threads", type=_pos_int, metavar="N",
                    help="limit BLAS/OpenMP threads (same seed and threads: same bits)")
     p.add_argument("--report", metavar="FILE.json",
-                   help="write accuracy, size, timings and configuration as JSON")
+                   help="write accuracy, size, timings and configuration as JSON "
+                        "(- : to stdout; the result lines then go to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch output")
+    _add_debug(p)
+
+
+def _add_debug(p, default=argparse.SUPPRESS):
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="on an error, print the traceback too (also: PYKD_DEBUG=1)")
+
+
+def _add_classes(p):
+    p.add_argument("--classes", type=_number(int, 1, MAX_CLASSES), metavar="N",
+                   help="number of classes (default: the largest training label + 1; at "
+                        f"most {MAX_CLASSES}); every label must be in [0, N)")
 
 
 def _add_training(p, *, hidden, epochs, dropout=0.0, lr_decay=1.0, out):
     p.add_argument("--hidden", type=_hidden, default=hidden, metavar="W1,W2,...",
                    help=f"hidden layer widths (default: {','.join(map(str, hidden))})")
-    p.add_argument("--epochs", type=_nonneg_int, default=epochs,
-                   help=f"training epochs (default: {epochs})")
+    p.add_argument("--epochs", type=_pos_int, default=epochs,
+                   help=f"training epochs, >= 1 (default: {epochs})")
     p.add_argument("--batch-size", type=_pos_int, default=DEMO["batch_size"],
-                   help=f"batch size (default: {DEMO['batch_size']})")
+                   help=f"batch size (default: {DEMO['batch_size']}); one larger than the "
+                        "training set means one batch of the whole set (with a warning)")
     p.add_argument("--lr", type=_pos_float, default=DEMO["lr"],
                    help=f"learning rate (default: {DEMO['lr']:g})")
     p.add_argument("--lr-decay", type=_number(float, 0, 1, low_open=True), default=lr_decay,
@@ -145,6 +178,7 @@ def _add_training(p, *, hidden, epochs, dropout=0.0, lr_decay=1.0, out):
                    help="continue from the checkpoint (ends at the same weights as an "
                         "uninterrupted run)")
     p.add_argument("--plot", metavar="FILE.png", help="draw training curves (needs matplotlib)")
+    _add_classes(p)
 
 
 def _add_kd(p):
@@ -156,13 +190,15 @@ def _add_kd(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pykd",
         description="Knowledge distillation with Fortran kernels: train a teacher, make soft "
                     "labels, distill a small student, compare.",
-        epilog="Exit codes: 0 ok, 1 training failed (NaN/inf loss), 2 bad input, "
-               "130 interrupted (resume with --resume).")
+        epilog="Exit codes: 0 ok, 1 training failed (NaN/inf loss), 2 bad input or a failure "
+               "of the environment (one line on stderr naming the file; --debug adds the "
+               "traceback), 130 interrupted (resume with --resume).")
     parser.add_argument("--version", action="version", version=f"pykd {__version__}")
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train-teacher", help="train a model on the labels (cross-entropy)",
@@ -225,16 +261,18 @@ def build_parser():
                    metavar="W1,W2,...", help="teacher hidden widths (default: 1200,1200)")
     p.add_argument("--student-hidden", type=_hidden, default=DEMO["student_hidden"],
                    metavar="W1,W2,...", help="student hidden widths (default: 200,200)")
-    p.add_argument("--teacher-epochs", type=_nonneg_int, default=None,
+    p.add_argument("--teacher-epochs", type=_pos_int, default=None,
                    help=f"(default: {DEMO['teacher_epochs']})")
-    p.add_argument("--student-epochs", type=_nonneg_int, default=None,
+    p.add_argument("--student-epochs", type=_pos_int, default=None,
                    help=f"(default: {DEMO['student_epochs']})")
     p.add_argument("--dropout", type=_dropout, default=DEMO["teacher_dropout"],
                    help=f"teacher dropout (default: {DEMO['teacher_dropout']:g})")
     p.add_argument("--seeds", type=_pos_int, default=DEMO["seeds"],
                    help=f"students per kind, seeds 0..N-1 (default: {DEMO['seeds']})")
     _add_kd(p)
-    p.add_argument("--batch-size", type=_pos_int, default=DEMO["batch_size"])
+    p.add_argument("--batch-size", type=_pos_int, default=DEMO["batch_size"],
+                   help=f"(default: {DEMO['batch_size']}); one larger than the training set "
+                        "means one batch of the whole set (with a warning)")
     p.add_argument("--lr", type=_pos_float, default=DEMO["lr"])
     p.add_argument("--teacher-lr-decay", type=_number(float, 0, 1, low_open=True),
                    default=DEMO["teacher_lr_decay"], metavar="GAMMA",
@@ -249,6 +287,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="reuse finished models in DIR and resume an interrupted one")
     p.add_argument("--plot", metavar="FILE.png", help="draw training curves (needs matplotlib)")
+    _add_classes(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -264,19 +303,148 @@ class _Ctx:
         self.quiet = args.quiet
         self.models = []          # report entries
         self.histories = {}       # name -> history, for --plot
+        self.stdout = sys.stdout  # where --report - goes (the result lines then go to stderr)
 
     def info(self, msg):
         if not self.quiet:
             print(msg, file=sys.stderr, flush=True)
+
+    def warn(self, msg):
+        print(f"pykd {self.args.command}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _data_path(args):
+    return os.fspath(args.data) if args.data else os.fspath(DEFAULT_DATA_DIR)
 
 
 def _load_data(args, ctx):
     t = time.perf_counter()
     ds = load_dataset(args.data)
     if ds.X_train.shape[0] == 0:
-        raise CLIError(f"{ds.name}: the training set is empty")
+        raise CLIError(f"{_data_path(args)}: the training set is empty")
     ctx.info(f"data: {ds!r} ({time.perf_counter() - t:.1f} s)")
     return ds
+
+
+def _check_labels(source, split, y, n_classes, whose):
+    """Every label of ``y`` in [0, n_classes), or a CLIError naming the file."""
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        bad = int(y[(y < 0) | (y >= n_classes)][0])
+        raise CLIError(f"{source}: {split} label {bad} is outside {whose} {n_classes} classes "
+                       f"(labels must be in [0, {n_classes}))")
+
+
+def _n_classes(args, ds):
+    """The number of classes: the training set's largest label + 1, unless
+    ``--classes N`` says otherwise, at most MAX_CLASSES; a training or test
+    label outside it is an error naming the dataset."""
+    source = _data_path(args)
+    top = int(ds.y_train.max())
+    given = getattr(args, "classes", None)
+    if given is None:
+        if top + 1 > MAX_CLASSES:
+            raise CLIError(f"{source}: the training labels go up to {top}, but at most "
+                           f"{MAX_CLASSES} classes are supported")
+        n, whose = top + 1, "the training set's"
+    else:
+        n, whose = given, "the --classes"
+        _check_labels(source, "training", ds.y_train, n, whose)
+    _check_labels(source, "test", ds.y_test, n, whose)
+    return n
+
+
+def _input_file(path, what):
+    """Refuse a missing input, a directory, a FIFO or a device before opening it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CLIError(f"{what} file {path} does not exist") from None
+    except OSError as e:
+        raise CLIError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CLIError(f"{path}: the {what} file is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise CLIError(f"{path}: the {what} file is not a regular file (a FIFO, socket or "
+                       "device?)")
+
+
+def _check_output(path, what, option):
+    """Refuse, before any work, an output that cannot be written: a
+    directory, something that is not a regular file, a missing or unwritable
+    directory."""
+    path = os.fspath(path)
+    if not path:
+        raise CLIError(f"{option}: the {what} path is empty")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise CLIError(f"{path}: cannot write the {what} ({e.strerror or e})") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise CLIError(f"{path}: the {what} ({option}) is a directory; give a file name")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise CLIError(f"{path}: the {what} ({option}) exists and is not a regular file")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise CLIError(f"cannot write the {what} {path} ({option}): directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write the {what} {path} ({option}): directory {d} is not "
+                       "writable")
+
+
+def _check_out_dir_tree(path, option):
+    """An output directory (demo --out): an existing writable directory, or
+    creatable under the nearest existing, writable ancestor."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise CLIError(f"{path}: {option} must be a directory, and this is a file")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CLIError(f"{path}: the {option} directory is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot create the {option} directory {path}: {parent} is not a "
+                       "writable directory")
+
+
+def _check_outputs(args, outputs):
+    """Check every output (``[(path, what, option)]``, None paths skipped),
+    --report and --plot, and that no two of them are the same file."""
+    outputs = [o for o in outputs if o[0] is not None]
+    if getattr(args, "report", None) is not None and args.report != "-":
+        outputs.append((args.report, "report", "--report"))
+    if getattr(args, "plot", None) is not None:
+        outputs.append((args.plot, "plot", "--plot"))
+    seen = {}
+    for path, what, option in outputs:
+        _check_output(path, what, option)
+        key = os.path.realpath(path)
+        if key in seen:
+            raise CLIError(f"{option} and {seen[key]} are the same file ({path}); give "
+                           "different paths")
+        seen[key] = option
+
+
+@contextlib.contextmanager
+def _writing(path, what):
+    """Name the target (not a temporary file, not nothing) in a write error."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the {what} ({e.strerror or e})",
+                      os.fspath(path)) from e
+
+
+def _meta_dict(model, key):
+    """A metadata entry that should be a dict (a model file's metadata is free
+    JSON: anything else is treated as absent)."""
+    meta = model.metadata if isinstance(model.metadata, dict) else {}
+    value = meta.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _check_plot(args):
@@ -290,8 +458,7 @@ def _check_plot(args):
 
 
 def _load_model_checked(path, n_features, what="model", backend="fortran"):
-    if not os.path.exists(path):
-        raise CLIError(f"{what} file {path} does not exist")
+    _input_file(path, what)
     model = load_model(path, backend=backend)
     if model.n_features != n_features:
         raise CLIError(f"{path}: the {what} takes {model.n_features} inputs but the data has "
@@ -311,13 +478,19 @@ def _nan_to_none(obj):
     return obj
 
 
-def _write_json(path, obj):
+def _write_json(path, obj, stdout=None):
     text = json.dumps(_nan_to_none(obj), indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    if path == "-":
+        (stdout or sys.stdout).write(text)
+        (stdout or sys.stdout).flush()
+        return
+    with _writing(path, "report"):
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def _save_npy(path, array):
-    atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+def _save_npy(path, array, what="logits file"):
+    with _writing(path, what):
+        atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _threads_info():
@@ -377,6 +550,10 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
         ctx.info(f"{name}: teacher features of layer {hint_teacher_layer} for the hint "
                  f"({time.perf_counter() - t:.1f} s)")
     has_test = ds.X_test.shape[0] > 0
+    n_train = int(ds.X_train.shape[0])
+    if batch_size > n_train:
+        ctx.warn(f"--batch-size {batch_size} is larger than the training set ({n_train} rows): "
+                 f"every epoch of {name} is one batch of all {n_train} rows")
     ctx.info(f"{name}: training {'-'.join(map(str, sizes))} ({model.parameters:,} parameters) "
              f"for {epochs} epochs" + (" (resuming)" if resume else ""))
     history = fit(model, ds.X_train, ds.y_train, cfg=cfg, epochs=epochs, batch_size=batch_size,
@@ -389,7 +566,8 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
     model.metadata.update({"role": role, "config": config, "history": history,
                            "test_accuracy": ev["accuracy"] if has_test else None,
                            "pykd_version": __version__})
-    model.save(out)
+    with _writing(out, "model"):
+        model.save(out)
     ctx.histories[name] = history
     entry = _entry(name, model, ev, history, config, out)
     ctx.models.append(entry)
@@ -432,8 +610,9 @@ def _finish(ctx, extra=None):
                   "threads": _threads_info(), "models": ctx.models}
         if extra:
             report.update(extra)
-        _write_json(args.report, report)
-        ctx.info(f"report: {args.report}")
+        _write_json(args.report, report, ctx.stdout)
+        if args.report != "-":
+            ctx.info(f"report: {args.report}")
     return 0
 
 
@@ -476,18 +655,24 @@ def _ckpt(args):
     return args.checkpoint or f"{args.out}.ckpt.npz"
 
 
-def _check_out_dir(path):
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise CLIError(f"cannot write {path}: directory {d} does not exist")
+def _check_training_files(args):
+    """Outputs writable and distinct, and a checkpoint to resume from, before any work."""
+    _check_outputs(args, [(args.out, "model", "--out"),
+                          (_ckpt(args), "checkpoint", "--checkpoint")])
+    if args.resume:
+        ckpt = _ckpt(args)
+        if not os.path.exists(ckpt):
+            raise CLIError(f"no checkpoint at {ckpt} to resume from (--resume); run without "
+                           "--resume or give --checkpoint FILE")
+        _input_file(ckpt, "checkpoint")
 
 
 # ---------------------------------------------------------------- commands
 
 def cmd_train_teacher(args, ctx):
-    _check_out_dir(args.out)
+    _check_training_files(args)
     ds = _load_data(args, ctx)
-    sizes = [ds.n_features, *args.hidden, ds.n_classes]
+    sizes = [ds.n_features, *args.hidden, _n_classes(args, ds)]
     cfg = _train_cfg(args)
     _train(ctx, "teacher", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
@@ -497,7 +682,8 @@ def cmd_train_teacher(args, ctx):
 
 
 def cmd_soft_labels(args, ctx):
-    _check_out_dir(args.out)
+    _check_outputs(args, [(args.out, "logits file", "--out")])
+    _input_file(args.teacher, "teacher")
     ds = _load_data(args, ctx)
     teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
     X = ds.X_train if args.split == "train" else ds.X_test
@@ -517,7 +703,11 @@ def cmd_soft_labels(args, ctx):
 
 
 def cmd_distill(args, ctx):
-    _check_out_dir(args.out)
+    if args.hint_teacher_layer is not None and args.teacher is None:
+        raise CLIError("--hint-teacher-layer needs --teacher MODEL (a logits file has no "
+                       "hidden layers)")
+    if args.hint_teacher_layer is not None and not args.hint_student_layer:
+        raise CLIError("--hint-teacher-layer needs --hint-student-layer K")
     if args.hint_student_layer and args.teacher is None:
         raise CLIError("hint distillation (--hint-student-layer) needs --teacher MODEL: "
                        "the teacher's hidden features are not in a logits file")
@@ -525,20 +715,26 @@ def cmd_distill(args, ctx):
     if args.hint_student_layer > n_hidden:
         raise CLIError(f"--hint-student-layer must be a hidden layer of the student, in "
                        f"[1, {n_hidden}], got {args.hint_student_layer}")
+    _check_training_files(args)
+    if args.teacher:
+        _input_file(args.teacher, "teacher")
+    else:
+        _input_file(args.teacher_logits, "teacher logits")
     ds = _load_data(args, ctx)
     n = ds.X_train.shape[0]
+    n_classes = _n_classes(args, ds)
     teacher = None
     t = time.perf_counter()
     if args.teacher:
         teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
-        if teacher.n_outputs != ds.n_classes:
+        if teacher.n_outputs != n_classes:
             raise CLIError(f"{args.teacher}: the teacher has {teacher.n_outputs} outputs but the "
-                           f"data has {ds.n_classes} classes")
+                           f"data has {n_classes} classes")
         logits = soft_labels(teacher, ds.X_train, args.temperature, backend=args.backend,
                              progress=not ctx.quiet)
         ctx.info(f"soft labels from {args.teacher}: {time.perf_counter() - t:.1f} s")
     else:
-        logits = _load_logits(args.teacher_logits, n, ds.n_classes)
+        logits = _load_logits(args.teacher_logits, n, n_classes)
     hint_teacher_layer = None
     extra = {"temperature": args.temperature, "alpha": args.alpha,
              "teacher": args.teacher, "teacher_logits": args.teacher_logits}
@@ -553,7 +749,7 @@ def cmd_distill(args, ctx):
     cfg = _train_cfg(args, loss="kd", temperature=args.temperature, alpha=args.alpha,
                      hint_layer=args.hint_student_layer,
                      hint_weight=args.hint_weight if args.hint_student_layer else 0.0)
-    sizes = [ds.n_features, *args.hidden, ds.n_classes]
+    sizes = [ds.n_features, *args.hidden, n_classes]
     _train(ctx, "student", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
            backend=args.backend, teacher=teacher, teacher_logits=logits,
@@ -564,24 +760,19 @@ def cmd_distill(args, ctx):
 
 
 def _load_logits(path, n, n_classes):
-    if not os.path.exists(path):
-        raise CLIError(f"teacher logits file {path} does not exist")
+    """Teacher logits (n, n_classes) from an .npy file, its header checked
+    against its size before anything is read; float32, finite."""
+    _input_file(path, "teacher logits")
     try:
-        logits = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"{path}: cannot read .npy file ({e})") from None
-    if not isinstance(logits, np.ndarray):
-        logits.close()
-        raise CLIError(f"{path}: cannot read .npy file (it is an .npz archive; save the logits "
-                       "with np.save)")
-    if logits.ndim != 2 or logits.shape != (n, n_classes):
+        logits = _io.load_npy(path, dtype_kinds="f", ndim=2, what="teacher logits")
+    except _io.ArrayFileError as e:
+        raise CLIError(f"cannot read .npy file: {e}") from None
+    if logits.shape != (n, n_classes):
         raise CLIError(f"{path}: teacher logits must have shape ({n}, {n_classes}) "
                        f"(training set x classes), got {logits.shape}")
-    if logits.dtype.kind != "f":
-        raise CLIError(f"{path}: teacher logits must be floating point, got {logits.dtype}")
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     if not np.isfinite(logits).all():
-        raise CLIError(f"{path}: teacher logits contain NaN or inf")
+        raise CLIError(f"{path}: teacher logits contain NaN or inf (or values beyond float32)")
     return logits
 
 
@@ -595,22 +786,28 @@ def _print_result(ctx):
 
 
 def cmd_evaluate(args, ctx):
+    _check_outputs(args, [])
+    _input_file(args.model, "model")
+    if args.teacher:
+        _input_file(args.teacher, "teacher")
     ds = _load_data(args, ctx)
     model = _load_model_checked(args.model, ds.n_features, "model", args.backend)
     X, y = (ds.X_test, ds.y_test) if args.split == "test" else (ds.X_train, ds.y_train)
     if X.shape[0] == 0:
-        raise CLIError(f"{ds.name}: the {args.split} split is empty")
-    if y.max() >= model.n_outputs:
-        raise CLIError(f"{args.model}: the model has {model.n_outputs} outputs but the labels go "
-                       f"up to {int(y.max())}")
+        raise CLIError(f"{_data_path(args)}: the {args.split} split is empty")
+    _check_labels(_data_path(args), args.split, y, model.n_outputs,
+                  f"the {args.model} model's")
     teacher = None
     if args.teacher:
         teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+        if teacher.n_outputs != model.n_outputs:
+            raise CLIError(f"{args.teacher}: the teacher has {teacher.n_outputs} outputs but "
+                           f"the model {args.model} has {model.n_outputs}")
     t = time.perf_counter()
     ev = evaluate(model, X, y, teacher=teacher, backend=args.backend)
     seconds = time.perf_counter() - t
-    history = model.metadata.get("history") or {}
-    config = model.metadata.get("config")
+    history = _meta_dict(model, "history")
+    config = _meta_dict(model, "config") or None
     entry = _entry(os.path.basename(args.model), model, ev, history, config, args.model)
     entry["split"] = args.split
     entry["eval_seconds"] = seconds
@@ -641,7 +838,8 @@ def cmd_demo(args, ctx):
         QUICK["teacher_epochs"] if quick else DEMO["teacher_epochs"])
     student_epochs = args.student_epochs if args.student_epochs is not None else (
         QUICK["student_epochs"] if quick else DEMO["student_epochs"])
-    os.makedirs(args.out, exist_ok=True)
+    _check_out_dir_tree(args.out, "--out")
+    _check_outputs(args, [])
     ds = _load_data(args, ctx)
     if quick:
         from .data import Dataset
@@ -650,24 +848,27 @@ def cmd_demo(args, ctx):
                      ds.name + " (quick subset)")
         ctx.info(f"quick: {ds!r}")
     if ds.X_test.shape[0] == 0:
-        raise CLIError(f"{ds.name}: the demo needs a test set")
+        raise CLIError(f"{_data_path(args)}: the demo needs a test set")
+    n_classes = _n_classes(args, ds)
+    os.makedirs(args.out, exist_ok=True)
     path = lambda name: os.path.join(args.out, name)  # noqa: E731
     t0 = time.perf_counter()
 
     def phase(name, sizes, cfg, epochs, seed, lr_decay, **kw):
         out = path(f"{name}.pykd")
         if args.resume and os.path.exists(out):
+            _input_file(out, "model")
             model = load_model(out, backend=args.backend)
-            old = model.metadata.get("config") or {}
+            old = _meta_dict(model, "config")
             want = {"sizes": sizes, "epochs": epochs, "n_train": int(ds.X_train.shape[0]),
                     "train": _cfg_json(cfg), "lr_decay": lr_decay}
             if any(old.get(k) != v for k, v in want.items()):
                 raise CLIError(f"{out} was trained with another configuration; use a new --out "
                                f"directory or run without --resume")
             ev = evaluate(model, ds.X_test, ds.y_test, teacher=kw.get("teacher"))
-            history = model.metadata.get("history") or {}
+            history = _meta_dict(model, "history")
             ctx.histories[name] = history
-            entry = _entry(name, model, ev, history, model.metadata.get("config"), out)
+            entry = _entry(name, model, ev, history, old, out)
             ctx.models.append(entry)
             ctx.info(f"{name}: reusing {out} (test accuracy {_pct(ev['accuracy'])})")
             return model, entry
@@ -676,8 +877,8 @@ def cmd_demo(args, ctx):
                       and os.path.exists(out + ".ckpt.npz"), backend=args.backend,
                       lr_decay=lr_decay, **kw)
 
-    t_sizes = [ds.n_features, *args.teacher_hidden, ds.n_classes]
-    s_sizes = [ds.n_features, *args.student_hidden, ds.n_classes]
+    t_sizes = [ds.n_features, *args.teacher_hidden, n_classes]
+    s_sizes = [ds.n_features, *args.student_hidden, n_classes]
     tcfg = TrainConfig(loss="ce", lr=args.lr, dropout=args.dropout, seed=0)
     teacher, t_entry = phase("teacher", t_sizes, tcfg, teacher_epochs, 0, args.teacher_lr_decay,
                              role="teacher")
@@ -761,20 +962,61 @@ def _resume_command(argv):
     return " ".join(shlex.quote(a) for a in ["pykd", *args, "--resume"])
 
 
+#: Failures whose message is written for the user (it names the file and the
+#: problem); any other exception also gets a hint about --debug.
+_USER_ERRORS = (CLIError, DatasetError, ModelFormatError, OSError, MemoryError, RecursionError,
+                NonFiniteLossError, CheckpointError, _io.ArrayFileError)
+
+
+def _describe(e):
+    """One line for an exception: what failed and, when known, the file."""
+    if isinstance(e, OSError) and not isinstance(e, ValueError):
+        text = e.strerror or str(e) or type(e).__name__
+        if e.filename is not None:
+            text = f"{os.fsdecode(e.filename)}: {text}"
+        if e.errno == errno.ENOSPC and "disk" not in text:
+            text += " (the disk is full)"
+    elif isinstance(e, MemoryError):
+        text = (f"out of memory ({e})" if str(e) else "out of memory") + \
+            "; try a smaller --batch-size, --hidden or dataset"
+    elif isinstance(e, RecursionError):
+        text = f"input nested too deeply ({e})"
+    else:
+        text = str(e) or type(e).__name__
+        if isinstance(e, (KeyError, AttributeError, IndexError, LookupError)) or \
+                not isinstance(e, (ValueError, TypeError) + _USER_ERRORS):
+            text = f"{type(e).__name__}: {text}"
+        if not isinstance(e, _USER_ERRORS):
+            text += " (run with --debug for a traceback)"
+    return " ".join(text.split())
+
+
 def main(argv=None):
+    """Run the ``pykd`` command line; return the exit code.
+
+    0 ok, 1 training failed (NaN/inf loss), 2 bad input or a failure of the
+    environment (one line on stderr naming the file and the problem; with
+    ``--debug`` or ``PYKD_DEBUG=1`` the traceback first), 130 interrupted.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:          # --help, --version, or a one-line usage error
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     ctx = _Ctx(args)
     prog = f"pykd {args.command}"
-    debug = bool(os.environ.get("PYKD_DEBUG"))
+    debug = bool(args.debug or os.environ.get("PYKD_DEBUG"))
     try:
         _check_plot(args)
         limiter = contextlib.nullcontext()
         if args.threads:
             from threadpoolctl import threadpool_limits
             limiter = threadpool_limits(limits=args.threads)
-        with limiter:
+        # --report -: the JSON alone on stdout, the result lines on stderr
+        redirect = (contextlib.redirect_stdout(sys.stderr) if getattr(args, "report", None) == "-"
+                    else contextlib.nullcontext())
+        with limiter, redirect:
             return args.func(args, ctx)
     except TrainingInterrupted as e:
         print(f"\n{prog}: interrupted: {e}.", file=sys.stderr)
@@ -787,18 +1029,18 @@ def main(argv=None):
             print(f"Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
         return 130
     except NonFiniteLossError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {_describe(e)}", file=sys.stderr)
         return 1
-    except (CLIError, DatasetError, ModelFormatError, FileNotFoundError, IsADirectoryError,
-            PermissionError) as e:
+    except Exception as e:  # every failure of input or environment: exit 2, one line
         if debug:
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as e:
-        if debug:
-            raise
-        print(f"{prog}: error: {e} (set PYKD_DEBUG=1 for a traceback)", file=sys.stderr)
+            traceback.print_exc()
+        try:
+            text = _describe(e)
+        except Exception:  # pragma: no cover - a broken __str__
+            text = type(e).__name__
+        print(f"{prog}: error: {text}", file=sys.stderr)
         return 2
 
 

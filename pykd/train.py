@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -218,7 +219,9 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable pykd checkpoint ({e})") from None
+        msg = str(e)
+        msg = msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
+        raise CheckpointError(f"{path}: not a readable pykd checkpoint ({msg})") from None
     blob = arrays.pop("meta")
     for k in _BUFFERS:
         if arrays[k].dtype != _F32:
@@ -300,7 +303,7 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
     if hist["epoch"] != list(range(1, epoch + 1)) or not all(
             _is_num(v) for v in hist["loss"] + hist["seconds"]) or not all(
             _is_num(v, 0, 1) for v in hist["train_accuracy"]) or not all(
-            v is None or _is_num(v) for v in
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in
             hist["test_accuracy"] + hist["test_loss"] + hist["samples_per_second"]):
         bad("history holds values that are not finite numbers of the right range")
     acc = meta["accum"]
@@ -431,7 +434,9 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     cfg : TrainConfig
         Loss ("ce" or "kd"), optimizer and its settings, dropout, hint.
     epochs, batch_size : int
-        The last partial batch of each epoch is used.
+        ``epochs >= 0``, ``batch_size >= 1``. The last partial batch of each
+        epoch is used; a batch_size larger than ``X`` is one batch of all of
+        it (buffers are sized for ``min(batch_size, n)`` rows).
     teacher_logits : float32 (n, classes), for ``cfg.loss == "kd"``
         Unscaled teacher logits (see :func:`soft_labels`).
     hint_targets : float32 (n, width) or callable idx -> (len(idx), width)
@@ -443,7 +448,12 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     checkpoint : path, optional
         Written atomically after every epoch and on Ctrl-C.
     resume : bool
-        Continue from ``checkpoint``, which must exist and match the run.
+        Continue from ``checkpoint``, which must exist and match the run:
+        every field is checked first (the fingerprint of sizes, activations,
+        hint, n, batch size, seed, config, lr_decay and mask; epoch in
+        [0, epochs]; batch; step = epoch * batches + batch; the shuffling
+        state of the seed at that epoch; the shapes and finiteness of the
+        buffers; zeros where the mask prunes; history, running sums, norm).
     progress : bool or "bar"
         True: a tqdm bar per epoch (loss, accuracy, samples/s) on stderr when
         it is a terminal, else one line per epoch; "bar": always the bar.
@@ -466,6 +476,12 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
 
     Raises
     ------
+    ValueError, TypeError
+        Bad arguments, naming them: labels outside ``[0, sizes[-1])``, NaN or
+        inf in ``X`` or ``X_val`` (naming the rows), shapes, ...
+    CheckpointError
+        When resuming from a checkpoint that is unreadable or does not match
+        the run (naming the file and the field).
     TrainingInterrupted
         On Ctrl-C, after saving a checkpoint at the last completed step.
     NonFiniteLossError
@@ -479,9 +495,8 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     cfg = TrainConfig() if cfg is None else cfg
     if cfg.loss not in ("ce", "kd"):
         raise ValueError(f"cfg.loss must be 'ce' or 'kd', got {cfg.loss!r}")
-    epochs, batch_size = int(epochs), int(batch_size)
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+    epochs = check.integer("epochs", epochs, low=0)
+    batch_size = check.integer("batch_size", batch_size, low=1)
     if backend not in ("fortran", "numpy"):
         raise ValueError(f"backend must be 'fortran' or 'numpy', got {backend!r}")
     seed = cfg.seed if seed is None else int(seed)
@@ -496,6 +511,7 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         raise ValueError(f"X has {X.shape[1]} features but the model takes {sizes[0]}")
     if n == 0:
         raise ValueError("X is empty")
+    _check_finite("X", X)
     n_classes = sizes[-1]
     y = _as_labels("y", y, n, n_classes)
     if cfg.loss == "kd":
@@ -523,7 +539,13 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     if (X_val is None) != (y_val is None):
         raise ValueError("give both X_val and y_val, or neither")
     if X_val is not None:
-        y_val = _as_labels("y_val", y_val, X_val.shape[0], n_classes)
+        if not isinstance(X_val, np.ndarray) or X_val.ndim != 2 or X_val.dtype.kind not in "iuf":
+            raise TypeError("X_val must be a 2-D numeric numpy array")
+        if X_val.shape[1] != sizes[0]:
+            raise ValueError(f"X_val has {X_val.shape[1]} features but the model takes "
+                             f"{sizes[0]}")
+        _check_finite("X_val", X_val)
+        y_val = _as_labels("y_val", y_val, X_val.shape[0], n_classes, "X_val")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
 
@@ -553,6 +575,8 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         "n_train": n, "batch_size": batch_size, "seed": seed, "config": _cfg_dict(cfg),
         "lr_decay": lr_decay,
     }
+    if mask is not None:     # only with a mask, so checkpoints without one keep matching
+        fingerprint["mask"] = hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()
     history = {k: [] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss",
                                "seconds", "samples_per_second")}
     rng = np.random.default_rng(seed)
@@ -563,27 +587,26 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         if not os.path.exists(checkpoint):
             raise FileNotFoundError(f"no checkpoint at {checkpoint} to resume from")
         arrays, meta = load_checkpoint(checkpoint)
-        if meta["fingerprint"] != fingerprint:
-            diff = sorted(k for k in fingerprint if meta["fingerprint"].get(k) != fingerprint[k])
-            raise ValueError(f"{checkpoint} was written by a different run (differs in: "
-                             f"{', '.join(diff)}); start without --resume or use the same settings")
+        norm = model.norm if model.norm is not None else tuple(
+            _F32(v) for v in _norm_stats(X))
+        step, start_epoch, start_batch, rng_state, history, accum, norm = _check_resume(
+            checkpoint, arrays, meta, fingerprint=fingerprint, epochs=epochs, n=n,
+            batch_size=batch_size, seed=seed, shape=P.shape, norm=norm, mask=mask)
         P[...] = arrays["params"]
         S1[...] = arrays["state1"]
         S2[...] = arrays["state2"]
-        model.set_norm(*meta["norm"])
-        step, start_epoch, start_batch = meta["step"], meta["epoch"], meta["batch"]
-        rng.bit_generator.state = meta["rng_state"]
-        history = meta["history"]
-        accum = meta["accum"]
+        model.set_norm(*norm)
+        rng.bit_generator.state = rng_state
     elif model.norm is None:
         model.set_norm(*_norm_stats(X))
 
     Xn = model.normalize(X)          # the one normalised copy of the training set
-    ws = _step.Workspace(sizes, batch_size, hint)
-    xbuf = np.empty((batch_size, sizes[0]), _F32)
-    ybuf = np.empty(batch_size, np.int64)
-    tbuf = np.empty((batch_size, n_classes), _F32) if teacher_logits is not None else None
-    hbuf = np.empty((batch_size, hint[1]), _F32) if hint else None
+    rows = min(batch_size, n)        # a batch larger than the set is the whole set
+    ws = _step.Workspace(sizes, rows, hint)
+    xbuf = np.empty((rows, sizes[0]), _F32)
+    ybuf = np.empty(rows, np.int64)
+    tbuf = np.empty((rows, n_classes), _F32) if teacher_logits is not None else None
+    hbuf = np.empty((rows, hint[1]), _F32) if hint else None
     n_batches = -(-n // batch_size)
 
     def meta_for(epoch, batch, epoch_rng_state):
