@@ -17,6 +17,9 @@ module pykd_activation
   private
   public :: apply_activation, bias_activation, valid_activation
 
+  !> Elements per block of the transcendental activations (scratch on the stack).
+  integer, parameter :: ACT_BLOCK = 256
+
 contains
 
   !> True for a known activation code.
@@ -55,53 +58,62 @@ contains
     !$omp end parallel do
   end subroutine bias_activation
 
-  !> One column. The select is on the activation code, once per column.
-  !! tanh, exp and erf are called one element at a time (!GCC$ novector):
-  !! under -fopenmp, gfortran vectorizes them with glibc's SIMD variants
-  !! (libmvec, declared by the math-vector-fortran.h pre-include), whose bits
-  !! differ from the scalar functions and between the SSE and AVX2 builds,
-  !! so the baseline and avx2 builds (and Python and Fortran) would disagree.
+  !> One column, in blocks of ACT_BLOCK elements so that the scratch is a
+  !! fixed-size local (no allocation per column, whatever n_out).
   subroutine act_column(act, m, z)
     integer, intent(in) :: act, m
     real(real32), intent(inout) :: z(m)
-    real(real32) :: e(m)
+    integer :: i0
+
+    if (act == ACT_RELU) then
+      ! z < 0 is false for NaN, so NaN is kept; -0.0 stays -0.0 (as np.maximum).
+      z = merge(0.0_real32, z, z < 0)
+      return
+    end if
+    do i0 = 1, m, ACT_BLOCK
+      call act_chunk(act, min(ACT_BLOCK, m - i0 + 1), z(i0:))
+    end do
+  end subroutine act_column
+
+  !> The transcendental activations on k <= ACT_BLOCK elements. tanh, exp
+  !! and erf are called one element at a time (!GCC$ novector): under
+  !! -fopenmp, gfortran vectorizes them with glibc's SIMD variants (libmvec,
+  !! declared by the math-vector-fortran.h pre-include), whose bits differ
+  !! from the scalar functions and between the SSE and AVX2 builds, so the
+  !! baseline and avx2 builds (and Python and Fortran) would disagree.
+  subroutine act_chunk(act, k, z)
+    integer, intent(in) :: act, k
+    real(real32), intent(inout) :: z(k)
+    real(real32) :: e(ACT_BLOCK)
     integer :: i
 
     select case (act)
-    case (ACT_RELU)
-      ! z < 0 is false for NaN, so NaN is kept; -0.0 stays -0.0 (as np.maximum).
-      z = merge(0.0_real32, z, z < 0)
     case (ACT_TANH)
       !GCC$ novector
-      do i = 1, m
+      do i = 1, k
         z(i) = tanh(z(i))
       end do
-    case (ACT_SIGMOID)
-      z = sigmoid(m, z)
     case (ACT_GELU)
       !GCC$ novector
-      do i = 1, m
-        z(i) = 0.5_real32 * z(i) * (1 + erf(z(i) / sqrt(2.0_real32)))
+      do i = 1, k
+        e(i) = erf(z(i) / sqrt(2.0_real32))
       end do
-    case (ACT_SILU)
-      e = sigmoid(m, z)
-      z = z * e
+      z = 0.5_real32 * z * (1 + e(:k))
+    case (ACT_SIGMOID, ACT_SILU)
+      ! 1 / (1 + exp(-z)) without overflow: exp of -|z| only, so for z << 0
+      ! it is e / (1 + e) with e tiny instead of 1 / (1 + inf). NaN: z >= 0
+      ! is false and e is NaN, so the result is NaN.
+      !GCC$ novector
+      do i = 1, k
+        e(i) = exp(-abs(z(i)))
+      end do
+      e(:k) = merge(1 / (1 + e(:k)), e(:k) / (1 + e(:k)), z >= 0)
+      if (act == ACT_SILU) then
+        z = z * e(:k)
+      else
+        z = e(:k)
+      end if
     end select
-  end subroutine act_column
-
-  !> 1 / (1 + exp(-z)) without overflow: exp of -|z| only, so for z << 0
-  !! the result is e / (1 + e) with e tiny instead of 1 / (1 + inf).
-  pure function sigmoid(m, z) result(s)
-    integer, intent(in) :: m
-    real(real32), intent(in) :: z(m)
-    real(real32) :: s(m), e(m)
-    integer :: i
-    !GCC$ novector
-    do i = 1, m
-      e(i) = exp(-abs(z(i)))
-    end do
-    s = merge(1 / (1 + e), e / (1 + e), z >= 0)
-    ! NaN: z >= 0 is false, e is NaN, so s = NaN / (1 + NaN) = NaN.
-  end function sigmoid
+  end subroutine act_chunk
 
 end module pykd_activation
