@@ -33,7 +33,10 @@ program test_layers
   call test_kinds_forward()
   call test_int8_exact()
   call test_round_trips()
-  call test_corrupt()
+  call test_corrupt_dense()
+  call test_corrupt_csr()
+  call test_corrupt_codebook()
+  call test_corrupt_sparse_codebook()
   call test_network_checks()
   call finish('Fortran layer')
 
@@ -491,11 +494,9 @@ contains
     call put_u32(buf, pos, [v])
   end subroutine set_u32
 
-  subroutine test_corrupt()
+  subroutine test_corrupt_dense()
     type(case_t) :: c
     integer(int8), allocatable :: buf(:), b2(:)
-    integer(int64) :: n_in, nnz, ncb, pb, cend
-    integer :: k
 
     c = make_dense(4, 3, ACT_RELU)
     call write_payload(c, buf)
@@ -513,6 +514,13 @@ contains
     call expect_format(c, b2, 'static x_scale = 0')
     c%row(COL_N_IN) = 131072
     call expect_format(c, buf, 'n_in = 131072 > MAX_IN')
+
+  end subroutine test_corrupt_dense
+
+  subroutine test_corrupt_csr()
+    type(case_t) :: c
+    integer(int8), allocatable :: buf(:), b2(:)
+    integer(int64) :: n_in, nnz
 
     c = make_csr(5, 300, 0.1, ACT_RELU)   ! u16 indices
     n_in = 5; nnz = c%row(COL_P1)
@@ -533,6 +541,13 @@ contains
     b2 = buf; call set_u32(b2, 0_int64, 5 * 300 + 1_int64)
     call expect_format(c, b2, 'nnz > n_in n_out')
 
+  end subroutine test_corrupt_csr
+
+  subroutine test_corrupt_codebook()
+    type(case_t) :: c
+    integer(int8), allocatable :: buf(:), b2(:)
+    integer :: k
+
     c = make_codebook(5, 3, 3, 2, ACT_RELU)   ! 15 weights x 2 bits: 4 bytes, 2 padding bits
     call write_payload(c, buf)
     b2 = buf; call set_u32(b2, 4_int64, 4_int64)
@@ -545,6 +560,13 @@ contains
     call expect_format(c, b2, 'an index >= n_codes')
     b2 = buf; b2(9:12) = transfer(int(z'7F800000', int32), 0_int8, 4)   ! +inf
     call expect_format(c, b2, 'an infinite centroid')
+
+  end subroutine test_corrupt_codebook
+
+  subroutine test_corrupt_sparse_codebook()
+    type(case_t) :: c
+    integer(int8), allocatable :: buf(:), b2(:)
+    integer(int64) :: nnz, ncb, pb, cend
 
     c = make_sparse_codebook(9, 11, 0.3, 5, 3, ACT_RELU)
     call write_payload(c, buf)
@@ -572,7 +594,7 @@ contains
     cend = 20 + 4 * ncb + pb
     b2 = buf; b2(cend + 38) = ior(b2(cend + 38), int(ishft(1, 2), int8))
     call expect_format(c, b2, 'nonzero padding after the codes')
-  end subroutine test_corrupt
+  end subroutine test_corrupt_sparse_codebook
 
   ! ------------------------------------------------------------ the network
 
