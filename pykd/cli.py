@@ -319,6 +319,10 @@ def _data_path(args):
 
 def _load_data(args, ctx):
     t = time.perf_counter()
+    if args.data is not None and os.path.exists(args.data) and not (
+            os.path.isdir(args.data) or os.path.isfile(args.data)):
+        raise CLIError(f"{args.data}: the dataset (--data) is neither a directory nor a regular "
+                       "file (a FIFO, socket or device?)")
     ds = load_dataset(args.data)
     if ds.X_train.shape[0] == 0:
         raise CLIError(f"{_data_path(args)}: the training set is empty")
@@ -728,8 +732,10 @@ def cmd_distill(args, ctx):
     if args.teacher:
         teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
         if teacher.n_outputs != n_classes:
+            hint = (f"; pass --classes {teacher.n_outputs} if the training set lacks its top "
+                    "classes" if teacher.n_outputs > n_classes and args.classes is None else "")
             raise CLIError(f"{args.teacher}: the teacher has {teacher.n_outputs} outputs but the "
-                           f"data has {n_classes} classes")
+                           f"data has {n_classes} classes{hint}")
         logits = soft_labels(teacher, ds.X_train, args.temperature, backend=args.backend,
                              progress=not ctx.quiet)
         ctx.info(f"soft labels from {args.teacher}: {time.perf_counter() - t:.1f} s")
@@ -970,10 +976,12 @@ _USER_ERRORS = (CLIError, DatasetError, ModelFormatError, OSError, MemoryError, 
 
 def _describe(e):
     """One line for an exception: what failed and, when known, the file."""
-    if isinstance(e, OSError) and not isinstance(e, ValueError):
+    if isinstance(e, OSError):
         text = e.strerror or str(e) or type(e).__name__
         if e.filename is not None:
-            text = f"{os.fsdecode(e.filename)}: {text}"
+            name = e.filename
+            name = os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
+            text = f"{name}: {text}"
         if e.errno == errno.ENOSPC and "disk" not in text:
             text += " (the disk is full)"
     elif isinstance(e, MemoryError):
@@ -983,7 +991,7 @@ def _describe(e):
         text = f"input nested too deeply ({e})"
     else:
         text = str(e) or type(e).__name__
-        if isinstance(e, (KeyError, AttributeError, IndexError, LookupError)) or \
+        if isinstance(e, (LookupError, AttributeError)) or \
                 not isinstance(e, (ValueError, TypeError) + _USER_ERRORS):
             text = f"{type(e).__name__}: {text}"
         if not isinstance(e, _USER_ERRORS):

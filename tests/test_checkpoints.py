@@ -262,6 +262,8 @@ def test_fit_labels_outside_the_outputs():
         fit(MLP([F, 4, C]), X, y, X_val=X[:20], y_val=yv, progress=False)
     with pytest.raises(ValueError, match="y_val has 5 labels but X_val has 20 rows"):
         fit(MLP([F, 4, C]), X, y, X_val=X[:20], y_val=y[:5], progress=False)
+    with pytest.raises(ValueError, match=r"y must be in \[0, 3\) .* got the label 3"):
+        evaluate(MLP([F, 4, C]), X, yb)
 
 
 def test_batch_larger_than_the_data_is_one_batch():

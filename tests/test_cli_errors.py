@@ -176,6 +176,10 @@ CASES = [
     (["train-teacher", "--data", T], "expected a directory of IDX files or a .npz"),
     (["train-teacher", "--data", "adir"], "adir: missing"),
     (["train-teacher", "--data", "corrupt.npz"], "corrupt.npz"),
+    (["train-teacher", "--data", "fifo.pykd"], "fifo.pykd: the dataset (--data) is neither"),
+    (["evaluate", "--model", "/dev/null", "--data", D], "/dev/null: the model file is not a "
+                                                        "regular file"),
+    (DIST + ["--teacher", T, "--classes", "7", "--teacher-logits", L], "not allowed with"),
     (["evaluate", "--model", T, "--data", "other_features.npz"], "takes 12 inputs"),
     # corrupt models, logits, checkpoints
     (["evaluate", "--model", "trunc.pykd", "--data", D], "trunc.pykd"),
