@@ -6,7 +6,7 @@ PY := .venv/bin/python
 MESON := $(PY) -m mesonbuild.mesonmain
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup demo test test-fortran test-python bench bench-quick clean
+.PHONY: setup demo test test-fortran test-python fuzz bench bench-quick clean
 
 setup:
 	@bash tools/setup.sh
@@ -24,6 +24,14 @@ test-fortran:
 
 test-python:
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
+
+# Long fuzz runs of every file reader (model files in Python and Fortran,
+# checkpoints, logits, datasets): PYKD_FUZZ_SCALE times the suite's random
+# cases (20 by default; `make fuzz PYKD_FUZZ_SCALE=100` for more).
+PYKD_FUZZ_SCALE ?= 20
+fuzz: setup test-fortran
+	cd tests && PYKD_FUZZ_SCALE=$(PYKD_FUZZ_SCALE) ../$(PY) -m pytest -q -p no:cacheprovider \
+		test_fuzz_models.py test_fuzz_files.py test_fortran_fuzz.py
 
 # Benchmarks (never fail on timing). matplotlib draws the plots; onnx and
 # onnxruntime are the inference benchmark's peers.

@@ -11,11 +11,12 @@ import gzip
 import math
 import os
 import sys
-import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from . import io as _io
 
 __all__ = ["DEFAULT_DATA_DIR", "Dataset", "DatasetError", "load_dataset", "read_idx"]
 
@@ -52,7 +53,10 @@ _GZIP_MAGIC = b"\x1f\x8b"
 # n bytes holds at most this many times n bytes. This bounds a bogus header
 # before we allocate for it.
 _MAX_GZIP_RATIO = 1032
+#: The largest decompressed IDX file accepted (16 GiB), whatever a header says.
+MAX_GZIP_BYTES = 1 << 34
 _CHUNK = 1 << 20
+_COUNT_CHUNK = 1 << 16
 
 
 class DatasetError(ValueError):
@@ -110,8 +114,9 @@ def _readinto_full(f, buf: memoryview) -> int:
 
 
 def _count_rest(f) -> int:
+    """Bytes left in ``f``, read in small chunks (a bomb is never held in memory)."""
     n = 0
-    while chunk := f.read(_CHUNK):
+    while chunk := f.read(_COUNT_CHUNK):
         n += len(chunk)
     return n
 
@@ -120,12 +125,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (the MNIST format), raw or gzip-compressed.
 
     Compression is detected from the gzip magic bytes ``1f 8b``, not from the
-    file name.
+    file name. Sizes are checked before anything is allocated: for a raw file
+    the header's shape times the item size must equal the bytes after the
+    header; for a gzip file the header's size must fit what the compressed
+    bytes can hold (deflate expands at most 1032:1, and at most
+    :data:`MAX_GZIP_BYTES`), and must match the size the gzip trailer
+    declares (otherwise the stream is first decompressed without storing it,
+    to count its bytes, so a multi-member gzip file still reads).
 
     Parameters
     ----------
     path : str or path-like
-        The IDX file.
+        The IDX file (a regular file; FIFOs and devices are refused).
 
     Returns
     -------
@@ -136,26 +147,31 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Raises
     ------
     DatasetError
-        If the header is invalid, the data is truncated or followed by extra
-        bytes, or the gzip stream is corrupt. The message names the file.
-    OSError
-        If the file cannot be opened.
+        If the file is not a regular file, the header is invalid, the data is
+        truncated or followed by extra bytes, or the gzip stream is corrupt.
+        The message names the file.
+    FileNotFoundError
+        If the file does not exist.
     """
-    name = os.fspath(path)
-    with open(path, "rb") as raw:
+    name = os.fsdecode(os.fspath(path)) if isinstance(path, (str, bytes, os.PathLike)) else path
+    with _io.open_regular(path, "IDX file", DatasetError) as raw:
         is_gzip = raw.read(2) == _GZIP_MAGIC
-        raw.seek(0)
         file_size = os.fstat(raw.fileno()).st_size
+        isize = None
+        if is_gzip and file_size >= 18:  # 10-byte header + 8-byte trailer at least
+            raw.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(raw.read(4), "little")
+        raw.seek(0)
         f = gzip.GzipFile(fileobj=raw, mode="rb") if is_gzip else raw
         try:
-            return _read_idx_stream(f, name, file_size, is_gzip)
+            return _read_idx_stream(f, name, file_size, is_gzip, isize)
         except (OSError, EOFError, zlib.error) as e:
             if not is_gzip:
-                raise
+                raise DatasetError(f"{name}: cannot read IDX file ({e})") from e
             raise DatasetError(f"{name}: corrupt gzip data ({e})") from e
 
 
-def _read_idx_stream(f, name: str, file_size: int, is_gzip: bool) -> np.ndarray:
+def _read_idx_header(f, name: str):
     head = f.read(4)
     if len(head) < 4:
         raise DatasetError(f"{name}: truncated: expected a 4-byte IDX header, found {len(head)} bytes")
@@ -173,23 +189,40 @@ def _read_idx_stream(f, name: str, file_size: int, is_gzip: bool) -> np.ndarray:
             f"{name}: truncated: expected {4 * ndim} bytes of dimensions, found {len(dims_raw)}"
         )
     shape = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=">u4"))
-    expected = math.prod(shape) * dtype.itemsize
-    header_len = 4 + 4 * ndim
+    return dtype, shape, 4 + 4 * ndim
 
-    limit = file_size * _MAX_GZIP_RATIO if is_gzip else file_size - header_len
-    if expected > limit:  # cannot possibly be there: do not allocate for it
-        found = _count_rest(f)
-        raise DatasetError(f"{name}: truncated: expected {expected} bytes of data, found {found}")
+
+def _size_error(name: str, expected: int, found: int) -> DatasetError:
+    state = "truncated" if found < expected else "trailing bytes"
+    return DatasetError(f"{name}: {state}: expected {expected} bytes of data, found {found}")
+
+
+def _read_idx_stream(f, name: str, file_size: int, is_gzip: bool, isize) -> np.ndarray:
+    dtype, shape, header_len = _read_idx_header(f, name)
+    expected = math.prod(shape) * dtype.itemsize
+    if not is_gzip:
+        present = file_size - header_len
+        if expected != present:  # from the header and the file size alone: no allocation
+            raise _size_error(name, expected, present)
+    else:
+        limit = min(file_size * _MAX_GZIP_RATIO, MAX_GZIP_BYTES) - header_len
+        if expected > limit:  # cannot possibly be there: do not allocate for it
+            raise _size_error(name, expected, _count_rest(f))
+        if isize != (header_len + expected) % 2**32:
+            # The trailer disagrees (corrupt, or a multi-member file): count the
+            # decompressed bytes without keeping them, then read if they fit.
+            found = _count_rest(f)
+            if found != expected:
+                raise _size_error(name, expected, found)
+            f.seek(header_len)
 
     out = np.empty(shape, dtype=dtype)
     got = _readinto_full(f, memoryview(out.reshape(-1).view(np.uint8)))
     if got < expected:
-        raise DatasetError(f"{name}: truncated: expected {expected} bytes of data, found {got}")
+        raise _size_error(name, expected, got)
     extra = _count_rest(f)
     if extra:
-        raise DatasetError(
-            f"{name}: trailing bytes: expected {expected} bytes of data, found {expected + extra}"
-        )
+        raise _size_error(name, expected, expected + extra)
     if dtype.itemsize > 1 and sys.byteorder == "little":
         out.byteswap(inplace=True)
     return out
@@ -248,22 +281,35 @@ def _make_dataset(arrays: dict, name: str, source: str) -> Dataset:
     return Dataset(X_train, y_train, X_test, y_test, name)
 
 
+#: dtype kinds accepted from an .npz member before the checks of _features and
+#: _labels (which give the messages): anything but objects.
+_ANY_KIND = "biufcmMSUV"
+
+
 def _load_npz(path: Path) -> dict:
+    name = str(path)
+
+    def fail(e):
+        msg = str(e)
+        msg = msg[len(name) + 2:] if msg.startswith(name + ": ") else msg
+        return DatasetError(f"{name}: cannot read .npz file ({msg})")
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            if {"X_train", "y_train", "X_test", "y_test"} <= keys:
-                return {k: z[k] for k in IDX_FILES}
-            if {"X", "y"} <= keys:
-                X, y = z["X"], z["y"]
-                return {
-                    "X_train": X,
-                    "y_train": y,
-                    "X_test": np.zeros((0,) + X.shape[1:], dtype=X.dtype),
-                    "y_test": np.zeros(0, dtype=y.dtype),
-                }
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: cannot read .npz file ({e})") from e
+        keys = set(_io.npz_names(path, what="dataset"))
+        if {"X_train", "y_train", "X_test", "y_test"} <= keys:
+            return _io.load_npz(path, {k: (_ANY_KIND, None) for k in IDX_FILES}, what="dataset")
+        if {"X", "y"} <= keys:
+            z = _io.load_npz(path, {"X": (_ANY_KIND, None), "y": (_ANY_KIND, None)},
+                             what="dataset")
+            X, y = z["X"], z["y"]
+            return {
+                "X_train": X,
+                "y_train": y,
+                "X_test": np.zeros((0,) + X.shape[1:], dtype=X.dtype),
+                "y_test": np.zeros(0, dtype=y.dtype),
+            }
+    except _io.ArrayFileError as e:
+        raise fail(e) from None
     raise DatasetError(
         f"{path}: expected arrays X_train, y_train, X_test, y_test (or X, y); "
         f"found {', '.join(sorted(keys)) or 'none'}"

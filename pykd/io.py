@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import math
 import os
 import re
@@ -30,7 +31,6 @@ import secrets
 import stat
 import time
 import zipfile
-import zlib
 
 import numpy as np
 from numpy.lib import format as npformat
@@ -43,8 +43,10 @@ STALE_TMP_SECONDS = 3600
 #: Deflate cannot expand data by more than about 1032:1: a member of ``c``
 #: compressed bytes declares at most this many times ``c`` (plus a little).
 MAX_DEFLATE_RATIO = 1032
-#: The largest .npy header numpy itself accepts by default.
-MAX_HEADER_BYTES = 10000
+#: The largest .npy header read (numpy allows 10000 for long structured
+#: dtypes, which are refused here; a 64-dimension shape needs about 1.5 kB).
+#: It bounds the memory of parsing the header (about 330 bytes per character).
+MAX_HEADER_BYTES = 2048
 _CHUNK = 1 << 20
 _KINDS = {"b": "bool", "i": "signed integer", "u": "unsigned integer", "f": "floating point",
           "c": "complex"}
@@ -221,21 +223,35 @@ def _ndims(ndim):
 
 
 def _read_header(f, name, what):
-    """(shape, fortran_order, dtype) of the .npy stream at ``f``, checked."""
+    """(shape, fortran_order, dtype) of the .npy stream at ``f``, checked.
+
+    The header's length is checked before its bytes are read: numpy's
+    ``read_array_header_*`` reads all of a declared 4 GiB header before it
+    compares the length with ``max_header_size``.
+    """
+    magic = f.read(8)
+    if len(magic) < 8 or magic[:6] != npformat.MAGIC_PREFIX:
+        state = "truncated" if npformat.MAGIC_PREFIX.startswith(magic[:6]) else "bad magic"
+        raise ArrayFileError(f"{name}: {what}: not an .npy file ({state}: {magic[:8]!r})")
+    version = (magic[6], magic[7])
+    if version not in ((1, 0), (2, 0)):
+        raise ArrayFileError(f"{name}: {what}: unsupported .npy format version "
+                             f"{version[0]}.{version[1]} (1.0 and 2.0 are read)")
+    raw_len = f.read(2 if version == (1, 0) else 4)
+    hlen = int.from_bytes(raw_len, "little")
+    if len(raw_len) < (2 if version == (1, 0) else 4) or hlen > MAX_HEADER_BYTES:
+        problem = ("truncated header length" if hlen <= MAX_HEADER_BYTES
+                   else f"a header of {hlen} bytes (at most {MAX_HEADER_BYTES})")
+        raise ArrayFileError(f"{name}: {what}: not a valid .npy file ({problem})")
+    header = f.read(hlen)
+    if len(header) < hlen:
+        raise ArrayFileError(f"{name}: {what}: truncated: the .npy header has {hlen} bytes, "
+                             f"found {len(header)}")
     try:
-        version = npformat.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = npformat.read_array_header_1_0(
-                f, max_header_size=MAX_HEADER_BYTES)
-        elif version == (2, 0):
-            shape, fortran, dtype = npformat.read_array_header_2_0(
-                f, max_header_size=MAX_HEADER_BYTES)
-        else:
-            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
-    except (zlib.error, zipfile.BadZipFile, EOFError) as e:
-        raise ArrayFileError(f"{name}: {what}: corrupt data ({type(e).__name__}: {e})") from None
-    except OSError as e:
-        raise ArrayFileError(f"{name}: {what}: cannot read the .npy header ({e})") from None
+        reader = (npformat.read_array_header_1_0 if version == (1, 0)
+                  else npformat.read_array_header_2_0)
+        shape, fortran, dtype = reader(io.BytesIO(raw_len + header),
+                                       max_header_size=MAX_HEADER_BYTES)
     except Exception as e:  # numpy's parser raises ValueError, SyntaxError, TypeError...
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ArrayFileError(f"{name}: {what}: not a valid .npy file ({msg})") from None
@@ -315,19 +331,26 @@ def load_npy(path, *, dtype_kinds="biuf", ndim=None, what="array"):
     ndims = _ndims(ndim)
     with open_regular(path, what) as f:
         name = os.fsdecode(os.fspath(path))
-        size = os.fstat(f.fileno()).st_size
-        if f.read(4) == b"PK\x03\x04":
-            raise ArrayFileError(f"{name}: {what}: expected an .npy file, found an .npz "
-                                 "(zip) archive")
-        f.seek(0)
-        shape, fortran, dtype = _read_header(f, name, what)
-        nbytes = _check_header(shape, dtype, name, what, dtype_kinds, ndims)
-        present = size - f.tell()
-        if nbytes != present:
-            state = "truncated" if nbytes > present else "trailing bytes"
-            raise ArrayFileError(f"{name}: {what}: {state}: the header declares shape {shape} "
-                                 f"of {dtype} ({nbytes} bytes), the file holds {present}")
-        return _read_body(f, shape, fortran, dtype, nbytes, name, what)
+        try:
+            return _load_npy(f, name, dtype_kinds, ndims, what)
+        except OSError as e:  # EIO and the like, after a successful open
+            raise ArrayFileError(f"{name}: {what}: cannot read ({e.strerror or e})") from None
+
+
+def _load_npy(f, name, dtype_kinds, ndims, what):
+    size = os.fstat(f.fileno()).st_size
+    if f.read(4) == b"PK\x03\x04":
+        raise ArrayFileError(f"{name}: {what}: expected an .npy file, found an .npz "
+                             "(zip) archive")
+    f.seek(0)
+    shape, fortran, dtype = _read_header(f, name, what)
+    nbytes = _check_header(shape, dtype, name, what, dtype_kinds, ndims)
+    present = size - f.tell()
+    if nbytes != present:
+        state = "truncated" if nbytes > present else "trailing bytes"
+        raise ArrayFileError(f"{name}: {what}: {state}: the header declares shape {shape} "
+                             f"of {dtype} ({nbytes} bytes), the file holds {present}")
+    return _read_body(f, shape, fortran, dtype, nbytes, name, what)
 
 
 def _open_zip(f, name, what):
