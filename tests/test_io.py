@@ -257,3 +257,25 @@ def test_load_npz_crc_mismatch_is_an_array_file_error(tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(ArrayFileError, match=rf"^{re.escape(str(p))}: .*corrupt"):
         load_npz(p, {"a": ("f", 1)})
+
+
+@pytest.mark.parametrize("version, width", [(1, 2), (2, 4)])
+def test_header_length_is_checked_before_the_header_is_read(tmp_path, version, width):
+    """numpy's read_array_header_* reads a declared 4 GiB header before checking
+    max_header_size; load_npy must refuse it from the length field alone."""
+    import tracemalloc
+
+    p = tmp_path / "a.npy"
+    hlen = 2 ** (8 * width) - 1  # 65535 or 2^32 - 1 bytes of header
+    p.write_bytes(b"\x93NUMPY" + bytes([version, 0]) + hlen.to_bytes(width, "little")
+                  + b"{" * 70000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArrayFileError, match=f"a header of {hlen} bytes"):
+            load_npy(p)
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
+    p.write_bytes(b"\x93NUMPY\x03\x00" + b"\0" * 100)
+    with pytest.raises(ArrayFileError, match="unsupported .npy format version 3.0"):
+        load_npy(p)

@@ -198,3 +198,19 @@ def test_selection_on_nan_returns_nan_instead_of_running_off_the_array():
     ties = f.prune_apply(np.array([NAN, 0.5, 2, 0.5], F32), F32(0.5), 1, mask)
     np.testing.assert_array_equal(mask, [1, 0, 1, 1])
     assert ties == 0
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_mlp_forward_of_a_nan_row_is_nan_on_both_backends(activation):
+    """The issue's example end to end: an all-NaN input row gets NaN logits
+    (not confident finite ones), the other rows are untouched."""
+    from pykd.models import MLP
+
+    m = MLP([6, 16, 16, 3], [activation, activation, "identity"], seed=3)
+    x = np.random.default_rng(10).standard_normal((5, 6)).astype(F32)
+    x[2] = NAN
+    x[4, 1] = NAN
+    f, r = m.forward(x, backend="fortran"), m.forward(x, backend="numpy")
+    assert np.isnan(f[[2, 4]]).all() and np.isfinite(f[[0, 1, 3]]).all()
+    np.testing.assert_array_equal(np.isnan(f), np.isnan(r))
+    np.testing.assert_allclose(f[[0, 1, 3]], r[[0, 1, 3]], rtol=1e-5, atol=1e-6)
