@@ -62,7 +62,10 @@ class ArrayFileError(ValueError):
 
 
 def _tmp_pattern(base: str) -> re.Pattern:
-    return re.compile(r"\." + re.escape(base) + r"\.([0-9]+)\.[0-9a-f]+\.tmp\Z")
+    """Our temporary names beside ``base``: ``.NAME.<pid>.<hex>.tmp`` (this
+    module) and ``NAME.<pid>-<n>.tmp`` (the Fortran writer, pykd_save_model)."""
+    b = re.escape(base)
+    return re.compile(rf"(?:\.{b}\.([0-9]+)\.[0-9a-f]+|{b}\.([0-9]+)-[0-9]+)\.tmp\Z")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -82,7 +85,8 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_tmp(path, *, now=None, max_age=STALE_TMP_SECONDS) -> list[str]:
     """Remove temporary files of :func:`atomic_write`'s naming left beside
     ``path`` by writers that are gone: only regular files named
-    ``.NAME.<pid>.<random>.tmp`` whose pid is not running and whose mtime is
+    ``.NAME.<pid>.<random>.tmp`` (or the Fortran writer's
+    ``NAME.<pid>-<n>.tmp``) whose pid is not running and whose mtime is
     more than ``max_age`` seconds old. Returns the paths removed; errors
     (a file vanishing, no permission) are ignored."""
     path = os.fspath(path)
@@ -101,7 +105,7 @@ def remove_stale_tmp(path, *, now=None, max_age=STALE_TMP_SECONDS) -> list[str]:
         try:
             st = entry.stat(follow_symlinks=False)
             if (not stat.S_ISREG(st.st_mode) or now - st.st_mtime <= max_age
-                    or _pid_alive(int(m.group(1)))):
+                    or _pid_alive(int(m.group(1) or m.group(2)))):
                 continue
             os.unlink(entry.path)
             removed.append(entry.path)

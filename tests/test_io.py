@@ -106,6 +106,8 @@ def test_stale_temp_files_of_dead_writers_are_removed_on_save(tmp_path):
         "alive_old": f".t.bin.{os.getppid()}.abc125.tmp",  # writer running: kept
         "other_target": f".u.bin.{dead}.abc126.tmp",       # another file's: kept
         "not_ours": ".t.bin.xyz.tmp",                       # not our naming: kept
+        "fortran_dead": f"t.bin.{dead}-123456.tmp",         # pykd_save_model's: removed
+        "fortran_alive": f"t.bin.{os.getppid()}-1.tmp",     # writer running: kept
     }
     for key, n in names.items():
         (tmp_path / n).write_bytes(b"junk")
@@ -113,8 +115,8 @@ def test_stale_temp_files_of_dead_writers_are_removed_on_save(tmp_path):
             os.utime(tmp_path / n, (old, old))
     atomic_write(tmp_path / "t.bin", lambda f: f.write(b"new"))
     left = set(_tmp_files(tmp_path))
-    assert names["dead_old"] not in left
-    assert left == {names[k] for k in names if k != "dead_old"}
+    gone = {"dead_old", "fortran_dead"}
+    assert left == {names[k] for k in names if k not in gone}
     assert (tmp_path / "t.bin").read_bytes() == b"new"
 
 
