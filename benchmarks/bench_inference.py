@@ -49,6 +49,7 @@ import logging
 import os
 import sys
 import tempfile
+import textwrap
 import time
 
 import numpy as np
@@ -61,7 +62,7 @@ FLOAT_TOL = 1e-4         # of max |reference logit|, for the float kinds
 INT8_AGREEMENT = 0.99    # argmax agreement with the float32 model, for the int8 kinds
 OPSET = 17
 # calls per timed block, per batch size (full mode; --quick halves them)
-BLOCK_CALLS = {1: 200, 256: 40}
+BLOCK_CALLS = {1: 200, 256: 30}
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
              "amx_tile", "asimd", "asimddp", "sve")
 
@@ -397,7 +398,8 @@ def _torch_forward(spec, threads):
     m = torch_module(layers)
     if spec["check"] == "int8":
         m = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
-    m.load_state_dict(torch.load(spec["path"]))
+    # our own file; a quantized state dict holds packed parameters, not only tensors
+    m.load_state_dict(torch.load(spec["path"], weights_only=False))
     m.eval()
 
     def forward(x):
@@ -628,11 +630,20 @@ def machine_summary(info):
     on = [f for f in CPU_FLAGS if flags.get(f)]
     off = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
            if not flags.get(f)]
-    blas = [f"{p.get('internal_api')} {p.get('version')} ({p.get('threading_layer') or '-'})"
-            for p in info.get("threadpools") or [] if p.get("user_api") == "blas"]
+    blas = []
+    for p in info.get("threadpools") or []:
+        if p.get("user_api") != "blas":
+            continue
+        path = str(p.get("filepath"))
+        who = ("NumPy" if "numpy.libs" in path else "SciPy" if "scipy" in path
+               else "pykd" if "openmp" in path or "pykd" in path else os.path.basename(path))
+        blas.append(f"{who}: {p.get('internal_api')} {p.get('version')} "
+                    f"({p.get('threading_layer') or '-'}, {p.get('architecture')})")
+    build = info.get("pykd_build") or {}
     return (f"CPU {info.get('cpu_model')}, {info.get('logical_cores')} logical cores; "
             f"flags: {' '.join(on) or '-'}; absent: {' '.join(off) or '-'}; "
-            f"BLAS: {', '.join(blas) or '?'}")
+            f"BLAS {'; '.join(blas) or '?'}; ONNX Runtime: its own MLAS kernels; "
+            f"pykd built with simd={build.get('simd', '?')}")
 
 
 def _us(s):
@@ -701,6 +712,7 @@ def plot(result, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except Exception as exc:
         return f"no plot: matplotlib not importable ({exc})"
     ths = [b["threads"] for b in result["blocks"]]
@@ -708,7 +720,7 @@ def plot(result, path):
                              squeeze=False)
     labels = list(dict.fromkeys(r["label"] for r in result["rows"]))
     markers = "oDs^vP*Xhd<>p8H"
-    colors = {"pykd": "tab:blue", "numpy": "tab:green", "ort": "tab:red", "torch": "tab:orange"}
+    cmap = plt.get_cmap("tab20")
     for i, th in enumerate(ths):
         for j, batch in enumerate(BATCHES):
             ax = axes[i][j]
@@ -717,18 +729,26 @@ def plot(result, path):
                     continue
                 k = labels.index(r["label"])
                 med, p99 = r["median_s"] * 1e6, r["p99_s"] * 1e6
+                # p99 as a thin bar: on a loaded machine it is a scheduler time slice
                 ax.errorbar([r["bytes"]], [med], yerr=[[0], [max(p99 - med, 0)]],
-                            fmt=markers[k % len(markers)], color=colors.get(r["backend"]),
-                            ms=8, capsize=3, label=r["label"])
+                            fmt=markers[k % len(markers)], color=cmap(k % 20), ms=8,
+                            capsize=3, elinewidth=0.8, alpha=0.9, label=r["label"])
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(
+                lambda v, _: f"{v / 1e3:g} kB" if v < 1e6 else f"{v / 1e6:g} MB"))
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel("bytes on disk")
             ax.set_ylabel("latency per call, us (median; bar to p99)")
             ax.set_title(f"batch {batch}, {th} thread{'s' if th != 1 else ''}")
             ax.grid(True, which="both", alpha=0.3)
     handles, labs = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labs, loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle(machine_summary(result["machine"]), fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(machine_summary(result["machine"]), 180)), fontsize=8)
     fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -767,6 +787,12 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
     info = harness.machine_info()
     flags = harness._cpuinfo().get("flags", set())
     info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
+    try:
+        from pykd import _build_config as bc
+        info["pykd_build"] = {k: getattr(bc, k, None) for k in ("version", "simd",
+                                                                "blas_openmp_dir")}
+    except ImportError:
+        info["pykd_build"] = None
     t0 = time.perf_counter()
     specs, absent = prepare(student, X_cal, X_check, workdir)
     log(f"prepared {len(specs)} candidates in {time.perf_counter() - t0:.1f} s"
@@ -801,8 +827,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="2 threads only, fewer rounds and calls, one cold start: ~1-2 min")
     ap.add_argument("--threads", help="comma list (default 1,2; --quick: 2)")
-    ap.add_argument("--rounds", type=int, help="timed rounds per batch size (default 15, "
-                                               "quick 5)")
+    ap.add_argument("--rounds", type=int, help="timed rounds per batch size (default 10, "
+                                               "quick 4)")
     ap.add_argument("--cold", type=int, help="fresh processes per cold first call "
                                              "(default 3, quick 1)")
     ap.add_argument("--out", default=".", help="directory for bench-inference.md/.json/.png")
@@ -813,7 +839,7 @@ def main(argv=None):
     from pykd.data import load_dataset
     threads = ([int(s) for s in a.threads.split(",")] if a.threads
                else [2] if a.quick else [1, 2])
-    rounds = a.rounds or (5 if a.quick else 15)
+    rounds = a.rounds or (4 if a.quick else 10)
     cold_reps = a.cold if a.cold is not None else (1 if a.quick else 3)
     block_calls = ({k: max(10, v // 2) for k, v in BLOCK_CALLS.items()} if a.quick
                    else dict(BLOCK_CALLS))
