@@ -216,7 +216,10 @@ def _read_idx_stream(f, name: str, file_size: int, is_gzip: bool, isize) -> np.n
                 raise _size_error(name, expected, found)
             f.seek(header_len)
 
-    out = np.empty(shape, dtype=dtype)
+    try:
+        out = np.empty(shape, dtype=dtype)
+    except MemoryError:  # within every limit, but more than this machine has
+        raise DatasetError(f"{name}: cannot allocate {expected} bytes for shape {shape}") from None
     got = _readinto_full(f, memoryview(out.reshape(-1).view(np.uint8)))
     if got < expected:
         raise _size_error(name, expected, got)

@@ -291,7 +291,11 @@ def _fill(f, out: np.ndarray) -> int:
 
 
 def _read_body(f, shape, fortran, dtype, nbytes, name, what):
-    out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+    try:
+        out = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+    except MemoryError:  # sizes are checked against the file: it is this big
+        raise ArrayFileError(f"{name}: {what}: cannot allocate {nbytes} bytes for shape "
+                             f"{shape}") from None
     got = _fill(f, out)
     if got != nbytes:
         raise ArrayFileError(f"{name}: {what}: truncated: expected {nbytes} bytes of data, "

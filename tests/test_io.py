@@ -281,3 +281,20 @@ def test_header_length_is_checked_before_the_header_is_read(tmp_path, version, w
     p.write_bytes(b"\x93NUMPY\x03\x00" + b"\0" * 100)
     with pytest.raises(ArrayFileError, match="unsupported .npy format version 3.0"):
         load_npy(p)
+
+
+def test_an_allocation_failure_is_a_file_error(tmp_path, monkeypatch):
+    from pykd import data
+
+    np.save(tmp_path / "a.npy", np.zeros(3, np.float32))
+    idx = tmp_path / "i"
+    idx.write_bytes(b"\0\0\x08\x01" + (3).to_bytes(4, "big") + b"abc")
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(np, "empty", no_memory)
+    with pytest.raises(ArrayFileError, match=r"a\.npy: array: cannot allocate 12 bytes"):
+        load_npy(tmp_path / "a.npy")
+    with pytest.raises(data.DatasetError, match=r"i: cannot allocate 3 bytes"):
+        data.read_idx(idx)
