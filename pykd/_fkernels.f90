@@ -417,3 +417,13 @@ subroutine network_workspace_size(table, n, upto, nl, words)
   !f2py intent(hide) :: nl
   words = impl(table, n, upto)
 end subroutine network_workspace_size
+
+! The CPU path of the int8 layer's product in this process (portable, avx2,
+! avxvnni or avx512vnni; PYKD_INT8_PATH forces one the CPU has).
+subroutine int8_path(name)
+  use pykd_int8_kernel, only: int8_path_name
+  implicit none
+  character(len=16), intent(out) :: name
+  !f2py threadsafe
+  name = int8_path_name()
+end subroutine int8_path

@@ -11,13 +11,13 @@
 !! sample (column) at run time, so a sample's result does not depend on the
 !! rest of its batch.
 module pykd_quant
-  use iso_fortran_env, only: real32, int8, int32, int64
+  use iso_fortran_env, only: real32, int8, int16, int32, int64
   use pykd_config, only: PAR_MIN_WORK
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
   implicit none
   private
   public :: quantize_weights, dequantize_weights, quantize_columns, quantize_columns_static, &
-            int8_gemm, int8_matmul, rescale, QMAX, MAX_IN
+            quantize_columns16, int8_gemm, int8_matmul, rescale, QMAX, MAX_IN
 
   integer, parameter :: QMAX = 127
   !> Longest int8 dot product whose int32 sum cannot overflow: 131071 * 128**2 < 2**31.
@@ -216,6 +216,41 @@ contains
     end do
     !$omp end parallel do
   end subroutine quantize_cols_static
+
+  !> The quantization of quantize_columns (x_scale == 0: one scale per
+  !! sample) or quantize_columns_static (x_scale > 0), into int16 for the int8
+  !! layer's product (pykd_int8_kernel): x16(ldx, n), rows m + 1 .. ldx zero.
+  !! stat: PYKD_OK, PYKD_ERR_NONFINITE, or PYKD_ERR_ARG (x_scale < 0, inf or NaN).
+  subroutine quantize_columns16(m, ldx, n, x, x_scale, x16, sx, stat)
+    integer, intent(in) :: m, ldx, n
+    real(real32), intent(in) :: x(m, n), x_scale
+    integer(int16), intent(out) :: x16(ldx, n)
+    real(real32), intent(out) :: sx(n)
+    integer, intent(out) :: stat
+    integer :: j, n_bad
+    real(real32) :: inv
+
+    if (.not. (x_scale >= 0 .and. x_scale <= huge(x_scale)) .or. ldx < m) then
+      stat = PYKD_ERR_ARG
+      return
+    end if
+    n_bad = 0
+    !$omp parallel do schedule(static) private(inv) reduction(+:n_bad) &
+    !$omp& if(int(m, int64) * n >= PAR_MIN_WORK)
+    do j = 1, n
+      if (count_nonfinite(m, x(:, j)) > 0) n_bad = n_bad + 1
+      if (x_scale > 0) then
+        sx(j) = x_scale
+      else
+        sx(j) = scale_of(maxval(abs(x(:, j))))
+      end if
+      inv = 1 / sx(j)
+      x16(1:m, j) = int(min(max(rint_small(x(:, j) * inv), -real(QMAX, real32)), real(QMAX, real32)), int16)
+      x16(m + 1:ldx, j) = 0
+    end do
+    !$omp end parallel do
+    stat = merge(PYKD_OK, PYKD_ERR_NONFINITE, n_bad == 0)
+  end subroutine quantize_columns16
 
   !> acc = qw qx, exactly, in int32. |acc| <= in * 128**2 must fit int32
   !! (int8 weights may hold -128), so in <= MAX_IN = 131071.

@@ -7,7 +7,7 @@
 !! Payload v2: quant u32, q i8[n_in n_out], scale f32[n_out], x_scale
 !! f32[quant], b f32[n_out]. v1: q, scale, b (dynamic).
 module pykd_layer_dense_int8
-  use iso_fortran_env, only: int8, int32, int64, real32
+  use iso_fortran_env, only: int8, int16, int32, int64, real32
   use iso_c_binding, only: c_loc, c_f_pointer
   use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
   use pykd_codes, only: N_FIELDS, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
@@ -15,7 +15,8 @@ module pykd_layer_dense_int8
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT, PYKD_ERR_NONFINITE
   use pykd_layer, only: pykd_layer_t
   use pykd_activation, only: apply_activation
-  use pykd_quant, only: quantize_columns, quantize_columns_static, int8_gemm, rescale, MAX_IN
+  use pykd_quant, only: quantize_columns16, MAX_IN
+  use pykd_int8_kernel, only: int8_dense_product
   use pykd_bytes, only: get_u32, get_f32, put_u32, put_f32, put_bytes, str
   use pykd_layer_util, only: take, read_count, sizes_ok, row_expect, nonfinite_count, negative_count
   implicit none
@@ -42,12 +43,18 @@ contains
     s = 'dense_int8'
   end function int8_name
 
-  !> work = [acc int32 (n_out, n) | sx f32 (n) | qx int8 (n_in, n)].
+  !> work = [sx f32 (n) | x16 int16 (ldx, n)], ldx = n_in rounded up to even.
   pure integer(int64) function int8_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
-    int8_workspace = row(COL_N_OUT) * n + n + (row(COL_N_IN) * n + 3) / 4
+    int8_workspace = n + (ldx_of(row(COL_N_IN)) * n + 1) / 2
   end function int8_workspace
+
+  !> Rows of the int16 batch: even, so the product reads inputs in pairs.
+  pure integer(int64) function ldx_of(n_in)
+    integer(int64), intent(in) :: n_in
+    ldx_of = n_in + mod(n_in, 2_int64)
+  end function ldx_of
 
   subroutine int8_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
@@ -59,43 +66,39 @@ contains
     real(real32), intent(out) :: y(row(COL_N_OUT), n)
     real(real32), intent(inout), target :: work(*)
     integer, intent(out) :: stat
-    integer(int32), pointer, contiguous :: acc(:, :)
-    integer(int8), pointer, contiguous :: qx(:, :)
-    integer(int64) :: off, n_out
+    integer(int16), pointer, contiguous :: x16(:, :)
+    integer(int64) :: off, n_out, ldx
 
-    n_out = row(COL_N_OUT); off = row(COL_F32_OFF)
-    call c_f_pointer(c_loc(work(1)), acc, [n_out, int(n, int64)])
-    call c_f_pointer(c_loc(work(n_out * n + n + 1)), qx, [row(COL_N_IN), int(n, int64)])
-    call int8_run(int(row(COL_N_IN)), int(n_out), n, int(row(COL_P1)), i8(row(COL_I8_OFF) + 1), &
-                  f32(off + 1), f32(off + n_out + 1), f32(off + 2 * n_out + 1), x, qx, &
-                  work(n_out * n + 1), acc, y, stat)
+    n_out = row(COL_N_OUT); off = row(COL_F32_OFF); ldx = ldx_of(row(COL_N_IN))
+    call c_f_pointer(c_loc(work(n + 1)), x16, [ldx, int(n, int64)])
+    call int8_run(int(row(COL_N_IN)), int(n_out), n, int(ldx), int(row(COL_P1)), &
+                  i8(row(COL_I8_OFF) + 1), f32(off + 1), f32(off + n_out + 1), &
+                  f32(off + 2 * n_out + 1), x, x16, work, y, stat)
     if (stat == PYKD_OK) call apply_activation(int(row(COL_ACT)), int(n_out), n, y)
   end subroutine int8_forward
 
-  !> Quantize x, the exact int32 product, the rescale and bias. On a
-  !! non-finite input y is NaN and stat PYKD_ERR_NONFINITE (PYKD_ERR_ARG for
-  !! a static x_scale that is not finite and > 0).
-  subroutine int8_run(n_in, n_out, n, mode, q, scale, b, x_scale, x, qx, sx, acc, y, stat)
-    integer, intent(in) :: n_in, n_out, n, mode
+  !> Quantize x (to int16), the exact int32 product, the rescale and bias.
+  !! On a non-finite input y is NaN and stat PYKD_ERR_NONFINITE (PYKD_ERR_ARG
+  !! for a static x_scale that is not finite and > 0).
+  subroutine int8_run(n_in, n_out, n, ldx, mode, q, scale, b, x_scale, x, x16, sx, y, stat)
+    integer, intent(in) :: n_in, n_out, n, ldx, mode
     integer(int8), intent(in) :: q(n_out, n_in)
     real(real32), intent(in) :: scale(n_out), b(n_out), x_scale, x(n_in, n)
-    integer(int8), intent(out) :: qx(n_in, n)
+    integer(int16), intent(out) :: x16(ldx, n)
     real(real32), intent(out) :: sx(n), y(n_out, n)
-    integer(int32), intent(out) :: acc(n_out, n)
     integer, intent(out) :: stat
 
-    if (mode == QUANT_STATIC) then
-      call quantize_columns_static(x, x_scale, qx, stat)
-      sx = x_scale
+    if (mode == QUANT_STATIC .and. .not. x_scale > 0) then
+      stat = PYKD_ERR_ARG
     else
-      call quantize_columns(x, qx, sx, stat)
+      call quantize_columns16(n_in, ldx, n, x, merge(x_scale, 0.0_real32, mode == QUANT_STATIC), &
+                              x16, sx, stat)
     end if
     if (stat /= PYKD_OK) then
       y = ieee_value(1.0_real32, ieee_quiet_nan)
       return
     end if
-    call int8_gemm(q, qx, acc)
-    call rescale(n_out, n, n_out, acc, scale, sx, b, y)
+    call int8_dense_product(n_in, n_out, n, ldx, q, x16, scale, sx, b, y)
   end subroutine int8_run
 
   subroutine int8_scan(version, buf, pos, limit, row, stat, msg)

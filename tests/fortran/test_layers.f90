@@ -11,7 +11,8 @@ program test_layers
   use pykd_layer_factory, only: new_layer
   use pykd_activation, only: apply_activation
   use pykd_network, only: network_forward, network_workspace_words
-  use pykd_bytes, only: put_u32, get_u32
+  use pykd_bytes, only: put_u32, get_u32, str
+  use pykd_int8_kernel, only: int8_path_name
   use test_harness, only: check, finish
   use test_files, only: uniforms
   implicit none
@@ -323,9 +324,25 @@ contains
                'sparse_csr relu: a NaN input gives all-NaN outputs')
   end subroutine test_kinds_forward
 
-  !> dense_int8, dynamic and static, bit for bit against an integer reference.
+  !> dense_int8 on this CPU's path (pykd_int8_kernel), every tile edge:
+  !! n_in odd and off 2/4/16/32/64, n_out off 16/64, batches off 4.
   subroutine test_int8_exact()
-    integer, parameter :: n_in = 45, n_out = 13, n = 6
+    character(len=16) :: path
+    path = int8_path_name()
+    call check(any(path == ['portable  ', 'avx2      ', 'avxvnni   ', 'avx512vnni']), &
+               'int8 path name "'//trim(path)//'" is one of the four')
+    call int8_exact_case(45, 13, 6, path)
+    call int8_exact_case(1, 1, 1, path)
+    call int8_exact_case(63, 17, 9, path)
+    call int8_exact_case(784, 200, 3, path)
+    call int8_exact_case(200, 10, 37, path)
+    call int8_exact_case(131, 65, 1, path)
+  end subroutine test_int8_exact
+
+  !> dense_int8, dynamic and static, bit for bit against an integer reference.
+  subroutine int8_exact_case(n_in, n_out, n, path)
+    integer, intent(in) :: n_in, n_out, n
+    character(len=*), intent(in) :: path
     type(case_t) :: c
     integer(int64) :: q(n_out, n_in), acc
     real(real32) :: x(n_in, n), y(n_out, n), want(n_out, n), sx, inv, qx(n_in)
@@ -341,7 +358,7 @@ contains
       c%row(COL_P1) = mode
       call finish_case(c, int(2 * n_out + 1, int64), int(n_in * n_out, int64), 0_int64)
       x = reshape(rnd(int(n_in * n, int64), 3.0), [n_in, n])
-      x(:, 2) = 0
+      x(:, min(2, n)) = 0
       do j = 1, n
         sx = c%f32(2 * n_out + 1)
         if (mode == QUANT_DYNAMIC) sx = merge(max(maxval(abs(x(:, j))) / 127, tiny(sx)), 1.0, &
@@ -356,14 +373,15 @@ contains
       call run(c, x, y, st)
       ok = st == PYKD_OK .and. all(y == want)
       call check(ok, 'dense_int8 '//merge('static ', 'dynamic', mode == QUANT_STATIC)// &
-                 ' equals the integer reference bit for bit')
-      x(5, 4) = ieee_value(1.0_real32, ieee_quiet_nan)
+                 ' '//str(int(n_in, int64))//'x'//str(int(n_out, int64))//' batch '// &
+                 str(int(n, int64))//' ('//trim(path)//') equals the integer reference bit for bit')
+      x(min(5, n_in), min(4, n)) = ieee_value(1.0_real32, ieee_quiet_nan)
       call run(c, x, y, st)
       call check(st == PYKD_ERR_NONFINITE, 'dense_int8 '//merge('static ', 'dynamic', mode == QUANT_STATIC)// &
                  ': a NaN input is PYKD_ERR_NONFINITE')
       deallocate (c%w, c%b)
     end do
-  end subroutine test_int8_exact
+  end subroutine int8_exact_case
 
   ! ------------------------------------------------------------ round trips
 

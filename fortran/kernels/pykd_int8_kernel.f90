@@ -1,0 +1,88 @@
+!> The int8 layer's product on the CPU's fastest exact path, chosen at run
+!! time (fortran/kernels/pykd_int8_simd.c): portable, avx2, avxvnni or
+!! avx512vnni. Every path gives the same bits; PYKD_INT8_PATH forces one.
+module pykd_int8_kernel
+  use iso_c_binding, only: c_int, c_int8_t, c_int16_t, c_float, c_char
+  use iso_fortran_env, only: int64
+  !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num
+  implicit none
+  private
+  public :: int8_dense_product, int8_path_name
+
+  !> Multiply-adds below which the product stays on one thread.
+  integer(int64), parameter :: PAR_MIN_MACS = 100000
+  !> Samples per unit of work given to a thread (large batches); a thread's
+  !! range of outputs (small batches) is a multiple of OUTPUTS_ALIGN.
+  integer, parameter :: SAMPLES_PER_TASK = 4, OUTPUTS_ALIGN = 16
+
+  interface
+    integer(c_int) function c_path() bind(c, name='pykd_i8_path')
+      import :: c_int
+    end function c_path
+    subroutine c_path_name(name, len) bind(c, name='pykd_i8_path_name')
+      import :: c_char, c_int
+      character(kind=c_char), intent(out) :: name(*)
+      integer(c_int), value :: len
+    end subroutine c_path_name
+    subroutine c_dense(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, y) &
+        bind(c, name='pykd_i8_dense')
+      import :: c_int, c_int8_t, c_int16_t, c_float
+      integer(c_int), value :: path, n_out, n_in, ldx, s0, s1, j0, j1
+      integer(c_int8_t), intent(in) :: q(*)
+      integer(c_int16_t), intent(in) :: x(*)
+      real(c_float), intent(in) :: scale(*), sx(*), b(*)
+      real(c_float), intent(inout) :: y(*)
+    end subroutine c_dense
+  end interface
+
+contains
+
+  !> The name of the path the int8 product runs on in this process.
+  function int8_path_name() result(name)
+    character(len=16) :: name
+    character(kind=c_char) :: buf(16)
+    integer :: k
+    call c_path_name(buf, 16_c_int)
+    do k = 1, 16
+      name(k:k) = buf(k)
+    end do
+  end function int8_path_name
+
+  !> y(j, s) = real(sum_i q(j, i) x(i, s)) * (scale(j) * sx(s)) + b(j), the
+  !! sum exact in int32. x is the quantized batch as int16, x(ldx, n), ldx
+  !! even, x(n_in + 1, :) = 0 when n_in is odd. Threads take blocks of
+  !! samples, or of outputs for a small batch; integer sums make the split
+  !! invisible in the bits.
+  subroutine int8_dense_product(n_in, n_out, n, ldx, q, x, scale, sx, b, y)
+    integer, intent(in) :: n_in, n_out, n, ldx
+    integer(c_int8_t), intent(in) :: q(n_out, n_in)
+    integer(c_int16_t), intent(in) :: x(ldx, n)
+    real(c_float), intent(in) :: scale(n_out), sx(n), b(n_out)
+    real(c_float), intent(inout) :: y(n_out, n)
+    integer(c_int) :: path
+    integer :: k, n_tasks, nt, chunk
+    logical :: par
+
+    path = c_path()
+    par = int(n_in, int64) * n_out * n >= PAR_MIN_MACS
+    if (n >= 2 * SAMPLES_PER_TASK) then
+      n_tasks = (n + SAMPLES_PER_TASK - 1) / SAMPLES_PER_TASK
+      !$omp parallel do schedule(static) if(par)
+      do k = 0, n_tasks - 1
+        call c_dense(path, n_out, n_in, q, x, ldx, k * SAMPLES_PER_TASK, &
+                     min((k + 1) * SAMPLES_PER_TASK, n), 0, n_out, scale, sx, b, y)
+      end do
+      !$omp end parallel do
+    else
+      ! One contiguous range of outputs per thread, a multiple of 16 wide.
+      !$omp parallel if(par) private(k, nt, chunk)
+      nt = 1; k = 0
+      !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
+      chunk = ((n_out + nt - 1) / nt + OUTPUTS_ALIGN - 1) / OUTPUTS_ALIGN * OUTPUTS_ALIGN
+      if (k * chunk < n_out) call c_dense(path, n_out, n_in, q, x, ldx, 0, n, k * chunk, &
+                                          min((k + 1) * chunk, n_out), scale, sx, b, y)
+      !$omp end parallel
+    end if
+  end subroutine int8_dense_product
+
+end module pykd_int8_kernel
