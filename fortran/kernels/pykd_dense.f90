@@ -98,7 +98,12 @@ contains
           y(i, j) = merge(0.0_real32, z, z < 0)
         end do
       case (ACT_TANH)
-        y(:, j) = tanh(y(:, j) + b)
+        ! One element at a time: vectorized, gfortran calls glibc's SIMD
+        ! tanhf, whose bits differ between the baseline and avx2 builds.
+        !GCC$ novector
+        do i = 1, m
+          y(i, j) = tanh(y(i, j) + b(i))
+        end do
       case default
         y(:, j) = y(:, j) + b
       end select

@@ -131,6 +131,9 @@ contains
     ! loss is NaN and `fused` rejects it (PYKD_ERR_NONFINITE), as today.
     smax = maxval(s)
     e1 = 0
+    ! exp one element at a time in every loop here: vectorized, gfortran calls
+    ! glibc's SIMD expf, whose bits differ between the baseline and avx2 builds.
+    !GCC$ novector
     do i = 1, size(s)
       e1 = e1 + exp(s(i) - smax)
     end do
@@ -144,6 +147,7 @@ contains
     if (soft) then
       tmax = maxval(t)
       es = 0; et = 0
+      !GCC$ novector
       do i = 1, size(s)
         es = es + exp((s(i) - smax) / temp)
         et = et + exp((t(i) - tmax) / temp)
@@ -151,8 +155,14 @@ contains
       lse_s = real(log(es), real32); lse_t = real(log(et), real32)
     end if
 
-    if (present(ds)) ds = real(w_hard * exp(s - smax - lse1), real32)
+    if (present(ds)) then
+      !GCC$ novector
+      do i = 1, size(s)
+        ds(i) = real(w_hard * exp(s(i) - smax - lse1), real32)
+      end do
+    end if
     if (soft) then
+      !GCC$ novector
       do i = 1, size(s)
         logq = (s(i) - smax) / temp - lse_s
         logp = (t(i) - tmax) / temp - lse_t

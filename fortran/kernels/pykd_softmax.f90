@@ -23,12 +23,20 @@ contains
     real(real32), intent(out) :: logp(:)
     logical, intent(out) :: ok
     real(real32) :: zmax, lse
+    real(real64) :: acc
+    integer :: i
 
     ! maxval skips NaN (gfortran), but a NaN logit still makes its exp and the
     ! sum NaN, so such a column is reported through `ok`, never hidden.
     zmax = maxval(z)
     logp = (z - zmax) / t
-    lse = real(log(sum(real(exp(logp), real64))), real32)
+    ! exp one element at a time (see softmax_column); the sum stays in order.
+    acc = 0
+    !GCC$ novector
+    do i = 1, size(z)
+      acc = acc + real(exp(logp(i)), real64)
+    end do
+    lse = real(log(acc), real32)
     logp = logp - lse
     ok = ieee_is_finite(lse) .and. ieee_is_finite(zmax)
   end subroutine log_softmax_column
@@ -40,9 +48,15 @@ contains
     real(real32), intent(out) :: p(:)
     logical, intent(out) :: ok
     real(real32) :: zmax, total
+    integer :: i
 
     zmax = maxval(z)
-    p = exp((z - zmax) / t)
+    ! One element at a time: vectorized, gfortran calls glibc's SIMD expf,
+    ! whose bits differ between the baseline and avx2 builds.
+    !GCC$ novector
+    do i = 1, size(z)
+      p(i) = exp((z(i) - zmax) / t)
+    end do
     total = real(sum(real(p, real64)), real32)
     p = p / total
     ok = ieee_is_finite(total) .and. ieee_is_finite(zmax)
