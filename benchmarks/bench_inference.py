@@ -518,9 +518,10 @@ def check_candidates(specs, workdir, check_dir):
 
 
 def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
-                settle=harness.SETTLE, log=print):
+                cold_batches=BATCHES, settle=harness.SETTLE, log=print):
     """Check and time every candidate at ``threads`` threads (``settle``
-    seconds of pause before a sample when the candidate changes).
+    seconds of pause before a sample when the candidate changes; cold
+    first calls at ``cold_batches``, ``cold_reps`` fresh processes each).
 
     Returns ``(rows, block)``: one row per candidate and batch, and the
     block's machine load (busy fraction before it, steal during it)."""
@@ -564,7 +565,7 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
     for lb in labels:     # fresh processes, one at a time, the timing workers gone
         if lb in errors:
             continue
-        for batch in BATCHES:
+        for batch in cold_batches:
             got = []
             for rep in range(cold_reps):
                 out = os.path.join(tdir, f"cold-{by[lb]['slug']}-{batch}-{rep}.json")
@@ -781,7 +782,7 @@ def load_student(path, epochs, ds):
 
 
 def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, cold_reps,
-        workdir, mode, log=print):
+        workdir, mode, cold_batches=BATCHES, log=print):
     """Prepare every candidate, then check and time them at each thread
     count. Returns the result dict (rows, blocks, machine, ...)."""
     info = harness.machine_info()
@@ -800,7 +801,7 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
     rows, blocks = [], []
     for th in threads:
         r, b = run_threads(specs, workdir, th, rounds=rounds, block_calls=block_calls,
-                           cold_reps=cold_reps, log=log)
+                           cold_reps=cold_reps, cold_batches=cold_batches, log=log)
         rows += r
         blocks.append(b)
         if b.get("busy_before") is not None and b["busy_before"] > 0.3:
@@ -814,7 +815,8 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
             "mode": mode, "machine": info, "versions": versions(), "absent": absent,
             "config": {"threads": threads, "rounds": rounds,
                        "block_calls": {str(k): v for k, v in block_calls.items()},
-                       "cold_reps": cold_reps, "settle_s": harness.SETTLE,
+                       "cold_reps": cold_reps, "cold_batches": list(cold_batches),
+                       "settle_s": harness.SETTLE,
                        "check_rows": int(X_check.shape[0]), "float_tol": FLOAT_TOL,
                        "int8_agreement": INT8_AGREEMENT},
             "blocks": blocks, "rows": rows}
@@ -825,10 +827,11 @@ def main(argv=None):
     ap.add_argument("--model", help="student model file (default: train one for --epochs)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--quick", action="store_true",
-                    help="2 threads only, fewer rounds and calls, one cold start: ~1-2 min")
+                    help="2 threads only, fewer rounds and calls, one cold start at batch 1 "
+                         "only: about a minute")
     ap.add_argument("--threads", help="comma list (default 1,2; --quick: 2)")
     ap.add_argument("--rounds", type=int, help="timed rounds per batch size (default 10, "
-                                               "quick 4)")
+                                               "quick 3)")
     ap.add_argument("--cold", type=int, help="fresh processes per cold first call "
                                              "(default 3, quick 1)")
     ap.add_argument("--out", default=".", help="directory for bench-inference.md/.json/.png")
@@ -839,7 +842,7 @@ def main(argv=None):
     from pykd.data import load_dataset
     threads = ([int(s) for s in a.threads.split(",")] if a.threads
                else [2] if a.quick else [1, 2])
-    rounds = a.rounds or (4 if a.quick else 10)
+    rounds = a.rounds or (3 if a.quick else 10)
     cold_reps = a.cold if a.cold is not None else (1 if a.quick else 3)
     block_calls = ({k: max(10, v // 2) for k, v in BLOCK_CALLS.items()} if a.quick
                    else dict(BLOCK_CALLS))
@@ -850,6 +853,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="pykd-bench-inference-") as work:
         result = run(student, name, ds.X_train[:1000], ds.X_test, threads=threads,
                      rounds=rounds, block_calls=block_calls, cold_reps=cold_reps,
+                     cold_batches=(1,) if a.quick else BATCHES,
                      workdir=work, mode="quick" if a.quick else "full",
                      log=lambda s: print(s, flush=True))
     result["wall_s"] = time.perf_counter() - t0
