@@ -149,11 +149,13 @@ static inline int safe_inputs(int n_out, int n_in, int j, int width)
  * For small batches NJ > 1 uses a whole cache line of q per load. */
 #define TJMAX 64
 #define TAILK 32
+#define JC 256   /* outputs per chunk: a multiple of 16 */
+#define KB 96    /* inputs per block: even */
 
 #define DEFINE_TILE(NAME, TARGET, MAC)                                                          \
     static inline __attribute__((always_inline, target(TARGET))) void NAME##_tile_k(           \
         const int NJ, const int S, const int8_t *q, ptrdiff_t ldq, int n_in, const int16_t *x,  \
-        ptrdiff_t ldx, int32_t acc[TS][TJMAX])                                                  \
+        ptrdiff_t ldx, int32_t *acc, int lda)                                                   \
     {                                                                                           \
         __m256i lo[4][TS], hi[4][TS];                                                           \
         for (int c = 0; c < NJ; c++)                                                            \
@@ -189,7 +191,7 @@ static inline int safe_inputs(int n_out, int n_in, int j, int width)
         }                                                                                       \
         for (int s = 0; s < S; s++)                                                             \
             for (int c = 0; c < NJ; c++) { /* acc += the outputs, in order */                   \
-                __m256i *a = (__m256i *)(acc[s] + 16 * c);                                      \
+                __m256i *a = (__m256i *)(acc + s * lda + 16 * c);                               \
                 __m256i o0 = _mm256_permute2x128_si256(lo[c][s], hi[c][s], 0x20);               \
                 __m256i o1 = _mm256_permute2x128_si256(lo[c][s], hi[c][s], 0x31);               \
                 _mm256_storeu_si256(a, _mm256_add_epi32(_mm256_loadu_si256(a), o0));            \
@@ -198,46 +200,60 @@ static inline int safe_inputs(int n_out, int n_in, int j, int width)
     }                                                                                           \
     /* acc += the tile's product; NJ and S are constants in each call. */                       \
     static __attribute__((target(TARGET))) void NAME##_tile(int NJ, int S, const int8_t *q,     \
-        ptrdiff_t ldq, int n_in, const int16_t *x, ptrdiff_t ldx, int32_t acc[TS][TJMAX])       \
+        ptrdiff_t ldq, int n_in, const int16_t *x, ptrdiff_t ldx, int32_t *acc, int lda)        \
     {                                                                                           \
         switch (NJ * 8 + S) {                                                                   \
-        case 4 * 8 + 1: NAME##_tile_k(4, 1, q, ldq, n_in, x, ldx, acc); break;                  \
-        case 3 * 8 + 1: NAME##_tile_k(3, 1, q, ldq, n_in, x, ldx, acc); break;                  \
-        case 2 * 8 + 1: NAME##_tile_k(2, 1, q, ldq, n_in, x, ldx, acc); break;                  \
-        case 2 * 8 + 2: NAME##_tile_k(2, 2, q, ldq, n_in, x, ldx, acc); break;                  \
-        case 1 * 8 + 2: NAME##_tile_k(1, 2, q, ldq, n_in, x, ldx, acc); break;                  \
-        case 1 * 8 + 3: NAME##_tile_k(1, 3, q, ldq, n_in, x, ldx, acc); break;                  \
-        case 1 * 8 + 4: NAME##_tile_k(1, 4, q, ldq, n_in, x, ldx, acc); break;                  \
-        default: NAME##_tile_k(1, 1, q, ldq, n_in, x, ldx, acc); break;                         \
+        case 4 * 8 + 1: NAME##_tile_k(4, 1, q, ldq, n_in, x, ldx, acc, lda); break;                  \
+        case 3 * 8 + 1: NAME##_tile_k(3, 1, q, ldq, n_in, x, ldx, acc, lda); break;                  \
+        case 2 * 8 + 1: NAME##_tile_k(2, 1, q, ldq, n_in, x, ldx, acc, lda); break;                  \
+        case 2 * 8 + 2: NAME##_tile_k(2, 2, q, ldq, n_in, x, ldx, acc, lda); break;                  \
+        case 1 * 8 + 2: NAME##_tile_k(1, 2, q, ldq, n_in, x, ldx, acc, lda); break;                  \
+        case 1 * 8 + 3: NAME##_tile_k(1, 3, q, ldq, n_in, x, ldx, acc, lda); break;                  \
+        case 1 * 8 + 4: NAME##_tile_k(1, 4, q, ldq, n_in, x, ldx, acc, lda); break;                  \
+        default: NAME##_tile_k(1, 1, q, ldq, n_in, x, ldx, acc, lda); break;                         \
         }                                                                                       \
     }                                                                                           \
+    /* Samples in blocks of TS, outputs in chunks of JC (acc on the stack),   \
+     * inputs in blocks of KB: a block of q (KB x JC bytes) stays in L1 while   \
+     * every tile of the chunk uses it. */                                      \
     static __attribute__((target(TARGET))) void NAME##_range(int n_out, int n_in,               \
         const int8_t *q, const int16_t *x, ptrdiff_t ldx, int s0, int s1, int j0, int j1,       \
         const float *scale, const float *sx, const float *b, float *y)                          \
     {                                                                                           \
-        int32_t acc[TS][TJMAX];                                                                 \
+        int32_t acc[TS * JC];                                                                   \
         int8_t panel[TAILK * TJMAX];                                                            \
         for (int s = s0; s < s1; s += TS) {                                                     \
             int S = s1 - s < TS ? s1 - s : TS;                                                  \
             int nj_max = S == 1 ? 4 : S == 2 ? 2 : 1;                                           \
             const int16_t *xs = x + (ptrdiff_t)s * ldx;                                         \
-            for (int j = j0; j < j1;) {                                                         \
-                int nj = (j1 - j + 15) / 16;                                                    \
-                if (nj > nj_max) nj = nj_max;                                                   \
-                int width = 16 * nj, r = j1 - j < width ? j1 - j : width;                       \
-                int n_safe = safe_inputs(n_out, n_in, j, width);                                \
-                memset(acc, 0, sizeof acc);                                                     \
-                NAME##_tile(nj, S, q + j, n_out, n_safe, xs, ldx, acc);                         \
-                for (int k = n_safe; k < n_in; k += TAILK) { /* the last few inputs */         \
-                    int nk = n_in - k < TAILK ? n_in - k : TAILK;                               \
-                    memset(panel, 0, sizeof panel);                                             \
-                    for (int i = 0; i < nk; i++)                                                \
-                        memcpy(panel + i * width, q + (ptrdiff_t)(k + i) * n_out + j, r);       \
-                    NAME##_tile(nj, S, panel, width, nk, xs + k, ldx, acc);                     \
+            for (int jc = j0; jc < j1; jc += JC) {                                              \
+                int jc1 = j1 - jc < JC ? j1 : jc + JC;                                          \
+                memset(acc, 0, sizeof(int32_t) * TS * JC);                                      \
+                for (int k0 = 0; k0 < n_in; k0 += KB) {                                         \
+                    int nk = n_in - k0 < KB ? n_in - k0 : KB;                                   \
+                    for (int j = jc; j < jc1;) {                                                \
+                        int nj = (jc1 - j + 15) / 16;                                           \
+                        if (nj > nj_max) nj = nj_max;                                           \
+                        int width = 16 * nj, r = jc1 - j < width ? jc1 - j : width;             \
+                        int n_safe = safe_inputs(n_out, n_in, j, width) - k0;                   \
+                        n_safe = n_safe < 0 ? 0 : n_safe > nk ? nk : n_safe;                    \
+                        int32_t *a = acc + (j - jc);                                            \
+                        if (n_safe > 0)                                                         \
+                            NAME##_tile(nj, S, q + (ptrdiff_t)k0 * n_out + j, n_out, n_safe,    \
+                                        xs + k0, ldx, a, JC);                                   \
+                        for (int k = n_safe; k < nk; k += TAILK) { /* the last few inputs */   \
+                            int nt = nk - k < TAILK ? nk - k : TAILK;                           \
+                            memset(panel, 0, (size_t)width * nt);                               \
+                            for (int i = 0; i < nt; i++)                                        \
+                                memcpy(panel + i * width,                                       \
+                                       q + (ptrdiff_t)(k0 + k + i) * n_out + j, r);             \
+                            NAME##_tile(nj, S, panel, width, nt, xs + k0 + k, ldx, a, JC);      \
+                        }                                                                       \
+                        j += width;                                                             \
+                    }                                                                           \
                 }                                                                               \
-                rescale_tile(S, r, &acc[0][0], TJMAX, scale + j, sx + s, b + j,                 \
-                             y + (ptrdiff_t)s * n_out + j, n_out);                              \
-                j += width;                                                                     \
+                rescale_tile(S, jc1 - jc, acc, JC, scale + jc, sx + s, b + jc,                  \
+                             y + (ptrdiff_t)s * n_out + jc, n_out);                             \
             }                                                                                   \
         }                                                                                       \
     }

@@ -46,6 +46,22 @@ contains
     count_nonfinite = count(.not. (abs(x) <= huge(x)))
   end function count_nonfinite
 
+  !> max |x| for finite x, through the bits: for x >= 0 the integer order of
+  !! the bit patterns is the float order. maxval(abs(x)) stays a scalar loop
+  !! (NaN rules); this one vectorizes. NaN or inf must be caught separately.
+  pure real(real32) function abs_max(n, x)
+    integer, intent(in) :: n
+    real(real32), intent(in) :: x(n)
+    integer(int32) :: bits
+    integer :: i
+
+    bits = 0
+    do i = 1, n
+      bits = max(bits, iand(transfer(x(i), bits), huge(bits)))
+    end do
+    abs_max = transfer(bits, abs_max)
+  end function abs_max
+
   !> scale = max|w| / 127, but at least the smallest normal float32 so that
   !! 1 / scale stays finite for tiny weights; 1 for an all-zero group.
   pure elemental real(real32) function scale_of(amax)
@@ -242,7 +258,7 @@ contains
       if (x_scale > 0) then
         sx(j) = x_scale
       else
-        sx(j) = scale_of(maxval(abs(x(:, j))))
+        sx(j) = scale_of(abs_max(m, x(:, j)))
       end if
       inv = 1 / sx(j)
       x16(1:m, j) = int(min(max(rint_small(x(:, j) * inv), -real(QMAX, real32)), real(QMAX, real32)), int16)
