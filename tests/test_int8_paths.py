@@ -95,10 +95,12 @@ def _child(outdir):
              nan_error=nan_error, **arrays)
 
 
-def _run(path, tmp_path):
-    d = tmp_path / path
+def _run(path, tmp_path, threads=None):
+    d = tmp_path / (path + ("" if threads is None else f"-{threads}threads"))
     d.mkdir()
     env = dict(os.environ, PYKD_INT8_PATH=path)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     subprocess.run([sys.executable, __file__, str(d)], env=env, check=True, timeout=600)
     return dict(np.load(d / "out.npz"))
 
@@ -143,6 +145,15 @@ def test_every_path_gives_the_same_bits_as_the_twin(runs):
             assert y.dtype == np.float32 and y.shape == ref.shape, (p, name)
             same = y.view(np.uint32) == ref.view(np.uint32)
             assert same.all(), f"{p} {name}: {np.count_nonzero(~same)} values differ from the twin"
+
+
+def test_thread_count_does_not_change_the_bits(runs, tmp_path):
+    best = max(runs, key=PATHS.index)
+    for threads in (1, 2):
+        r = _run(best, tmp_path, threads)
+        for name, _, _ in _cases():
+            assert (r[name].view(np.uint32) == runs[best][name].view(np.uint32)).all(), \
+                (best, threads, name)
 
 
 def test_overflow_edge_is_exact(runs):
