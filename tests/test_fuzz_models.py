@@ -17,6 +17,7 @@ and bytes inserted or deleted. Every case is seeded by its number.
 
 import os
 import struct
+import signal
 import tracemalloc
 import zlib
 
@@ -215,8 +216,11 @@ class Runner:
             self.path.write_bytes(data)
         tracemalloc.reset_peak()
         before = tracemalloc.get_traced_memory()[0]
+        signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)   # a hang fails the case
         try:
             model = read_model(self.path) if via_file else modelfile._parse(data)
+        except CaseTimeout:
+            pytest.fail(f"{what}: no answer within {CASE_SECONDS} s")
         except ModelFormatError as e:
             if via_file:
                 assert str(e).startswith(f"{self.path}: "), (what, str(e))
@@ -224,6 +228,8 @@ class Runner:
             model = None
         except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"{what}: {type(e).__name__}: {e}")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         peak = tracemalloc.get_traced_memory()[1] - before
         limit = 64 * len(data) + 2**20
         assert peak <= limit, f"{what}: peak {peak} bytes > {limit}"
@@ -232,14 +238,28 @@ class Runner:
             self.outcomes["accepted"] += 1
 
 
+CASE_SECONDS = 10
+
+
+class CaseTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout
+
+
 @pytest.fixture
 def run(tmp_path):
-    """A case runner; traced memory is on for the whole test (peaks reset per case)."""
+    """A case runner; traced memory is on for the whole test (peaks reset per
+    case), and each case has CASE_SECONDS to answer."""
+    old = signal.signal(signal.SIGALRM, _alarm)
     tracemalloc.start()
     try:
         yield Runner(tmp_path / "case.pykd")
     finally:
         tracemalloc.stop()
+        signal.signal(signal.SIGALRM, old)
 
 
 NAMES = ["dense", "dense_int8", "sparse_csr", "low_rank", "codebook", "sparse_codebook", "zoo",
