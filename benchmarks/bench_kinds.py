@@ -26,18 +26,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+from bench_inference import pruned  # noqa: E402
 
 import pykd  # noqa: E402
 from pykd.data import load_dataset  # noqa: E402
-
-
-def pruned(model, sparsity):
-    """The MLP with its smallest `sparsity` of weights (global ranking) set to zero."""
-    m = model.copy()
-    Ws = [W for W, _ in m.layers]
-    for W, keep in zip(Ws, pykd.magnitude_mask(Ws, sparsity)):
-        W[~keep] = 0
-    return m
 
 
 def variants(student, X_cal):

@@ -19,8 +19,10 @@ def backend(value):
     return value
 
 
-def array(name, a, dtype=np.float32, ndim=None, allow_empty=False, writeable=False):
-    """Check that `a` is a C-contiguous ndarray of `dtype` (no conversion)."""
+def array(name, a, dtype=np.float32, ndim=None, allow_empty=False, writeable=False,
+          contiguous=True):
+    """Check that `a` is an ndarray of `dtype` (no conversion), C-contiguous
+    unless ``contiguous=False``."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of {np.dtype(dtype).name}, "
                         f"got {type(a).__name__}")
@@ -29,7 +31,7 @@ def array(name, a, dtype=np.float32, ndim=None, allow_empty=False, writeable=Fal
                         f"(convert explicitly, e.g. {name}.astype(np.{np.dtype(dtype).name}))")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
+    if contiguous and not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray({name}))")
     if a.size == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (shape {a.shape})")

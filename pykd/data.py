@@ -55,7 +55,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_GZIP_RATIO = 1032
 #: The largest decompressed IDX file accepted (16 GiB), whatever a header says.
 MAX_GZIP_BYTES = 1 << 34
-_CHUNK = 1 << 20
 _COUNT_CHUNK = 1 << 16
 
 
@@ -100,17 +99,6 @@ class Dataset:
             f"test={self.X_test.shape[0]}, n_features={self.n_features}, "
             f"n_classes={self.n_classes})"
         )
-
-
-def _readinto_full(f, buf: memoryview) -> int:
-    """Fill ``buf`` from ``f`` (which may return short reads); return bytes read."""
-    got = 0
-    while got < len(buf):
-        n = f.readinto(buf[got:got + _CHUNK])
-        if not n:
-            break
-        got += n
-    return got
 
 
 def _count_rest(f) -> int:
@@ -220,7 +208,7 @@ def _read_idx_stream(f, name: str, file_size: int, is_gzip: bool, isize) -> np.n
         out = np.empty(shape, dtype=dtype)
     except MemoryError:  # within every limit, but more than this machine has
         raise DatasetError(f"{name}: cannot allocate {expected} bytes for shape {shape}") from None
-    got = _readinto_full(f, memoryview(out.reshape(-1).view(np.uint8)))
+    got = _io.readinto_full(f, memoryview(out.reshape(-1).view(np.uint8)))
     if got < expected:
         raise _size_error(name, expected, got)
     extra = _count_rest(f)

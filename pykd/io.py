@@ -278,9 +278,9 @@ def _check_header(shape, dtype, name, what, dtype_kinds, ndims):
     return math.prod(shape) * dtype.itemsize
 
 
-def _fill(f, out: np.ndarray) -> int:
-    """Read into ``out``'s bytes in chunks (no second copy); return bytes read."""
-    buf = memoryview(out.reshape(-1, order="A").view(np.uint8))
+def readinto_full(f, buf: memoryview) -> int:
+    """Fill ``buf`` from ``f`` in chunks (``f`` may return short reads, e.g.
+    gzip); return the bytes read, fewer only at the end of the stream."""
     got = 0
     while got < len(buf):
         n = f.readinto(buf[got:got + _CHUNK])
@@ -288,6 +288,11 @@ def _fill(f, out: np.ndarray) -> int:
             break
         got += n
     return got
+
+
+def _fill(f, out: np.ndarray) -> int:
+    """Read into ``out``'s bytes (no second copy); return bytes read."""
+    return readinto_full(f, memoryview(out.reshape(-1, order="A").view(np.uint8)))
 
 
 def _read_body(f, shape, fortran, dtype, nbytes, name, what):

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _bits, _codes
 from . import _reference as ref
+from . import _validate as check
 
 __all__ = ["Layer", "Dense", "DenseInt8", "SparseCSR", "LowRank", "Codebook",
            "SparseCodebook", "KIND_CLASSES", "from_record", "pack_bits", "unpack_bits"]
@@ -37,14 +38,8 @@ MAX_INT8_INPUTS = 131071
 # ----------------------------------------------------------------- checks
 
 def _arr(name, a, dtype, ndim, shape=None, finite=False):
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of {np.dtype(dtype).name}, "
-                        f"got {type(a).__name__}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype} "
-                        f"(convert explicitly, e.g. {name}.astype(np.{np.dtype(dtype).name}))")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    # Layers copy their arrays into the model's buffers, so any layout will do.
+    check.array(name, a, dtype, ndim=ndim, allow_empty=True, contiguous=False)
     if shape is not None and a.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
     if any(s > MAX_COUNT for s in a.shape):
