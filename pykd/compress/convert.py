@@ -18,10 +18,10 @@ import warnings
 
 import numpy as np
 
-from . import _codes
-from . import _validate as check
-from . import kernels
-from .layers import (Codebook, Dense, DenseInt8, LowRank, SparseCodebook, SparseCSR)
+from .. import _codes
+from .. import _validate as check
+from .. import kernels
+from ..layers import (Codebook, Dense, DenseInt8, LowRank, SparseCodebook, SparseCSR)
 
 __all__ = ["cluster", "low_rank", "quantize_model", "sparsify"]
 
@@ -30,7 +30,7 @@ QMAX = 127
 
 
 def _as_model(model, what):
-    from .models import MLP, Model
+    from ..models import MLP, Model
     if isinstance(model, MLP):
         return model.to_model()
     if isinstance(model, Model):
@@ -41,7 +41,7 @@ def _as_model(model, what):
 def _rebuild(model, layers, step):
     """A new Model with ``layers`` and the model's normalisation; the step is
     appended to the metadata's ``compression`` list."""
-    from .models import Model
+    from ..models import Model
     meta = dict(model.metadata)
     if meta.get("model") == "MLP":
         meta["model"] = "Model"           # what the file now holds (training history kept)

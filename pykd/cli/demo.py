@@ -1,0 +1,180 @@
+"""``pykd demo``: the whole pipeline (teacher, KD students, scratch students)
+and its summary tables."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from .._step import TrainConfig
+from ..models import load_model
+from ..train import evaluate, soft_labels
+from . import (DEMO, QUICK, CLIError, _add_classes, _add_common, _add_kd, _cfg_json,
+               _check_out_dir_tree, _check_outputs, _data_path, _dropout, _entry, _finish,
+               _fmt_bytes, _hidden, _input_file, _load_data, _meta_dict, _n_classes,
+               _number, _pct, _pos_float, _pos_int, _save_npy, _train)
+
+
+def register(sub):
+    p = sub.add_parser("demo", help="the whole pipeline: teacher, KD students, scratch students",
+                       description="Train the teacher, distill students (one per seed), train "
+                                   "the same students without distillation, and compare.")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: {QUICK['n_train']} training images, "
+                        f"{QUICK['teacher_epochs']} epochs each (under a minute)")
+    p.add_argument("--teacher-hidden", type=_hidden, default=DEMO["teacher_hidden"],
+                   metavar="W1,W2,...", help="teacher hidden widths (default: 1200,1200)")
+    p.add_argument("--student-hidden", type=_hidden, default=DEMO["student_hidden"],
+                   metavar="W1,W2,...", help="student hidden widths (default: 200,200)")
+    p.add_argument("--teacher-epochs", type=_pos_int, default=None,
+                   help=f"(default: {DEMO['teacher_epochs']})")
+    p.add_argument("--student-epochs", type=_pos_int, default=None,
+                   help=f"(default: {DEMO['student_epochs']})")
+    p.add_argument("--dropout", type=_dropout, default=DEMO["teacher_dropout"],
+                   help=f"teacher dropout (default: {DEMO['teacher_dropout']:g})")
+    p.add_argument("--seeds", type=_pos_int, default=DEMO["seeds"],
+                   help=f"students per kind, seeds 0..N-1 (default: {DEMO['seeds']})")
+    _add_kd(p)
+    p.add_argument("--batch-size", type=_pos_int, default=DEMO["batch_size"],
+                   help=f"(default: {DEMO['batch_size']}); one larger than the training set "
+                        "means one batch of the whole set (with a warning)")
+    p.add_argument("--lr", type=_pos_float, default=DEMO["lr"])
+    p.add_argument("--teacher-lr-decay", type=_number(float, 0, 1, low_open=True),
+                   default=DEMO["teacher_lr_decay"], metavar="GAMMA",
+                   help="the teacher's per-epoch learning-rate factor "
+                        f"(default: {DEMO['teacher_lr_decay']:g})")
+    p.add_argument("--student-lr-decay", type=_number(float, 0, 1, low_open=True),
+                   default=DEMO["student_lr_decay"], metavar="GAMMA",
+                   help="the students' per-epoch learning-rate factor "
+                        f"(default: {DEMO['student_lr_decay']:g}, constant)")
+    p.add_argument("--out", default="pykd-demo", metavar="DIR",
+                   help="directory for models, logits and checkpoints (default: pykd-demo)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished models in DIR and resume an interrupted one")
+    p.add_argument("--plot", metavar="FILE.png", help="draw training curves (needs matplotlib)")
+    _add_classes(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args, ctx):
+    quick = args.quick
+    teacher_epochs = args.teacher_epochs if args.teacher_epochs is not None else (
+        QUICK["teacher_epochs"] if quick else DEMO["teacher_epochs"])
+    student_epochs = args.student_epochs if args.student_epochs is not None else (
+        QUICK["student_epochs"] if quick else DEMO["student_epochs"])
+    _check_out_dir_tree(args.out, "--out")
+    _check_outputs(args, [])
+    ds = _load_data(args, ctx)
+    if quick:
+        from ..data import Dataset
+        ds = Dataset(ds.X_train[:QUICK["n_train"]], ds.y_train[:QUICK["n_train"]],
+                     ds.X_test[:QUICK["n_test"]], ds.y_test[:QUICK["n_test"]],
+                     ds.name + " (quick subset)")
+        ctx.info(f"quick: {ds!r}")
+    if ds.X_test.shape[0] == 0:
+        raise CLIError(f"{_data_path(args)}: the demo needs a test set")
+    n_classes = _n_classes(args, ds)
+    os.makedirs(args.out, exist_ok=True)
+    path = lambda name: os.path.join(args.out, name)  # noqa: E731
+    t0 = time.perf_counter()
+
+    def phase(name, sizes, cfg, epochs, seed, lr_decay, **kw):
+        out = path(f"{name}.pykd")
+        if args.resume and os.path.exists(out):
+            _input_file(out, "model")
+            model = load_model(out, backend=args.backend)
+            old = _meta_dict(model, "config")
+            want = {"sizes": sizes, "epochs": epochs, "n_train": int(ds.X_train.shape[0]),
+                    "train": _cfg_json(cfg), "lr_decay": lr_decay}
+            if any(old.get(k) != v for k, v in want.items()):
+                raise CLIError(f"{out} was trained with another configuration; use a new --out "
+                               f"directory or run without --resume")
+            ev = evaluate(model, ds.X_test, ds.y_test, teacher=kw.get("teacher"))
+            history = _meta_dict(model, "history")
+            ctx.histories[name] = history
+            entry = _entry(name, model, ev, history, old, out)
+            ctx.models.append(entry)
+            ctx.info(f"{name}: reusing {out} (test accuracy {_pct(ev['accuracy'])})")
+            return model, entry
+        return _train(ctx, name, sizes, ds, cfg, epochs=epochs, batch_size=args.batch_size,
+                      seed=seed, out=out, checkpoint=out + ".ckpt.npz", resume=args.resume
+                      and os.path.exists(out + ".ckpt.npz"), backend=args.backend,
+                      lr_decay=lr_decay, **kw)
+
+    t_sizes = [ds.n_features, *args.teacher_hidden, n_classes]
+    s_sizes = [ds.n_features, *args.student_hidden, n_classes]
+    tcfg = TrainConfig(loss="ce", lr=args.lr, dropout=args.dropout, seed=0)
+    teacher, t_entry = phase("teacher", t_sizes, tcfg, teacher_epochs, 0, args.teacher_lr_decay,
+                             role="teacher")
+
+    t = time.perf_counter()
+    logits = soft_labels(teacher, ds.X_train, args.temperature, backend=args.backend,
+                         progress=not ctx.quiet)
+    soft_seconds = time.perf_counter() - t
+    _save_npy(path("teacher_logits.npy"), logits)
+    ctx.info(f"soft labels: {logits.shape} in {soft_seconds:.2f} s -> {path('teacher_logits.npy')}")
+
+    kd_entries, scratch_entries = [], []
+    for seed in range(args.seeds):
+        kcfg = TrainConfig(loss="kd", temperature=args.temperature, alpha=args.alpha,
+                           lr=args.lr, seed=seed)
+        _, e = phase(f"kd_student_seed{seed}", s_sizes, kcfg, student_epochs, seed,
+                     args.student_lr_decay, teacher=teacher, teacher_logits=logits, role="student",
+                     extra_config={"temperature": args.temperature, "alpha": args.alpha})
+        kd_entries.append(e)
+        scfg = TrainConfig(loss="ce", lr=args.lr, seed=seed)
+        _, e = phase(f"scratch_student_seed{seed}", s_sizes, scfg, student_epochs, seed,
+                     args.student_lr_decay, teacher=teacher, role="scratch")
+        scratch_entries.append(e)
+    total = time.perf_counter() - t0
+
+    rows = [("teacher", [t_entry]), ("KD student", kd_entries),
+            ("scratch student", scratch_entries)]
+    summary = {}
+    print()
+    decay = lambda g: f" x {g:g}/epoch" if g != 1 else ""  # noqa: E731
+    print(f"pykd demo on {ds.name} ({args.backend} backend)")
+    print(f"  teacher {'-'.join(map(str, t_sizes))}: {teacher_epochs} epochs, dropout "
+          f"{args.dropout:g}, Adam lr {args.lr:g}{decay(args.teacher_lr_decay)}, batch "
+          f"{args.batch_size}")
+    print(f"  students {'-'.join(map(str, s_sizes))}: {student_epochs} epochs, Adam lr "
+          f"{args.lr:g}{decay(args.student_lr_decay)}, batch {args.batch_size}; KD with "
+          f"T={args.temperature:g}, alpha={args.alpha:g}; {args.seeds} seed"
+          f"{'s' if args.seeds > 1 else ''} each")
+    header = f"{'model':<17} {'test accuracy':>17} {'agreement':>10} {'parameters':>11} " \
+             f"{'bytes':>10} {'s/epoch':>8}"
+    print(header)
+    print("-" * len(header))
+    for label, entries in rows:
+        accs = [e["test_accuracy"] for e in entries]
+        agrees = [e["agreement"] for e in entries if e.get("agreement") is not None]
+        spe = [s for e in entries for s in e["seconds_per_epoch"]]
+        mean = statistics.fmean(accs)
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        acc_txt = f"{100 * mean:.2f}%" + (f" ± {100 * sd:.2f}" if len(accs) > 1 else "")
+        agree_txt = f"{100 * statistics.fmean(agrees):.2f}%" if agrees else "-"
+        med = statistics.median(spe) if spe else float("nan")
+        print(f"{label:<17} {acc_txt:>17} {agree_txt:>10} {entries[0]['parameters']:>11,} "
+              f"{_fmt_bytes(entries[0]['bytes']):>10} {med:>8.2f}")
+        summary[label] = {"test_accuracy_mean": mean, "test_accuracy_std": sd,
+                          "test_accuracy": accs, "runs": len(accs),
+                          "agreement_mean": statistics.fmean(agrees) if agrees else None,
+                          "parameters": entries[0]["parameters"], "bytes": entries[0]["bytes"],
+                          "seconds_per_epoch_median": med}
+    gain = summary["KD student"]["test_accuracy_mean"] - summary["scratch student"]["test_accuracy_mean"]
+    n_seeds = args.seeds
+    print(f"KD - scratch: {100 * gain:+.2f} points (mean over {n_seeds} seed"
+          f"{'s' if n_seeds > 1 else ''}); compression {t_entry['parameters'] / kd_entries[0]['parameters']:.1f}x; "
+          f"soft labels {soft_seconds:.2f} s; total {total:.0f} s")
+    summary["kd_gain_points"] = 100 * gain
+    summary["soft_labels_seconds"] = soft_seconds
+    summary["total_seconds"] = total
+    demo_cfg = {"quick": quick, "teacher_sizes": t_sizes, "student_sizes": s_sizes,
+                "teacher_epochs": teacher_epochs, "student_epochs": student_epochs,
+                "teacher_dropout": args.dropout, "temperature": args.temperature,
+                "alpha": args.alpha, "lr": args.lr, "teacher_lr_decay": args.teacher_lr_decay,
+                "student_lr_decay": args.student_lr_decay,
+                "batch_size": args.batch_size,
+                "seeds": args.seeds, "backend": args.backend, "dataset": ds.name}
+    return _finish(ctx, {"summary": summary, "demo_config": demo_cfg})

@@ -1,0 +1,9 @@
+"""Model compression.
+
+* :mod:`pykd.compress.convert`: one-shot conversions of a trained model to
+  the compressed layer kinds (``quantize_model``, ``sparsify``, ``low_rank``,
+  ``cluster``), each returning a new :class:`pykd.Model`.
+"""
+from .convert import cluster, low_rank, quantize_model, sparsify
+
+__all__ = ["cluster", "low_rank", "quantize_model", "sparsify"]
