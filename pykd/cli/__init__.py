@@ -18,6 +18,7 @@ import importlib
 import json
 import math
 import os
+import pkgutil
 import shlex
 import stat
 import statistics
@@ -58,9 +59,14 @@ QUICK = {"n_train": 3000, "n_test": 1000, "teacher_epochs": 2, "student_epochs":
 MAX_CLASSES = 65536
 
 
-#: Modules of pykd.cli that add commands (each defines ``register(sub)``), in
-#: the order of ``pykd --help``.
-COMMAND_MODULES = ("demo",)
+def _command_modules():
+    """The modules of pykd.cli that add commands: every public module that
+    defines ``register(sub)``, ordered by its ``ORDER`` number (the order of
+    ``pykd --help``), so a new command needs no edit here."""
+    mods = [importlib.import_module(f"{__name__}.{info.name}")
+            for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")]
+    return sorted((m for m in mods if hasattr(m, "register")),
+                  key=lambda m: (getattr(m, "ORDER", 100), m.__name__))
 
 
 class CLIError(Exception):
@@ -259,8 +265,8 @@ def build_parser():
 
     # Commands that live in their own modules of pykd.cli; each has
     # register(sub), which adds its parser and sets func.
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"{__name__}.{name}").register(sub)
+    for module in _command_modules():
+        module.register(sub)
     return parser
 
 

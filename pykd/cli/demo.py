@@ -14,6 +14,9 @@ from . import (DEMO, QUICK, CLIError, _add_classes, _add_common, _add_kd, _cfg_j
                _fmt_bytes, _hidden, _input_file, _load_data, _meta_dict, _n_classes,
                _number, _pct, _pos_float, _pos_int, _save_npy, _train)
 
+#: Position in ``pykd --help`` (see pykd.cli._command_modules).
+ORDER = 90
+
 
 def register(sub):
     p = sub.add_parser("demo", help="the whole pipeline: teacher, KD students, scratch students",
