@@ -56,7 +56,7 @@ from .kernels import (
     softmax,
 )
 from . import layers
-from .compress import cluster, low_rank, quantize_model, sparsify
+from .compress import FineTune, cluster, low_rank, quantize_model, sparsify
 from .models import MLP, Model, load_model
 from .train import TrainConfig, evaluate, fit, soft_labels
 
@@ -67,5 +67,5 @@ __all__ = [
     "int8_gemm", "int8_matmul", "kd_loss", "log_softmax", "magnitude_mask",
     "quantize_activations", "quantize_int8", "sgd_step", "softmax",
     "MLP", "Model", "TrainConfig", "evaluate", "fit", "load_model", "soft_labels",
-    "layers", "cluster", "low_rank", "quantize_model", "sparsify",
+    "layers", "FineTune", "cluster", "low_rank", "quantize_model", "sparsify",
 ]

@@ -5,5 +5,6 @@
   ``cluster``), each returning a new :class:`pykd.Model`.
 """
 from .convert import cluster, low_rank, quantize_model, sparsify
+from .spec import FineTune
 
-__all__ = ["cluster", "low_rank", "quantize_model", "sparsify"]
+__all__ = ["FineTune", "cluster", "low_rank", "quantize_model", "sparsify"]
