@@ -181,11 +181,14 @@ def _sigint_flag():
 atomic_write = _io.atomic_write
 
 
-def _save_checkpoint(path, P, S1, S2, meta):
-    """np.savez through the package's atomic write; a failure names ``path``."""
+def _save_checkpoint(path, P, S1, S2, meta, mask=None):
+    """np.savez through the package's atomic write; a failure names ``path``.
+    A mask is stored as ``np.packbits(mask)`` (member ``mask``)."""
     blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    extra = {} if mask is None else {"mask": np.packbits(mask)}
     try:
-        atomic_write(path, lambda f: np.savez(f, params=P, state1=S1, state2=S2, meta=blob))
+        atomic_write(path, lambda f: np.savez(f, params=P, state1=S1, state2=S2, meta=blob,
+                                              **extra))
     except OSError as e:
         raise OSError(e.errno, f"cannot write the checkpoint ({e.strerror or e})",
                       os.fspath(path)) from e
@@ -237,11 +240,24 @@ def load_checkpoint(path):
     if not isinstance(meta, dict) or meta.get("format") != "pykd-checkpoint" \
             or meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path}: not a pykd checkpoint of version {CHECKPOINT_VERSION}")
+    if meta.get("mask", False) not in (True, False):
+        raise CheckpointError(f"{path}: checkpoint metadata 'mask' must be true or false")
+    if meta.get("mask"):     # the packed mask of a run with a mask or a pruning schedule
+        try:
+            packed = _io.load_npz(path, {"mask": ("u", 1)}, what="checkpoint")["mask"]
+        except (OSError, ValueError) as e:
+            msg = str(e)
+            msg = msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
+            raise CheckpointError(f"{path}: not a readable pykd checkpoint ({msg})") from None
+        if packed.dtype != np.uint8:
+            raise CheckpointError(f"{path}: checkpoint array 'mask' must be uint8, got "
+                                  f"{packed.dtype}")
+        arrays["mask"] = packed
     return arrays, meta
 
 
 _HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss", "seconds",
-                 "samples_per_second")
+                 "samples_per_second", "sparsity")
 
 
 def _is_int(v):
@@ -254,7 +270,7 @@ def _is_num(v, low=-math.inf, high=math.inf):
 
 
 def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, seed, shape,
-                  norm, mask):
+                  norm, mask, tracks_mask=None):
     """Every field of a checkpoint against the run resuming from it (see
     :func:`fit`); returns (step, epoch, batch, rng_state, history, accum, norm).
     Raises CheckpointError naming ``path`` and the field."""
@@ -268,6 +284,8 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
     fp = meta["fingerprint"]
     if not isinstance(fp, dict):
         bad("its fingerprint is not a JSON object")
+    if fp.get("prune") != fingerprint.get("prune"):
+        _schedule_differs(path, fp.get("prune"), fingerprint.get("prune"))
     if fp != fingerprint:
         diff = sorted(k for k in set(fingerprint) | set(fp) if fp.get(k) != fingerprint.get(k))
         raise CheckpointError(f"{path} was written by a different run (differs in: "
@@ -293,7 +311,22 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
             bad(f"array {k!r} has shape {arrays[k].shape}, the run needs {shape}")
         if not np.isfinite(arrays[k]).all():
             bad(f"array {k!r} contains NaN or inf")
-    if mask is not None and np.any(arrays["params"][~mask]):
+    if tracks_mask is None:
+        tracks_mask = mask is not None
+    if tracks_mask:
+        if "mask" not in arrays:
+            bad("the checkpoint has no mask (the run has a mask or a pruning schedule)")
+        packed = arrays["mask"]
+        if packed.shape != (-(-shape[0] // 8),):
+            bad(f"array 'mask' has {packed.size} bytes, the run needs {-(-shape[0] // 8)} "
+                f"(a packed bit per parameter)")
+        cur = np.unpackbits(packed, count=shape[0]).view(np.bool_)
+        if mask is not None and np.any(cur & ~mask):
+            bad("its mask keeps weights that the run's mask prunes")
+        if np.any(arrays["params"][~cur]):
+            bad("parameters the mask prunes (False) are not zero")
+        arrays["mask"] = cur
+    elif mask is not None and np.any(arrays["params"][~mask]):
         bad("parameters the mask prunes (False) are not zero")
     hist = meta["history"]
     if not isinstance(hist, dict) or set(hist) != set(_HISTORY_KEYS) or any(
@@ -302,7 +335,7 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
             f"finished epoch ({epoch})")
     if hist["epoch"] != list(range(1, epoch + 1)) or not all(
             _is_num(v) for v in hist["loss"] + hist["seconds"]) or not all(
-            _is_num(v, 0, 1) for v in hist["train_accuracy"]) or not all(
+            _is_num(v, 0, 1) for v in hist["train_accuracy"] + hist["sparsity"]) or not all(
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in
             hist["test_accuracy"] + hist["test_loss"] + hist["samples_per_second"]):
         bad("history holds values that are not finite numbers of the right range")
@@ -319,6 +352,21 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
     if norm is not None and got != [float(v) for v in norm]:
         bad(f"norm {got} is not the run's input normalisation {[float(v) for v in norm]}")
     return step, epoch, batch, meta["rng_state"], hist, acc, got
+
+
+def _schedule_differs(path, got, want):
+    """CheckpointError naming the pruning schedule's fields that differ."""
+    if got is None or want is None:
+        had = "no pruning schedule" if got is None else "a pruning schedule"
+        raise CheckpointError(f"{path} was written by a run with {had} (differs in: prune); "
+                              "start without --resume or use the same settings")
+    if not isinstance(got, dict):
+        raise CheckpointError(f"{path}: cannot resume: its pruning schedule is not a JSON object")
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    shown = ", ".join(f"prune.{k} (checkpoint {got.get(k)!r}, this run {want.get(k)!r})"
+                      for k in diff)
+    raise CheckpointError(f"{path} was written with a different pruning schedule (differs in: "
+                          f"{shown}); start without --resume or use the same schedule")
 
 
 # ------------------------------------------------------------------- public
@@ -421,8 +469,8 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
 
 def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         hint_targets=None, X_val=None, y_val=None, checkpoint=None, resume=False,
-        progress=True, backend="fortran", seed=None, mask=None, callback=None, desc="train",
-        lr_decay=1.0):
+        progress=True, backend="fortran", seed=None, mask=None, prune=None, callback=None,
+        desc="train", lr_decay=1.0):
     """Train ``model`` in place; one :func:`pykd._step.train_step` per batch.
 
     Parameters
@@ -446,22 +494,33 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     X_val, y_val : optional
         Evaluated after every epoch (``test_accuracy``/``test_loss``).
     checkpoint : path, optional
-        Written atomically after every epoch and on Ctrl-C.
+        Written atomically after every epoch and on Ctrl-C. It holds the
+        current mask (when there is a mask or a pruning schedule) and the
+        schedule.
     resume : bool
         Continue from ``checkpoint``, which must exist and match the run:
         every field is checked first (the fingerprint of sizes, activations,
-        hint, n, batch size, seed, config, lr_decay and mask; epoch in
-        [0, epochs]; batch; step = epoch * batches + batch; the shuffling
-        state of the seed at that epoch; the shapes and finiteness of the
-        buffers; zeros where the mask prunes; history, running sums, norm).
+        hint, n, batch size, seed, config, lr_decay, mask and pruning
+        schedule; epoch in [0, epochs]; batch; step = epoch * batches +
+        batch; the shuffling state of the seed at that epoch; the shapes and
+        finiteness of the buffers; the mask, within the run's mask, and
+        zeros where it prunes; history, running sums, norm).
     progress : bool or "bar"
         True: a tqdm bar per epoch (loss, accuracy, samples/s) on stderr when
         it is a terminal, else one line per epoch; "bar": always the bar.
     backend : {"fortran", "numpy"}
     seed : int, optional
         Seed of the shuffling generator (default ``cfg.seed``).
-    mask : bool array like the parameters, optional
-        Pruning mask passed to the optimizer (False entries stay zero).
+    mask : bool array like the parameters, or a list of per-layer masks
+        Pruning mask passed to the optimizer (False entries, and their
+        optimizer moments, stay zero). The list form has one bool array per
+        layer shaped like its ``W`` (:func:`pykd.weight_masks`); biases and
+        a hint regressor are never masked.
+    prune : pykd.PruneSchedule, optional
+        Gradual magnitude pruning while training: after the schedule's steps
+        (optimizer steps; step 0 is before the first) the weights are pruned
+        to its sparsity and the newly pruned weights and their optimizer
+        moments are set to exactly zero. Starts from ``mask`` if given.
     callback : callable(dict), optional
         Called after every step with epoch, batch, step, loss.
     lr_decay : float in (0, 1]
@@ -472,7 +531,9 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     -------
     dict of per-epoch lists: ``epoch``, ``loss``, ``train_accuracy``,
     ``test_accuracy``, ``test_loss``, ``seconds`` (training time of the
-    epoch, without validation and checkpointing), ``samples_per_second``.
+    epoch, without validation and checkpointing), ``samples_per_second``,
+    ``sparsity`` (fraction of the model's weights that are zero at the end
+    of the epoch; biases not counted).
 
     Raises
     ------
@@ -488,22 +549,22 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         When the loss becomes NaN or inf; the parameters are those before the
         failing step and the last checkpoint written is left untouched.
     """
-    if not isinstance(model, MLP):
-        hint = (" (Model.to_mlp() densifies and dequantizes a Model into a trainable MLP)"
-                if hasattr(model, "to_mlp") else "")
-        raise TypeError(f"model must be a pykd.MLP, got {type(model).__name__}{hint}")
-    cfg = TrainConfig() if cfg is None else cfg
-    if cfg.loss not in ("ce", "kd"):
-        raise ValueError(f"cfg.loss must be 'ce' or 'kd', got {cfg.loss!r}")
-    epochs = check.integer("epochs", epochs, low=0)
-    batch_size = check.integer("batch_size", batch_size, low=1)
-    if backend not in ("fortran", "numpy"):
-        raise ValueError(f"backend must be 'fortran' or 'numpy', got {backend!r}")
-    seed = cfg.seed if seed is None else int(seed)
-    lr_decay = float(lr_decay)
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
-    sizes, acts = model.sizes, model.activations
+    run = _prepare(model, X, y, cfg=cfg, epochs=epochs, batch_size=batch_size,
+                   teacher_logits=teacher_logits, hint_targets=hint_targets, X_val=X_val,
+                   y_val=y_val, checkpoint=checkpoint, resume=resume, backend=backend,
+                   seed=seed, mask=mask, prune=prune, lr_decay=lr_decay)
+    with _sigint_flag() as interrupt:
+        for epoch in range(run.start_epoch, run.epochs):
+            _run_epoch(run, epoch, interrupt, progress=progress, callback=callback, desc=desc)
+    return run.history
+
+
+# ------------------------------------------------------ fit: preparation
+
+def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val):
+    """Validate the data arguments of fit; returns (y, teacher_logits,
+    hint, hint_targets, y_val) with hint = (layer, width) or None."""
+    sizes = model.sizes
     if not isinstance(X, np.ndarray) or X.dtype != _F32 or X.ndim != 2:
         raise TypeError("X must be a 2-D float32 numpy array")
     n = X.shape[0]
@@ -546,171 +607,318 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
                              f"{sizes[0]}")
         _check_finite("X_val", X_val)
         y_val = _as_labels("y_val", y_val, X_val.shape[0], n_classes, "X_val")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs a checkpoint path")
+    return y, teacher_logits, hint, hint_targets, y_val
 
-    # The training buffer: the model's parameters, then a hint regressor.
+
+def _flat_mask(mask, sizes, n_total):
+    """The run's own copy of ``mask`` as one bool array over the training
+    buffer (True = trained), from a flat mask or a list of per-layer masks."""
+    if isinstance(mask, (list, tuple)):
+        sl = _step.layer_slices(sizes)
+        if len(mask) != len(sl):
+            raise ValueError(f"mask as a list needs one bool array per layer ({len(sl)}), "
+                             f"got {len(mask)}")
+        flat = np.ones(n_total, np.bool_)
+        for k, (m, (ws, _, shape)) in enumerate(zip(mask, sl)):
+            if not isinstance(m, np.ndarray) or m.dtype != np.bool_ or m.shape != shape:
+                got = (f"{m.dtype} array of shape {m.shape}" if isinstance(m, np.ndarray)
+                       else type(m).__name__)
+                raise ValueError(f"mask[{k}] (layer {k + 1}'s W) must be a bool array of "
+                                 f"shape {shape}, got {got}")
+            flat[ws] = m.ravel()
+        return flat
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.shape != (n_total,):
+        raise ValueError(f"mask must be a bool array of shape ({n_total},) or a list of one "
+                         "bool array per layer shaped like its W (pykd.weight_masks)")
+    return mask.copy()
+
+
+def _training_buffer(model, sizes, hint, seed):
+    """The model's parameters, then a hint regressor, in one buffer (the
+    model is rebound to its first part)."""
     n_model = model.parameters
     n_total = _step.param_count(sizes, hint)
-    if n_total != n_model:
-        P = np.empty(n_total, _F32)
-        P[:n_model] = model.params
-        model._bind(P[:n_model])
-        reg_rng = np.random.default_rng([seed, 0x68696E74])
-        for ws, bs, (n_in, _) in _step.layer_slices(sizes, hint)[len(sizes) - 1:]:
-            bound = 1.0 / math.sqrt(n_in)
-            P[ws] = reg_rng.uniform(-bound, bound, ws.stop - ws.start)
-            P[bs] = reg_rng.uniform(-bound, bound, bs.stop - bs.start)
-    else:
-        P = model.params
-    G = np.zeros_like(P)
-    S1 = np.zeros_like(P)
-    S2 = np.zeros_like(P)
-    if mask is not None and (not isinstance(mask, np.ndarray) or mask.dtype != np.bool_
-                             or mask.shape != P.shape):
-        raise ValueError(f"mask must be a bool array of shape {P.shape}")
+    if n_total == n_model:
+        return model.params
+    P = np.empty(n_total, _F32)
+    P[:n_model] = model.params
+    model._bind(P[:n_model])
+    reg_rng = np.random.default_rng([seed, 0x68696E74])
+    for ws, bs, (n_in, _) in _step.layer_slices(sizes, hint)[len(sizes) - 1:]:
+        bound = 1.0 / math.sqrt(n_in)
+        P[ws] = reg_rng.uniform(-bound, bound, ws.stop - ws.start)
+        P[bs] = reg_rng.uniform(-bound, bound, bs.stop - bs.start)
+    return P
 
+
+def _new_accum():
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+class _Run:
+    """The state of one fit run: buffers, data, the mask and schedule,
+    counters, history. Built by :func:`_prepare`."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    # -- pruning
+    def weight_views(self):
+        """(W of P, W of the mask) per model layer (the hint regressor is never pruned)."""
+        return [(self.P[ws].reshape(shape), self.mask[ws].reshape(shape))
+                for ws, _, shape in _step.layer_slices(self.sizes)]
+
+    def prune_if_due(self):
+        """Prune after step ``self.step`` if the schedule says so: grow the
+        mask, zero the newly pruned weights and their optimizer moments."""
+        sched = self.schedule
+        if sched is None or not sched.is_step(self.step):
+            return
+        from .compress.prune import extend_masks
+        views = self.weight_views()
+        target = sched._value(self.step, sched.end)
+        if extend_masks([w for w, _ in views], [m for _, m in views], target, sched.scope,
+                        self.backend):
+            off = ~self.mask
+            self.P[off] = 0
+            self.S1[off] = 0
+            self.S2[off] = 0
+
+    def sparsity(self):
+        """Fraction of the model's weights that are zero."""
+        sl = _step.layer_slices(self.sizes)
+        total = sum(ws.stop - ws.start for ws, _, _ in sl)
+        nz = sum(int(np.count_nonzero(self.P[ws])) for ws, _, _ in sl)
+        return 1.0 - nz / total
+
+    # -- checkpoints
+    def meta_for(self, epoch, batch, epoch_rng_state):
+        meta = {"format": "pykd-checkpoint", "version": CHECKPOINT_VERSION,
+                "fingerprint": self.fingerprint, "epoch": epoch, "batch": batch,
+                "step": self.step, "epochs": self.epochs, "rng_state": epoch_rng_state,
+                "accum": self.accum, "history": self.history,
+                "norm": [float(v) for v in self.model.norm], "backend": self.backend,
+                "mask": self.mask is not None}
+        if self.schedule is not None:
+            meta["prune"] = self.schedule.to_dict()
+        return meta
+
+    def save(self, epoch, batch, epoch_rng_state):
+        if self.checkpoint is None:
+            return
+        _save_checkpoint(self.checkpoint, self.P, self.S1, self.S2,
+                         self.meta_for(epoch, batch, epoch_rng_state), mask=self.mask)
+
+
+def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targets, X_val,
+             y_val, checkpoint, resume, backend, seed, mask, prune, lr_decay):
+    """Check every argument of fit, build the buffers, restore a checkpoint."""
+    from .compress.prune import PruneSchedule
+    if not isinstance(model, MLP):
+        hint = (" (Model.to_mlp() densifies and dequantizes a Model into a trainable MLP)"
+                if hasattr(model, "to_mlp") else "")
+        raise TypeError(f"model must be a pykd.MLP, got {type(model).__name__}{hint}")
+    cfg = TrainConfig() if cfg is None else cfg
+    if cfg.loss not in ("ce", "kd"):
+        raise ValueError(f"cfg.loss must be 'ce' or 'kd', got {cfg.loss!r}")
+    epochs = check.integer("epochs", epochs, low=0)
+    batch_size = check.integer("batch_size", batch_size, low=1)
+    if backend not in ("fortran", "numpy"):
+        raise ValueError(f"backend must be 'fortran' or 'numpy', got {backend!r}")
+    seed = cfg.seed if seed is None else int(seed)
+    lr_decay = float(lr_decay)
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+    if prune is not None and not isinstance(prune, PruneSchedule):
+        raise TypeError(f"prune must be a pykd.PruneSchedule or None, got "
+                        f"{type(prune).__name__}")
+    sizes, acts = model.sizes, model.activations
+    y, teacher_logits, hint, hint_targets, y_val = _check_fit_inputs(
+        model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path")
+    n = X.shape[0]
+    n_batches = -(-n // batch_size)
+    n_total = _step.param_count(sizes, hint)
+    given_mask = None if mask is None else _flat_mask(mask, sizes, n_total)
+    schedule = None if prune is None else prune.resolved(epochs * n_batches)
+
+    P = _training_buffer(model, sizes, hint, seed)
     fingerprint = {
         "sizes": sizes, "activations": acts, "hint": list(hint) if hint else None,
         "n_train": n, "batch_size": batch_size, "seed": seed, "config": _cfg_dict(cfg),
         "lr_decay": lr_decay,
     }
-    if mask is not None:     # only with a mask, so checkpoints without one keep matching
-        fingerprint["mask"] = hashlib.sha256(np.packbits(mask).tobytes()).hexdigest()
-    history = {k: [] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss",
-                               "seconds", "samples_per_second")}
-    rng = np.random.default_rng(seed)
-    step, start_epoch, start_batch = 0, 0, 0
-    accum = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-
+    if given_mask is not None:   # only with a mask, so checkpoints without one keep matching
+        fingerprint["mask"] = hashlib.sha256(np.packbits(given_mask).tobytes()).hexdigest()
+    if schedule is not None:
+        fingerprint["prune"] = schedule.to_dict()
+    cur_mask = given_mask
+    if cur_mask is None and schedule is not None:
+        cur_mask = np.ones(n_total, np.bool_)
+    run = _Run(model=model, sizes=sizes, acts=acts, cfg=cfg, epochs=epochs,
+               batch_size=batch_size, n=n, n_batches=n_batches, backend=backend, seed=seed,
+               lr_decay=lr_decay, P=P, G=np.zeros_like(P), S1=np.zeros_like(P),
+               S2=np.zeros_like(P), y=y, teacher_logits=teacher_logits, hint=hint,
+               hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
+               mask=cur_mask, schedule=schedule, fingerprint=fingerprint,
+               history={k: [] for k in _HISTORY_KEYS}, rng=np.random.default_rng(seed),
+               step=0, start_epoch=0, start_batch=0, accum=_new_accum(), saved_epoch=None)
     if resume:
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"no checkpoint at {checkpoint} to resume from")
-        arrays, meta = load_checkpoint(checkpoint)
-        norm = model.norm if model.norm is not None else tuple(
-            _F32(v) for v in _norm_stats(X))
-        step, start_epoch, start_batch, rng_state, history, accum, norm = _check_resume(
-            checkpoint, arrays, meta, fingerprint=fingerprint, epochs=epochs, n=n,
-            batch_size=batch_size, seed=seed, shape=P.shape, norm=norm, mask=mask)
-        P[...] = arrays["params"]
-        S1[...] = arrays["state1"]
-        S2[...] = arrays["state2"]
-        model.set_norm(*norm)
-        rng.bit_generator.state = rng_state
-    elif model.norm is None:
-        model.set_norm(*_norm_stats(X))
+        _restore(run, X, given_mask)
+    else:
+        if model.norm is None:
+            model.set_norm(*_norm_stats(X))
+        run.prune_if_due()                # the schedule's step 0
+    run.Xn = model.normalize(X)           # the one normalised copy of the training set
+    rows = min(batch_size, n)             # a batch larger than the set is the whole set
+    run.ws = _step.Workspace(sizes, rows, hint)
+    run.xbuf = np.empty((rows, sizes[0]), _F32)
+    run.ybuf = np.empty(rows, np.int64)
+    run.tbuf = np.empty((rows, sizes[-1]), _F32) if teacher_logits is not None else None
+    run.hbuf = np.empty((rows, hint[1]), _F32) if hint else None
+    return run
 
-    Xn = model.normalize(X)          # the one normalised copy of the training set
-    rows = min(batch_size, n)        # a batch larger than the set is the whole set
-    ws = _step.Workspace(sizes, rows, hint)
-    xbuf = np.empty((rows, sizes[0]), _F32)
-    ybuf = np.empty(rows, np.int64)
-    tbuf = np.empty((rows, n_classes), _F32) if teacher_logits is not None else None
-    hbuf = np.empty((rows, hint[1]), _F32) if hint else None
-    n_batches = -(-n // batch_size)
 
-    def meta_for(epoch, batch, epoch_rng_state):
-        return {"format": "pykd-checkpoint", "version": CHECKPOINT_VERSION,
-                "fingerprint": fingerprint, "epoch": epoch, "batch": batch, "step": step,
-                "epochs": epochs, "rng_state": epoch_rng_state, "accum": accum,
-                "history": history, "norm": [float(v) for v in model.norm],
-                "backend": backend}
+def _restore(run, X, given_mask):
+    """Load and check ``run.checkpoint``, then continue from it."""
+    checkpoint, model = run.checkpoint, run.model
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint} to resume from")
+    arrays, meta = load_checkpoint(checkpoint)
+    norm = model.norm if model.norm is not None else tuple(_F32(v) for v in _norm_stats(X))
+    (run.step, run.start_epoch, run.start_batch, rng_state, run.history, run.accum,
+     norm) = _check_resume(checkpoint, arrays, meta, fingerprint=run.fingerprint,
+                           epochs=run.epochs, n=run.n, batch_size=run.batch_size, seed=run.seed,
+                           shape=run.P.shape, norm=norm, mask=given_mask,
+                           tracks_mask=run.mask is not None)
+    run.P[...] = arrays["params"]
+    run.S1[...] = arrays["state1"]
+    run.S2[...] = arrays["state2"]
+    if run.mask is not None:
+        run.mask[...] = arrays["mask"]
+    model.set_norm(*norm)
+    run.rng.bit_generator.state = rng_state
+    run.saved_epoch = run.start_epoch
 
-    saved_epoch = start_epoch if resume else None
-    with _sigint_flag() as interrupt:
-        for epoch in range(start_epoch, epochs):
-            epoch_rng_state = rng.bit_generator.state
-            perm = rng.permutation(n)
-            ecfg = cfg if lr_decay == 1 else dataclasses.replace(cfg, lr=cfg.lr * lr_decay**epoch)
-            if start_batch == 0:
-                accum = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            bar = _progress_bar(progress, total=n, initial=min(start_batch * batch_size, n),
-                                desc=f"{desc} epoch {epoch + 1}/{epochs}")
-            t_start = time.perf_counter()
-            t_post = t_start
-            for bi in range(start_batch, n_batches):
-                idx = perm[bi * batch_size:(bi + 1) * batch_size]
-                b = idx.shape[0]
-                xb = np.take(Xn, idx, axis=0, out=xbuf[:b], mode="clip")
-                yb = np.take(y, idx, out=ybuf[:b], mode="clip")
-                tb = hb = None
-                if tbuf is not None:
-                    tb = np.take(teacher_logits, idx, axis=0, out=tbuf[:b], mode="clip")
-                if hint:
-                    if callable(hint_targets):
-                        hbuf[:b] = hint_targets(idx)
-                        hb = hbuf[:b]
-                    else:
-                        hb = np.take(hint_targets, idx, axis=0, out=hbuf[:b], mode="clip")
-                try:
-                    loss, n_correct = _step.train_step(
-                        sizes, acts, P, G, S1, S2, xb, yb, ecfg, step + 1, ws,
-                        teacher_logits=tb, hint_target=hb, mask=mask, backend=backend)
-                except FloatingPointError as e:
-                    if bar is not None:
-                        bar.close()
-                    if checkpoint is not None and saved_epoch is not None:
-                        kept = f"the last good checkpoint {checkpoint} (epoch {saved_epoch}) is kept"
-                    else:
-                        kept = "no checkpoint was written yet"
-                    raise NonFiniteLossError(
-                        f"the training loss became NaN or inf at epoch {epoch + 1}, batch "
-                        f"{bi + 1} (step {step + 1}); training stopped and {kept}. Try a lower "
-                        f"learning rate (lr={ecfg.lr:g}) or check the inputs.") from e
-                step += 1
-                accum["loss_sum"] += loss * b
-                accum["correct"] += int(n_correct)
-                accum["seen"] += b
-                if bar is not None:
-                    bar.update(b)
-                    now = time.perf_counter()
-                    if now - t_post > 0.5:
-                        t_post = now
-                        bar.set_postfix({"loss": f"{accum['loss_sum'] / accum['seen']:.4f}",
-                                         "acc": f"{accum['correct'] / accum['seen']:.3f}"},
-                                        refresh=False)
-                if callback is not None:
-                    callback({"epoch": epoch, "batch": bi + 1, "step": step, "loss": loss})
-                if interrupt["hit"]:
-                    accum["seconds"] += time.perf_counter() - t_start
-                    if bar is not None:
-                        bar.close()
-                    if checkpoint is not None:
-                        _save_checkpoint(checkpoint, P, S1, S2,
-                                         meta_for(epoch, bi + 1, epoch_rng_state))
-                    raise TrainingInterrupted(checkpoint, epoch, bi + 1, step)
-            seconds = accum["seconds"] + time.perf_counter() - t_start
-            start_batch = 0
-            seen = max(accum["seen"], 1)
-            history["epoch"].append(epoch + 1)
-            history["loss"].append(accum["loss_sum"] / seen)
-            history["train_accuracy"].append(accum["correct"] / seen)
-            history["seconds"].append(seconds)
-            history["samples_per_second"].append(accum["seen"] / seconds if seconds > 0 else None)
-            if X_val is not None:
-                acc, vloss = _logits_stats(model.forward(X_val, backend=backend), y_val)
-            else:
-                acc = vloss = None
-            history["test_accuracy"].append(acc)
-            history["test_loss"].append(vloss)
+
+# ------------------------------------------------------ fit: one epoch
+
+def _batch(run, idx):
+    """The batch ``idx`` in the run's buffers: (x, labels, teacher logits, hint targets)."""
+    b = idx.shape[0]
+    xb = np.take(run.Xn, idx, axis=0, out=run.xbuf[:b], mode="clip")
+    yb = np.take(run.y, idx, out=run.ybuf[:b], mode="clip")
+    tb = hb = None
+    if run.tbuf is not None:
+        tb = np.take(run.teacher_logits, idx, axis=0, out=run.tbuf[:b], mode="clip")
+    if run.hint:
+        if callable(run.hint_targets):
+            run.hbuf[:b] = run.hint_targets(idx)
+            hb = run.hbuf[:b]
+        else:
+            hb = np.take(run.hint_targets, idx, axis=0, out=run.hbuf[:b], mode="clip")
+    return xb, yb, tb, hb
+
+
+def _step_once(run, cfg, xb, yb, tb, hb, where, bar):
+    """One optimizer step; a non-finite loss is NonFiniteLossError."""
+    try:
+        return _step.train_step(run.sizes, run.acts, run.P, run.G, run.S1, run.S2, xb, yb, cfg,
+                                run.step + 1, run.ws, teacher_logits=tb, hint_target=hb,
+                                mask=run.mask, backend=run.backend)
+    except FloatingPointError as e:
+        if bar is not None:
+            bar.close()
+        if run.checkpoint is not None and run.saved_epoch is not None:
+            kept = (f"the last good checkpoint {run.checkpoint} (epoch {run.saved_epoch}) is "
+                    "kept")
+        else:
+            kept = "no checkpoint was written yet"
+        epoch, bi = where
+        raise NonFiniteLossError(
+            f"the training loss became NaN or inf at epoch {epoch + 1}, batch {bi + 1} (step "
+            f"{run.step + 1}); training stopped and {kept}. Try a lower learning rate "
+            f"(lr={cfg.lr:g}) or check the inputs.") from e
+
+
+def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
+    """Train one epoch (from ``run.start_batch``), record it in the history
+    and checkpoint; TrainingInterrupted after a checkpoint on Ctrl-C."""
+    epoch_rng_state = run.rng.bit_generator.state
+    perm = run.rng.permutation(run.n)
+    cfg = run.cfg if run.lr_decay == 1 else dataclasses.replace(
+        run.cfg, lr=run.cfg.lr * run.lr_decay**epoch)
+    if run.start_batch == 0:
+        run.accum = _new_accum()
+    accum, batch_size = run.accum, run.batch_size
+    bar = _progress_bar(progress, total=run.n, initial=min(run.start_batch * batch_size, run.n),
+                        desc=f"{desc} epoch {epoch + 1}/{run.epochs}")
+    t_start = time.perf_counter()
+    t_post = t_start
+    for bi in range(run.start_batch, run.n_batches):
+        xb, yb, tb, hb = _batch(run, perm[bi * batch_size:(bi + 1) * batch_size])
+        loss, n_correct = _step_once(run, cfg, xb, yb, tb, hb, (epoch, bi), bar)
+        run.step += 1
+        run.prune_if_due()
+        b = xb.shape[0]
+        accum["loss_sum"] += loss * b
+        accum["correct"] += int(n_correct)
+        accum["seen"] += b
+        if bar is not None:
+            bar.update(b)
+            now = time.perf_counter()
+            if now - t_post > 0.5:
+                t_post = now
+                bar.set_postfix({"loss": f"{accum['loss_sum'] / accum['seen']:.4f}",
+                                 "acc": f"{accum['correct'] / accum['seen']:.3f}"},
+                                refresh=False)
+        if callback is not None:
+            callback({"epoch": epoch, "batch": bi + 1, "step": run.step, "loss": loss})
+        if interrupt["hit"]:
+            accum["seconds"] += time.perf_counter() - t_start
             if bar is not None:
-                post = {"loss": f"{history['loss'][-1]:.4f}",
-                        "acc": f"{history['train_accuracy'][-1]:.3f}"}
-                if acc is not None:
-                    post["test_acc"] = f"{acc:.4f}"
-                bar.set_postfix(post, refresh=True)
                 bar.close()
-            elif progress:
-                test = "" if acc is None else f", test accuracy {acc:.4f}"
-                print(f"{desc} epoch {epoch + 1}/{epochs}: loss {history['loss'][-1]:.4f}, "
-                      f"train accuracy {history['train_accuracy'][-1]:.4f}{test} "
-                      f"({seconds:.2f} s, {accum['seen'] / max(seconds, 1e-9):,.0f} samples/s)",
-                      file=sys.stderr, flush=True)
-            accum = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, P, S1, S2,
-                                 meta_for(epoch + 1, 0, rng.bit_generator.state))
-                saved_epoch = epoch + 1
-            if interrupt["hit"]:
-                raise TrainingInterrupted(checkpoint, epoch + 1, 0, step)
-    return history
+            run.save(epoch, bi + 1, epoch_rng_state)
+            raise TrainingInterrupted(run.checkpoint, epoch, bi + 1, run.step)
+    seconds = accum["seconds"] + time.perf_counter() - t_start
+    run.start_batch = 0
+    _end_epoch(run, epoch, seconds, bar, progress, desc)
+    run.accum = _new_accum()
+    if run.checkpoint is not None:
+        run.save(epoch + 1, 0, run.rng.bit_generator.state)
+        run.saved_epoch = epoch + 1
+    if interrupt["hit"]:
+        raise TrainingInterrupted(run.checkpoint, epoch + 1, 0, run.step)
+
+
+def _end_epoch(run, epoch, seconds, bar, progress, desc):
+    """Append the epoch to the history (validating on X_val) and report it."""
+    history, accum = run.history, run.accum
+    seen = max(accum["seen"], 1)
+    history["epoch"].append(epoch + 1)
+    history["loss"].append(accum["loss_sum"] / seen)
+    history["train_accuracy"].append(accum["correct"] / seen)
+    history["seconds"].append(seconds)
+    history["samples_per_second"].append(accum["seen"] / seconds if seconds > 0 else None)
+    history["sparsity"].append(run.sparsity())
+    if run.X_val is not None:
+        acc, vloss = _logits_stats(run.model.forward(run.X_val, backend=run.backend), run.y_val)
+    else:
+        acc = vloss = None
+    history["test_accuracy"].append(acc)
+    history["test_loss"].append(vloss)
+    if bar is not None:
+        post = {"loss": f"{history['loss'][-1]:.4f}",
+                "acc": f"{history['train_accuracy'][-1]:.3f}"}
+        if acc is not None:
+            post["test_acc"] = f"{acc:.4f}"
+        bar.set_postfix(post, refresh=True)
+        bar.close()
+    elif progress:
+        test = "" if acc is None else f", test accuracy {acc:.4f}"
+        sparse = "" if run.mask is None else f", sparsity {history['sparsity'][-1]:.3f}"
+        print(f"{desc} epoch {epoch + 1}/{run.epochs}: loss {history['loss'][-1]:.4f}, "
+              f"train accuracy {history['train_accuracy'][-1]:.4f}{test}{sparse} "
+              f"({seconds:.2f} s, {accum['seen'] / max(seconds, 1e-9):,.0f} samples/s)",
+              file=sys.stderr, flush=True)
