@@ -1,0 +1,259 @@
+"""``pykd report MODEL...``: one row per model (accuracy, agreement with the
+first model, parameters, non-zeros, bytes on disk, latency) and the ratios
+to the first model; ``--json`` in the schema of docs/report.md."""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+
+from .. import __version__
+from ..data import DatasetError
+from ..train import evaluate
+from . import (CLIError, _add_debug, _check_outputs, _data_path, _fmt_bytes, _load_data,
+               _load_model_checked, _pos_int, _write_json)
+
+#: Position in ``pykd --help`` (see pykd.cli._command_modules).
+ORDER = 60
+#: Timed calls: this many untimed warm-up calls, then the median of ``--repeats``.
+WARMUP = 3
+REPEATS = 30
+BATCHES = (1, 256)
+
+
+def register(sub):
+    p = sub.add_parser(
+        "report", help="compare models: accuracy, agreement, size, latency",
+        description="One row per model: test accuracy, top-1 agreement with the first model, "
+                    "parameters, non-zeros, bytes on disk, batch-1 and batch-256 latency "
+                    f"(median of --repeats timed calls after {WARMUP} warm-up calls), and the "
+                    "ratios to the first model. Regression data (float labels in an .npz) "
+                    "gives RMSE and R^2 instead of accuracy and agreement. The JSON schema "
+                    "is in docs/report.md.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="model files; the first is the reference of the ratios")
+    p.add_argument("--json", metavar="OUT.json", help="write the table as JSON (- : stdout)")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="accuracy (regression: RMSE) against bytes on disk, log x "
+                        "(needs matplotlib)")
+    p.add_argument("--data", metavar="DIR|FILE.npz",
+                   help="dataset whose test split is used (default: Fashion-MNIST); an .npz "
+                        "with float y_test is a regression set")
+    p.add_argument("--repeats", type=_pos_int, default=REPEATS, metavar="N",
+                   help=f"timed calls per latency, after {WARMUP} warm-up calls; the median "
+                        f"is reported (default: {REPEATS})")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    p.add_argument("--backend", choices=("fortran", "numpy"), default="fortran",
+                   help="run the models in Fortran (default) or in NumPy")
+    p.add_argument("--threads", type=_pos_int, metavar="N",
+                   help="limit BLAS/OpenMP threads during the measurements")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_debug(p)
+    p.set_defaults(func=cmd_report, report=None)
+
+
+# ------------------------------------------------------------------ pieces
+
+def _regression_test_set(path):
+    """(X_test, y_test float64) from an .npz whose y_test is float and not
+    integer-valued, or None when the dataset is a classification set."""
+    if path is None or not os.path.isfile(path) or not os.fspath(path).endswith(".npz"):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "y_test" not in z.files or "X_test" not in z.files:
+                return None
+            y = z["y_test"]
+            if y.dtype.kind != "f" or (y.ndim == 1 and np.all(np.mod(y, 1) == 0)):
+                return None
+            X = z["X_test"]
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{path}: cannot read the dataset ({e})") from None
+    if X.ndim != 2 or X.dtype.kind not in "fiu" or y.shape[0] != X.shape[0] or y.ndim > 2:
+        raise CLIError(f"{path}: regression data needs X_test (n, features) and y_test (n,) "
+                       f"or (n, outputs), got {X.shape} and {y.shape}")
+    if X.shape[0] == 0:
+        raise CLIError(f"{path}: the test split is empty")
+    if not (np.isfinite(X).all() and np.isfinite(y).all()):
+        raise CLIError(f"{path}: X_test or y_test contains NaN or inf")
+    return np.ascontiguousarray(X, np.float32), y.astype(np.float64)
+
+
+def latency_us(model, X, batch, repeats, warmup=WARMUP, backend=None):
+    """Median wall time of ``model.forward`` on ``batch`` rows, in
+    microseconds, over ``repeats`` calls after ``warmup`` untimed ones (rows
+    of X repeated when X has fewer)."""
+    rows = np.ascontiguousarray(np.resize(X, (batch, X.shape[1])), np.float32)
+    for _ in range(warmup):
+        model.forward(rows, batch_size=batch, backend=backend)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.forward(rows, batch_size=batch, backend=backend)
+        times.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(times)
+
+
+def _regression_metrics(pred, y):
+    pred = pred.astype(np.float64).reshape(y.shape[0], -1)
+    y2 = y.reshape(y.shape[0], -1)
+    if pred.shape != y2.shape:
+        raise CLIError(f"the model gives {pred.shape[1]} outputs but y_test has {y2.shape[1]} "
+                       "columns")
+    res = float(((pred - y2) ** 2).sum())
+    tot = float(((y2 - y2.mean(axis=0)) ** 2).sum())
+    rmse = math.sqrt(res / y2.size)
+    return rmse, (1.0 - res / tot) if tot > 0 else float("nan")
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or not b else a / b
+
+
+def _measure(path, model, X, y, ref_pred, args, regression):
+    row = {"path": os.fspath(path), "name": os.path.basename(path),
+           "kinds": sorted({layer.kind for layer in model.to_model().layers}),
+           "parameters": int(model.parameters), "nonzeros": int(model.nonzeros),
+           "bytes_on_disk": os.path.getsize(path)}
+    if regression:
+        pred = model.forward(X, backend=args.backend)
+        row["rmse"], row["r2"] = _regression_metrics(pred, y)
+        row["test_accuracy"] = row["agreement"] = None
+        out = pred
+    else:
+        ev = evaluate(model, X, y, backend=args.backend)
+        out = model.predict(X, backend=args.backend)
+        row["test_accuracy"] = ev["accuracy"]
+        row["test_loss"] = ev["loss"]
+        row["agreement"] = 1.0 if ref_pred is None else float((out == ref_pred).mean())
+    for b in BATCHES:
+        row[f"latency_b{b}_us"] = None if args.no_latency else latency_us(
+            model, X, b, args.repeats, backend=args.backend)
+    return row, out
+
+
+def _add_ratios(rows):
+    first = rows[0]
+    for r in rows:
+        acc, acc0 = r.get("test_accuracy"), first.get("test_accuracy")
+        r["accuracy_change_points"] = None if acc is None or acc0 is None else 100 * (acc - acc0)
+        r["parameters_ratio"] = _ratio(r["parameters"], first["parameters"])
+        r["nonzeros_ratio"] = _ratio(r["nonzeros"], first["nonzeros"])
+        r["bytes_ratio"] = _ratio(r["bytes_on_disk"], first["bytes_on_disk"])
+        r["compression"] = _ratio(first["bytes_on_disk"], r["bytes_on_disk"])
+        for b in BATCHES:
+            key = f"latency_b{b}_us"
+            r[f"latency_b{b}_ratio"] = _ratio(r[key], first[key])
+
+
+def _us(v):
+    if v is None:
+        return "-"
+    return f"{v / 1000:.2f} ms" if v >= 1000 else f"{v:.0f} us"
+
+
+def _print_table(rows, regression, repeats, no_latency):
+    width = max(12, *(len(r["name"]) for r in rows))
+    q1, q2 = ("RMSE", "R^2") if regression else ("accuracy", "agree")
+    head = (f"{'model':<{width}} {q1:>9} {q2:>7} {'change':>7} {'params':>9} {'nonzeros':>9} "
+            f"{'on disk':>10} {'ratio':>6} {'b1':>9} {'b256':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if regression:
+            a, g, ch = f"{r['rmse']:.4g}", f"{r['r2']:.4f}", "-"
+        else:
+            a, g = f"{100 * r['test_accuracy']:.2f}%", f"{100 * r['agreement']:.1f}%"
+            ch = f"{r['accuracy_change_points']:+.2f}"
+        print(f"{r['name']:<{width}} {a:>9} {g:>7} {ch:>7} {r['parameters']:>9,} "
+              f"{r['nonzeros']:>9,} {_fmt_bytes(r['bytes_on_disk']):>10} "
+              f"{r['bytes_ratio']:>6.3f} {_us(r['latency_b1_us']):>9} "
+              f"{_us(r['latency_b256_us']):>9}")
+    note = "change: points against the first model; ratio: bytes on disk / the first model's"
+    if not no_latency:
+        note += (f"; b1, b256: median forward time at batch 1 and 256 over {repeats} calls "
+                 f"after {WARMUP} warm-up calls")
+    print(note)
+
+
+def _plot_report(rows, path, regression):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [r["bytes_on_disk"] for r in rows]
+    ys = [r["rmse"] if regression else 100 * r["test_accuracy"] for r in rows]
+    ax.scatter(xs, ys, color="C0", zorder=3)
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4),
+                    fontsize="small")
+    ax.set_xscale("log")
+    ax.set(xlabel="bytes on disk (log scale)",
+           ylabel="test RMSE" if regression else "test accuracy (%)",
+           title="Size against " + ("error" if regression else "accuracy"))
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------- command
+
+def cmd_report(args, ctx):
+    json_out = None if args.json in (None, "-") else args.json
+    _check_outputs(args, [(json_out, "JSON report", "--json")])
+    for path in args.models:
+        if os.path.realpath(path) in {os.path.realpath(p) for p in (json_out, args.plot) if p}:
+            raise CLIError(f"{path}: a model is also an output (--json/--plot)")
+    from . import _input_file
+    for path in args.models:
+        _input_file(path, "model")
+    reg = _regression_test_set(args.data)
+    if reg is not None:
+        X, y = reg
+        ctx.info(f"data: {args.data}: regression test set of {X.shape[0]} rows")
+    else:
+        try:
+            ds = _load_data(args, ctx)
+        except DatasetError as e:
+            raise CLIError(str(e)) from None
+        X, y = ds.X_test, ds.y_test
+        if X.shape[0] == 0:
+            raise CLIError(f"{_data_path(args)}: the test split is empty")
+    n_features = X.shape[1]
+    models = [(p, _load_model_checked(p, n_features, "model", args.backend))
+              for p in args.models]
+    if reg is None:
+        for p, m in models:
+            if y.size and int(y.max()) >= m.n_outputs:
+                raise CLIError(f"{_data_path(args)}: test label {int(y.max())} is outside the "
+                               f"{m.n_outputs} classes of the model {p}")
+    rows, ref = [], None
+    for p, m in models:
+        t = time.perf_counter()
+        row, out = _measure(p, m, X, y, ref, args, reg is not None)
+        if ref is None:
+            ref = out
+        rows.append(row)
+        ctx.info(f"{p}: measured in {time.perf_counter() - t:.1f} s")
+    _add_ratios(rows)
+    if args.json != "-":
+        _print_table(rows, reg is not None, args.repeats, args.no_latency)
+    doc = {"pykd_version": __version__, "data": _data_path(args), "split": "test",
+           "n_test": int(X.shape[0]), "task": "regression" if reg is not None else
+           "classification", "backend": args.backend, "threads": args.threads,
+           "timing": None if args.no_latency else {"warmup": WARMUP, "repeats": args.repeats,
+                                                   "statistic": "median",
+                                                   "batches": list(BATCHES)},
+           "models": rows}
+    if args.json:
+        _write_json(args.json, doc, ctx.stdout)
+        if args.json != "-":
+            ctx.info(f"JSON: {args.json}")
+    if args.plot:
+        _plot_report(rows, args.plot, reg is not None)
+        ctx.info(f"plot: {args.plot}")
+    return 0
