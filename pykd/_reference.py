@@ -92,7 +92,7 @@ def cross_entropy(logits, labels):
     return np.float32(loss), grad.astype(np.float32, copy=False)
 
 
-def kd_loss(student_logits, teacher_logits, labels, T=4.0, alpha=0.1):
+def kd_loss(student_logits, teacher_logits, labels, T=5.0, alpha=0.1):
     n = student_logits.shape[0]
     T = np.float32(T)
     alpha = np.float32(alpha)

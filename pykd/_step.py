@@ -6,7 +6,7 @@ gradients and optimizer state are buffers of the same layout. With
 ``backend="numpy"`` the same step runs on the NumPy twins of the kernels,
 with the same dropout random numbers, so the two paths agree to rounding.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -22,9 +22,15 @@ OPTIMIZERS = ("sgd", "adam")
 
 @dataclass
 class TrainConfig:
-    """Settings of a training step (see pykd.kernels for the formulas)."""
+    """Settings of a training step (see pykd.kernels for the formulas).
+
+    An option set to a value other than its default where it has no effect
+    is an error: ``temperature``/``alpha`` with ``loss="ce"``, ``momentum``
+    with ``optimizer="adam"``, ``beta1``/``beta2``/``eps`` with ``"sgd"``,
+    ``hint_weight`` with ``hint_layer=0``. Defaults that do nothing are fine.
+    """
     loss: str = "ce"            # "ce": labels only; "kd": Hinton KD against teacher logits
-    temperature: float = 4.0
+    temperature: float = 5.0
     alpha: float = 0.1          # KD weight of the hard-label term
     optimizer: str = "adam"     # "adam" or "sgd" (with momentum)
     lr: float = 1e-3
@@ -36,7 +42,7 @@ class TrainConfig:
     dropout: float = 0.0        # probability of dropping a hidden unit
     seed: int = 0               # dropout random stream
     hint_layer: int = 0         # 0: no hint; k: output of layer k (1-based) is hinted
-    hint_weight: float = 0.0
+    hint_weight: float = 1.0    # weight of the hint MSE term (the CLI's default too)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -57,6 +63,28 @@ class TrainConfig:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.hint_layer < 0 or self.hint_weight < 0:
             raise ValueError("hint_layer and hint_weight must be >= 0")
+        self._reject_unused()
+
+    #: option -> (when it has no effect, what to set instead)
+    _UNUSED = {
+        "temperature": (lambda c: c.loss == "ce", "loss='kd'"),
+        "alpha": (lambda c: c.loss == "ce", "loss='kd'"),
+        "momentum": (lambda c: c.optimizer == "adam", "optimizer='sgd'"),
+        "beta1": (lambda c: c.optimizer == "sgd", "optimizer='adam'"),
+        "beta2": (lambda c: c.optimizer == "sgd", "optimizer='adam'"),
+        "eps": (lambda c: c.optimizer == "sgd", "optimizer='adam'"),
+        "hint_weight": (lambda c: not c.hint_layer, "hint_layer=K"),
+    }
+
+    def _reject_unused(self):
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, (unused, needs) in self._UNUSED.items():
+            value = getattr(self, name)
+            if value != defaults[name] and unused(self):
+                raise ValueError(
+                    f"TrainConfig: {name}={value!r} has no effect with loss={self.loss!r}, "
+                    f"optimizer={self.optimizer!r}, hint_layer={self.hint_layer!r}; it needs "
+                    f"{needs} (or leave {name} at its default {defaults[name]!r})")
 
 
 def layer_slices(sizes, hint=None):

@@ -253,7 +253,7 @@ def cross_entropy(logits, labels, *, backend="fortran"):
     return _F32(loss), grad
 
 
-def kd_loss(student_logits, teacher_logits, labels, T=4.0, alpha=0.1, *, backend="fortran"):
+def kd_loss(student_logits, teacher_logits, labels, T=5.0, alpha=0.1, *, backend="fortran"):
     """Hinton distillation loss and its gradient, in one fused pass.
 
     ``loss = alpha * CE(softmax(s), y)

@@ -731,7 +731,7 @@ def cmd_distill(args, ctx):
                      hint_teacher_layer=hint_teacher_layer, hint_weight=args.hint_weight)
     cfg = _train_cfg(args, loss="kd", temperature=args.temperature, alpha=args.alpha,
                      hint_layer=args.hint_student_layer,
-                     hint_weight=args.hint_weight if args.hint_student_layer else 0.0)
+                     **({"hint_weight": args.hint_weight} if args.hint_student_layer else {}))
     sizes = [ds.n_features, *args.hidden, n_classes]
     _train(ctx, "student", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
