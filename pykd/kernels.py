@@ -17,16 +17,16 @@ from . import _validate as check
 try:
     from . import _fkernels as _f
 except ImportError as exc:  # pragma: no cover - only without a build
+    from . import _extension_missing
     _f = None
-    _import_error = exc
+    _import_error = _extension_missing(exc)
 
 _F32 = np.float32
 
 
 def _fortran():
     if _f is None:
-        raise ImportError("the pykd Fortran extension is not built; reinstall pykd "
-                          f"or use backend='numpy' ({_import_error})")
+        raise ImportError(_import_error)
     return _f
 
 
