@@ -127,6 +127,7 @@ from .kernels import (
 )
 from . import layers
 from .compress import FineTune, cluster, low_rank, quantize_model, sparsify
+from .compress import PruneSchedule, prune, weight_masks
 from .models import MLP, Model, load_model
 from .train import TrainConfig, evaluate, fit, soft_labels
 
@@ -136,4 +137,5 @@ __all__ = [
     "quantize_activations", "quantize_int8", "sgd_step", "softmax",
     "MLP", "Model", "TrainConfig", "evaluate", "fit", "load_model", "soft_labels",
     "layers", "FineTune", "cluster", "low_rank", "quantize_model", "sparsify",
+    "PruneSchedule", "prune", "weight_masks",
 ]
