@@ -29,6 +29,7 @@ import traceback
 import numpy as np
 
 from .. import __version__
+from . import config as _config
 from .. import io as _io
 from .._step import TrainConfig
 from ..data import DEFAULT_DATA_DIR, DatasetError, load_dataset
@@ -173,8 +174,8 @@ def _add_training(p, *, hidden, epochs, dropout=0.0, lr_decay=1.0, out):
                                          f"epoch (default: {lr_decay:g}; 1 = constant)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="adam (default) or sgd with momentum")
-    p.add_argument("--momentum", type=_nonneg_float, default=0.9,
-                   help="SGD momentum (default: 0.9)")
+    p.add_argument("--momentum", type=_nonneg_float, default=None,
+                   help="SGD momentum (default: 0.9); only with --optimizer sgd")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0,
                    help="L2 weight decay added to the gradient (default: 0)")
     p.add_argument("--dropout", type=_dropout, default=dropout,
@@ -191,6 +192,26 @@ def _add_training(p, *, hidden, epochs, dropout=0.0, lr_decay=1.0, out):
                         "uninterrupted run)")
     p.add_argument("--plot", metavar="FILE.png", help="draw training curves (needs matplotlib)")
     _add_classes(p)
+
+
+def _add_pruning(p):
+    g = p.add_argument_group(
+        "pruning while training",
+        "Gradual magnitude pruning (Zhu & Gupta cubic schedule) of all weights together, "
+        "counted in optimizer steps: after step t in [START, END] with (t - START) % EVERY "
+        "== 0 (and at END), the sparsity is S + (S0 - S) (1 - (t - START) / (END - START))^3. "
+        "Pruned weights and their optimizer moments stay exactly zero; the checkpoint holds "
+        "the mask.")
+    g.add_argument("--prune-to", type=_number(float, 0, 1, high_open=True), metavar="S",
+                   help="final sparsity, the fraction of weights removed (biases are kept)")
+    g.add_argument("--prune-from", type=_number(float, 0, 1, high_open=True), metavar="S0",
+                   help="sparsity at the first pruning step (default: 0)")
+    g.add_argument("--prune-start", type=_nonneg_int, metavar="STEP",
+                   help="first pruning step (default: 0, before the first optimizer step)")
+    g.add_argument("--prune-end", type=_nonneg_int, metavar="STEP",
+                   help="last pruning step, where S is reached (default: the last step)")
+    g.add_argument("--prune-every", type=_pos_int, metavar="STEPS",
+                   help="optimizer steps between pruning steps (default: 100)")
 
 
 def _add_kd(p):
@@ -218,6 +239,7 @@ def build_parser():
     _add_training(p, hidden=DEMO["teacher_hidden"], epochs=DEMO["teacher_epochs"],
                   dropout=DEMO["teacher_dropout"], lr_decay=DEMO["teacher_lr_decay"],
                   out="teacher.pykd")
+    _add_pruning(p)
     _add_common(p)
     p.set_defaults(func=cmd_train_teacher)
 
@@ -247,10 +269,16 @@ def build_parser():
     p.add_argument("--hint-teacher-layer", type=_pos_int, metavar="J",
                    help="the teacher's hidden layer to match (default: the teacher's last "
                         "hidden layer); needs --teacher")
-    p.add_argument("--hint-weight", type=_nonneg_float, default=1.0,
-                   help="weight of the hint MSE term (default: 1)")
+    p.add_argument("--hint-weight", type=_nonneg_float, default=None,
+                   help="weight of the hint MSE term (default: 1); needs --hint-student-layer")
     _add_training(p, hidden=DEMO["student_hidden"], epochs=DEMO["student_epochs"],
                   lr_decay=DEMO["student_lr_decay"], out="student.pykd")
+    p.add_argument("--init", metavar="MODEL",
+                   help="continue from this student instead of a fresh initialisation (its "
+                        "activations and input normalisation are kept); --hidden is taken "
+                        "from it, and if given must match it")
+    p.set_defaults(hidden=None)        # None: DEMO's, or the --init model's
+    _add_pruning(p)
     _add_common(p)
     p.set_defaults(func=cmd_distill)
 
@@ -267,6 +295,7 @@ def build_parser():
     # register(sub), which adds its parser and sets func.
     for module in _command_modules():
         module.register(sub)
+    _config.install(parser)          # --config FILE.toml on every command
     return parser
 
 
@@ -516,14 +545,16 @@ def _entry(name, model, ev, history, config, path=None):
 
 def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoint, resume,
            backend, teacher=None, teacher_logits=None, hint_teacher_layer=None, role,
-           extra_config=None, lr_decay=1.0):
+           extra_config=None, lr_decay=1.0, prune=None, init=None):
     """Train (or, when resuming a finished phase of the demo, reuse) one model;
     save it with its history and configuration; return the report entry."""
     config = {"role": role, "sizes": sizes, "epochs": epochs, "batch_size": batch_size,
               "seed": seed, "backend": backend, "dataset": ds.name, "lr_decay": lr_decay,
               "n_train": int(ds.X_train.shape[0]), "train": _cfg_json(cfg)}
     config.update(extra_config or {})
-    model = MLP(sizes, seed=seed, backend=backend)
+    if prune is not None:
+        config["prune"] = prune.to_dict()
+    model = MLP(sizes, seed=seed, backend=backend) if init is None else init
     hint_targets = None
     if cfg.hint_layer:
         t = time.perf_counter()
@@ -541,7 +572,7 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
                   teacher_logits=teacher_logits, hint_targets=hint_targets,
                   X_val=ds.X_test if has_test else None, y_val=ds.y_test if has_test else None,
                   checkpoint=checkpoint, resume=resume, progress=not ctx.quiet, backend=backend,
-                  seed=seed, desc=name, lr_decay=lr_decay)
+                  seed=seed, desc=name, lr_decay=lr_decay, prune=prune)
     agree_with = teacher if teacher is not None else None
     ev = evaluate(model, ds.X_test, ds.y_test, teacher=agree_with) if has_test else _empty_eval(model)
     model.metadata.update({"role": role, "config": config, "history": history,
@@ -588,7 +619,8 @@ def _finish(ctx, extra=None):
     if args.report:
         report = {"pykd_version": __version__, "command": args.command,
                   "argv": sys.argv[1:], "backend": getattr(args, "backend", None),
-                  "threads": _threads_info(), "models": ctx.models}
+                  "threads": _threads_info(), "models": ctx.models,
+                  "configuration": getattr(args, "_configuration", None)}
         if extra:
             report.update(extra)
         _write_json(args.report, report, ctx.stdout)
@@ -628,8 +660,74 @@ def _plot(histories, path):
 
 
 def _train_cfg(args, *, loss="ce", **kw):
-    return TrainConfig(loss=loss, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+    if args.momentum is not None:
+        if args.optimizer != "sgd":
+            raise CLIError(f"--momentum applies to --optimizer sgd only (the optimizer is "
+                           f"{args.optimizer})")
+        kw["momentum"] = args.momentum
+    return TrainConfig(loss=loss, optimizer=args.optimizer, lr=args.lr,
                        weight_decay=args.weight_decay, dropout=args.dropout, seed=args.seed, **kw)
+
+
+def _check_pruning(args):
+    """The --prune-* options that need --prune-to, and S0 <= S (before any work)."""
+    if args.prune_to is None:
+        for flag in ("prune_from", "prune_start", "prune_end", "prune_every"):
+            if getattr(args, flag) is not None:
+                raise CLIError(f"--{flag.replace('_', '-')} needs --prune-to S (the final "
+                               "sparsity)")
+        return
+    if args.prune_from is not None and args.prune_from > args.prune_to:
+        raise CLIError(f"--prune-from {args.prune_from:g} must be <= --prune-to "
+                       f"{args.prune_to:g}")
+    if args.prune_start is not None and args.prune_end is not None \
+            and args.prune_end < args.prune_start:
+        raise CLIError(f"--prune-end {args.prune_end} must be >= --prune-start "
+                       f"{args.prune_start}")
+
+
+def _prune_schedule(args, n_train):
+    """The PruneSchedule of the --prune-* options, its steps checked against
+    the run's optimizer steps; None without --prune-to."""
+    if args.prune_to is None:
+        return None
+    from ..compress.prune import PruneSchedule
+    total = args.epochs * -(-n_train // args.batch_size)
+    start = args.prune_start or 0
+    end = total if args.prune_end is None else args.prune_end
+    for flag, v in (("--prune-start", start), ("--prune-end", end)):
+        if v > total:
+            raise CLIError(f"{flag} {v} is after the run's last optimizer step, {total} "
+                           f"(--epochs {args.epochs} x {-(-n_train // args.batch_size)} "
+                           f"batches of --batch-size {args.batch_size})")
+    if end < start:
+        raise CLIError(f"--prune-start {start} is after --prune-end {end}")
+    return PruneSchedule(args.prune_to, args.prune_from or 0.0, begin=start, end=end,
+                         every=args.prune_every or 100)
+
+
+def _init_student(args):
+    """The --init student as an MLP; sets args.hidden from it (or checks it)."""
+    if args.init is None:
+        if args.hidden is None:
+            args.hidden = list(DEMO["student_hidden"])
+        return None
+    _input_file(args.init, "student (--init)")
+    model = load_model(args.init, backend=args.backend)
+    if not isinstance(model, MLP):
+        try:
+            model = model.to_mlp()
+        except ValueError as e:
+            raise CLIError(f"{args.init}: cannot continue from this model (--init): "
+                           f"{e}") from None
+    hidden = list(model.sizes[1:-1])
+    if args.hidden is not None and list(args.hidden) != hidden:
+        raise CLIError(f"{args.init}: the student's hidden layers are "
+                       f"{','.join(map(str, hidden)) or 'none'} but --hidden is "
+                       f"{','.join(map(str, args.hidden)) or 'none'}; leave out --hidden to "
+                       "take them from --init")
+    args.hidden = hidden
+    return model.copy()
 
 
 def _ckpt(args):
@@ -651,13 +749,15 @@ def _check_training_files(args):
 # ---------------------------------------------------------------- commands
 
 def cmd_train_teacher(args, ctx):
+    _check_pruning(args)
+    cfg = _train_cfg(args)
     _check_training_files(args)
     ds = _load_data(args, ctx)
     sizes = [ds.n_features, *args.hidden, _n_classes(args, ds)]
-    cfg = _train_cfg(args)
+    prune = _prune_schedule(args, ds.X_train.shape[0])
     _train(ctx, "teacher", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
-           backend=args.backend, role="teacher", lr_decay=args.lr_decay)
+           backend=args.backend, role="teacher", lr_decay=args.lr_decay, prune=prune)
     _print_result(ctx)
     return _finish(ctx)
 
@@ -684,6 +784,11 @@ def cmd_soft_labels(args, ctx):
 
 
 def cmd_distill(args, ctx):
+    _check_pruning(args)
+    if args.hint_weight is not None and not args.hint_student_layer:
+        raise CLIError("--hint-weight needs --hint-student-layer K (there is no hint term "
+                       "without it)")
+    init = _init_student(args)
     if args.hint_teacher_layer is not None and args.teacher is None:
         raise CLIError("--hint-teacher-layer needs --teacher MODEL (a logits file has no "
                        "hidden layers)")
@@ -728,16 +833,27 @@ def cmd_distill(args, ctx):
             raise CLIError(f"--hint-teacher-layer must be a hidden layer of the teacher, in "
                            f"[1, {t_hidden}], got {hint_teacher_layer}")
         extra.update(hint_student_layer=args.hint_student_layer,
-                     hint_teacher_layer=hint_teacher_layer, hint_weight=args.hint_weight)
+                     hint_teacher_layer=hint_teacher_layer,
+                     hint_weight=1.0 if args.hint_weight is None else args.hint_weight)
     cfg = _train_cfg(args, loss="kd", temperature=args.temperature, alpha=args.alpha,
                      hint_layer=args.hint_student_layer,
-                     **({"hint_weight": args.hint_weight} if args.hint_student_layer else {}))
+                     **({"hint_weight": args.hint_weight} if args.hint_weight is not None
+                        else {}))
     sizes = [ds.n_features, *args.hidden, n_classes]
+    if init is not None:
+        if init.n_features != ds.n_features:
+            raise CLIError(f"{args.init}: the student takes {init.n_features} inputs but the "
+                           f"data has {ds.n_features} features")
+        if init.n_outputs != n_classes:
+            raise CLIError(f"{args.init}: the student has {init.n_outputs} outputs but the "
+                           f"data has {n_classes} classes")
+        extra["init"] = args.init
+    prune = _prune_schedule(args, n)
     _train(ctx, "student", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
            backend=args.backend, teacher=teacher, teacher_logits=logits,
            hint_teacher_layer=hint_teacher_layer, role="student", extra_config=extra,
-           lr_decay=args.lr_decay)
+           lr_decay=args.lr_decay, prune=prune, init=init)
     _print_result(ctx)
     return _finish(ctx)
 
@@ -861,9 +977,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
+        _config.prepare(parser, argv)    # --config FILE: the command's defaults
         args = parser.parse_args(argv)
+    except _config.ConfigError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return 2
     except SystemExit as e:          # --help, --version, or a one-line usage error
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    args._configuration = _config.effective(parser, args)   # the report's rerunnable options
     ctx = _Ctx(args)
     prog = f"pykd {args.command}"
     debug = bool(args.debug or os.environ.get("PYKD_DEBUG"))
