@@ -665,7 +665,7 @@ def main(argv=None):
     changed = {k: v for k, v in info["env"].items() if v != env_before.get(k)}
     if changed:
         print("env set by importing pykd: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
-    pykd_info = {"file": getattr(pykd, "__file__", None),
+    pykd_info = {"file": H.portable_path(getattr(pykd, "__file__", None)),
                  "version": getattr(pykd, "__version__", None)}
     try:
         from pykd import _build_config as _bc  # written by the build, if any

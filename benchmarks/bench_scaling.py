@@ -211,7 +211,7 @@ def plots(result, folder):
     files.append(os.path.join(folder, "scaling_dataset.png"))
     fig.tight_layout(); fig.savefig(files[-1], dpi=90); plt.close(fig)
     print("plots:", ", ".join(files))
-    return files
+    return [harness.portable_path(f) for f in files]
 
 
 def main(argv=None):

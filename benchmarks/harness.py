@@ -613,9 +613,9 @@ def machine_info() -> dict:
     if _tpc is not None:
         try:
             info["threadpools"] = [
-                {k: p.get(k) for k in ("user_api", "internal_api", "prefix", "version",
-                                       "num_threads", "architecture",
-                                       "threading_layer", "filepath")}
+                {k: (portable_path(p.get(k)) if k == "filepath" else p.get(k))
+                 for k in ("user_api", "internal_api", "prefix", "version",
+                           "num_threads", "architecture", "threading_layer", "filepath")}
                 for p in _tpc.threadpool_info()
             ]
         except Exception as exc:  # pragma: no cover
@@ -649,6 +649,26 @@ def format_machine_info(info: Mapping) -> str:
 # --------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable_path(path):
+    """A path as results files record it: relative to the repository when it
+    lies inside it (``benchmarks/plots/x.png``), from ``site-packages/`` on
+    when it lies in an installed package (the machine's Python prefix is left
+    out), else unchanged (system paths such as /usr/lib/...)."""
+    if not path:
+        return path
+    full = os.path.abspath(str(path))
+    if full == REPO or full.startswith(REPO + os.sep):
+        return os.path.relpath(full, REPO)
+    parts = full.split(os.sep)
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return os.path.join(*parts[len(parts) - 1 - parts[::-1].index(marker):])
+    return str(path)
+
 
 def _jsonable(obj):
     if isinstance(obj, Mapping):

@@ -167,3 +167,24 @@ def test_source_checkout_without_build_says_so():
     assert "is not built" in message and "source checkout" in message
     assert "pip install ." in message and "pkg-config" in message
     assert "circular" not in message
+
+
+def test_benchmark_results_record_no_machine_paths():
+    """Results files name paths relative to the repository (or from
+    site-packages/ on), never the home or checkout of the machine they ran on."""
+    bench = os.path.join(ROOT, "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import harness
+    finally:
+        sys.path.remove(bench)
+    assert harness.portable_path(os.path.join(bench, "plots", "x.png")) == "benchmarks/plots/x.png"
+    assert harness.portable_path("/opt/py/lib/python3.11/site-packages/numpy.libs/a.so") == \
+        "site-packages/numpy.libs/a.so"
+    assert harness.portable_path("/usr/lib/x86_64-linux-gnu/libgomp.so.1") == \
+        "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    for name in sorted(os.listdir(bench)):
+        if name.endswith(".json"):
+            text = open(os.path.join(bench, name), encoding="utf-8").read()
+            bad = re.findall(r'"((?:/root|/home|/work|/tmp)/[^"]*)"', text)
+            assert not bad, (name, bad)
