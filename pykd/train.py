@@ -742,6 +742,10 @@ def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targe
     n_total = _step.param_count(sizes, hint)
     given_mask = None if mask is None else _flat_mask(mask, sizes, n_total)
     schedule = None if prune is None else prune.resolved(epochs * n_batches)
+    if schedule is not None and schedule.end > epochs * n_batches:
+        raise ValueError(f"prune.end ({schedule.end}) is after the run's last optimizer step "
+                         f"({epochs * n_batches} = {epochs} epochs x {n_batches} batches): the "
+                         "final sparsity would never be reached")
 
     P = _training_buffer(model, sizes, hint, seed)
     fingerprint = {

@@ -130,6 +130,16 @@ def test_cubic_schedule_matches_the_hand_formula():
         pykd.PruneSchedule(0.5, every=0)
     with pytest.raises(ValueError, match="scope"):
         pykd.PruneSchedule(0.5, scope="rows")
+    X, y = _data()
+    with pytest.raises(ValueError, match=r"prune.end \(13\) is after the run's last "
+                                         r"optimizer step \(12 = 3 epochs x 4 batches\)"):
+        fit(_model(), X, y, epochs=3, batch_size=32, progress=False,
+            prune=pykd.PruneSchedule(0.5, end=13))
+    with pytest.raises(ValueError, match="begin"):
+        fit(_model(), X, y, epochs=3, batch_size=32, progress=False,
+            prune=pykd.PruneSchedule(0.5, begin=13))
+    with pytest.raises(TypeError, match="PruneSchedule"):
+        fit(_model(), X, y, epochs=1, progress=False, prune=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
