@@ -314,6 +314,7 @@ class _Net:
         sizes = [sum(a.size for a in t.params.values()) for t in self.trainers]
         self.P = np.empty(sum(sizes), _F32)
         self.G = np.zeros_like(self.P)
+        self.M1, self.M2 = np.zeros_like(self.P), np.zeros_like(self.P)     # Adam's moments
         self.views, self.gviews = [], []
         keep = np.ones(self.P.size, bool)
         pos = 0
@@ -420,14 +421,51 @@ def _spec_summary(ft, n):
 
 # ------------------------------------------------------------ the loop
 
+def _one_blas_thread():
+    """One BLAS thread (both OpenBLAS pools: NumPy's and the extension's)
+    while training. A step's products are small (batch x layer width), and
+    the two pools alternating every few hundred microseconds fight for the
+    cores: on the loaded 2-core VM a step took 255 ms with 2 threads, 14 ms
+    with one."""
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats):
+    """One epoch of steps over the rows ``perm``; ``it`` steps done before."""
+    bs = ft.batch_size
+    for bi in range(-(-perm.size // bs)):
+        idx = perm[bi * bs:(bi + 1) * bs]
+        xb = np.ascontiguousarray(X[idx])
+        yb = y[idx]
+        outs = net.forward(xb)
+        logits = outs[-1]
+        if teacher is None:
+            loss, dlog = kernels.cross_entropy(logits, yb)
+        else:
+            loss, dlog = kernels.kd_loss(logits, np.ascontiguousarray(teacher[idx]), yb,
+                                         ft.temperature, ft.alpha)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"fine-tuning: the loss became NaN or inf at batch "
+                                     f"{bi + 1} of the epoch; try a lower lr (lr={lr:g})")
+        net.backward(xb, outs, dlog)
+        it += 1
+        kernels.adam_step(net.P, net.G, net.M1, net.M2, it, lr, mask=net.mask, **_ADAM)
+        net.sync()
+        stats["loss_sum"] += float(loss) * idx.size
+        stats["correct"] += int((logits.argmax(axis=1) == yb).sum())
+        if bar is not None:
+            bar.update(idx.size)
+
+
 def train(model, ft, *, shadow=None, merge=False):
     """Fine-tune ``model`` (a :class:`pykd.Model` of trainable kinds) with
     ``ft``; returns ``(new model, history)``. The input is not modified.
 
     ``shadow``: per layer, the float32 shadow ``W`` of a dense_int8 layer
-    (None: its dequantized weights); ``step``: the compression step dict
-    whose ``history`` and ``fine_tune`` are set (None: a new
-    ``{"fine_tune": ...}`` step is appended to the metadata).
+    (None: its dequantized weights). ``merge``: set ``fine_tune`` and
+    ``history`` on the metadata's last compression step (the conversion just
+    made) instead of appending a ``{"fine_tune": ..., "history": ...}`` step.
     """
     from ..train import _logits_stats, _progress_bar
     check_trainable(model)
@@ -447,49 +485,26 @@ def train(model, ft, *, shadow=None, merge=False):
         raise ValueError(f"the teacher gives logits of shape {teacher.shape}, expected "
                          f"{(n, model.n_outputs)}")
     net = _Net(model, shadow)
-    P, G = net.P, net.G
-    M1, M2 = np.zeros_like(P), np.zeros_like(P)
     rng = np.random.default_rng(ft.seed)
-    bs = ft.batch_size
-    n_batches = -(-n // bs)
+    n_batches = -(-n // ft.batch_size)
     history = {k: [] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss",
                                "seconds", "samples_per_second")}
     it = 0
     for epoch in range(ft.epochs):
         perm = rng.permutation(n)
         lr = ft.lr * ft.lr_decay**epoch
-        loss_sum, correct = 0.0, 0
+        stats = {"loss_sum": 0.0, "correct": 0}
         bar = _progress_bar(ft.progress, total=n, desc=f"fine-tune epoch {epoch + 1}/{ft.epochs}")
         t0 = time.perf_counter()
-        for bi in range(n_batches):
-            idx = perm[bi * bs:(bi + 1) * bs]
-            xb = np.ascontiguousarray(X[idx])
-            yb = y[idx]
-            outs = net.forward(xb)
-            logits = outs[-1]
-            if teacher is None:
-                loss, dlog = kernels.cross_entropy(logits, yb)
-            else:
-                loss, dlog = kernels.kd_loss(logits, np.ascontiguousarray(teacher[idx]), yb,
-                                             ft.temperature, ft.alpha)
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning: the loss became NaN or inf at epoch "
-                                         f"{epoch + 1}, batch {bi + 1}; try a lower lr "
-                                         f"(lr={lr:g})")
-            net.backward(xb, outs, dlog)
-            it += 1
-            kernels.adam_step(P, G, M1, M2, it, lr, mask=net.mask, **_ADAM)
-            net.sync()
-            loss_sum += float(loss) * idx.size
-            correct += int((logits.argmax(axis=1) == yb).sum())
-            if bar is not None:
-                bar.update(idx.size)
+        with _one_blas_thread():
+            _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats)
+        it += n_batches
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         history["epoch"].append(epoch + 1)
-        history["loss"].append(loss_sum / n)
-        history["train_accuracy"].append(correct / n)
+        history["loss"].append(stats["loss_sum"] / n)
+        history["train_accuracy"].append(stats["correct"] / n)
         history["seconds"].append(seconds)
         history["samples_per_second"].append(n / seconds if seconds > 0 else None)
         if ft.X_val is not None:
