@@ -106,122 +106,120 @@ _NEEDS_Z = ("gelu", "silu")
 # ------------------------------------------------------------ per-kind trainers
 #
 # Each trainer knows one layer of the model: ``params`` (name -> initial
-# float32 array) are its trained parameters, ``sync`` writes their current
-# values into the model's buffers (what the kernel reads), ``pre(x)`` is the
-# pre-activation in x's dtype (NumPy; for gelu/silu and the float64 tests),
-# and ``backward(x, dz, need_dx)`` returns (dx or None, {name: gradient}).
+# float32 array) are its trained parameters. ``sync(p)`` writes their
+# current values into the model's buffers (what the kernel reads) and
+# ``use(p)``s them; ``use(p)`` only sets the arrays the NumPy math reads
+# (the float64 tests pass float64 copies). ``pre(x)`` is the pre-activation
+# in x's dtype (for gelu/silu, and the tests), ``backward(x, dz, need_dx)``
+# returns (dx or None, {name: gradient}).
 
-class _DenseT:
+def _as(a, dtype):
+    return a.astype(dtype, copy=False)
+
+
+class _Trainer:
+    layer = None
+    names = ()
+
     def __init__(self, layer):
         self.layer = layer
-        self.params = {"W": layer.W.copy(), "b": layer.b.copy()}
-        self.keep = layer.W != 0                    # a pruned weight stays zero
+        self.params = {n: getattr(layer, n).copy() for n in self.names}
 
     def sync(self, p):
-        self.W = p["W"]
-        self.layer.W[...] = p["W"]
-        self.layer.b[...] = p["b"]
+        for n in self.names:
+            getattr(self.layer, n)[...] = p[n]
+        self.use(p)
+
+    def use(self, p):
+        self.p = p
+        self._W = None
 
     def weight(self, dtype):
-        return self.W.astype(dtype, copy=False)
+        """The effective W (n_in, n_out) of the current parameters."""
+        if self._W is None:
+            self._W = self._weight()
+        return _as(self._W, dtype)
 
     def pre(self, x):
-        return x @ self.weight(x.dtype) + self.layer.b.astype(x.dtype, copy=False)
-
-    def backward(self, x, dz, need_dx):
-        W = self.weight(x.dtype)
-        return (dz @ W.T if need_dx else None), {"W": x.T @ dz, "b": dz.sum(axis=0)}
+        return x @ self.weight(x.dtype) + _as(self.p["b"], x.dtype)
 
 
-class _LowRankT:
+class _DenseT(_Trainer):
+    names = ("W", "b")
+
     def __init__(self, layer):
-        self.layer = layer
-        self.params = {"U": layer.U.copy(), "V": layer.V.copy(), "b": layer.b.copy()}
+        super().__init__(layer)
+        self.keep = layer.W != 0                    # a pruned weight stays zero
 
-    def sync(self, p):
-        self.U, self.V = p["U"], p["V"]
-        self.layer.U[...] = p["U"]
-        self.layer.V[...] = p["V"]
-        self.layer.b[...] = p["b"]
-
-    def pre(self, x):
-        U, V = self.U.astype(x.dtype, copy=False), self.V.astype(x.dtype, copy=False)
-        return (x @ U) @ V + self.layer.b.astype(x.dtype, copy=False)
+    def _weight(self):
+        return self.p["W"]
 
     def backward(self, x, dz, need_dx):
-        U, V = self.U.astype(x.dtype, copy=False), self.V.astype(x.dtype, copy=False)
+        dx = dz @ self.weight(x.dtype).T if need_dx else None
+        return dx, {"W": x.T @ dz, "b": dz.sum(axis=0)}
+
+
+class _LowRankT(_Trainer):
+    names = ("U", "V", "b")
+
+    def pre(self, x):
+        U, V = _as(self.p["U"], x.dtype), _as(self.p["V"], x.dtype)
+        return (x @ U) @ V + _as(self.p["b"], x.dtype)
+
+    def backward(self, x, dz, need_dx):
+        U, V = _as(self.p["U"], x.dtype), _as(self.p["V"], x.dtype)
         t = x @ U
         dt = dz @ V.T
         g = {"U": x.T @ dt, "V": t.T @ dz, "b": dz.sum(axis=0)}
         return (dt @ U.T if need_dx else None), g
 
 
-class _CodebookT:
+class _CodebookT(_Trainer):
+    names = ("centroids", "b")
+
     def __init__(self, layer):
-        self.layer = layer
+        super().__init__(layer)
         self.codes = layer.codes.astype(np.intp).reshape(-1)      # fixed
         self.k = layer.n_codes
-        self.params = {"centroids": layer.centroids.copy(), "b": layer.b.copy()}
 
-    def sync(self, p):
-        self.c = p["centroids"]
-        self.layer.centroids[...] = p["centroids"]
-        self.layer.b[...] = p["b"]
-        self._W = None
-
-    def weight(self, dtype):
-        if self._W is None:
-            self._W = self.c[self.codes].reshape(self.layer.n_in, self.layer.n_out)
-        return self._W.astype(dtype, copy=False)
-
-    def pre(self, x):
-        return x @ self.weight(x.dtype) + self.layer.b.astype(x.dtype, copy=False)
+    def _weight(self):
+        return self.p["centroids"][self.codes].reshape(self.layer.n_in, self.layer.n_out)
 
     def backward(self, x, dz, need_dx):
         dW = x.T @ dz
         # Deep Compression: a centroid's gradient is the sum of its weights'.
         dc = np.bincount(self.codes, weights=dW.reshape(-1), minlength=self.k)
         dx = dz @ self.weight(x.dtype).T if need_dx else None
-        return dx, {"centroids": dc.astype(x.dtype, copy=False), "b": dz.sum(axis=0)}
+        return dx, {"centroids": _as(dc, x.dtype), "b": dz.sum(axis=0)}
 
 
-class _SparseT:
+class _SparseT(_Trainer):
     """sparse_csr (values trained) and sparse_codebook (centroids trained)."""
 
     def __init__(self, layer):
-        self.layer = layer
+        self.book = isinstance(layer, SparseCodebook)
+        self.names = ("centroids" if self.book else "values", "b")
+        super().__init__(layer)
         rows = np.repeat(np.arange(layer.n_in, dtype=np.intp), np.diff(layer.indptr))
         self.pos = rows * layer.n_out + layer.indices.astype(np.intp)     # fixed pattern
-        self.book = isinstance(layer, SparseCodebook)
         if self.book:
             self.codes = layer.codes.astype(np.intp)
             self.k = layer.n_codes
-            self.params = {"centroids": layer.centroids.copy(), "b": layer.b.copy()}
-        else:
-            self.params = {"values": layer.values.copy(), "b": layer.b.copy()}
 
-    def sync(self, p):
-        name = "centroids" if self.book else "values"
-        getattr(self.layer, name)[...] = p[name]
-        self.layer.b[...] = p["b"]
-        self.vals = p["centroids"][self.codes] if self.book else p["values"]
-        self._W = None
+    def _values(self):
+        return self.p["centroids"][self.codes] if self.book else self.p["values"]
 
-    def weight(self, dtype):
-        if self._W is None:
-            W = np.zeros(self.layer.n_in * self.layer.n_out, _F32)
-            W[self.pos] = self.vals
-            self._W = W.reshape(self.layer.n_in, self.layer.n_out)
-        return self._W.astype(dtype, copy=False)
-
-    def pre(self, x):
-        return x @ self.weight(x.dtype) + self.layer.b.astype(x.dtype, copy=False)
+    def _weight(self):
+        v = self._values()
+        W = np.zeros(self.layer.n_in * self.layer.n_out, v.dtype)
+        W[self.pos] = v
+        return W.reshape(self.layer.n_in, self.layer.n_out)
 
     def backward(self, x, dz, need_dx):
         dv = (x.T @ dz).reshape(-1)[self.pos]
         if self.book:
-            g = np.bincount(self.codes, weights=dv, minlength=self.k).astype(x.dtype, copy=False)
-            grads = {"centroids": g}
+            grads = {"centroids": _as(np.bincount(self.codes, weights=dv, minlength=self.k),
+                                      x.dtype)}
         else:
             grads = {"values": dv}
         grads["b"] = dz.sum(axis=0)
@@ -235,8 +233,11 @@ def _act_scale(x):
     return np.where(amax > 0, np.maximum(amax / _F32(QMAX), tiny), _F32(1)).astype(_F32)
 
 
-class _Int8T:
-    """Quantization-aware training of a dense_int8 layer."""
+class _Int8T(_Trainer):
+    """Quantization-aware training of a dense_int8 layer: ``W`` is the float
+    shadow weight, quantized at every ``sync`` by the conversion's own
+    :func:`pykd.quantize_int8`."""
+    names = ("W", "b")
 
     def __init__(self, layer, shadow=None):
         self.layer = layer
@@ -249,36 +250,40 @@ class _Int8T:
         self.params = {"W": W, "b": layer.b.copy()}
 
     def sync(self, p):
-        # The very quantization of the conversion, every step.
         q, scale = kernels.quantize_int8(p["W"], per_channel=True)
         self.layer.q[...] = q
         self.layer.scale[...] = scale
         self.layer.b[...] = p["b"]
-        self._Wq = q.astype(_F32) * scale
+        self.use(p)
+        self._W = q.astype(_F32) * scale          # the dequantized weights of the kernel
+
+    def _weight(self):
+        raise RuntimeError("an int8 trainer's weights are set by sync")
 
     def quantized_input(self, x):
-        """(dequantized int8 input ``qx * sx``, mask of the unclipped entries
-        or None): the kernel's activation quantization, in x's dtype."""
+        """(dequantized int8 input ``qx * sx`` in x's dtype, mask of the
+        entries a static scale does not clip, or None): the kernel's
+        activation quantization."""
         xs = self.layer.x_scale
-        sx = _act_scale(x) if xs is None else np.full(x.shape[0], xs, _F32)
-        inv = (_F32(1) / sx)[:, None]
-        r = np.rint(x.astype(_F32) * inv)
+        x32 = _as(x, _F32)
+        sx = _act_scale(x32) if xs is None else np.full(x.shape[0], xs, _F32)
+        r = np.rint(x32 * (_F32(1) / sx)[:, None])
         mask = None if xs is None else np.abs(r) <= QMAX
         qx = np.clip(r, -QMAX, QMAX)
-        return (qx * sx[:, None]).astype(x.dtype, copy=False), mask
+        return _as(qx * sx[:, None], x.dtype), mask
 
     def pre(self, x):
         xq, _ = self.quantized_input(x)
-        return xq @ self._Wq.astype(x.dtype, copy=False) + self.layer.b.astype(x.dtype, copy=False)
+        return xq @ self.weight(x.dtype) + _as(self.p["b"], x.dtype)
 
     def backward(self, x, dz, need_dx):
-        # Straight-through: d/dW of the dequantized product at the quantized
-        # operands; the input gradient passes the activation quantization
-        # (zero where a static scale clips).
+        # Straight-through: the gradient of the dequantized product at the
+        # quantized operands; the input gradient passes the activation
+        # quantization (zero where a static scale clips).
         xq, mask = self.quantized_input(x)
         dx = None
         if need_dx:
-            dx = dz @ self._Wq.astype(x.dtype, copy=False).T
+            dx = dz @ self.weight(x.dtype).T
             if mask is not None:
                 dx *= mask
         return dx, {"W": xq.T @ dz, "b": dz.sum(axis=0)}
@@ -458,33 +463,11 @@ def _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats):
             bar.update(idx.size)
 
 
-def train(model, ft, *, shadow=None, merge=False):
-    """Fine-tune ``model`` (a :class:`pykd.Model` of trainable kinds) with
-    ``ft``; returns ``(new model, history)``. The input is not modified.
-
-    ``shadow``: per layer, the float32 shadow ``W`` of a dense_int8 layer
-    (None: its dequantized weights). ``merge``: set ``fine_tune`` and
-    ``history`` on the metadata's last compression step (the conversion just
-    made) instead of appending a ``{"fine_tune": ..., "history": ...}`` step.
-    """
+def _run(net, ft, y, y_val=None, teacher=None):
+    """The epochs of ``ft`` on ``net``; returns the history."""
     from ..train import _logits_stats, _progress_bar
-    check_trainable(model)
-    y, y_val = _check_spec(model, ft)
-    if shadow is not None:
-        if len(shadow) != model.n_layers:
-            raise ValueError(f"shadow must have one entry per layer ({model.n_layers})")
-        for k, (s, layer) in enumerate(zip(shadow, model.layers), start=1):
-            if s is not None and (not isinstance(layer, DenseInt8) or not isinstance(
-                    s, np.ndarray) or s.shape != (layer.n_in, layer.n_out)):
-                raise ValueError(f"shadow[{k - 1}]: only a dense_int8 layer takes a shadow "
-                                 f"weight, of shape (n_in, n_out)")
     X = ft.X
     n = X.shape[0]
-    teacher = ft.logits()
-    if teacher is not None and teacher.shape != (n, model.n_outputs):
-        raise ValueError(f"the teacher gives logits of shape {teacher.shape}, expected "
-                         f"{(n, model.n_outputs)}")
-    net = _Net(model, shadow)
     rng = np.random.default_rng(ft.seed)
     n_batches = -(-n // ft.batch_size)
     history = {k: [] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss",
@@ -518,6 +501,36 @@ def train(model, ft, *, shadow=None, merge=False):
             print(f"fine-tune epoch {epoch + 1}/{ft.epochs}: loss {history['loss'][-1]:.4f}, "
                   f"train accuracy {history['train_accuracy'][-1]:.4f}{test} ({seconds:.2f} s)",
                   file=sys.stderr, flush=True)
+    return history
+
+
+def train(model, ft, *, shadow=None, merge=False):
+    """Fine-tune ``model`` (a :class:`pykd.Model` of trainable kinds) with
+    ``ft``; returns ``(new model, history)``. The input is not modified.
+
+    ``shadow``: per layer, the float32 shadow ``W`` of a dense_int8 layer
+    (None: its dequantized weights). ``merge``: set ``fine_tune`` and
+    ``history`` on the metadata's last compression step (the conversion just
+    made) instead of appending a ``{"fine_tune": ..., "history": ...}`` step.
+    """
+    check_trainable(model)
+    y, y_val = _check_spec(model, ft)
+    if shadow is not None:
+        if len(shadow) != model.n_layers:
+            raise ValueError(f"shadow must have one entry per layer ({model.n_layers})")
+        for k, (s, layer) in enumerate(zip(shadow, model.layers), start=1):
+            if s is not None and (not isinstance(layer, DenseInt8) or not isinstance(
+                    s, np.ndarray) or s.shape != (layer.n_in, layer.n_out)):
+                raise ValueError(f"shadow[{k - 1}]: only a dense_int8 layer takes a shadow "
+                                 f"weight, of shape (n_in, n_out)")
+    X = ft.X
+    n = X.shape[0]
+    teacher = ft.logits()
+    if teacher is not None and teacher.shape != (n, model.n_outputs):
+        raise ValueError(f"the teacher gives logits of shape {teacher.shape}, expected "
+                         f"{(n, model.n_outputs)}")
+    net = _Net(model, shadow)
+    history = _run(net, ft, y, y_val, teacher)
     out = net.model
     meta = dict(out.metadata)
     comp = list(meta.get("compression", []))
