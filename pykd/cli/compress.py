@@ -175,8 +175,8 @@ def check_stage(op, ns, opt=None):
         return "epochs", "a distill stage needs epochs >= 1"
     if epochs == 0:
         if given:
-            opt = "teacher" if ns.teacher else "teacher_logits"
-            return opt, f"is used only for fine-tuning: give {opt('epochs')} N (N >= 1) too"
+            key = "teacher" if ns.teacher else "teacher_logits"
+            return key, f"is used only for fine-tuning: give {opt('epochs')} N (N >= 1) too"
         for key in FT_DEFAULTS:
             if getattr(ns, key) is not None:
                 return key, f"is a fine-tuning option: give {opt('epochs')} N (N >= 1) too"
@@ -420,6 +420,9 @@ def cmd_one(args, ctx):
     ctx.models.append(_row(os.path.basename(args.out), saved, args.out, acc, acc0, b0, seconds,
                            op))
     kinds = ", ".join(sorted(set(saved.to_model().kinds)))
+    if op == "lowrank" and "low_rank" not in saved.to_model().kinds:
+        ctx.warn("no layer was factored: at this rank or energy the factors of every layer "
+                 "store at least as many numbers as its weights")
     ft = f", fine-tuned {args.epochs} epochs" if args.epochs else ""
     print(f"{op}: test accuracy {_pct(acc0)} -> {_pct(acc)}; non-zeros {model.nonzeros:,} -> "
           f"{saved.nonzeros:,}; {_fmt_bytes(b0)} -> {_fmt_bytes(b1)} on disk "

@@ -2,6 +2,7 @@
 and its summary tables."""
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -16,6 +17,10 @@ from . import (DEMO, QUICK, CLIError, _add_classes, _add_common, _add_kd, _cfg_j
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 90
+#: The compression table: fine-tuning epochs and learning rate, and the
+#: issue's targets (accuracy loss in points, file size against the student).
+COMPRESS = {"epochs": 2, "quick_epochs": 1, "lr": 1e-4, "sparsity": 0.9, "bits": 5,
+            "calibrate": 1000}
 
 
 def register(sub):
@@ -55,6 +60,15 @@ def register(sub):
     p.add_argument("--resume", action="store_true",
                    help="reuse finished models in DIR and resume an interrupted one")
     p.add_argument("--plot", metavar="FILE.png", help="draw training curves (needs matplotlib)")
+    p.add_argument("--compress-epochs", type=_pos_int, default=None, metavar="N",
+                   help="fine-tuning epochs of the compression table's variants (default: "
+                        f"{COMPRESS['epochs']}; --quick: {COMPRESS['quick_epochs']})")
+    p.add_argument("--no-compression", action="store_true",
+                   help="skip the compression table (pruned, int8, low-rank, codebook and "
+                        "combined variants of the first KD student)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep the training checkpoints (*.ckpt.npz) after a finished run "
+                        "(default: removed)")
     _add_classes(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
@@ -122,10 +136,12 @@ def cmd_demo(args, ctx):
     for seed in range(args.seeds):
         kcfg = TrainConfig(loss="kd", temperature=args.temperature, alpha=args.alpha,
                            lr=args.lr, seed=seed)
-        _, e = phase(f"kd_student_seed{seed}", s_sizes, kcfg, student_epochs, seed,
+        kd_model, e = phase(f"kd_student_seed{seed}", s_sizes, kcfg, student_epochs, seed,
                      args.student_lr_decay, teacher=teacher, teacher_logits=logits, role="student",
                      extra_config={"temperature": args.temperature, "alpha": args.alpha})
         kd_entries.append(e)
+        if seed == 0:
+            student0 = kd_model
         scfg = TrainConfig(loss="ce", lr=args.lr, seed=seed)
         _, e = phase(f"scratch_student_seed{seed}", s_sizes, scfg, student_epochs, seed,
                      args.student_lr_decay, teacher=teacher, role="scratch")
@@ -170,6 +186,9 @@ def cmd_demo(args, ctx):
     print(f"KD - scratch: {100 * gain:+.2f} points (mean over {n_seeds} seed"
           f"{'s' if n_seeds > 1 else ''}); compression {t_entry['parameters'] / kd_entries[0]['parameters']:.1f}x; "
           f"soft labels {soft_seconds:.2f} s; total {total:.0f} s")
+    if quick:
+        print("  (the quick subset is too small to show a KD gain: a difference of this size "
+              "between a few short runs is noise; run without --quick)")
     summary["kd_gain_points"] = 100 * gain
     summary["soft_labels_seconds"] = soft_seconds
     summary["total_seconds"] = total
@@ -180,4 +199,149 @@ def cmd_demo(args, ctx):
                 "student_lr_decay": args.student_lr_decay,
                 "batch_size": args.batch_size,
                 "seeds": args.seeds, "backend": args.backend, "dataset": ds.name}
-    return _finish(ctx, {"summary": summary, "demo_config": demo_cfg})
+    extra = {"summary": summary, "demo_config": demo_cfg}
+    if not args.no_compression:
+        ft_epochs = args.compress_epochs or (COMPRESS["quick_epochs"] if quick
+                                             else COMPRESS["epochs"])
+        demo_cfg["compress_epochs"] = ft_epochs
+        extra["compression"] = compression_table(
+            args, ctx, ds, student0, path("kd_student_seed0.pykd"), logits, ft_epochs)
+    if not args.keep_checkpoints:
+        names = ["teacher"] + [f"{k}_student_seed{s}" for s in range(args.seeds)
+                               for k in ("kd", "scratch")]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path(f"{name}.pykd.ckpt.npz"))
+    return _finish(ctx, extra)
+
+
+# ------------------------------------------------------- compression table
+
+#: The issue's targets: (most points lost, largest file / student file).
+TARGETS = {"pruned": (1.0, 0.2), "int8_dynamic": (0.3, None), "int8_static": (0.3, None),
+           "lowrank": (1.0, None), "codebook": (None, None), "combined": (1.5, 1 / 25)}
+
+
+def _half_rank(model):
+    """The largest rank r at which :func:`pykd.low_rank` (which factors a
+    layer only where ``r (n_in + n_out) < n_in n_out``) keeps at most half the
+    model's parameters."""
+    layers = model.to_model().layers
+    total = model.parameters
+
+    def params(r):
+        n = 0
+        for layer in layers:
+            a, b = layer.n_in, layer.n_out
+            n += (r * (a + b) if layer.kind == "dense" and r * (a + b) < a * b
+                  else layer.parameters - layer.n_out) + layer.n_out
+        return n
+    best = None
+    for r in range(1, max(layer.n_in for layer in layers) + 1):
+        if params(r) <= total / 2:
+            best = r
+    return best
+
+
+def compression_table(args, ctx, ds, student, student_path, logits, epochs):
+    """The compressed variants of ``student`` (the first KD student), each
+    fine-tuned by distillation from the teacher's logits where the issue
+    says so; saved in the demo's directory, reused by --resume. Prints the
+    table and returns its rows."""
+    import pykd
+    from ..compress import FineTune
+    from .compress import save_smallest
+    has_test = ds.X_test.shape[0] > 0
+    ft = FineTune(ds.X_train, ds.y_train, teacher_logits=logits, epochs=epochs,
+                  lr=COMPRESS["lr"], temperature=args.temperature, alpha=args.alpha,
+                  batch_size=args.batch_size, seed=0, progress=not ctx.quiet,
+                  X_val=ds.X_test if has_test else None, y_val=ds.y_test if has_test else None)
+    sp, bits = COMPRESS["sparsity"], COMPRESS["bits"]
+    n_cal = min(COMPRESS["calibrate"], ds.X_train.shape[0])
+    rank = _half_rank(student)
+    made = {}
+
+    def pruned():
+        return pykd.prune(student, sp, schedule="gradual", fine_tune=ft)
+
+    def combined():
+        return pykd.cluster(made["pruned"], bits, fine_tune=ft)
+
+    variants = [
+        ("pruned", f"pruned {100 * sp:.0f}%", "gradual, KD fine-tuned", pruned),
+        ("int8_dynamic", "int8 dynamic", "post-training", lambda: pykd.quantize_model(student)),
+        ("int8_static", "int8 static", f"post-training, {n_cal} calibration rows",
+         lambda: pykd.quantize_model(student, "static", ds.X_train[:n_cal])),
+        ("lowrank", "low rank", f"rank {rank}, KD fine-tuned",
+         lambda: pykd.low_rank(student, rank=rank, fine_tune=ft)) if rank else None,
+        ("codebook", f"{bits}-bit codebook", "KD fine-tuned",
+         lambda: pykd.cluster(student, bits, fine_tune=ft)),
+        ("combined", f"sparse + {bits}-bit", f"pruned {100 * sp:.0f}% + codebook, KD fine-tuned",
+         combined),
+    ]
+    s_bytes = os.path.getsize(student_path)
+    s_acc = evaluate(student, ds.X_test, ds.y_test)["accuracy"] if has_test else None
+    rows = [{"variant": "student", "label": "KD student", "how": "float32, dense",
+             "path": student_path, "test_accuracy": s_acc, "change_points": 0.0,
+             "parameters": student.parameters, "nonzeros": student.nonzeros,
+             "bytes_on_disk": s_bytes, "ratio": 1.0, "seconds": 0.0, "target": None,
+             "target_met": None}]
+    t_all = time.perf_counter()
+    for key, label, how, build in filter(None, variants):
+        out = os.path.join(args.out, f"compressed_{key}.pykd")
+        spec = {"variant": key, "how": how, "epochs": epochs, "lr": COMPRESS["lr"],
+                "student": os.path.basename(student_path),
+                "student_bytes": s_bytes}
+        t = time.perf_counter()
+        model = None
+        if args.resume and os.path.exists(out):
+            _input_file(out, "model")
+            model = load_model(out, backend=args.backend)
+            if model.metadata.get("demo_variant") != spec:
+                raise CLIError(f"{out} was made with another configuration; use a new --out "
+                               f"directory or run without --resume")
+            ctx.info(f"{label}: loaded {out}")
+        else:
+            ctx.info(f"{label}: {how}")
+            model = save_smallest(build(), out, {"role": "compressed", "demo_variant": spec})
+        made[key] = model
+        seconds = time.perf_counter() - t
+        acc = evaluate(model, ds.X_test, ds.y_test)["accuracy"] if has_test else None
+        size = os.path.getsize(out)
+        change = None if acc is None else 100 * (acc - s_acc)
+        max_loss, max_ratio = TARGETS[key]
+        checks = []
+        if max_loss is not None and change is not None:
+            checks.append(-change <= max_loss)
+        if max_ratio is not None:
+            checks.append(size / s_bytes <= max_ratio)
+        target = " and ".join(
+            ([f"loss <= {max_loss:g} pt"] if max_loss is not None else [])
+            + ([f"file <= {max_ratio:.2g}x" if max_ratio >= 0.1 else
+                f">= {1 / max_ratio:.0f}x smaller"] if max_ratio is not None else []))
+        rows.append({"variant": key, "label": label, "how": how, "path": out,
+                     "test_accuracy": acc, "change_points": change,
+                     "parameters": model.parameters, "nonzeros": model.nonzeros,
+                     "bytes_on_disk": size, "ratio": size / s_bytes, "seconds": seconds,
+                     "kinds": sorted(set(model.to_model().kinds)),
+                     "target": target or None,
+                     "target_met": all(checks) if checks else None})
+    total = time.perf_counter() - t_all
+    print()
+    print(f"Compression of kd_student_seed0 ({epochs} fine-tuning epoch"
+          f"{'s' if epochs != 1 else ''} by KD from the teacher's logits, Adam lr "
+          f"{COMPRESS['lr']:g}; {total:.0f} s)")
+    head = (f"{'variant':<18} {'how':<42} {'accuracy':>9} {'change':>7} {'bytes':>10} "
+            f"{'ratio':>7}  target")
+    print(head)
+    print("-" * (len(head) + 20))
+    for r in rows:
+        ch = "-" if r["change_points"] is None else f"{r['change_points']:+.2f}"
+        verdict = "" if r["target"] is None else (
+            f"{r['target']}: " + ("n/a" if r["target_met"] is None else
+                                  "met" if r["target_met"] else "MISSED"))
+        print(f"{r['label']:<18} {r['how']:<42} {_pct(r['test_accuracy']):>9} {ch:>7} "
+              f"{_fmt_bytes(r['bytes_on_disk']):>10} {r['ratio']:>7.3f}  {verdict}")
+    print(f"ratio: bytes on disk / the student's ({_fmt_bytes(s_bytes)}, float32); change: "
+          "test accuracy points against the student")
+    return {"rows": rows, "seconds": total, "epochs": epochs}
