@@ -220,10 +220,10 @@ def import_npz(path, layout="torch", activations=None, *, backend="fortran"):
             raise ExchangeError(f"{source}: {wn} has an empty shape {ws}")
         if bs != (n_out,):
             raise ExchangeError(f"{source}: {bn} has shape {bs} but {wn} {ws} {order} has "
-                                f"{n_out} outputs")
+                                f"{n_out} outputs (is the layout {layout!r} right?)")
         if n_prev is not None and n_in != n_prev:
             raise ExchangeError(f"{source}: {wn} {ws} {order} takes {n_in} inputs but layer "
-                                f"{k - 1} gives {n_prev} (is --layout {layout} right?)")
+                                f"{k - 1} gives {n_prev} (is the layout {layout!r} right?)")
         n_prev = n_out
         members[wn] = ("f", 2)
         members[bn] = ("f", 1)

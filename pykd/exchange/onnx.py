@@ -131,15 +131,17 @@ def _int8_integer(g, h, layer, where, x_scale=None):
 
 
 def _int8_qdq(g, h, layer, where):
-    """Static int8 as QDQ: the input clipped to pykd's [-127, 127] steps,
-    QuantizeLinear / DequantizeLinear with x_scale, the weights as
+    """Static int8 as QDQ: QuantizeLinear with x_scale, Clip to pykd's
+    [-127, 127], DequantizeLinear, the weights as
     DequantizeLinear(q, scale per output), MatMul + b (runtimes fuse this
     into an integer product)."""
     xs = _F32(layer.x_scale)
-    lim = _F32(127) * xs
-    hc = g.op("Clip", [h, g.scalar("lo", -lim), g.scalar("hi", lim)])
     s, zp = g.scalar(f"{where}_x_scale", xs), g.scalar(f"{where}_x_zp", 0, np.int8)
-    xq = g.op("QuantizeLinear", [hc, s, zp], f"{where}_qx")
+    xq = g.op("QuantizeLinear", [h, s, zp], f"{where}_qx")
+    # pykd's int8 is symmetric: -128 becomes -127 (a Clip on the floats
+    # before QuantizeLinear is dropped by ORT's Clip/Quantize fusion).
+    xq = g.op("Clip", [xq, g.scalar("qmin8", -127, np.int8), g.scalar("qmax8", 127, np.int8)],
+              f"{where}_qx127")
     xd = g.op("DequantizeLinear", [xq, s, zp], f"{where}_xd")
     wd = g.op("DequantizeLinear", [g.const(f"{where}_q", layer.q),
                                    g.const(f"{where}_scale", layer.scale),
