@@ -15,10 +15,10 @@ module pykd_layer_sparse_codebook
                         COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, COL_P2, COL_P3
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
-  use pykd_activation, only: bias_activation
   use pykd_bytes, only: get_f32, put_u32, put_f32, str
   use pykd_layer_util, only: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count, &
-                             packed_bytes, get_bits, put_bits, get_uint, csr_ok, csr_product, nan_fill
+                             packed_bytes, get_bits, put_bits, get_uint, csr_ok, nan_fill
+  use pykd_sparse_kernel, only: sparse_forward, sparse_pattern_ok, sparse_workspace_words
   use pykd_layer_codebook, only: codes_ok
   implicit none
   private
@@ -49,15 +49,17 @@ contains
     s = 'sparse_codebook'
   end function sc_name
 
-  !> The nnz decoded values.
+  !> The product's scratch (pykd_sparse_kernel): the entries are read
+  !! through their codes, never decoded as a whole.
   pure integer(int64) function sc_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
-    sc_workspace = max(row(COL_P1), 0_int64)
+    sc_workspace = sparse_workspace_words(int(row(COL_N_IN)), int(row(COL_N_OUT)), n)
   end function sc_workspace
 
-  !> values = centroids(codes) into work, checked with the pattern, then
-  !! the CSR product.
+  !> The codes (< n_codes) and the pattern are checked (O(nnz), vectorized),
+  !! then the CSR product reads centroids(codes + 1); its kernel depends on
+  !! n (pykd_sparse_kernel).
   subroutine sc_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
     real(real32), intent(in) :: f32(*)
@@ -73,36 +75,25 @@ contains
 
     n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); nnz = row(COL_P1); nc = row(COL_P2)
     o = row(COL_F32_OFF); oi = row(COL_I32_OFF)
-    call code_values(nnz, i8(row(COL_I8_OFF) + 1), nc, f32(o + 1), work, stat)
-    if (stat == PYKD_OK .and. .not. csr_ok(n_in, n_out, nnz, i32(oi + 1), i32(oi + n_in + 2))) &
-      stat = PYKD_ERR_ARG
+    stat = PYKD_ERR_ARG
+    if (codes_below(nnz, i8(row(COL_I8_OFF) + 1), nc)) then
+      if (sparse_pattern_ok(n_in, n_out, nnz, i32(oi + 1), i32(oi + n_in + 2))) stat = PYKD_OK
+    end if
     if (stat /= PYKD_OK) then
       call nan_fill(row(COL_N_OUT) * n, y)
       return
     end if
-    call csr_product(n_in, n_out, n, nnz, i32(oi + 1), i32(oi + n_in + 2), work, x, y)
-    call bias_activation(int(row(COL_ACT)), n_out, n, f32(o + nc + 1), y)
+    call sparse_forward(n_in, n_out, n, nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), &
+                        i8(row(COL_I8_OFF) + 1), f32(o + 1), .true., int(row(COL_ACT)), &
+                        f32(o + nc + 1), x, y, work)
   end subroutine sc_forward
 
-  !> v = centroids(code + 1); PYKD_ERR_ARG if a code is >= n_codes.
-  pure subroutine code_values(nnz, codes, nc, centroids, v, stat)
+  !> Every code (an unsigned byte) is < nc.
+  pure logical function codes_below(nnz, codes, nc)
     integer(int64), intent(in) :: nnz, nc
     integer(int8), intent(in) :: codes(nnz)
-    real(real32), intent(in) :: centroids(nc)
-    real(real32), intent(out) :: v(nnz)
-    integer, intent(out) :: stat
-    integer(int64) :: e, c
-
-    stat = PYKD_OK
-    do e = 1, nnz
-      c = iand(int(codes(e), int64), 255_int64)
-      if (c >= nc) then
-        stat = PYKD_ERR_ARG
-        return
-      end if
-      v(e) = centroids(c + 1)
-    end do
-  end subroutine code_values
+    codes_below = count(iand(int(codes, int32), 255_int32) >= nc, kind=int64) == 0
+  end function codes_below
 
   subroutine sc_scan(version, buf, pos, limit, row, stat, msg)
     integer, intent(in) :: version

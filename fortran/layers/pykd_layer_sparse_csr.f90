@@ -10,10 +10,10 @@ module pykd_layer_sparse_csr
                         COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
-  use pykd_activation, only: bias_activation
   use pykd_bytes, only: get_f32, put_u32, put_f32, str
   use pykd_layer_util, only: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count, &
-                             csr_ok, csr_product, nan_fill, put_uint, get_uint
+                             csr_ok, nan_fill, put_uint, get_uint
+  use pykd_sparse_kernel, only: sparse_forward, sparse_pattern_ok, sparse_workspace_words
   implicit none
   private
   public :: sparse_csr_layer_t, index_bytes
@@ -46,8 +46,9 @@ contains
     if (n_out - 1 < 256) index_bytes = 1
   end function index_bytes
 
-  !> The pattern is checked first (O(n_in + nnz)): a table built in memory
-  !! with a bad index gives PYKD_ERR_ARG (y = NaN), never a stray write.
+  !> The pattern is checked first (O(n_in + nnz), vectorized): a table
+  !! built in memory with a bad index gives PYKD_ERR_ARG (y = NaN), never a
+  !! stray write. The product's kernel depends on n (pykd_sparse_kernel).
   subroutine csr_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
     real(real32), intent(in) :: f32(*)
@@ -63,20 +64,20 @@ contains
 
     n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); nnz = row(COL_P1)
     o = row(COL_F32_OFF); oi = row(COL_I32_OFF)
-    if (.not. csr_ok(n_in, n_out, nnz, i32(oi + 1), i32(oi + n_in + 2))) then
+    if (.not. sparse_pattern_ok(n_in, n_out, nnz, i32(oi + 1), i32(oi + n_in + 2))) then
       call nan_fill(row(COL_N_OUT) * n, y)
       stat = PYKD_ERR_ARG
       return
     end if
-    call csr_product(n_in, n_out, n, nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), x, y)
-    call bias_activation(int(row(COL_ACT)), n_out, n, f32(o + nnz + 1), y)
+    call sparse_forward(n_in, n_out, n, nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), i8, &
+                        f32(o + 1), .false., int(row(COL_ACT)), f32(o + nnz + 1), x, y, work)
     stat = PYKD_OK
   end subroutine csr_forward
 
   pure integer(int64) function csr_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
-    csr_workspace = 0
+    csr_workspace = sparse_workspace_words(int(row(COL_N_IN)), int(row(COL_N_OUT)), n)
   end function csr_workspace
 
   subroutine csr_scan(version, buf, pos, limit, row, stat, msg)

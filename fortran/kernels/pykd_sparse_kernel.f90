@@ -1,0 +1,442 @@
+!> Sparse x dense products of the CSR layer kinds (sparse_csr and
+!! sparse_codebook): y = act(W^T x + b), W (n_in, n_out) in CSR rows
+!! (row i = input i, docs/model.md), x (n_in, n) with samples as columns.
+!!
+!! Three kernels; sparse_kernel_for picks one from the measured crossover
+!! (the constants below; the table is in docs/performance.md, "Sparse
+!! layers"):
+!! - SCATTER, one sample at a time: y += x(i) W(i, :) over the rows with
+!!   x(i) /= 0 (after a ReLU about half of them are 0).
+!! - PANEL, SPMM_BLOCK samples at a time: the block is transposed into a
+!!   (SPMM_BLOCK, n_in) panel in the workspace and its outputs summed
+!!   transposed, yt(SPMM_BLOCK, n_out), so that each non-zero updates
+!!   SPMM_BLOCK contiguous floats (two AVX2 registers); rows that are 0 in
+!!   every sample of the block are skipped.
+!! - DENSE: DENSE_PANEL_WORDS of W's rows at a time decoded into a dense
+!!   (n_out, kb) panel in the workspace (never the whole matrix of a big
+!!   layer) and multiplied by BLAS, accumulating over the panels.
+!! SCATTER and PANEL sum every output in the same order (inputs ascending,
+!! one multiply and one add per term, no FMA), and skipping a 0 term is
+!! exact (y starts at +0 and a sum of +0 and a product never turns -0),
+!! so they give the same bits as each other, for any batch size and thread
+!! count. DENSE sums in BLAS's order: forward(x[i:i+1]) may then differ
+!! from forward(x)[i] in the last bits. A sample with a NaN or inf input
+!! gets all-NaN outputs on every kernel (docs/model.md).
+!!
+!! PYKD_SPARSE_KERNEL=scatter|panel|dense forces a kernel for batches of 2
+!! or more (tests, benchmarks); one sample always takes SCATTER.
+module pykd_sparse_kernel
+  use iso_fortran_env, only: int8, int32, int64, real32
+  use iso_c_binding, only: c_int, c_float
+  use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
+  use pykd_activation, only: bias_activation
+  use pykd_layer_util, only: nonfinite_count, gemm_nn
+  !$ use omp_lib, only: omp_get_max_threads, omp_get_thread_num
+  implicit none
+  private
+  public :: SPARSE_SCATTER, SPARSE_PANEL, SPARSE_DENSE, sparse_kernel_for, sparse_kernel_name, &
+            sparse_workspace_words, sparse_pattern_ok, sparse_forward
+
+  integer, parameter :: SPARSE_SCATTER = 1, SPARSE_PANEL = 2, SPARSE_DENSE = 3
+
+  !> Samples per panel: two AVX2 registers of float32 per non-zero.
+  integer, parameter :: SPMM_BLOCK = 16
+  !> Panels run on at most this many threads (one workspace slot each).
+  integer, parameter :: MAX_SLOTS = 64
+  !> Panels are split over threads from this many multiply-adds (nnz n).
+  integer(int64), parameter :: PAR_MIN_MACS = 200000
+  !> Words of the dense panel of W the DENSE kernel decodes at a time
+  !! (1 MiB: large enough for BLAS to run near its peak on 200-wide layers,
+  !! a quarter of a 1200 x 1200 layer).
+  integer(int64), parameter :: DENSE_PANEL_WORDS = 262144
+
+  !> The crossover (measured, docs/performance.md "Sparse layers"):
+  !! DENSE from DENSE_MIN_BATCH samples when the density nnz / (n_in n_out)
+  !! is at least DENSE_MIN_DENSITY; else PANEL (SCATTER for one sample).
+  integer, parameter :: DENSE_MIN_BATCH = 8
+  real, parameter :: DENSE_MIN_DENSITY = 0.4
+
+  !> The forced kernel (PYKD_SPARSE_KERNEL): -1 not read yet, 0 none.
+  integer, save :: forced = -1
+
+  interface
+    !> b(j, i) = a(i, j), i <= rows, j <= cols (pykd_sparse_simd.c: 8 x 8
+    !! AVX2 tiles when the CPU has AVX2; only data moves, so the same bits).
+    subroutine c_transpose(a, lda, b, ldb, rows, cols) bind(c, name='pykd_sp_transpose')
+      import :: c_int, c_float
+      real(c_float), intent(in) :: a(*)
+      integer(c_int), intent(in) :: lda, ldb, rows, cols
+      real(c_float), intent(inout) :: b(*)
+    end subroutine c_transpose
+  end interface
+
+contains
+
+  !> The kernel for n samples of an (n_in, n_out) layer with nnz non-zeros.
+  integer function sparse_kernel_for(n_in, n_out, nnz, n) result(kernel)
+    integer, intent(in) :: n_in, n_out, n
+    integer(int64), intent(in) :: nnz
+    real :: density
+
+    kernel = SPARSE_SCATTER
+    if (n <= 1) return
+    if (forced < 0) then
+      !$omp critical (pykd_sparse_env)
+      if (forced < 0) forced = env_kernel()
+      !$omp end critical (pykd_sparse_env)
+    end if
+    if (forced > 0) then
+      kernel = forced
+      return
+    end if
+    density = real(nnz) / (real(n_in) * real(n_out))
+    kernel = SPARSE_PANEL
+    if (n >= DENSE_MIN_BATCH .and. density >= DENSE_MIN_DENSITY) kernel = SPARSE_DENSE
+  end function sparse_kernel_for
+
+  !> The kernel PYKD_SPARSE_KERNEL names, or 0.
+  integer function env_kernel()
+    character(len=16) :: v
+    integer :: st
+
+    call get_environment_variable('PYKD_SPARSE_KERNEL', v, status=st)
+    env_kernel = 0
+    if (st /= 0) return
+    select case (trim(v))
+    case ('scatter')
+      env_kernel = SPARSE_SCATTER
+    case ('panel')
+      env_kernel = SPARSE_PANEL
+    case ('dense')
+      env_kernel = SPARSE_DENSE
+    end select
+  end function env_kernel
+
+  !> 'scatter', 'panel' or 'dense'.
+  pure function sparse_kernel_name(kernel) result(s)
+    integer, intent(in) :: kernel
+    character(len=:), allocatable :: s
+    select case (kernel)
+    case (SPARSE_SCATTER)
+      s = 'scatter'
+    case (SPARSE_PANEL)
+      s = 'panel'
+    case default
+      s = 'dense'
+    end select
+  end function sparse_kernel_name
+
+  !> Input rows of W per dense panel.
+  pure integer function dense_rows(n_in, n_out)
+    integer, intent(in) :: n_in, n_out
+    dense_rows = int(min(int(n_in, int64), max(1_int64, DENSE_PANEL_WORDS / n_out)))
+  end function dense_rows
+
+  !> Workspace slots (threads) of the panel kernel for n samples.
+  pure integer function panel_slots(n)
+    integer, intent(in) :: n
+    panel_slots = min((n + SPMM_BLOCK - 1) / SPMM_BLOCK, MAX_SLOTS)
+  end function panel_slots
+
+  !> Words of one panel slot: xt(SPMM_BLOCK, n_in), nzr(n_in), yt(SPMM_BLOCK, n_out).
+  pure integer(int64) function slot_words(n_in, n_out)
+    integer, intent(in) :: n_in, n_out
+    slot_words = (SPMM_BLOCK + 1) * int(n_in, int64) + SPMM_BLOCK * int(n_out, int64)
+  end function slot_words
+
+  !> float32 words of scratch for n samples: none for one sample, else
+  !! enough for any kernel (so the size grows with n, whichever is chosen).
+  pure integer(int64) function sparse_workspace_words(n_in, n_out, n) result(words)
+    integer, intent(in) :: n_in, n_out, n
+    words = 0
+    if (n <= 1) return
+    words = max(panel_slots(n) * slot_words(n_in, n_out), int(n_out, int64) * dense_rows(n_in, n_out))
+  end function sparse_workspace_words
+
+  !> A CSR pattern (0-based indptr(n_in + 1), indices(nnz)) is valid:
+  !! indptr(1) = 0, non-decreasing, indptr(n_in + 1) = nnz, indices in
+  !! [0, n_out) and strictly increasing within a row. The same test as
+  !! pykd_layer_util's csr_ok, written as counts that vectorize: it runs
+  !! before every product, so that a table built in memory with a bad
+  !! index gives a status instead of a stray write.
+  pure logical function sparse_pattern_ok(n_in, n_out, nnz, indptr, indices) result(ok)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    integer(int32) :: lo, hi, bad
+    integer :: i, k
+
+    ok = indptr(1) == 0 .and. indptr(n_in + 1) == nnz
+    if (.not. ok) return
+    ok = count(indptr(2:) < indptr(:n_in)) == 0
+    if (.not. ok .or. nnz == 0) return
+    ! One pass: the range, and the neighbours that do not increase.
+    lo = indices(1); hi = indices(1); bad = 0
+    do k = 2, int(nnz)
+      lo = min(lo, indices(k))
+      hi = max(hi, indices(k))
+      bad = bad + merge(1_int32, 0_int32, indices(k) <= indices(k - 1))
+    end do
+    ok = lo >= 0 .and. hi < n_out
+    if (.not. ok) return
+    ! Less the neighbours where a (non-empty) row starts.
+    do i = 2, n_in
+      k = indptr(i) + 1
+      if (k >= 2 .and. k <= indptr(i + 1)) then
+        if (indices(k) <= indices(k - 1)) bad = bad - 1
+      end if
+    end do
+    ok = bad == 0
+  end function sparse_pattern_ok
+
+  !> y = act(W^T x + b) on the chosen kernel, for a valid pattern
+  !! (sparse_pattern_ok). The entry values are `values` (use_codes false)
+  !! or centroids(codes + 1), codes unsigned bytes checked against the
+  !! number of centroids by the caller (use_codes true; `values` is then
+  !! not read). work: sparse_workspace_words(n_in, n_out, n).
+  subroutine sparse_forward(n_in, n_out, n, nnz, indptr, indices, values, codes, centroids, &
+                            use_codes, act, b, x, y, work)
+    integer, intent(in) :: n_in, n_out, n, act
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(*), centroids(*), b(n_out), x(n_in, n)
+    integer(int8), intent(in) :: codes(*)
+    logical, intent(in) :: use_codes
+    real(real32), intent(out) :: y(n_out, n)
+    real(real32), intent(inout), target :: work(*)
+    integer :: j
+
+    select case (sparse_kernel_for(n_in, n_out, nnz, n))
+    case (SPARSE_SCATTER)
+      do j = 1, n
+        call scatter_sample(n_in, n_out, nnz, indptr, indices, values, codes, centroids, &
+                            use_codes, x(:, j), y(:, j))
+      end do
+      call bias_activation(act, n_out, n, b, y)
+    case (SPARSE_PANEL)
+      call panel_product(n_in, n_out, n, nnz, indptr, indices, values, codes, centroids, &
+                         use_codes, act, b, x, y, work)
+    case default
+      call dense_product(n_in, n_out, n, nnz, indptr, indices, values, codes, centroids, &
+                         use_codes, x, y, work)
+      call bias_activation(act, n_out, n, b, y)
+    end select
+  end subroutine sparse_forward
+
+  !> One sample: y = sum over the rows i with x(i) /= 0 of x(i) W(i, :);
+  !! all NaN when x has a NaN or inf.
+  subroutine scatter_sample(n_in, n_out, nnz, indptr, indices, values, codes, centroids, &
+                            use_codes, x, y)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(*), centroids(*), x(n_in)
+    integer(int8), intent(in) :: codes(*)
+    logical, intent(in) :: use_codes
+    real(real32), intent(out) :: y(n_out)
+    real(real32) :: xi
+    integer :: i, k, c
+
+    y = 0
+    if (nonfinite_count(int(n_in, int64), x) > 0) then
+      y = ieee_value(xi, ieee_quiet_nan)
+      return
+    end if
+    if (use_codes) then
+      do i = 1, n_in
+        xi = x(i)
+        if (xi == 0) cycle
+        do k = indptr(i) + 1, indptr(i + 1)
+          c = indices(k) + 1
+          y(c) = y(c) + xi * centroids(iand(int(codes(k)), 255) + 1)
+        end do
+      end do
+    else
+      do i = 1, n_in
+        xi = x(i)
+        if (xi == 0) cycle
+        do k = indptr(i) + 1, indptr(i + 1)
+          c = indices(k) + 1
+          y(c) = y(c) + xi * values(k)
+        end do
+      end do
+    end if
+  end subroutine scatter_sample
+
+  !> PANEL: blocks of SPMM_BLOCK samples over threads (static, each sample
+  !! summed alike whatever the thread count), one workspace slot per thread.
+  subroutine panel_product(n_in, n_out, n, nnz, indptr, indices, values, codes, centroids, &
+                           use_codes, act, b, x, y, work)
+    integer, intent(in) :: n_in, n_out, n, act
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(*), centroids(*), b(n_out), x(n_in, n)
+    integer(int8), intent(in) :: codes(*)
+    logical, intent(in) :: use_codes
+    real(real32), intent(inout) :: y(n_out, n)
+    real(real32), intent(inout), target :: work(*)
+    integer :: p, n_panels, slot, nt, s0
+    integer(int64) :: w0, sw
+
+    n_panels = (n + SPMM_BLOCK - 1) / SPMM_BLOCK
+    sw = slot_words(n_in, n_out)
+    nt = 1
+    !$ nt = min(omp_get_max_threads(), panel_slots(n))
+    !$omp parallel do schedule(static) num_threads(nt) private(slot, s0, w0) &
+    !$omp&   if(parallel: nnz * n >= PAR_MIN_MACS)
+    do p = 1, n_panels
+      slot = 0
+      !$ slot = omp_get_thread_num()
+      w0 = slot * sw
+      s0 = (p - 1) * SPMM_BLOCK
+      call panel_block(n_in, n_out, min(SPMM_BLOCK, n - s0), nnz, indptr, indices, values, codes, &
+                       centroids, use_codes, act, b, x(1, s0 + 1), y(1, s0 + 1), work(w0 + 1), &
+                       work(w0 + SPMM_BLOCK * int(n_in, int64) + 1), &
+                       work(w0 + (SPMM_BLOCK + 1) * int(n_in, int64) + 1))
+    end do
+    !$omp end parallel do
+  end subroutine panel_product
+
+  !> m <= SPMM_BLOCK samples: transpose x into xt (samples contiguous,
+  !! lanes past m 0) counting the non-zeros of every row into nzr, scatter
+  !! the non-zeros of W into yt, transpose yt into y with bias and activation.
+  subroutine panel_block(n_in, n_out, m, nnz, indptr, indices, values, codes, centroids, &
+                         use_codes, act, b, x, y, xt, nzr, yt)
+    integer, intent(in) :: n_in, n_out, m, act
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(*), centroids(*), b(n_out), x(n_in, m)
+    integer(int8), intent(in) :: codes(*)
+    logical, intent(in) :: use_codes
+    real(real32), intent(inout) :: y(n_out, m)
+    real(real32), intent(out) :: xt(SPMM_BLOCK, n_in), nzr(n_in), yt(SPMM_BLOCK, n_out)
+    integer :: s
+
+    ! Contiguous reads of x; the count is a vectorized compare (a branch
+    ! on each value would mispredict on ReLU outputs). /= 0 holds for NaN:
+    ! such a sample's outputs are replaced below anyway.
+    nzr = 0
+    do s = 1, m
+      nzr = nzr + merge(1.0_real32, 0.0_real32, x(:, s) /= 0)
+    end do
+    call c_transpose(x, n_in, xt, SPMM_BLOCK, n_in, m)
+    if (m < SPMM_BLOCK) xt(m + 1:, :) = 0
+    yt = 0
+    if (use_codes) then
+      call rows_codes(n_in, n_out, nnz, indptr, indices, codes, centroids, xt, nzr, yt)
+    else
+      call rows_values(n_in, n_out, nnz, indptr, indices, values, xt, nzr, yt)
+    end if
+    call c_transpose(yt, SPMM_BLOCK, y, n_out, m, n_out)
+    do s = 1, m
+      if (nonfinite_count(int(n_in, int64), x(:, s)) > 0) then
+        y(:, s) = ieee_value(0.0_real32, ieee_quiet_nan)
+      end if
+    end do
+    call bias_activation(act, n_out, m, b, y)
+  end subroutine panel_block
+
+  !> yt(:, j) += xt(:, i) W(i, j) over the rows with nzr(i) > 0, W from values.
+  pure subroutine rows_values(n_in, n_out, nnz, indptr, indices, values, xt, nzr, yt)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(nnz), xt(SPMM_BLOCK, n_in), nzr(n_in)
+    real(real32), intent(inout) :: yt(SPMM_BLOCK, n_out)
+    real(real32) :: xv(SPMM_BLOCK), v
+    integer :: i, k, c, s
+
+    do i = 1, n_in
+      if (nzr(i) == 0) cycle
+      xv = xt(:, i)
+      do k = indptr(i) + 1, indptr(i + 1)
+        c = indices(k) + 1
+        v = values(k)
+        !$omp simd
+        do s = 1, SPMM_BLOCK
+          yt(s, c) = yt(s, c) + xv(s) * v
+        end do
+      end do
+    end do
+  end subroutine rows_values
+
+  !> As rows_values, W from centroids(codes + 1).
+  pure subroutine rows_codes(n_in, n_out, nnz, indptr, indices, codes, centroids, xt, nzr, yt)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    integer(int8), intent(in) :: codes(nnz)
+    real(real32), intent(in) :: centroids(*), xt(SPMM_BLOCK, n_in), nzr(n_in)
+    real(real32), intent(inout) :: yt(SPMM_BLOCK, n_out)
+    real(real32) :: xv(SPMM_BLOCK), v
+    integer :: i, k, c, s
+
+    do i = 1, n_in
+      if (nzr(i) == 0) cycle
+      xv = xt(:, i)
+      do k = indptr(i) + 1, indptr(i + 1)
+        c = indices(k) + 1
+        v = centroids(iand(int(codes(k)), 255) + 1)
+        !$omp simd
+        do s = 1, SPMM_BLOCK
+          yt(s, c) = yt(s, c) + xv(s) * v
+        end do
+      end do
+    end do
+  end subroutine rows_codes
+
+  !> DENSE: y = W^T x through BLAS, W decoded kb input rows at a time into
+  !! the dense panel wp(n_out, kb) in work; NaN for non-finite samples.
+  subroutine dense_product(n_in, n_out, n, nnz, indptr, indices, values, codes, centroids, &
+                           use_codes, x, y, work)
+    integer, intent(in) :: n_in, n_out, n
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(*), centroids(*), x(n_in, n)
+    integer(int8), intent(in) :: codes(*)
+    logical, intent(in) :: use_codes
+    real(real32), intent(inout) :: y(n_out, n)
+    real(real32), intent(inout) :: work(*)
+    integer :: i0, kb, j
+    real(real32) :: beta
+
+    kb = dense_rows(n_in, n_out)
+    beta = 0
+    do i0 = 1, n_in, kb
+      call decode_rows(n_in, n_out, nnz, i0, min(kb, n_in - i0 + 1), indptr, indices, values, &
+                       codes, centroids, use_codes, work)
+      call gemm_nn(n_out, n, min(kb, n_in - i0 + 1), work, x(i0, 1), n_in, beta, y)
+      beta = 1
+    end do
+    do j = 1, n
+      if (nonfinite_count(int(n_in, int64), x(:, j)) > 0) y(:, j) = ieee_value(beta, ieee_quiet_nan)
+    end do
+  end subroutine dense_product
+
+  !> wp(:, r) = W(i0 + r - 1, :) for r = 1..kb (zeros and the row's entries).
+  pure subroutine decode_rows(n_in, n_out, nnz, i0, kb, indptr, indices, values, codes, centroids, &
+                              use_codes, wp)
+    integer, intent(in) :: n_in, n_out, i0, kb
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
+    real(real32), intent(in) :: values(*), centroids(*)
+    integer(int8), intent(in) :: codes(*)
+    logical, intent(in) :: use_codes
+    real(real32), intent(out) :: wp(n_out, kb)
+    integer :: r, k
+
+    wp = 0
+    do r = 1, kb
+      if (use_codes) then
+        do k = indptr(i0 + r - 1) + 1, indptr(i0 + r)
+          wp(indices(k) + 1, r) = centroids(iand(int(codes(k)), 255) + 1)
+        end do
+      else
+        do k = indptr(i0 + r - 1) + 1, indptr(i0 + r)
+          wp(indices(k) + 1, r) = values(k)
+        end do
+      end if
+    end do
+  end subroutine decode_rows
+
+end module pykd_sparse_kernel
