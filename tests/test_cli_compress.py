@@ -374,3 +374,16 @@ def test_demo_quick_compression_table(work, capsys, tmp_path):
     assert err.count("loaded") == 6
     assert stdout2.split("Compression of")[1].split("s)")[1] == \
         stdout.split("Compression of")[1].split("s)")[1]
+
+
+def test_report_plot(work, capsys, tmp_path):
+    png = tmp_path / "r.png"
+    rc, _, err = _run(["report", work / "s.pykd", work / "t.pykd", "--data", work / "data.npz",
+                       "--plot", png, "--no-latency", "--quiet"], capsys)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "--plot needs matplotlib" in err and not png.exists()
+        return
+    assert rc == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
