@@ -427,3 +427,13 @@ subroutine int8_path(name)
   !f2py threadsafe
   name = int8_path_name()
 end subroutine int8_path
+
+! The CPU path of the codebook layer's product in this process (portable or
+! avx2; PYKD_CODEBOOK_PATH forces one the CPU has).
+subroutine codebook_path(name)
+  use pykd_codebook_kernel, only: codebook_path_name
+  implicit none
+  character(len=16), intent(out) :: name
+  !f2py threadsafe
+  name = codebook_path_name()
+end subroutine codebook_path

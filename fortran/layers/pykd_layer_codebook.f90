@@ -6,26 +6,26 @@
 !! Payload v2: n_codes u32, bits u32, centroids f32[n_codes],
 !! packed u8[ceil(n_in n_out bits / 8)], b f32[n_out].
 !!
-!! The forward decodes a panel of input rows (at most PANEL_WORDS weights)
-!! into `work` and accumulates its product with BLAS: the whole float
-!! matrix is never built. The panel depends only on the layer's sizes, so
-!! the bits do not depend on the batch.
+!! The forward runs pykd_codebook_kernel: it decodes the packed indices in
+!! registers (small batches) or a panel at a time into an L1 buffer (larger
+!! ones) and sums each output in input order with one fused multiply-add
+!! per weight, so the bits depend neither on the batch, nor on the thread
+!! count, nor on the CPU path (docs/performance.md, "Codebook layers"). The
+!! whole float matrix is never built.
 module pykd_layer_codebook
   use iso_fortran_env, only: int8, int32, int64, real32
   use pykd_codes, only: N_FIELDS, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
-                        COL_I8_OFF, COL_I8_LEN, COL_I32_LEN, COL_P1, COL_P2
+                        COL_I8_OFF, COL_I8_LEN, COL_I32_LEN, COL_P1, COL_P2, ACT_IDENTITY, ACT_RELU
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
-  use pykd_activation, only: bias_activation
+  use pykd_activation, only: apply_activation
+  use pykd_codebook_kernel, only: codebook_product
   use pykd_bytes, only: get_f32, put_u32, put_f32, put_bytes, str
   use pykd_layer_util, only: take, read_count, sizes_ok, row_expect, nonfinite_count, fewest_bits, &
-                             packed_bytes, gemm_nn, nan_fill
+                             packed_bytes, nan_fill
   implicit none
   private
   public :: codebook_layer_t, codes_ok
-
-  !> Weights decoded per panel: 64 KiB of float32, at home in L2.
-  integer(int64), parameter :: PANEL_WORDS = 16384
 
   type, extends(pykd_layer_t) :: codebook_layer_t
   contains
@@ -47,18 +47,17 @@ contains
     s = 'codebook'
   end function cb_name
 
-  !> Input rows per panel.
-  pure integer function panel_rows(row)
-    integer(int64), intent(in) :: row(N_FIELDS)
-    panel_rows = int(max(1_int64, min(row(COL_N_IN), PANEL_WORDS / max(row(COL_N_OUT), 1_int64))))
-  end function panel_rows
-
+  !> The kernel's panels live on its stack: no workspace.
   pure integer(int64) function cb_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
-    cb_workspace = max(row(COL_N_OUT), 0_int64) * panel_rows(row)
+    cb_workspace = 0
   end function cb_workspace
 
+  !> y = act(w x + b). The kernel adds b and applies relu itself; other
+  !! activations follow in one pass. An index >= n_codes reads a NaN table
+  !! entry in the kernel, so the indices are checked (a full scan) only when
+  !! an output came out NaN and the codes do not fill 2**bits.
   subroutine cb_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
     real(real32), intent(in) :: f32(*)
@@ -69,48 +68,47 @@ contains
     real(real32), intent(out) :: y(row(COL_N_OUT), n)
     real(real32), intent(inout), target :: work(*)
     integer, intent(out) :: stat
-    integer(int64) :: o, n_codes
-    integer :: n_in, n_out, p, i0, np
+    integer(int64) :: o, n_codes, nw
+    integer :: act, bits
+    logical :: any_nan
 
-    n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); n_codes = row(COL_P1)
-    o = row(COL_F32_OFF); p = panel_rows(row)
-    do i0 = 1, n_in, p
-      np = min(p, n_in - i0 + 1)
-      call decode(int(row(COL_P2)), n_codes, i8(row(COL_I8_OFF) + 1), int(i0 - 1, int64) * n_out, &
-                  int(np, int64) * n_out, f32(o + 1), work, stat)
-      if (stat /= PYKD_OK) then
+    o = row(COL_F32_OFF); n_codes = row(COL_P1); bits = int(row(COL_P2)); act = int(row(COL_ACT))
+    call codebook_product(bits, int(n_codes), int(row(COL_N_IN)), int(row(COL_N_OUT)), n, &
+                          i8(row(COL_I8_OFF) + 1), row(COL_I8_LEN), f32(o + 1), f32(o + n_codes + 1), &
+                          act == ACT_RELU, x, y, any_nan)
+    stat = PYKD_OK
+    nw = row(COL_N_IN) * row(COL_N_OUT)
+    if (any_nan .and. n_codes < 2_int64**bits) then
+      if (bad_index(bits, n_codes, i8(row(COL_I8_OFF) + 1), nw)) then
+        stat = PYKD_ERR_ARG
         call nan_fill(row(COL_N_OUT) * n, y)
         return
       end if
-      call gemm_nn(n_out, n, np, work, x(i0, 1), n_in, merge(0.0_real32, 1.0_real32, i0 == 1), y)
-    end do
-    call bias_activation(int(row(COL_ACT)), n_out, n, f32(o + n_codes + 1), y)
+    end if
+    if (act /= ACT_IDENTITY .and. act /= ACT_RELU) &
+      call apply_activation(act, int(row(COL_N_OUT)), n, y)
   end subroutine cb_forward
 
-  !> w(1:m) = centroids(index(e0 + 1 .. e0 + m) + 1); stat PYKD_ERR_ARG if
-  !! an index is >= n_codes. With bits in {1, 2, 4, 8} no index straddles
-  !! a byte.
-  pure subroutine decode(bits, n_codes, packed, e0, m, centroids, w, stat)
+  !> Some index of the first nw in the packed stream is >= n_codes. With
+  !! bits in {1, 2, 4, 8} no index straddles a byte.
+  pure logical function bad_index(bits, n_codes, packed, nw)
     integer, intent(in) :: bits
-    integer(int64), intent(in) :: n_codes, e0, m
+    integer(int64), intent(in) :: n_codes, nw
     integer(int8), intent(in) :: packed(*)
-    real(real32), intent(in) :: centroids(n_codes)
-    real(real32), intent(out) :: w(m)
-    integer, intent(out) :: stat
-    integer(int64) :: k, t, c, mask
+    integer(int64) :: k, f, byte, mask, per
 
-    mask = 2_int64**bits - 1
-    stat = PYKD_OK
-    do k = 1, m
-      t = (e0 + k - 1) * bits
-      c = iand(ishft(iand(int(packed(t / 8 + 1), int64), 255_int64), -int(mod(t, 8_int64))), mask)
-      if (c >= n_codes) then
-        stat = PYKD_ERR_ARG
-        return
-      end if
-      w(k) = centroids(c + 1)
+    mask = 2_int64**bits - 1; per = 8 / bits
+    bad_index = .false.
+    do k = 0, nw - 1, per
+      byte = iand(int(packed(k / per + 1), int64), 255_int64)
+      do f = 0, min(per, nw - k) - 1
+        if (iand(ishft(byte, -int(f * bits)), mask) >= n_codes) then
+          bad_index = .true.
+          return
+        end if
+      end do
     end do
-  end subroutine decode
+  end function bad_index
 
   subroutine cb_scan(version, buf, pos, limit, row, stat, msg)
     integer, intent(in) :: version
@@ -246,9 +244,8 @@ contains
     integer, intent(in) :: code
     integer, intent(out) :: stat
     character(len=*), intent(inout) :: msg
-    integer(int64) :: o, oq, nc, nw, used, e0, m
-    integer :: bits, st
-    real(real32) :: w(PANEL_WORDS)
+    integer(int64) :: o, oq, nc, nw, used
+    integer :: bits
 
     o = row(COL_F32_OFF); oq = row(COL_I8_OFF); nc = row(COL_P1); bits = int(row(COL_P2))
     nw = row(COL_N_IN) * row(COL_N_OUT)
@@ -266,14 +263,10 @@ contains
         return
       end if
     end if
-    do e0 = 0, nw - 1, PANEL_WORDS
-      m = min(PANEL_WORDS, nw - e0)
-      call decode(bits, nc, i8(oq + 1), e0, m, f32(o + 1), w, st)
-      if (st /= PYKD_OK) then
-        msg = 'packed indices: an index is >= n_codes = '//str(nc)
-        return
-      end if
-    end do
+    if (bad_index(bits, nc, i8(oq + 1), nw)) then
+      msg = 'packed indices: an index is >= n_codes = '//str(nc)
+      return
+    end if
     stat = PYKD_OK
   end subroutine cb_values_ok
 

@@ -1,0 +1,92 @@
+!> The codebook layer's product on the CPU's fastest path, chosen at run time
+!! (fortran/kernels/pykd_codebook_simd.c): portable or avx2. Every path,
+!! batch size and thread count gives the same bits (one fused multiply-add
+!! per weight, in input order, on every path); PYKD_CODEBOOK_PATH forces one.
+module pykd_codebook_kernel
+  use iso_c_binding, only: c_int, c_int8_t, c_int64_t, c_float, c_char
+  use iso_fortran_env, only: int64
+  !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num
+  implicit none
+  private
+  public :: codebook_product, codebook_path_name
+
+  !> Multiply-adds below which the product stays on one thread.
+  integer(int64), parameter :: PAR_MIN_MACS = 100000
+  !> Batches above SMALL_BATCH split samples over threads (a multiple of
+  !! SAMPLES_ALIGN each: the microkernel's width); smaller ones split outputs
+  !! (a multiple of OUTPUTS_ALIGN each: one vector).
+  integer, parameter :: SMALL_BATCH = 4, SAMPLES_ALIGN = 6, OUTPUTS_ALIGN = 8
+
+  interface
+    integer(c_int) function c_path() bind(c, name='pykd_cb_path')
+      import :: c_int
+    end function c_path
+    subroutine c_path_name(name, len) bind(c, name='pykd_cb_path_name')
+      import :: c_char, c_int
+      character(kind=c_char), intent(out) :: name(*)
+      integer(c_int), value :: len
+    end subroutine c_path_name
+    integer(c_int) function c_product(path, bits, n_codes, n_in, n_out, packed, nbytes, &
+                                      centroids, b, relu, x, ldx, s0, s1, j0, j1, y) &
+        bind(c, name='pykd_cb_product')
+      import :: c_int, c_int8_t, c_int64_t, c_float
+      integer(c_int), value :: path, bits, n_codes, n_in, n_out, relu, ldx, s0, s1, j0, j1
+      integer(c_int64_t), value :: nbytes
+      integer(c_int8_t), intent(in) :: packed(*)
+      real(c_float), intent(in) :: centroids(*), b(*), x(*)
+      real(c_float), intent(inout) :: y(*)
+    end function c_product
+  end interface
+
+contains
+
+  !> The name of the path the codebook product runs on in this process.
+  function codebook_path_name() result(name)
+    character(len=16) :: name
+    character(kind=c_char) :: buf(16)
+    integer :: k
+    call c_path_name(buf, 16_c_int)
+    do k = 1, 16
+      name(k:k) = buf(k)
+    end do
+  end function codebook_path_name
+
+  !> y(j, s) = sum_i w(j, i) x(i, s) + b(j), then relu when `relu`, with
+  !! w(j, i) = centroids(index(i n_out + j)) from the packed stream
+  !! (nbytes bytes). any_nan: an output before the activation is NaN.
+  subroutine codebook_product(bits, n_codes, n_in, n_out, n, packed, nbytes, centroids, b, relu, &
+                              x, y, any_nan)
+    integer, intent(in) :: bits, n_codes, n_in, n_out, n
+    integer(int64), intent(in) :: nbytes
+    integer(c_int8_t), intent(in) :: packed(nbytes)
+    real(c_float), intent(in) :: centroids(n_codes), b(n_out), x(n_in, n)
+    logical, intent(in) :: relu
+    real(c_float), intent(inout) :: y(n_out, n)
+    logical, intent(out) :: any_nan
+    integer(c_int) :: path, r, nan
+    integer :: k, nt, chunk, lo, hi
+    logical :: par
+
+    path = c_path()
+    r = merge(1_c_int, 0_c_int, relu)
+    par = int(n_in, int64) * n_out * n >= PAR_MIN_MACS
+    nan = 0
+    !$omp parallel if(par) private(k, nt, chunk, lo, hi) reduction(max: nan)
+    nt = 1; k = 0
+    !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
+    if (n > SMALL_BATCH) then
+      chunk = ((n + nt - 1) / nt + SAMPLES_ALIGN - 1) / SAMPLES_ALIGN * SAMPLES_ALIGN
+      lo = min(k * chunk, n); hi = min(lo + chunk, n)
+      nan = c_product(path, bits, n_codes, n_in, n_out, packed, nbytes, centroids, b, r, x, n_in, &
+                      lo, hi, 0, n_out, y)
+    else
+      chunk = ((n_out + nt - 1) / nt + OUTPUTS_ALIGN - 1) / OUTPUTS_ALIGN * OUTPUTS_ALIGN
+      lo = min(k * chunk, n_out); hi = min(lo + chunk, n_out)
+      nan = c_product(path, bits, n_codes, n_in, n_out, packed, nbytes, centroids, b, r, x, n_in, &
+                      0, n, lo, hi, y)
+    end if
+    !$omp end parallel
+    any_nan = nan /= 0
+  end subroutine codebook_product
+
+end module pykd_codebook_kernel
