@@ -428,6 +428,29 @@ subroutine int8_path(name)
   name = int8_path_name()
 end subroutine int8_path
 
+! network_forward without errmsg: f2py pads and strips a character(512)
+! result one byte at a time, twice (~5000 instructions, more than the rest of
+! the wrapper). Model.forward calls this one and, only on a failure, the
+! full network_forward for the message. Returns (stat, bad_layer).
+subroutine network_forward_fast(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, &
+                                nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw, stat, bad_layer)
+  use iso_c_binding, only: c_float, c_int, c_int32_t, c_int64_t
+  use pykd_network, only: impl => network_forward
+  implicit none
+  integer(c_int), intent(in) :: nl, n_in, n, n_out, upto
+  integer(c_int64_t), intent(in) :: nf32, ni8, ni32, nnorm, nw
+  integer(c_int64_t), intent(in) :: table(14, nl)
+  real(c_float), intent(in) :: f32(nf32), norm(nnorm), x(n_in, n)
+  integer(1), intent(in) :: i8(ni8)
+  integer(c_int32_t), intent(in) :: i32(ni32)
+  integer(c_int), intent(in) :: norm_kinds(2)
+  real(c_float), intent(inout) :: y(n_out, n), work(nw)
+  integer(c_int), intent(out) :: stat, bad_layer
+  !f2py threadsafe
+  !f2py intent(hide) :: nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw
+  call impl(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, stat, bad_layer)
+end subroutine network_forward_fast
+
 ! The CPU path of the codebook layer's product in this process (portable or
 ! avx2; PYKD_CODEBOOK_PATH forces one the CPU has).
 subroutine codebook_path(name)

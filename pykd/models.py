@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import threading
 
 import numpy as np
 
@@ -36,6 +37,9 @@ _TRAINABLE = _codes.TRAINABLE_ACTIVATIONS
 _COL = _codes.COL
 
 _F32 = np.float32
+_F32_DTYPE = np.dtype(np.float32)
+#: Cached workspace sizes per model: beyond this many batch sizes the cache is cleared.
+_WORDS_CACHE = 64
 
 
 def _check_sizes(sizes):
@@ -214,13 +218,17 @@ class MLP:
         -------
         ndarray, float32, shape (n, sizes[upto or -1])
         """
+        net = self._net
+        if (net is not None and upto is None and backend is None and self.backend == "fortran"
+                and net._mlp_key[0] is self.norm and net._mlp_key[1] == self.activations):
+            return net.forward(X, batch_size=batch_size, backend="fortran")
         return self._network().forward(X, upto=upto, batch_size=batch_size,
                                        backend=backend or self.backend)
 
     def _network(self):
         """The :class:`Model` view of the buffer (cached; rebuilt when the
         buffer, the normalisation or the activations change)."""
-        net, key = self._net, (self.norm, tuple(self.activations))
+        net, key = self._net, (self.norm, list(self.activations))
         if net is None or net._mlp_key[0] is not key[0] or net._mlp_key[1] != key[1]:
             net = self._view(self.metadata)
             net._mlp_key = key
@@ -334,6 +342,17 @@ def _network_ext():
     return ext
 
 
+_fast = None
+
+
+def _network_fast():
+    """The shim's network_forward_fast (no error message; stat, bad_layer)."""
+    global _fast
+    if _fast is None:
+        _fast = getattr(_network_ext(), "network_forward_fast")
+    return _fast
+
+
 def _as_layer(layer, k):
     if isinstance(layer, Layer):
         return layer
@@ -434,7 +453,10 @@ class Model:
         self._norm_kinds = np.array([c_in, c_out], np.int32)
         self.metadata = dict(metadata or {})
         self.backend = backend
-        self._mlp_key = (None, ())
+        self._mlp_key = (None, [])
+        self._n_features, self._n_outputs = nf, no
+        self._words = {}                  # (n, upto) -> network_workspace_size
+        self._tls = threading.local()     # .work: this thread's workspace
 
     # ----------------------------------------------------------- properties
     @property
@@ -543,6 +565,21 @@ class Model:
         ValueError
             If an int8 layer's input holds NaN or inf (naming the layer).
         """
+        # The common case (one chunk of C-contiguous float32 rows, all layers,
+        # the Fortran backend) in a few cheap tests; anything else, and any
+        # failure, takes the full path below, which checks everything.
+        if (upto is None and type(X) is np.ndarray and X.ndim == 2
+                and X.dtype is _F32_DTYPE and X.shape[1] == self._n_features
+                and type(batch_size) is int and 0 < X.shape[0] <= batch_size
+                and X.flags.c_contiguous and (backend or self.backend) == "fortran"):
+            n = X.shape[0]
+            out = np.empty((n, self._n_outputs), np.float32)
+            stat, _ = _network_fast()(self._table_f, self.f32, self.i8, self.i32,
+                                      self._norm_buf, self._norm_kinds, X.T, 0, out.T,
+                                      self._work(n, 0))
+            if stat == _codes.OK:
+                return out
+            self._words.clear()        # e.g. the table was changed: size the workspace anew
         backend, upto, batch_size = self._check_forward(X, upto, batch_size, backend)
         n = X.shape[0]
         out = np.empty((n, self._layers[upto - 1].n_out), np.float32)
@@ -557,9 +594,7 @@ class Model:
             return out
         ext = _network_ext()
         up = 0 if upto == self.n_layers else upto       # 0: all layers, out_norm undone
-        words = int(ext.network_workspace_size(table=self._table_f, n=min(batch_size, n),
-                                               upto=up))
-        work = np.empty(max(words, 1), np.float32)
+        work = self._work(min(batch_size, n), up)
         for s in range(0, n, batch_size):
             xs = X[s:s + batch_size]
             if not direct:
@@ -573,6 +608,23 @@ class Model:
             if stat != _codes.OK:
                 self._raise(stat, bad, res[2] if len(res) > 2 else None)
         return out
+
+    def _work(self, n, up):
+        """This thread's workspace, at least network_workspace_size(n, up)
+        words: one array per thread and model, kept between calls and grown
+        when a call needs more (threads never share one; its contents never
+        reach the results)."""
+        words = self._words.get((n, up))
+        if words is None:
+            if len(self._words) >= _WORDS_CACHE:
+                self._words.clear()
+            words = max(int(_network_ext().network_workspace_size(
+                table=self._table_f, n=n, upto=up)), 1)
+            self._words[(n, up)] = words
+        work = getattr(self._tls, "work", None)
+        if work is None or work.shape[0] < words:
+            work = self._tls.work = np.empty(words, np.float32)
+        return work
 
     __call__ = forward
 

@@ -8,12 +8,25 @@ module pykd_layer_dense
                         COL_I8_LEN, COL_I32_LEN, COL_P1
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
-  use pykd_activation, only: bias_activation
+  use pykd_activation, only: bias_activation, apply_activation
   use pykd_bytes, only: get_f32, put_f32
   use pykd_layer_util, only: take, sizes_ok, row_expect, nonfinite_count, gemm_nn
+  use pykd_codes, only: ACT_IDENTITY, ACT_RELU
+  use iso_c_binding, only: c_int, c_float
   implicit none
   private
-  public :: dense_layer_t
+  public :: dense_layer_t, dense_rows
+
+  interface
+    !> fortran/kernels/pykd_dense_simd.c: y(j0+1:j1) of one sample, bias and
+    !! identity/relu fused, on the calling thread (no OpenMP, no BLAS).
+    subroutine c_gemv(n_out, n_in, w, x, j0, j1, b, act, y) bind(c, name='pykd_f32_gemv')
+      import :: c_int, c_float
+      integer(c_int), value :: n_out, n_in, j0, j1, act
+      real(c_float), intent(in) :: w(*), x(*), b(*)
+      real(c_float), intent(inout) :: y(*)
+    end subroutine c_gemv
+  end interface
 
   type, extends(pykd_layer_t) :: dense_layer_t
   contains
@@ -35,7 +48,9 @@ contains
     s = 'dense'
   end function dense_name
 
-  !> y = act(w x + b): one BLAS product, then bias and activation in one pass.
+  !> y = act(w x + b): one sample through pykd_f32_gemv on this thread (no
+  !! BLAS or OpenMP wake-up); more through one sgemm, then bias and
+  !! activation in one pass.
   subroutine dense_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
     real(real32), intent(in) :: f32(*)
@@ -50,10 +65,34 @@ contains
     integer(int64) :: off
 
     n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); off = row(COL_F32_OFF)
+    stat = PYKD_OK
+    if (n == 1) then
+      call dense_rows(row, f32, x, 0, n_out, y)
+      return
+    end if
     call gemm_nn(n_out, n, n_in, f32(off + 1), x, n_in, 0.0_real32, y)
     call bias_activation(int(row(COL_ACT)), n_out, n, f32(off + row(COL_N_IN) * n_out + 1), y)
-    stat = PYKD_OK
   end subroutine dense_forward
+
+  !> Outputs j0+1 .. j1 of one sample, y(j) = act(sum_i w(j, i) x(i) + b(j)),
+  !! summed in input order (the bits do not depend on the range a thread
+  !! takes). Thread-safe; the caller's threads may split the outputs.
+  subroutine dense_rows(row, f32, x, j0, j1, y)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    real(real32), intent(in) :: x(row(COL_N_IN))
+    integer, intent(in) :: j0, j1
+    real(real32), intent(inout) :: y(row(COL_N_OUT))
+    integer(int64) :: off
+    integer :: act
+
+    if (j1 <= j0) return
+    off = row(COL_F32_OFF); act = int(row(COL_ACT))
+    call c_gemv(int(row(COL_N_OUT), c_int), int(row(COL_N_IN), c_int), f32(off + 1), x, &
+                int(j0, c_int), int(j1, c_int), f32(off + row(COL_N_IN) * row(COL_N_OUT) + 1), &
+                int(act, c_int), y)
+    if (act /= ACT_IDENTITY .and. act /= ACT_RELU) call apply_activation(act, j1 - j0, 1, y(j0 + 1:j1))
+  end subroutine dense_rows
 
   pure integer(int64) function dense_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)

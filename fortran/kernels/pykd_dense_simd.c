@@ -1,0 +1,138 @@
+/* The dense layer's one-sample product (docs/performance.md, "Batch 1").
+ *
+ * y(j) = act(sum_i w(j, i) * x(i) + b(j)) for the outputs j0 <= j < j1
+ * (0-based), w the model's Fortran w(n_out, n_in) float32, read in place.
+ * act is fused for identity and relu (the codes of pykd_codes); for any
+ * other code the caller applies it after the bias.
+ *
+ * Each output is summed in input order, one float32 multiply and one add per
+ * term, starting from 0 (no FMA on any path: this file is built with
+ * -ffp-contract=off and no "fma" target). A vector lane is one output, so
+ * the avx2 and portable paths give the same bits, whatever range of outputs
+ * a thread takes: the bits depend neither on the path nor on the thread
+ * count. (They differ from sgemv's, which sums in another order.)
+ *
+ * No OpenMP and no BLAS here: a call runs on the calling thread, so a small
+ * product wakes no thread. PYKD_DENSE_PATH=portable forces the plain-C path.
+ */
+#pragma GCC optimize("fp-contract=off")
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(PYKD_NO_SIMD)
+#include <immintrin.h>
+#define PYKD_X86 1
+#endif
+
+/* pykd_codes: ACT_IDENTITY = 0, ACT_RELU = 1 (tests/test_codes.py checks them). */
+enum { ACT_IDENTITY = 0, ACT_RELU = 1 };
+enum { P_PORTABLE = 0, P_AVX2 = 1 };
+
+static int choose_path(void)
+{
+    const char *want = getenv("PYKD_DENSE_PATH");
+    if (want != NULL && strcmp(want, "portable") == 0) return P_PORTABLE;
+#ifdef PYKD_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) return P_AVX2;
+#endif
+    return P_PORTABLE;
+}
+
+static int chosen = -1;
+
+int pykd_f32_path(void)
+{
+    int p = __atomic_load_n(&chosen, __ATOMIC_ACQUIRE);
+    if (p < 0) {
+        p = choose_path();
+        __atomic_store_n(&chosen, p, __ATOMIC_RELEASE);
+    }
+    return p;
+}
+
+/* z < 0 ? 0 : z keeps NaN and -0.0, as the relu of pykd_activation. */
+static inline float finish(float acc, float b, int act)
+{
+    float z = acc + b;
+    return (act == ACT_RELU && z < 0.0f) ? 0.0f : z;
+}
+
+/* Outputs per portable tile (the accumulators live on the stack). */
+#define PJ 64
+
+static void gemv_portable(int n_out, int n_in, const float *w, const float *x, int j0, int j1,
+                          const float *b, int act, float *y)
+{
+    float acc[PJ];
+    for (int j = j0; j < j1; j += PJ) {
+        int m = j1 - j < PJ ? j1 - j : PJ;
+        for (int k = 0; k < m; k++) acc[k] = 0.0f;
+        for (int i = 0; i < n_in; i++) {
+            const float *col = w + (size_t)i * n_out + j;
+            float xi = x[i];
+            for (int k = 0; k < m; k++) acc[k] = acc[k] + col[k] * xi;
+        }
+        for (int k = 0; k < m; k++) y[j + k] = finish(acc[k], b[j + k], act);
+    }
+}
+
+#ifdef PYKD_X86
+#define AVX2 __attribute__((target("avx2")))
+
+/* NV vectors of 8 outputs from j: NV accumulators stay in registers while
+ * the inputs stream by (a compile-time NV, from the switch below). */
+AVX2 static inline __attribute__((always_inline)) void
+block_avx2(const int NV, int n_out, int n_in, const float *w, const float *x, int j,
+           const float *b, int act, float *y)
+{
+    __m256 acc[8];
+    for (int v = 0; v < NV; v++) acc[v] = _mm256_setzero_ps();
+    const float *col = w + j;
+    for (int i = 0; i < n_in; i++, col += n_out) {
+        __m256 xi = _mm256_broadcast_ss(x + i);
+        for (int v = 0; v < NV; v++)
+            acc[v] = _mm256_add_ps(acc[v], _mm256_mul_ps(_mm256_loadu_ps(col + 8 * v), xi));
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    for (int v = 0; v < NV; v++) {
+        __m256 z = _mm256_add_ps(acc[v], _mm256_loadu_ps(b + j + 8 * v));
+        if (act == ACT_RELU) z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+        _mm256_storeu_ps(y + j + 8 * v, z);
+    }
+}
+
+AVX2 static void gemv_avx2(int n_out, int n_in, const float *w, const float *x, int j0, int j1,
+                           const float *b, int act, float *y)
+{
+    int j = j0;
+    for (; j + 64 <= j1; j += 64) block_avx2(8, n_out, n_in, w, x, j, b, act, y);
+    switch ((j1 - j) / 8) {
+    case 7: block_avx2(7, n_out, n_in, w, x, j, b, act, y); break;
+    case 6: block_avx2(6, n_out, n_in, w, x, j, b, act, y); break;
+    case 5: block_avx2(5, n_out, n_in, w, x, j, b, act, y); break;
+    case 4: block_avx2(4, n_out, n_in, w, x, j, b, act, y); break;
+    case 3: block_avx2(3, n_out, n_in, w, x, j, b, act, y); break;
+    case 2: block_avx2(2, n_out, n_in, w, x, j, b, act, y); break;
+    case 1: block_avx2(1, n_out, n_in, w, x, j, b, act, y); break;
+    default: break;
+    }
+    j += (j1 - j) / 8 * 8;
+    /* The last < 8 outputs one at a time, in the same order. */
+    if (j < j1) gemv_portable(n_out, n_in, w, x, j, j1, b, act, y);
+}
+#endif
+
+/* y[j0:j1] of one sample; act other than identity and relu: bias only. */
+void pykd_f32_gemv(int n_out, int n_in, const float *w, const float *x, int j0, int j1,
+                   const float *b, int act, float *y)
+{
+    if (act != ACT_RELU) act = ACT_IDENTITY;
+#ifdef PYKD_X86
+    if (pykd_f32_path() == P_AVX2) {
+        gemv_avx2(n_out, n_in, w, x, j0, j1, b, act, y);
+        return;
+    }
+#endif
+    gemv_portable(n_out, n_in, w, x, j0, j1, b, act, y);
+}
