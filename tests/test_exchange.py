@@ -507,3 +507,11 @@ def test_cli_info(tmp_path, saved, capsys):
     assert info["bytes"] == m.nbytes and info["layers"][0]["quant"] == "dynamic"
     assert info["bytes_on_disk"] == os.path.getsize(tmp_path / "m.pykd")
     assert info["metadata"]["note"] == "hi"
+
+
+def test_export_refuses_more_than_one_onnx_file_holds(monkeypatch):
+    import pykd.exchange.onnx as xonnx
+    monkeypatch.setattr(xonnx, "MAX_ONNX_BYTES", (1 << 24) + 100)
+    m = _model("dense", "relu", np.random.default_rng(0))
+    with pytest.raises(ExchangeError, match="more than one ONNX file holds"):
+        to_onnx(m)

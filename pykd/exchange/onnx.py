@@ -178,6 +178,12 @@ def to_onnx(model, *, static_int8="qdq"):
     if not hasattr(model, "to_model"):
         raise TypeError(f"model must be a pykd MLP or Model, got {type(model).__name__}")
     net = model.to_model()
+    weights = sum(4 * (layer.U.size + layer.V.size) if isinstance(layer, LowRank)
+                  else (1 if isinstance(layer, DenseInt8) else 4) * layer.n_in * layer.n_out
+                  for layer in net.layers)
+    if weights > MAX_ONNX_BYTES - (1 << 24):
+        raise ExchangeError(f"the model's weights take {weights} bytes as ONNX tensors, more "
+                            "than one ONNX file holds (2 GiB)")
     g = _Graph(helper, numpy_helper)
     h = "input"
     if net.norm is not None:
