@@ -24,10 +24,10 @@ module pykd_int8_kernel
       character(kind=c_char), intent(out) :: name(*)
       integer(c_int), value :: len
     end subroutine c_path_name
-    subroutine c_dense(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, y) &
+    subroutine c_dense(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y) &
         bind(c, name='pykd_i8_dense')
       import :: c_int, c_int8_t, c_int16_t, c_float
-      integer(c_int), value :: path, n_out, n_in, ldx, s0, s1, j0, j1
+      integer(c_int), value :: path, n_out, n_in, ldx, s0, s1, j0, j1, act
       integer(c_int8_t), intent(in) :: q(*)
       integer(c_int16_t), intent(in) :: x(*)
       real(c_float), intent(in) :: scale(*), sx(*), b(*)
@@ -49,12 +49,15 @@ contains
   end function int8_path_name
 
   !> y(j, s) = real(sum_i q(j, i) x(i, s)) * (scale(j) * sx(s)) + b(j), the
-  !! sum exact in int32. x is the quantized batch as int16, x(ldx, n), ldx
-  !! even, x(n_in + 1, :) = 0 when n_in is odd. Threads take blocks of
-  !! samples, or of outputs for a small batch; integer sums make the split
-  !! invisible in the bits.
-  subroutine int8_dense_product(n_in, n_out, n, ldx, q, x, scale, sx, b, y)
-    integer, intent(in) :: n_in, n_out, n, ldx
+  !! sum exact in int32, then relu if act is ACT_RELU (other codes: none
+  !! here, the caller applies them). x is the quantized batch as int16,
+  !! x(ldx, n), ldx even, x(n_in + 1, :) = 0 when n_in is odd. Threads take
+  !! blocks of samples, or of outputs for a small batch; integer sums make
+  !! the split invisible in the bits. One sample stays on the calling
+  !! thread: waking the team cost more than it saved at the student's sizes
+  !! and gave the 1 ms p99 (docs/performance.md).
+  subroutine int8_dense_product(n_in, n_out, n, ldx, q, x, scale, sx, b, act, y)
+    integer, intent(in) :: n_in, n_out, n, ldx, act
     integer(c_int8_t), intent(in) :: q(n_out, n_in)
     integer(c_int16_t), intent(in) :: x(ldx, n)
     real(c_float), intent(in) :: scale(n_out), sx(n), b(n_out)
@@ -64,13 +67,17 @@ contains
     logical :: par
 
     path = c_path()
+    if (n == 1) then
+      call c_dense(path, n_out, n_in, q, x, ldx, 0, 1, 0, n_out, scale, sx, b, act, y)
+      return
+    end if
     par = int(n_in, int64) * n_out * n >= PAR_MIN_MACS
     if (n >= 2 * SAMPLES_PER_TASK) then
       n_tasks = (n + SAMPLES_PER_TASK - 1) / SAMPLES_PER_TASK
       !$omp parallel do schedule(static) if(par)
       do k = 0, n_tasks - 1
         call c_dense(path, n_out, n_in, q, x, ldx, k * SAMPLES_PER_TASK, &
-                     min((k + 1) * SAMPLES_PER_TASK, n), 0, n_out, scale, sx, b, y)
+                     min((k + 1) * SAMPLES_PER_TASK, n), 0, n_out, scale, sx, b, act, y)
       end do
       !$omp end parallel do
     else
@@ -80,7 +87,7 @@ contains
       !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
       chunk = ((n_out + nt - 1) / nt + OUTPUTS_ALIGN - 1) / OUTPUTS_ALIGN * OUTPUTS_ALIGN
       if (k * chunk < n_out) call c_dense(path, n_out, n_in, q, x, ldx, 0, n, k * chunk, &
-                                          min((k + 1) * chunk, n_out), scale, sx, b, y)
+                                          min((k + 1) * chunk, n_out), scale, sx, b, act, y)
       !$omp end parallel
     end if
   end subroutine int8_dense_product

@@ -83,15 +83,20 @@ void pykd_i8_path_name(char *name, int len)
     for (int c = 0; c < len; c++) name[c] = c < k ? s[c] : ' ';
 }
 
-/* y for samples [0, S) of a tile: acc[s * lda + jj], outputs j .. j + r - 1. */
+/* pykd_codes: ACT_RELU = 1 (tests/test_codes.py checks it). */
+#define ACT_RELU 1
+
+/* y for samples [0, S) of a tile: acc[s * lda + jj], outputs j .. j + r - 1;
+ * with relu fused (z < 0 ? 0 : z keeps NaN and -0.0, as pykd_activation). */
 static inline void rescale_tile(int S, int r, const int32_t *acc, int lda, const float *scale,
-                                const float *sx, const float *b, float *y, ptrdiff_t ldy)
+                                const float *sx, const float *b, int act, float *y, ptrdiff_t ldy)
 {
     for (int s = 0; s < S; s++)
         for (int jj = 0; jj < r; jj++) {
             float m = scale[jj] * sx[s];
             float p = (float)acc[s * lda + jj] * m;
-            y[s * ldy + jj] = p + b[jj];
+            float z = p + b[jj];
+            y[s * ldy + jj] = (act == ACT_RELU && z < 0.0f) ? 0.0f : z;
         }
 }
 
@@ -112,7 +117,7 @@ static void portable_tile(int S, int r, const int8_t *q, ptrdiff_t ldq, int n_in
 
 static void portable_range(int n_out, int n_in, const int8_t *q, const int16_t *x, ptrdiff_t ldx,
                            int s0, int s1, int j0, int j1, const float *scale, const float *sx,
-                           const float *b, float *y)
+                           const float *b, int act, float *y)
 {
     int32_t acc[TS][TJ];
     for (int s = s0; s < s1; s += TS) {
@@ -120,7 +125,7 @@ static void portable_range(int n_out, int n_in, const int8_t *q, const int16_t *
         for (int j = j0; j < j1; j += TJ) {
             int r = j1 - j < TJ ? j1 - j : TJ;
             portable_tile(S, r, q + j, n_out, n_in, x + (ptrdiff_t)s * ldx, ldx, acc);
-            rescale_tile(S, r, &acc[0][0], TJ, scale + j, sx + s, b + j,
+            rescale_tile(S, r, &acc[0][0], TJ, scale + j, sx + s, b + j, act,
                          y + (ptrdiff_t)s * n_out + j, n_out);
         }
     }
@@ -218,7 +223,7 @@ static inline int safe_inputs(int n_out, int n_in, int j, int width)
      * every tile of the chunk uses it. */                                      \
     static __attribute__((target(TARGET))) void NAME##_range(int n_out, int n_in,               \
         const int8_t *q, const int16_t *x, ptrdiff_t ldx, int s0, int s1, int j0, int j1,       \
-        const float *scale, const float *sx, const float *b, float *y)                          \
+        const float *scale, const float *sx, const float *b, int act, float *y)                 \
     {                                                                                           \
         int32_t acc[TS * JC];                                                                   \
         int8_t panel[TAILK * TJMAX];                                                            \
@@ -252,7 +257,7 @@ static inline int safe_inputs(int n_out, int n_in, int j, int width)
                         j += width;                                                             \
                     }                                                                           \
                 }                                                                               \
-                rescale_tile(S, jc1 - jc, acc, JC, scale + jc, sx + s, b + jc,                  \
+                rescale_tile(S, jc1 - jc, acc, JC, scale + jc, sx + s, b + jc, act,             \
                              y + (ptrdiff_t)s * n_out + jc, n_out);                             \
             }                                                                                   \
         }                                                                                       \
@@ -268,25 +273,26 @@ DEFINE_TILE(avx512vnni, "avx2,avx512f,avx512vl,avx512vnni", MAC_AVX512VNNI)
 #endif
 
 /* The product, rescale and bias for samples [s0, s1) and outputs [j0, j1)
- * (0-based, half open), on the chosen path. Threads call it on disjoint
- * ranges; it reads q, x, scale, sx, b and writes only its part of y. */
+ * (0-based, half open), on the chosen path; act == ACT_RELU fuses the relu
+ * (any other code: the caller applies its activation). Threads call it on
+ * disjoint ranges; it reads q, x, scale, sx, b and writes only its part of y. */
 void pykd_i8_dense(int path, int n_out, int n_in, const int8_t *q, const int16_t *x, int ldx,
                    int s0, int s1, int j0, int j1, const float *scale, const float *sx,
-                   const float *b, float *y)
+                   const float *b, int act, float *y)
 {
     switch (path) {
 #ifdef PYKD_X86
     case P_AVX2:
-        avx2_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, y);
+        avx2_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
         return;
     case P_AVXVNNI:
-        avxvnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, y);
+        avxvnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
         return;
     case P_AVX512VNNI:
-        avx512vnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, y);
+        avx512vnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
         return;
 #endif
     default:
-        portable_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, y);
+        portable_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
     }
 }

@@ -11,7 +11,8 @@ module pykd_layer_dense_int8
   use iso_c_binding, only: c_loc, c_f_pointer
   use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
   use pykd_codes, only: N_FIELDS, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
-                        COL_I8_OFF, COL_I8_LEN, COL_I32_LEN, COL_P1, QUANT_DYNAMIC, QUANT_STATIC
+                        COL_I8_OFF, COL_I8_LEN, COL_I32_LEN, COL_P1, QUANT_DYNAMIC, QUANT_STATIC, &
+                        ACT_IDENTITY, ACT_RELU
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT, PYKD_ERR_NONFINITE
   use pykd_layer, only: pykd_layer_t
   use pykd_activation, only: apply_activation
@@ -73,15 +74,17 @@ contains
     call c_f_pointer(c_loc(work(n + 1)), x16, [ldx, int(n, int64)])
     call int8_run(int(row(COL_N_IN)), int(n_out), n, int(ldx), int(row(COL_P1)), &
                   i8(row(COL_I8_OFF) + 1), f32(off + 1), f32(off + n_out + 1), &
-                  f32(off + 2 * n_out + 1), x, x16, work, y, stat)
-    if (stat == PYKD_OK) call apply_activation(int(row(COL_ACT)), int(n_out), n, y)
+                  f32(off + 2 * n_out + 1), int(row(COL_ACT)), x, x16, work, y, stat)
+    ! relu is fused into the product's rescale; identity needs nothing.
+    if (stat == PYKD_OK .and. row(COL_ACT) /= ACT_RELU .and. row(COL_ACT) /= ACT_IDENTITY) &
+      call apply_activation(int(row(COL_ACT)), int(n_out), n, y)
   end subroutine int8_forward
 
   !> Quantize x (to int16), the exact int32 product, the rescale and bias.
   !! On a non-finite input y is NaN and stat PYKD_ERR_NONFINITE (PYKD_ERR_ARG
   !! for a static x_scale that is not finite and > 0).
-  subroutine int8_run(n_in, n_out, n, ldx, mode, q, scale, b, x_scale, x, x16, sx, y, stat)
-    integer, intent(in) :: n_in, n_out, n, ldx, mode
+  subroutine int8_run(n_in, n_out, n, ldx, mode, q, scale, b, x_scale, act, x, x16, sx, y, stat)
+    integer, intent(in) :: n_in, n_out, n, ldx, mode, act
     integer(int8), intent(in) :: q(n_out, n_in)
     real(real32), intent(in) :: scale(n_out), b(n_out), x_scale, x(n_in, n)
     integer(int16), intent(out) :: x16(ldx, n)
@@ -98,7 +101,7 @@ contains
       y = ieee_value(1.0_real32, ieee_quiet_nan)
       return
     end if
-    call int8_dense_product(n_in, n_out, n, ldx, q, x16, scale, sx, b, y)
+    call int8_dense_product(n_in, n_out, n, ldx, q, x16, scale, sx, b, act, y)
   end subroutine int8_run
 
   subroutine int8_scan(version, buf, pos, limit, row, stat, msg)

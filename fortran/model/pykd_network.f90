@@ -151,22 +151,38 @@ contains
   end function norm_len
 
   !> xn = (x - mean) / std; k == 1: one mean and std for every feature.
+  !! Small batches stay off OpenMP: even a region whose if() is false costs
+  !! a team allocation in libgomp.
   subroutine normalise(m, n, k, x, mean, std, xn)
     integer, intent(in) :: m, n, k
     real(real32), intent(in) :: x(m, n), mean(k), std(k)
     real(real32), intent(out) :: xn(m, n)
     integer :: j
 
-    !$omp parallel do schedule(static) if(parallel: int(m, int64) * n >= PAR_MIN_WORK)
+    if (int(m, int64) * n < PAR_MIN_WORK) then
+      do j = 1, n
+        call normalise_col(m, k, x(:, j), mean, std, xn(:, j))
+      end do
+      return
+    end if
+    !$omp parallel do schedule(static)
     do j = 1, n
-      if (k == 1) then
-        xn(:, j) = (x(:, j) - mean(1)) / std(1)
-      else
-        xn(:, j) = (x(:, j) - mean) / std
-      end if
+      call normalise_col(m, k, x(:, j), mean, std, xn(:, j))
     end do
     !$omp end parallel do
   end subroutine normalise
+
+  pure subroutine normalise_col(m, k, x, mean, std, xn)
+    integer, intent(in) :: m, k
+    real(real32), intent(in) :: x(m), mean(k), std(k)
+    real(real32), intent(out) :: xn(m)
+
+    if (k == 1) then
+      xn = (x - mean(1)) / std(1)
+    else
+      xn = (x - mean) / std
+    end if
+  end subroutine normalise_col
 
   !> y = y * std + mean (two roundings: the build forbids FMA contraction).
   !! ms = [mean(k), std(k)]; k == 1: one for every output.
@@ -176,16 +192,30 @@ contains
     real(real32), intent(inout) :: y(m, n)
     integer :: j
 
-    !$omp parallel do schedule(static) if(parallel: int(m, int64) * n >= PAR_MIN_WORK)
+    if (int(m, int64) * n < PAR_MIN_WORK) then
+      do j = 1, n
+        call denormalise_col(m, k, ms, y(:, j))
+      end do
+      return
+    end if
+    !$omp parallel do schedule(static)
     do j = 1, n
-      if (k == 1) then
-        y(:, j) = y(:, j) * ms(2) + ms(1)
-      else
-        y(:, j) = y(:, j) * ms(k + 1:2 * k) + ms(1:k)
-      end if
+      call denormalise_col(m, k, ms, y(:, j))
     end do
     !$omp end parallel do
   end subroutine denormalise
+
+  pure subroutine denormalise_col(m, k, ms, y)
+    integer, intent(in) :: m, k
+    real(real32), intent(in) :: ms(2 * k)
+    real(real32), intent(inout) :: y(m)
+
+    if (k == 1) then
+      y = y * ms(2) + ms(1)
+    else
+      y = y * ms(k + 1:2 * k) + ms(1:k)
+    end if
+  end subroutine denormalise_col
 
   !> Everything network_forward relies on, checked cheaply (no weight is
   !! read): sizes, codes, the chain, slices inside their buffers, norm and
