@@ -446,3 +446,22 @@ def test_bad_arguments_are_clear_errors(trained):
                      out_norm=(np.float32(1), np.float32(2)))
     with pytest.raises(ValueError, match="output normalisation"):
         F.fine_tune(reg, ft)
+
+
+def test_a_diverging_run_is_a_clear_error(trained):
+    m, X, y = trained
+    from pykd.train import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match="lower learning rate"):
+        pykd.low_rank(m, rank=3, fine_tune=pykd.FineTune(X, y, epochs=3, lr=1e30))
+
+
+def test_numpy_backend_model_fine_tunes_with_its_twins(trained):
+    """A model with backend='numpy' runs its layers' NumPy twins in the
+    trainer, and gets the same results as the Fortran kernels to rounding."""
+    m, X, y = trained
+    cb = pykd.cluster(m, 2)
+    cbn = pykd.Model(cb.layers, norm=cb.norm, backend="numpy")
+    ft = pykd.FineTune(X, y, epochs=1, lr=1e-3)
+    a, b = F.fine_tune(cb, ft), F.fine_tune(cbn, ft)
+    assert b.backend == "numpy"
+    np.testing.assert_allclose(a.forward(X), b.forward(X), rtol=1e-4, atol=1e-4)

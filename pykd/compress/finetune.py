@@ -445,14 +445,21 @@ def _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats):
         yb = y[idx]
         outs = net.forward(xb)
         logits = outs[-1]
+        if not np.isfinite(logits).all():
+            from ..train import NonFiniteLossError
+            raise NonFiniteLossError(f"fine-tuning: the logits became NaN or inf at step "
+                                     f"{it + 1} (batch {bi + 1} of the epoch); try a lower "
+                                     f"learning rate (lr={lr:g})")
         if teacher is None:
             loss, dlog = kernels.cross_entropy(logits, yb)
         else:
             loss, dlog = kernels.kd_loss(logits, np.ascontiguousarray(teacher[idx]), yb,
                                          ft.temperature, ft.alpha)
         if not np.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning: the loss became NaN or inf at batch "
-                                     f"{bi + 1} of the epoch; try a lower lr (lr={lr:g})")
+            from ..train import NonFiniteLossError
+            raise NonFiniteLossError(f"fine-tuning: the loss became NaN or inf at step "
+                                     f"{it + 1} (batch {bi + 1} of the epoch); try a lower "
+                                     f"learning rate (lr={lr:g})")
         net.backward(xb, outs, dlog)
         it += 1
         kernels.adam_step(net.P, net.G, net.M1, net.M2, it, lr, mask=net.mask, **_ADAM)
