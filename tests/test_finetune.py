@@ -389,7 +389,7 @@ def test_qat_model_equals_its_converted_int8_model_bit_for_bit(static, tmp_path)
 # ---------------------------------------------------------------- calibration
 
 def test_static_calibration_minmax_and_percentile(trained):
-    m, X, y = trained
+    m, X, _ = trained
     h = m.normalize(X[:200]).astype(F64)
     mm = pykd.quantize_model(m, "static", X[:200])
     pc = pykd.quantize_model(m, "static", X[:200], method="percentile", percentile=90)

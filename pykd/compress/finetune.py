@@ -35,12 +35,11 @@ import time
 
 import numpy as np
 
-from .. import _codes
-from .. import kernels
+from .. import _codes, kernels
 from ..layers import Codebook, Dense, DenseInt8, LowRank, SparseCodebook, SparseCSR
 from .spec import FineTune
 
-__all__ = ["fine_tune", "TRAINABLE_KINDS"]
+__all__ = ["TRAINABLE_KINDS", "fine_tune"]
 
 _F32 = np.float32
 QMAX = 127
