@@ -248,6 +248,8 @@ def test_recipe_runs_every_stage(work, capsys, tmp_path):
      "stage 1: unknown key 'schedule' for op = \"cluster\""),
     ('[[stage]]\nop = "prune"\nsparsity = 0.5\n[[stage]]\nop = "quantize"\ncalibrate = 9\n',
      "stage 2: calibrate applies to static = true only"),
+    ('[[stage]]\nop = "cluster"\nbits = 4\n[[stage]]\nop = "distill"\nepochs = 1\n',
+     "stage 2: op = \"distill\" trains a dense model"),
     ('stage = 3\n', "no stages"),
     ('[[stage]]\nop = "prune"\nsparsity = 0.5\n[other]\nx = 1\n', "unknown top-level key"),
     ('[[stage]\nop = "prune"\n', "not valid TOML"),

@@ -34,6 +34,8 @@ OPS = ("prune", "quantize", "lowrank", "cluster", "distill")
 NOT_IN_RECIPE = {"model", "out", "data", "backend", "threads", "report", "quiet", "debug",
                  "help", "func", "command"}
 CALIBRATE = 1000
+#: What a stage turns the model into (a distill stage after it cannot train it).
+_MAKES = {"quantize": "int8", "lowrank": "low rank", "cluster": "a codebook model"}
 
 
 # ------------------------------------------------------------------ options
@@ -512,6 +514,12 @@ def load_recipe(path, args):
             raise RecipeError(f"{path}: stage {i}: rank, energy: give exactly one")
         if not (ns.teacher or ns.teacher_logits) and (ns.epochs or 0) > 0:
             ns.teacher, ns.teacher_logits = args.teacher, args.teacher_logits
+        made = next((o for o, _ in reversed(out) if o in ("quantize", "lowrank", "cluster")),
+                    None)
+        if op == "distill" and made is not None:
+            raise RecipeError(f"{path}: stage {i}: op = \"distill\" trains a dense model, but "
+                              f"an earlier {made} stage makes it {_MAKES[made]} (put "
+                              "distill before it)")
         bad = check_stage(op, ns, opt=lambda k: f"{k} = true" if k in (
             "qat", "static", "structured") else k)
         if bad:
