@@ -1,0 +1,210 @@
+"""The batch-1 path: the dense layer's one-sample kernel
+(fortran/kernels/pykd_dense_simd.c) and Model.forward's lean path with its
+per-thread workspace (pykd/models.py).
+
+* One sample: each output is summed in input order, one float32 multiply and
+  one add per term, so a NumPy float32 loop over the inputs is the same bits
+  (identity and relu exactly; other activations within an ulp of NumPy's).
+* The avx2 and the forced portable path give the same bits.
+* The lean path (one C-contiguous float32 chunk) gives the same bits as the
+  full path, keeps every check, and two Python threads on one model keep
+  separate workspaces and get the bits of one thread.
+"""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import pykd
+from pykd.layers import Dense, DenseInt8
+from pykd.models import Model
+
+F32 = np.float32
+# (n_in, n_out): whole 64-output blocks, every vector count 1..7, a tail of
+# fewer than 8 outputs, fewer outputs than one vector, the student's shapes.
+SHAPES = [(784, 200), (200, 10), (37, 203), (5, 7), (64, 64), (3, 129), (1, 1), (130, 57),
+          (9, 120)]
+
+
+def sequential(W, b, x, act):
+    """The kernel's arithmetic in NumPy: acc = acc + W[i] * x[i], i in order."""
+    acc = np.zeros(W.shape[1], F32)
+    for i in range(W.shape[0]):
+        acc = acc + W[i] * x[i]
+    z = acc + b
+    if act == "relu":
+        return np.where(z < 0, F32(0), z)
+    return z
+
+
+def _layer(n_in, n_out, act, seed):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((n_in, n_out)).astype(F32)
+    b = rng.standard_normal(n_out).astype(F32)
+    return W, b, Dense(W, b, act)
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("act", ["identity", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
+def test_one_sample_is_the_sequential_float32_sum(shape, act):
+    W, b, layer = _layer(*shape, act, seed=shape[0] * 1000 + shape[1])
+    model = Model([layer])
+    x = np.random.default_rng(7).standard_normal((1, shape[0])).astype(F32)
+    assert same_bits(model.forward(x)[0], sequential(W, b, x[0], act))
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid", "gelu", "silu"])
+def test_other_activations_follow_the_bias(act):
+    W, b, layer = _layer(130, 57, act, seed=3)
+    x = np.random.default_rng(8).standard_normal((1, 130)).astype(F32)
+    got = Model([layer]).forward(x)[0]
+    ref = layer.forward_numpy(x)[0]
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6)
+
+
+def test_relu_keeps_nan():
+    W = np.zeros((2, 9), F32)
+    W[:, 0] = (3e38, -3e38)                  # inf + (-inf): NaN for output 0
+    b = np.zeros(9, F32)
+    b[1] = 2.0
+    b[2] = -1.0
+    y = Model([Dense(W, b, "relu")]).forward(np.full((1, 2), 10, F32))[0]
+    assert np.isnan(y[0])
+    assert y[1] == 2
+    assert y[2] == 0 and not np.signbit(y[2])
+
+
+PROBE = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_batch1 import SHAPES, _layer
+from pykd.models import Model
+out = []
+for k, (n_in, n_out) in enumerate(SHAPES):
+    W, b, layer = _layer(n_in, n_out, "relu", seed=k)
+    x = np.random.default_rng(k).standard_normal((1, n_in)).astype(np.float32)
+    out.append(Model([layer]).forward(x)[0])
+np.save(sys.argv[2], np.concatenate(out))
+"""
+
+
+def test_portable_path_gives_the_same_bits(tmp_path):
+    results = []
+    for path in (None, "portable"):
+        env = dict(os.environ)
+        env.pop("PYKD_DENSE_PATH", None)
+        if path:
+            env["PYKD_DENSE_PATH"] = path
+        out = tmp_path / f"{path}.npy"
+        subprocess.run([sys.executable, "-c", PROBE, os.path.dirname(__file__), str(out)],
+                       env=env, check=True, timeout=300, cwd=tmp_path)
+        results.append(np.load(out))
+    assert same_bits(results[0], results[1])
+
+
+def _student(seed=0):
+    mlp = pykd.MLP([784, 200, 200, 10], seed=seed, norm=(F32(0.3), F32(0.35)))
+    return mlp
+
+
+@pytest.mark.parametrize("kind", ["mlp", "model", "int8"])
+def test_lean_path_is_the_full_path(kind):
+    mlp = _student()
+    model = {"mlp": mlp, "model": mlp.to_model(),
+             "int8": pykd.quantize_model(mlp, activations="dynamic")}[kind]
+    X = np.random.default_rng(1).standard_normal((9, 784)).astype(F32)
+    for n in (1, 2, 9):
+        lean = model.forward(X[:n])
+        full = model.forward(X[:n], upto=3)       # the full path (upto given)
+        assert same_bits(lean, full)
+        # Non-contiguous or float64 inputs take the full path, converted.
+        assert same_bits(model.forward(X[:n].astype(np.float64)), lean)
+    # A batch larger than batch_size: chunks, the full path.
+    chunked = model.forward(X, batch_size=4)
+    assert same_bits(chunked[:4], model.forward(X[:4]))
+
+
+def test_workspace_reuse_does_not_change_the_bits():
+    mlp = _student(2)
+    X = np.random.default_rng(2).standard_normal((64, 784)).astype(F32)
+    fresh = [_student(2).forward(X[:n]) for n in (1, 64, 3, 1)]
+    again = [mlp.forward(X[:n]) for n in (1, 64, 3, 1)]
+    for a, b in zip(fresh, again):
+        assert same_bits(a, b)
+
+
+def test_lean_path_keeps_the_checks():
+    model = _student().to_model()
+    with pytest.raises(ValueError, match=r"\(n, 784\)"):
+        model.forward(np.zeros((1, 783), F32))
+    with pytest.raises(TypeError, match="numpy array"):
+        model.forward([[0.0] * 784])
+    with pytest.raises(TypeError, match="numeric"):
+        model.forward(np.zeros((1, 784), np.bool_).astype(object))
+    with pytest.raises(ValueError):
+        model.forward(np.zeros((1, 784), F32), batch_size=0)
+    with pytest.raises(ValueError):
+        model.forward(np.zeros((1, 784), F32), backend="nope")
+    q = pykd.quantize_model(_student(), activations="dynamic")
+    x = np.zeros((1, 784), F32)
+    x[0, 5] = np.nan
+    with pytest.raises(ValueError, match=r"layer 1 \(dense_int8\).*NaN"):
+        q.forward(x)
+    assert np.isfinite(q.forward(np.zeros((1, 784), F32))).all()   # still works after
+
+
+def test_a_changed_table_is_refused_not_read_out_of_bounds():
+    model = _student().to_model()
+    x = np.zeros((1, 784), F32)
+    model.forward(x)                             # caches the workspace size
+    model.table[0, 4] = model.f32.size           # layer 1's f32 slice outside the buffer
+    with pytest.raises(ValueError, match="layer 1"):
+        model.forward(x)
+
+
+def test_two_threads_share_a_model_with_their_own_workspaces():
+    mlp = _student(4)
+    rng = np.random.default_rng(4)
+    Xs = [rng.standard_normal((n, 784)).astype(F32) for n in (1, 1, 5, 1, 256, 1) * 6]
+    expected = [mlp.forward(X) for X in Xs]
+    results, errors = {}, []
+    works = {}
+
+    def run(t):
+        try:
+            for _ in range(20):
+                for k in range(t, len(Xs), 2):
+                    got = mlp.forward(Xs[k])
+                    if not same_bits(got, expected[k]):
+                        errors.append(k)
+            works[t] = mlp._net._tls.work
+        except Exception as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert works[0] is not works[1]                      # one workspace per thread
+    assert not np.shares_memory(works[0], works[1])
+
+
+def test_int8_one_sample_matches_the_twin_with_relu():
+    rng = np.random.default_rng(9)
+    q = rng.integers(-127, 128, (200, 77)).astype(np.int8)
+    scale = (rng.random(77, dtype=F32) * F32(0.02)).astype(F32)
+    b = rng.standard_normal(77).astype(F32)
+    layer = DenseInt8(q, scale, b, "relu")
+    X = rng.standard_normal((3, 200)).astype(F32)
+    model = Model([layer])
+    for n in (1, 3):
+        assert same_bits(model.forward(X[:n]), layer.forward_numpy(X[:n]))
