@@ -19,14 +19,15 @@ from pykd.layers import Codebook
 from pykd.models import Model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kinds_helpers import act64, dense64  # noqa: E402
+from kinds_helpers import act64  # noqa: E402
 
 PATHS = ("portable", "avx2")
 F32 = np.float32
 
 # (n_in, n_out, batches): odd sizes for the tails of every tile (8 and 64
-# outputs in registers, 16 x 6 in the microkernel, 48-output and 128-row
-# panels, a row segment starting mid-byte) and the student's shapes.
+# outputs in registers, 16 x 6 in the microkernel, 256-row panels, a row
+# segment starting mid-byte), the student's shapes, and a 1100 x 1900 layer
+# whose batch-1 product is split over threads.
 SHAPES = [
     (1, 1, (1, 2, 7)),
     (3, 5, (1, 3, 6)),
@@ -38,10 +39,21 @@ SHAPES = [
     (784, 200, (1, 2, 7, 256)),
     (200, 10, (1, 5, 259)),
     (9, 1000, (1, 8)),
+    (1100, 1900, (1, 3)),
 ]
 # (bits, n_codes): full tables and tables with unused (NaN) entries.
 CODES = [(1, 2), (2, 3), (2, 4), (4, 11), (4, 16), (8, 200), (8, 256)]
 ACTS = ("relu", "identity", "tanh")
+
+
+def _decode64(layer):
+    """W in float64 from the packed stream, read as docs/format.md says (bit
+    t of the stream is bit t mod 8 of byte t // 8; an index is `bits` bits,
+    least significant first), independently of pykd's unpacking."""
+    n, bits = layer.n_in * layer.n_out, layer.bits
+    stream = np.unpackbits(layer.packed.view(np.uint8), bitorder="little")[:n * bits]
+    idx = (stream.reshape(n, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
+    return layer.centroids.astype(np.float64)[idx].reshape(layer.n_in, layer.n_out)
 
 
 def _layer(rng, n_in, n_out, n_codes, act):
@@ -144,13 +156,13 @@ def test_every_path_and_thread_count_gives_the_same_bits(runs):
 
 
 def test_against_the_float64_product(runs):
-    """The twin's float64 reference: W decoded bit by bit (kinds_helpers)."""
+    """A float64 reference: W decoded from the bit stream (_decode64)."""
     r = runs["portable", 1]
     for name, model, X in _cases():
         layers = model.layers
         y = X.astype(np.float64)
         for layer in layers:
-            y = act64(y @ dense64(layer) + layer.b.astype(np.float64), layer.activation)
+            y = act64(y @ _decode64(layer) + layer.b.astype(np.float64), layer.activation)
         got = r[name].astype(np.float64)
         np.testing.assert_array_equal(np.isnan(got), np.isnan(y), err_msg=name)
         np.testing.assert_array_equal(np.isposinf(got), np.isposinf(y), err_msg=name)

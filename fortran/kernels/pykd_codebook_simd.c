@@ -156,8 +156,8 @@ static int portable_range(const cb_layer *L, const float *x, ptrdiff_t ldx, int 
 
 #define SMALL_N 4  /* batches up to this decode into registers */
 #define SPAN 64    /* bytes a row segment of 64 weights may read (8 bits) */
-#define KC 128     /* panel: input rows */
-#define JB 48      /* panel: outputs, a multiple of 16 (KC x JB floats = 24 KiB) */
+#define KC 256     /* panel: input rows */
+#define JB 16      /* panel: outputs, a multiple of 16 (KC x JB floats = 16 KiB, in L1) */
 #define MS 6       /* microkernel: samples */
 
 /* Tables and shift counts for one layer, in registers. */
@@ -442,11 +442,12 @@ DEFINE_PANEL(2)
 DEFINE_PANEL(4)
 DEFINE_PANEL(8)
 
-/* 16 outputs x S samples over kc panel rows: acc = y (or 0 on the first
+/* 16 outputs x S samples over kc panel rows, x packed as xp(s, k) (MS
+ * samples per row k): acc = y (or 0 on the first
  * panel), acc = fma(D(k, :), x(k0 + k, s), acc) for k in turn, then y = acc,
  * or act(acc + b) on the last panel. r <= 16 outputs are valid. */
-INL int micro(const int S, const float *D, int kc, const float *x, ptrdiff_t ldx, float *y,
-              ptrdiff_t ldy, int r, int first, int last, const float *b, int relu)
+INL int micro(const int S, const float *D, int kc, const float *xp, float *y, ptrdiff_t ldy,
+              int r, int first, int last, const float *b, int relu)
 {
     __m256 a0[MS], a1[MS];
     int r0 = r < 8 ? r : 8, r1 = r < 8 ? 0 : r - 8;
@@ -467,7 +468,7 @@ INL int micro(const int S, const float *D, int kc, const float *x, ptrdiff_t ldx
         __m256 w0 = _mm256_load_ps(D + k * JB), w1 = _mm256_load_ps(D + k * JB + 8);
         #pragma GCC unroll 16
         for (int s = 0; s < S; s++) {
-            __m256 xb = _mm256_broadcast_ss(x + s * ldx + k);
+            __m256 xb = _mm256_broadcast_ss(xp + k * MS + s);
             a0[s] = _mm256_fmadd_ps(w0, xb, a0[s]);
             a1[s] = _mm256_fmadd_ps(w1, xb, a1[s]);
         }
@@ -491,26 +492,45 @@ INL int micro(const int S, const float *D, int kc, const float *x, ptrdiff_t ldx
 }
 
 #define MICRO_CASE(S) \
-    case S: return micro(S, D, kc, x, ldx, y, ldy, r, first, last, b, relu);
-static TGT int micro_s(int S, const float *D, int kc, const float *x, ptrdiff_t ldx, float *y,
-                       ptrdiff_t ldy, int r, int first, int last, const float *b, int relu)
+    case S: return micro(S, D, kc, xp, y, ldy, r, first, last, b, relu);
+static TGT int micro_s(int S, const float *D, int kc, const float *xp, float *y, ptrdiff_t ldy,
+                       int r, int first, int last, const float *b, int relu)
 {
     switch (S) {
     MICRO_CASE(1) MICRO_CASE(2) MICRO_CASE(3) MICRO_CASE(4) MICRO_CASE(5)
-    default: return micro(MS, D, kc, x, ldx, y, ldy, r, first, last, b, relu);
+    default: return micro(MS, D, kc, xp, y, ldy, r, first, last, b, relu);
+    }
+}
+
+/* xp = x(k0 .. k0 + kc, s0 .. s1) in blocks of MS samples, xp(s, k) per
+ * block (the microkernel's broadcasts then read consecutive words); the
+ * missing samples of the last block are 0. */
+static void pack_x(const float *x, ptrdiff_t ldx, int s0, int s1, int k0, int kc, float *xp)
+{
+    for (int sb = s0; sb < s1; sb += MS) {
+        float *blk = xp + (ptrdiff_t)(sb - s0) * kc;
+        for (int s = 0; s < MS; s++) {
+            const float *xs = x + (ptrdiff_t)(sb + s) * ldx + k0;
+            if (sb + s < s1)
+                for (int k = 0; k < kc; k++) blk[k * MS + s] = xs[k];
+            else
+                for (int k = 0; k < kc; k++) blk[k * MS + s] = 0.0f;
+        }
     }
 }
 
 static TGT int panel_range(const cb_layer *L, const float *x, ptrdiff_t ldx, int s0, int s1,
-                           int j0, int j1, float *y)
+                           int j0, int j1, float *y, int kcmax, float *xp)
 {
     float D[KC * JB] __attribute__((aligned(32)));
     cb_regs R;
     make_regs(L, &R);
+    if (kcmax > KC) kcmax = KC;
     int nan = 0;
-    for (int k0 = 0; k0 < L->n_in; k0 += KC) {
-        int kc = L->n_in - k0 < KC ? L->n_in - k0 : KC;
+    for (int k0 = 0; k0 < L->n_in; k0 += kcmax) {
+        int kc = L->n_in - k0 < kcmax ? L->n_in - k0 : kcmax;
         int first = k0 == 0, last = k0 + kc == L->n_in;
+        pack_x(x, ldx, s0, s1, k0, kc, xp);
         for (int jb = j0; jb < j1; jb += JB) {
             int r = j1 - jb < JB ? j1 - jb : JB;
             switch (L->bits) {
@@ -521,11 +541,11 @@ static TGT int panel_range(const cb_layer *L, const float *x, ptrdiff_t ldx, int
             }
             for (int s = s0; s < s1; s += MS) {
                 int S = s1 - s < MS ? s1 - s : MS;
+                const float *xps = xp + (ptrdiff_t)(s - s0) * kc;
                 for (int jj = 0; jj < r; jj += 16) {
                     int rr = r - jj < 16 ? r - jj : 16;
-                    nan |= micro_s(S, D + jj, kc, x + (ptrdiff_t)s * ldx + k0, ldx,
-                                   y + (ptrdiff_t)s * L->n_out + jb + jj, L->n_out, rr, first,
-                                   last, L->b + jb + jj, L->relu);
+                    nan |= micro_s(S, D + jj, kc, xps, y + (ptrdiff_t)s * L->n_out + jb + jj,
+                                   L->n_out, rr, first, last, L->b + jb + jj, L->relu);
                 }
             }
         }
@@ -536,13 +556,16 @@ static TGT int panel_range(const cb_layer *L, const float *x, ptrdiff_t ldx, int
 
 /* The product, bias and (with relu != 0) relu for samples [s0, s1) and
  * outputs [j0, j1) (0-based, half open) on the given path. x is Fortran
- * x(ldx, n), y is y(n_out, n). Threads call it on disjoint ranges; it reads
- * the layer's arrays and x and writes only its part of y. Returns 1 if an
- * output before the activation is NaN (a NaN or inf input, or an index
- * >= n_codes), else 0. */
+ * x(ldx, n), y is y(n_out, n). Batches above SMALL_N (s1 - s0 > 4) pack x
+ * into work: ceil((s1 - s0) / 6) * 6 * kc words, kc (at most 256) input
+ * rows per panel. Threads call it on disjoint ranges (and disjoint work); it
+ * reads the layer's arrays and x and writes only its part of y. Returns 1
+ * if an output before the activation is NaN (a NaN or inf input, or an
+ * index >= n_codes), else 0. */
 int pykd_cb_product(int path, int bits, int n_codes, int n_in, int n_out, const uint8_t *packed,
                     int64_t nbytes, const float *centroids, const float *b, int relu,
-                    const float *x, int ldx, int s0, int s1, int j0, int j1, float *y)
+                    const float *x, int ldx, int s0, int s1, int j0, int j1, float *y, int kc,
+                    float *work)
 {
     float tab[256] __attribute__((aligned(32)));
     int nt = 1 << bits;
@@ -552,9 +575,11 @@ int pykd_cb_product(int path, int bits, int n_codes, int n_in, int n_out, const 
 #ifdef PYKD_X86
     if (path == P_AVX2) {
         if (s1 - s0 <= SMALL_N) return reg_range(&L, x, ldx, s0, s1, j0, j1, y);
-        return panel_range(&L, x, ldx, s0, s1, j0, j1, y);
+        return panel_range(&L, x, ldx, s0, s1, j0, j1, y, kc, work);
     }
 #endif
     (void)path;
+    (void)kc;
+    (void)work;
     return portable_range(&L, x, ldx, s0, s1, j0, j1, y);
 }

@@ -19,7 +19,7 @@ module pykd_layer_codebook
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
   use pykd_activation, only: apply_activation
-  use pykd_codebook_kernel, only: codebook_product
+  use pykd_codebook_kernel, only: codebook_product, codebook_workspace_words
   use pykd_bytes, only: get_f32, put_u32, put_f32, put_bytes, str
   use pykd_layer_util, only: take, read_count, sizes_ok, row_expect, nonfinite_count, fewest_bits, &
                              packed_bytes, nan_fill
@@ -47,11 +47,11 @@ contains
     s = 'codebook'
   end function cb_name
 
-  !> The kernel's panels live on its stack: no workspace.
+  !> Larger batches pack panels of x into the workspace.
   pure integer(int64) function cb_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
-    cb_workspace = 0
+    cb_workspace = codebook_workspace_words(n)
   end function cb_workspace
 
   !> y = act(w x + b). The kernel adds b and applies relu itself; other
@@ -75,7 +75,7 @@ contains
     o = row(COL_F32_OFF); n_codes = row(COL_P1); bits = int(row(COL_P2)); act = int(row(COL_ACT))
     call codebook_product(bits, int(n_codes), int(row(COL_N_IN)), int(row(COL_N_OUT)), n, &
                           i8(row(COL_I8_OFF) + 1), row(COL_I8_LEN), f32(o + 1), f32(o + n_codes + 1), &
-                          act == ACT_RELU, x, y, any_nan)
+                          act == ACT_RELU, x, y, work, any_nan)
     stat = PYKD_OK
     nw = row(COL_N_IN) * row(COL_N_OUT)
     if (any_nan .and. n_codes < 2_int64**bits) then
