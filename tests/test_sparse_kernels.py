@@ -114,12 +114,22 @@ def reference(layer, X):
     return y
 
 
-def crossover():
-    """DENSE_MIN_BATCH and DENSE_MIN_DENSITY from the Fortran module."""
+def chosen_kernel(n_in, n_out, nnz, n):
+    """The rule of pykd_sparse_kernel's sparse_kernel_for, with its constants
+    read from the Fortran source (BAND_BATCH, BAND_DENSITY, NARROW_OUT)."""
     src = open(KERNEL_SRC, encoding="utf-8").read()
-    batch = int(re.search(r"DENSE_MIN_BATCH\s*=\s*(\d+)", src).group(1))
-    dens = float(re.search(r"DENSE_MIN_DENSITY\s*=\s*([0-9.]+)", src).group(1))
-    return batch, dens
+    batches = [int(v) for v in re.search(r"BAND_BATCH\(3\) = \[([^]]*)\]", src).group(1).split(",")]
+    dens = [float(v) for v in re.search(r"BAND_DENSITY\(3\) = \[([^]]*)\]", src).group(1).split(",")]
+    narrow = int(re.search(r"NARROW_OUT = (\d+)", src).group(1))
+    if n == 1:
+        return "scatter"
+    density = np.float32(nnz) / (np.float32(n_in) * np.float32(n_out))
+    for k in range(len(batches) - 1, -1, -1):
+        if n >= batches[k]:
+            if density >= np.float32(dens[k]) or (k >= 1 and n_out < narrow):
+                return "dense"
+            break
+    return "panel"
 
 
 @pytest.mark.parametrize("kernel", ["scatter", "panel", "dense", None])
@@ -162,19 +172,20 @@ def test_scatter_and_panel_give_the_same_bits_at_any_batch_and_thread_count(resu
 
 
 def test_the_layer_picks_the_kernel_of_the_recorded_crossover(results):
-    """Below DENSE_MIN_BATCH or DENSE_MIN_DENSITY: the sparse bits (panel or
-    scatter); else the dense kernel's bits. The same at 1 and 2 threads."""
-    min_batch, min_density = crossover()
+    """The layer's own choice gives the bits of the kernel the recorded
+    crossover names (panel and scatter: the same bits), at 1 and 2 threads."""
+    seen = set()
     for name, layer in layers():
-        density = layer.nnz / (layer.n_in * layer.n_out)
         for key in results[(None, 1)]:
             if not key.startswith(name + "|"):
                 continue
             n = int(key.split("|")[1])
-            want = "dense" if (n >= min_batch and density >= min_density) else "panel"
+            want = chosen_kernel(layer.n_in, layer.n_out, layer.nnz, n)
+            seen.add(want)
             for t in (1, 2):
                 assert np.array_equal(results[(None, t)][key], results[(want, t)][key],
                                       equal_nan=True), (key, want, t)
+    assert seen == {"scatter", "panel", "dense"}
 
 
 def test_bad_samples_leave_the_others_alone(results):

@@ -41,8 +41,9 @@ module pykd_sparse_kernel
 
   !> Samples per panel: two AVX2 registers of float32 per non-zero.
   integer, parameter :: SPMM_BLOCK = 16
-  !> Panels run on at most this many threads (one workspace slot each).
-  integer, parameter :: MAX_SLOTS = 64
+  !> Panels run on at most this many threads (one workspace slot each,
+  !! so the scratch stays below MAX_SLOTS * SPMM_BLOCK * (n_in + n_out) words).
+  integer, parameter :: MAX_SLOTS = 16
   !> Panels are split over threads from this many multiply-adds (nnz n).
   integer(int64), parameter :: PAR_MIN_MACS = 200000
   !> Words of the dense panel of W the DENSE kernel decodes at a time
@@ -50,11 +51,20 @@ module pykd_sparse_kernel
   !! a quarter of a 1200 x 1200 layer).
   integer(int64), parameter :: DENSE_PANEL_WORDS = 262144
 
-  !> The crossover (measured, docs/performance.md "Sparse layers"):
-  !! DENSE from DENSE_MIN_BATCH samples when the density nnz / (n_in n_out)
-  !! is at least DENSE_MIN_DENSITY; else PANEL (SCATTER for one sample).
-  integer, parameter :: DENSE_MIN_BATCH = 8
-  real, parameter :: DENSE_MIN_DENSITY = 0.4
+  !> The crossover, measured with benchmarks/bench_sparse.py (table in
+  !! docs/performance.md, "Sparse layers"; Zen 3, 1 thread, random
+  !! patterns, half the inputs 0): from BAND_BATCH(k) samples, DENSE when the
+  !! density nnz / (n_in n_out) is at least BAND_DENSITY(k), and always when
+  !! n_out < NARROW_OUT from BAND_BATCH(2) samples (the panel's transposes
+  !! of x then cost more than the whole dense product: 200 x 10 was faster
+  !! dense at every sparsity); else PANEL (SCATTER for one sample). At batch
+  !! 8 the dense panel's decoding (n_in n_out words per call) is paid by few
+  !! samples, so PANEL wins down to ~55% sparsity; at 256, down to ~75-80%.
+  !! One sample always takes SCATTER: decoding W to use sgemv costs more
+  !! than sgemv (below ~85% sparsity the dense kind is then faster).
+  integer, parameter :: BAND_BATCH(3) = [8, 64, 256]
+  real, parameter :: BAND_DENSITY(3) = [0.45, 0.35, 0.25]
+  integer, parameter :: NARROW_OUT = 32
 
   !> The forced kernel (PYKD_SPARSE_KERNEL): -1 not read yet, 0 none.
   integer, save :: forced = -1
@@ -77,6 +87,7 @@ contains
     integer, intent(in) :: n_in, n_out, n
     integer(int64), intent(in) :: nnz
     real :: density
+    integer :: k
 
     kernel = SPARSE_SCATTER
     if (n <= 1) return
@@ -91,7 +102,12 @@ contains
     end if
     density = real(nnz) / (real(n_in) * real(n_out))
     kernel = SPARSE_PANEL
-    if (n >= DENSE_MIN_BATCH .and. density >= DENSE_MIN_DENSITY) kernel = SPARSE_DENSE
+    do k = size(BAND_BATCH), 1, -1
+      if (n >= BAND_BATCH(k)) then
+        if (density >= BAND_DENSITY(k) .or. (k >= 2 .and. n_out < NARROW_OUT)) kernel = SPARSE_DENSE
+        exit
+      end if
+    end do
   end function sparse_kernel_for
 
   !> The kernel PYKD_SPARSE_KERNEL names, or 0.
