@@ -62,7 +62,7 @@ def _child(quick):
     first = {k: pykd.Model([m.layers[0]]) for k, m in models.items()}
     rng = np.random.default_rng(0)
     rounds = 5 if quick else 15
-    res = {"path": fk.codebook_path().decode().strip(), "rows": []}
+    res = {"path": fk.codebook_path().decode().strip(), "rows": [], "blas": _blas(models["dense"])}
     for what, group in (("student", models), ("784x200 layer", first)):
         for batch in (1, 256):
             X = rng.random((batch, 784), dtype=np.float32)
@@ -76,6 +76,22 @@ def _child(quick):
     # f32_len (column 5) float32 words and i8_len (column 7) bytes per layer
     res["bytes"] = {k: int(sum(4 * row[5] + row[7] for row in m.table)) for k, m in models.items()}
     print(json.dumps(res))
+
+
+def _blas(model):
+    """The BLAS the extension's dense layers call (not NumPy's): its
+    threadpoolctl entry after a forward, and the build option."""
+    import pykd._build_config as cfg
+
+    model.forward(np.zeros((2, 784), np.float32))
+    try:
+        import threadpoolctl
+        pools = [f"{p['internal_api']} {p['version']} {p.get('threading_layer')} "
+                 f"{os.path.basename(p['filepath'])}" for p in threadpoolctl.threadpool_info()
+                 if p["user_api"] == "blas" and "scipy_openblas" not in p["filepath"]]
+    except ImportError:
+        pools = []
+    return {"pools": pools, "blas_openmp_dir": getattr(cfg, "blas_openmp_dir", "")}
 
 
 def main():
@@ -107,6 +123,9 @@ def main():
              f"load average before {' '.join(info.get('loadavg', []))}, after {' '.join(load_after)}"
              f" (2 cores; above ~1 the machine is shared and the times are noisy)", "```", ""]
     first = next(iter(runs.values()))
+    lines += [f"Dense layers' BLAS (the extension's): {'; '.join(first['blas']['pools']) or '?'} "
+              f"(OpenMP build dir: {first['blas']['blas_openmp_dir'] or 'system default'}). "
+              "The `pool:` line above is NumPy's own BLAS, unused here.", ""]
     lines += ["Weights in memory (float32 values and packed indices): " +
               ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in first["bytes"].items()), ""]
     header = ["threads", "path", "what", "batch", "model", "median", "q1-q3", "ratio to dense"]
