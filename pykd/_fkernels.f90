@@ -460,3 +460,55 @@ subroutine codebook_path(name)
   !f2py threadsafe
   name = codebook_path_name()
 end subroutine codebook_path
+
+! pykd.int8_gemm and pykd.int8_matmul on the int8 layer's kernel
+! (pykd_int8_kernel: run-time CPU path, threads): qx widened to int16 rows
+! (an even count, the last one zero when n_in is odd), as the layer does.
+subroutine int8_gemm_fast(qw, qx, acc, n_out, n_in, n, stat)
+  use iso_c_binding, only: c_int, c_int16_t, c_int32_t
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC
+  use pykd_int8_kernel, only: int8_gemm_product
+  implicit none
+  integer(c_int), intent(in) :: n_out, n_in, n
+  integer(1), intent(in) :: qw(n_out, n_in), qx(n_in, n)
+  integer(c_int32_t), intent(inout) :: acc(n_out, n)
+  integer(c_int), intent(out) :: stat
+  integer(c_int16_t), allocatable :: x16(:, :)
+  integer :: ldx, ierr
+  !f2py threadsafe
+  !f2py intent(hide) :: n_out, n_in, n
+  ldx = n_in + mod(n_in, 2)
+  allocate (x16(ldx, n), stat=ierr)
+  stat = merge(PYKD_OK, PYKD_ERR_ALLOC, ierr == 0)
+  if (ierr /= 0) return
+  x16(1:n_in, :) = qx
+  x16(ldx, :) = merge(x16(ldx, :), 0_c_int16_t, ldx == n_in)
+  call int8_gemm_product(n_in, n_out, n, ldx, qw, x16, acc)
+end subroutine int8_gemm_fast
+
+subroutine int8_matmul_fast(x, qw, scale_w, b, y, n_in, n_out, n, n_scale, stat)
+  use iso_c_binding, only: c_float, c_int, c_int16_t
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC
+  use pykd_quant, only: quantize_columns16
+  use pykd_int8_kernel, only: int8_dense_product
+  implicit none
+  integer(c_int), intent(in) :: n_in, n_out, n, n_scale
+  real(c_float), intent(in) :: x(n_in, n), scale_w(n_scale), b(n_out)
+  integer(1), intent(in) :: qw(n_out, n_in)
+  real(c_float), intent(inout) :: y(n_out, n)
+  integer(c_int), intent(out) :: stat
+  integer(c_int16_t), allocatable :: x16(:, :)
+  real(c_float), allocatable :: sx(:), scale(:)
+  integer :: ldx, ierr
+  !f2py threadsafe
+  !f2py intent(hide) :: n_in, n_out, n, n_scale
+  ldx = n_in + mod(n_in, 2)
+  allocate (x16(ldx, n), sx(n), scale(n_out), stat=ierr)
+  stat = merge(PYKD_OK, PYKD_ERR_ALLOC, ierr == 0)
+  if (ierr /= 0) return
+  scale = scale_w(1)                       ! one scale per tensor ...
+  if (n_scale == n_out) scale = scale_w    ! ... or per output
+  call quantize_columns16(n_in, ldx, n, x, 0.0_c_float, x16, sx, stat)
+  if (stat /= PYKD_OK) return
+  call int8_dense_product(n_in, n_out, n, ldx, qw, x16, scale, sx, b, 0, y)
+end subroutine int8_matmul_fast

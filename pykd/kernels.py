@@ -612,7 +612,8 @@ def int8_gemm(qx, q, *, backend="fortran"):
     if backend == "numpy":
         return ref.int8_gemm(qx, q)
     acc = np.empty((qx.shape[0], q.shape[1]), np.int32)
-    _fortran().int8_gemm(q.T, qx.T, acc.T)
+    # The int8 layer's kernel (CPU path chosen at run time, threads).
+    _raise_for(_fortran().int8_gemm_fast(q.T, qx.T, acc.T), "qx")
     return acc
 
 
@@ -653,5 +654,6 @@ def int8_matmul(x, q, scale, b=None, *, backend="fortran"):
     if b is None:
         b = np.zeros(q.shape[1], _F32)
     y = np.empty((x.shape[0], q.shape[1]), _F32)
-    _raise_for(_fortran().int8_matmul(x.T, q.T, scale, b, y.T), "x")
+    # The int8 layer's quantization and kernel (same rounding and rescale).
+    _raise_for(_fortran().int8_matmul_fast(x.T, q.T, scale, b, y.T), "x")
     return y

@@ -208,3 +208,29 @@ def test_int8_one_sample_matches_the_twin_with_relu():
     model = Model([layer])
     for n in (1, 3):
         assert same_bits(model.forward(X[:n]), layer.forward_numpy(X[:n]))
+
+
+@pytest.mark.parametrize("n_in, n_out, n", [(1, 1, 1), (7, 33, 1), (131, 65, 3), (784, 200, 9),
+                                            (200, 10, 256)])
+def test_public_int8_products_are_exact_on_the_layer_kernel(n_in, n_out, n):
+    rng = np.random.default_rng(n_in + n_out + n)
+    q = rng.integers(-128, 128, (n_in, n_out)).astype(np.int8)       # -128 too
+    qx = rng.integers(-128, 128, (n, n_in)).astype(np.int8)
+    q[0, 0], qx[0, 0] = -128, -128
+    acc = pykd.int8_gemm(qx, q)
+    assert acc.dtype == np.int32
+    np.testing.assert_array_equal(acc, qx.astype(np.int64) @ q.astype(np.int64))
+    # int8_matmul: the NumPy twin's bits, and the int8 layer's for the same weights.
+    q = np.clip(q, -127, 127).astype(np.int8)
+    scale = (rng.random(n_out, dtype=F32) * F32(0.02) + F32(1e-3)).astype(F32)
+    b = rng.standard_normal(n_out).astype(F32)
+    X = rng.standard_normal((n, n_in)).astype(F32)
+    y = pykd.int8_matmul(X, q, scale, b)
+    assert same_bits(y, pykd.int8_matmul(X, q, scale, b, backend="numpy"))
+    assert same_bits(y, Model([DenseInt8(q, scale, b)]).forward(X))
+    one = scale[:1]
+    assert same_bits(pykd.int8_matmul(X, q, one, b),
+                     pykd.int8_matmul(X, q, one, b, backend="numpy"))
+    X[-1, -1] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pykd.int8_matmul(X, q, scale, b)

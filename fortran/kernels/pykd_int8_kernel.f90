@@ -2,12 +2,12 @@
 !! time (fortran/kernels/pykd_int8_simd.c): portable, avx2, avxvnni or
 !! avx512vnni. Every path gives the same bits; PYKD_INT8_PATH forces one.
 module pykd_int8_kernel
-  use iso_c_binding, only: c_int, c_int8_t, c_int16_t, c_float, c_char
+  use iso_c_binding, only: c_int, c_int8_t, c_int16_t, c_int32_t, c_float, c_char
   use iso_fortran_env, only: int64
   !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num
   implicit none
   private
-  public :: int8_dense_product, int8_path_name
+  public :: int8_dense_product, int8_gemm_product, int8_path_name
 
   !> Multiply-adds below which the product stays on one thread.
   integer(int64), parameter :: PAR_MIN_MACS = 100000
@@ -33,6 +33,14 @@ module pykd_int8_kernel
       real(c_float), intent(in) :: scale(*), sx(*), b(*)
       real(c_float), intent(inout) :: y(*)
     end subroutine c_dense
+    subroutine c_gemm(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, acc) &
+        bind(c, name='pykd_i8_gemm')
+      import :: c_int, c_int8_t, c_int16_t, c_int32_t
+      integer(c_int), value :: path, n_out, n_in, ldx, s0, s1, j0, j1
+      integer(c_int8_t), intent(in) :: q(*)
+      integer(c_int16_t), intent(in) :: x(*)
+      integer(c_int32_t), intent(inout) :: acc(*)
+    end subroutine c_gemm
   end interface
 
 contains
@@ -51,24 +59,50 @@ contains
   !> y(j, s) = real(sum_i q(j, i) x(i, s)) * (scale(j) * sx(s)) + b(j), the
   !! sum exact in int32, then relu if act is ACT_RELU (other codes: none
   !! here, the caller applies them). x is the quantized batch as int16,
-  !! x(ldx, n), ldx even, x(n_in + 1, :) = 0 when n_in is odd. Threads take
-  !! blocks of samples, or of outputs for a small batch; integer sums make
-  !! the split invisible in the bits. One sample stays on the calling
-  !! thread: waking the team cost more than it saved at the student's sizes
-  !! and gave the 1 ms p99 (docs/performance.md).
+  !! x(ldx, n), ldx even, x(n_in + 1, :) = 0 when n_in is odd.
   subroutine int8_dense_product(n_in, n_out, n, ldx, q, x, scale, sx, b, act, y)
     integer, intent(in) :: n_in, n_out, n, ldx, act
     integer(c_int8_t), intent(in) :: q(n_out, n_in)
     integer(c_int16_t), intent(in) :: x(ldx, n)
     real(c_float), intent(in) :: scale(n_out), sx(n), b(n_out)
     real(c_float), intent(inout) :: y(n_out, n)
+    integer(c_int32_t) :: none(1)
+
+    call split(.false., n_in, n_out, n, ldx, q, x, scale, sx, b, act, y, none)
+  end subroutine int8_dense_product
+
+  !> acc(j, s) = sum_i q(j, i) x(i, s), exact in int32, for any int8 q and
+  !! x (as int16, laid out as for int8_dense_product): pykd.int8_gemm.
+  subroutine int8_gemm_product(n_in, n_out, n, ldx, q, x, acc)
+    integer, intent(in) :: n_in, n_out, n, ldx
+    integer(c_int8_t), intent(in) :: q(n_out, n_in)
+    integer(c_int16_t), intent(in) :: x(ldx, n)
+    integer(c_int32_t), intent(inout) :: acc(n_out, n)
+    real(c_float) :: none(1)
+
+    call split(.true., n_in, n_out, n, ldx, q, x, none, none, none, 0, none, acc)
+  end subroutine int8_gemm_product
+
+  !> The threads' split of either product. Threads take blocks of samples,
+  !! or of outputs for a small batch; integer sums make the split invisible
+  !! in the bits. One sample stays on the calling thread: waking the team
+  !! cost more than it saved at the student's sizes and gave the 1 ms p99
+  !! (docs/performance.md).
+  subroutine split(want_raw, n_in, n_out, n, ldx, q, x, scale, sx, b, act, y, raw)
+    logical, intent(in) :: want_raw
+    integer, intent(in) :: n_in, n_out, n, ldx, act
+    integer(c_int8_t), intent(in) :: q(*)
+    integer(c_int16_t), intent(in) :: x(*)
+    real(c_float), intent(in) :: scale(*), sx(*), b(*)
+    real(c_float), intent(inout) :: y(*)
+    integer(c_int32_t), intent(inout) :: raw(*)
     integer(c_int) :: path
     integer :: k, n_tasks, nt, chunk
     logical :: par
 
     path = c_path()
     if (n == 1) then
-      call c_dense(path, n_out, n_in, q, x, ldx, 0, 1, 0, n_out, scale, sx, b, act, y)
+      call part(0, 1, 0, n_out)
       return
     end if
     par = int(n_in, int64) * n_out * n >= PAR_MIN_MACS
@@ -76,8 +110,7 @@ contains
       n_tasks = (n + SAMPLES_PER_TASK - 1) / SAMPLES_PER_TASK
       !$omp parallel do schedule(static) if(par)
       do k = 0, n_tasks - 1
-        call c_dense(path, n_out, n_in, q, x, ldx, k * SAMPLES_PER_TASK, &
-                     min((k + 1) * SAMPLES_PER_TASK, n), 0, n_out, scale, sx, b, act, y)
+        call part(k * SAMPLES_PER_TASK, min((k + 1) * SAMPLES_PER_TASK, n), 0, n_out)
       end do
       !$omp end parallel do
     else
@@ -86,10 +119,21 @@ contains
       nt = 1; k = 0
       !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
       chunk = ((n_out + nt - 1) / nt + OUTPUTS_ALIGN - 1) / OUTPUTS_ALIGN * OUTPUTS_ALIGN
-      if (k * chunk < n_out) call c_dense(path, n_out, n_in, q, x, ldx, 0, n, k * chunk, &
-                                          min((k + 1) * chunk, n_out), scale, sx, b, act, y)
+      if (k * chunk < n_out) call part(0, n, k * chunk, min((k + 1) * chunk, n_out))
       !$omp end parallel
     end if
-  end subroutine int8_dense_product
+
+  contains
+
+    subroutine part(s0, s1, j0, j1)
+      integer, intent(in) :: s0, s1, j0, j1
+      if (want_raw) then
+        call c_gemm(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, raw)
+      else
+        call c_dense(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y)
+      end if
+    end subroutine part
+
+  end subroutine split
 
 end module pykd_int8_kernel

@@ -86,6 +86,13 @@ void pykd_i8_path_name(char *name, int len)
 /* pykd_codes: ACT_RELU = 1 (tests/test_codes.py checks it). */
 #define ACT_RELU 1
 
+/* raw(j, s) = acc for samples [0, S), outputs j .. j + r - 1 (pykd_i8_gemm). */
+static inline void store_tile(int S, int r, const int32_t *acc, int lda, int32_t *raw,
+                              ptrdiff_t ldr)
+{
+    for (int s = 0; s < S; s++) memcpy(raw + s * ldr, acc + s * lda, sizeof(int32_t) * r);
+}
+
 /* y for samples [0, S) of a tile: acc[s * lda + jj], outputs j .. j + r - 1;
  * with relu fused (z < 0 ? 0 : z keeps NaN and -0.0, as pykd_activation). */
 static inline void rescale_tile(int S, int r, const int32_t *acc, int lda, const float *scale,
@@ -117,7 +124,7 @@ static void portable_tile(int S, int r, const int8_t *q, ptrdiff_t ldq, int n_in
 
 static void portable_range(int n_out, int n_in, const int8_t *q, const int16_t *x, ptrdiff_t ldx,
                            int s0, int s1, int j0, int j1, const float *scale, const float *sx,
-                           const float *b, int act, float *y)
+                           const float *b, int act, float *y, int32_t *raw)
 {
     int32_t acc[TS][TJ];
     for (int s = s0; s < s1; s += TS) {
@@ -125,8 +132,11 @@ static void portable_range(int n_out, int n_in, const int8_t *q, const int16_t *
         for (int j = j0; j < j1; j += TJ) {
             int r = j1 - j < TJ ? j1 - j : TJ;
             portable_tile(S, r, q + j, n_out, n_in, x + (ptrdiff_t)s * ldx, ldx, acc);
-            rescale_tile(S, r, &acc[0][0], TJ, scale + j, sx + s, b + j, act,
-                         y + (ptrdiff_t)s * n_out + j, n_out);
+            if (raw)
+                store_tile(S, r, &acc[0][0], TJ, raw + (ptrdiff_t)s * n_out + j, n_out);
+            else
+                rescale_tile(S, r, &acc[0][0], TJ, scale + j, sx + s, b + j, act,
+                             y + (ptrdiff_t)s * n_out + j, n_out);
         }
     }
 }
@@ -223,7 +233,7 @@ static inline int safe_inputs(int n_out, int n_in, int j, int width)
      * every tile of the chunk uses it. */                                      \
     static __attribute__((target(TARGET))) void NAME##_range(int n_out, int n_in,               \
         const int8_t *q, const int16_t *x, ptrdiff_t ldx, int s0, int s1, int j0, int j1,       \
-        const float *scale, const float *sx, const float *b, int act, float *y)                 \
+        const float *scale, const float *sx, const float *b, int act, float *y, int32_t *raw)   \
     {                                                                                           \
         int32_t acc[TS * JC];                                                                   \
         int8_t panel[TAILK * TJMAX];                                                            \
@@ -257,8 +267,11 @@ static inline int safe_inputs(int n_out, int n_in, int j, int width)
                         j += width;                                                             \
                     }                                                                           \
                 }                                                                               \
-                rescale_tile(S, jc1 - jc, acc, JC, scale + jc, sx + s, b + jc, act,             \
-                             y + (ptrdiff_t)s * n_out + jc, n_out);                             \
+                if (raw)                                                                \
+                    store_tile(S, jc1 - jc, acc, JC, raw + (ptrdiff_t)s * n_out + jc, n_out);   \
+                else                                                                            \
+                    rescale_tile(S, jc1 - jc, acc, JC, scale + jc, sx + s, b + jc, act,         \
+                                 y + (ptrdiff_t)s * n_out + jc, n_out);                         \
             }                                                                                   \
         }                                                                                       \
     }
@@ -276,23 +289,39 @@ DEFINE_TILE(avx512vnni, "avx2,avx512f,avx512vl,avx512vnni", MAC_AVX512VNNI)
  * (0-based, half open), on the chosen path; act == ACT_RELU fuses the relu
  * (any other code: the caller applies its activation). Threads call it on
  * disjoint ranges; it reads q, x, scale, sx, b and writes only its part of y. */
-void pykd_i8_dense(int path, int n_out, int n_in, const int8_t *q, const int16_t *x, int ldx,
-                   int s0, int s1, int j0, int j1, const float *scale, const float *sx,
-                   const float *b, int act, float *y)
+static void dense_or_raw(int path, int n_out, int n_in, const int8_t *q, const int16_t *x,
+                         int ldx, int s0, int s1, int j0, int j1, const float *scale,
+                         const float *sx, const float *b, int act, float *y, int32_t *raw)
 {
     switch (path) {
 #ifdef PYKD_X86
     case P_AVX2:
-        avx2_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
+        avx2_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y, raw);
         return;
     case P_AVXVNNI:
-        avxvnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
+        avxvnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y, raw);
         return;
     case P_AVX512VNNI:
-        avx512vnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
+        avx512vnni_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y, raw);
         return;
 #endif
     default:
-        portable_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y);
+        portable_range(n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y, raw);
     }
+}
+
+void pykd_i8_dense(int path, int n_out, int n_in, const int8_t *q, const int16_t *x, int ldx,
+                   int s0, int s1, int j0, int j1, const float *scale, const float *sx,
+                   const float *b, int act, float *y)
+{
+    dense_or_raw(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y, NULL);
+}
+
+/* The exact int32 sums alone, raw(j, s) for the same ranges (pykd.int8_gemm):
+ * the same tiles, stored instead of rescaled. Any int8 q and x (-128 too):
+ * a vpmaddwd pair sums to at most 2 * 128 * 128. */
+void pykd_i8_gemm(int path, int n_out, int n_in, const int8_t *q, const int16_t *x, int ldx,
+                  int s0, int s1, int j0, int j1, int32_t *raw)
+{
+    dense_or_raw(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, NULL, NULL, NULL, 0, NULL, raw);
 }
