@@ -4,9 +4,18 @@ labels) and ``pykd compress --recipe FILE.toml`` (a sequence of them).
 
 Every command checks all its inputs and outputs before any work, loads the
 model and the data, converts (and fine-tunes), saves the model in its
-smallest form (a pruned dense model goes through :func:`pykd.sparsify` where
+smallest form (a pruned dense model goes through ``pykd.sparsify`` where
 that is smaller) atomically, and prints one result line: test accuracy before
 and after, non-zeros, bytes on disk.
+
+Rules: ``--epochs 0`` (the default) means no fine-tuning, and a fine-tuning
+option given with it (``--teacher``, ``--lr``, ...) is an error, not a no-op.
+``quantize --static`` calibrates on the first N training rows. ``cluster`` of
+a pruned model clusters only its non-zeros (``sparse_codebook``). In a
+recipe, paths are relative to the current directory, ``compress --teacher``
+is the teacher of every fine-tuning stage that names none, and a
+``distill`` stage holds a pruned model's zeros (it trains dense models only,
+so it must come before quantize, lowrank and cluster stages).
 """
 from __future__ import annotations
 
@@ -135,8 +144,9 @@ def _stage_parser(op):
 
 def register(sub):
     for op in ("prune", "quantize", "lowrank", "cluster"):
-        p = sub.add_parser(op, help=_HELP[op], description=_HELP[op] + ". " + __doc__.split(
-            "\n\n")[1].replace("\n", " "))
+        paras = [" ".join(t.replace("``", "").split()) for t in __doc__.split("\n\n")]
+        p = sub.add_parser(op, help=_HELP[op], description=_HELP[op] + ". " + paras[1],
+                           epilog=paras[2])
         _add_io(p)
         _ADDERS[op](p)
         _add_finetune(p, epochs_help=("quantization-aware fine-tuning epochs (needs --qat; "
