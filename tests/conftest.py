@@ -10,6 +10,7 @@ extension still cannot be imported; the pure-Python modules (``pykd.data``,
 """
 import glob
 import os
+import signal
 import sys
 
 import pytest
@@ -67,3 +68,13 @@ def pytest_report_header(config):
 def _require_fortran_extension(request):
     if request.node.get_closest_marker("fortran") is not None and FORTRAN_IMPORT_ERROR is not None:
         pytest.fail(INSTALL_HINT + f"\n(import error: {FORTRAN_IMPORT_ERROR})", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_enabled():
+    """Ctrl-C tests need SIGINT delivered. A shell starts background jobs (and
+    so, sometimes, CI) with SIGINT ignored, and fit rightly keeps it ignored;
+    give each test the interactive default, and children inherit it."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)

@@ -33,16 +33,6 @@ def make_data(n_train=600, n_test=300, n_features=30, n_classes=4, seed=0, noise
     return X, y, Xt, yt
 
 
-@pytest.fixture(autouse=True)
-def _sigint_enabled():
-    """Ctrl-C tests need SIGINT delivered. A shell starts background jobs (and
-    so, sometimes, CI) with SIGINT ignored, and fit rightly keeps it ignored;
-    give each test the interactive default, and children inherit it."""
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, old)
-
-
 @pytest.fixture(scope="module")
 def data():
     return make_data()
