@@ -234,3 +234,16 @@ def test_public_int8_products_are_exact_on_the_layer_kernel(n_in, n_out, n):
     X[-1, -1] = np.inf
     with pytest.raises(ValueError, match="NaN or inf"):
         pykd.int8_matmul(X, q, scale, b)
+
+
+@pytest.mark.parametrize("act", ["identity", "relu"])
+def test_low_rank_one_sample_is_two_sequential_sums(act):
+    from pykd.layers import LowRank
+    rng = np.random.default_rng(5)
+    U = rng.standard_normal((131, 13)).astype(F32)
+    V = rng.standard_normal((13, 70)).astype(F32)
+    b = rng.standard_normal(70).astype(F32)
+    x = rng.standard_normal((1, 131)).astype(F32)
+    t = sequential(U, np.zeros(13, F32), x[0], "identity")     # + 0 changes no bit here
+    ref = sequential(V, b, t, act)
+    assert same_bits(Model([LowRank(U, V, b, act)]).forward(x)[0], ref)

@@ -51,10 +51,11 @@ int pykd_f32_path(void)
     return p;
 }
 
-/* z < 0 ? 0 : z keeps NaN and -0.0, as the relu of pykd_activation. */
-static inline float finish(float acc, float b, int act)
+/* z < 0 ? 0 : z keeps NaN and -0.0, as the relu of pykd_activation.
+ * b == NULL: no bias (the first factor of a low-rank layer). */
+static inline float finish(float acc, const float *b, int act)
 {
-    float z = acc + b;
+    float z = b ? acc + *b : acc;
     return (act == ACT_RELU && z < 0.0f) ? 0.0f : z;
 }
 
@@ -73,7 +74,7 @@ static void gemv_portable(int n_out, int n_in, const float *w, const float *x, i
             float xi = x[i];
             for (int k = 0; k < m; k++) acc[k] = acc[k] + col[k] * xi;
         }
-        for (int k = 0; k < m; k++) y[j + k] = finish(acc[k], b[j + k], act);
+        for (int k = 0; k < m; k++) y[j + k] = finish(acc[k], b ? b + j + k : NULL, act);
     }
 }
 
@@ -96,7 +97,7 @@ block_avx2(const int NV, int n_out, int n_in, const float *w, const float *x, in
     }
     const __m256 zero = _mm256_setzero_ps();
     for (int v = 0; v < NV; v++) {
-        __m256 z = _mm256_add_ps(acc[v], _mm256_loadu_ps(b + j + 8 * v));
+        __m256 z = b ? _mm256_add_ps(acc[v], _mm256_loadu_ps(b + j + 8 * v)) : acc[v];
         if (act == ACT_RELU) z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
         _mm256_storeu_ps(y + j + 8 * v, z);
     }
@@ -135,4 +136,11 @@ void pykd_f32_gemv(int n_out, int n_in, const float *w, const float *x, int j0, 
     }
 #endif
     gemv_portable(n_out, n_in, w, x, j0, j1, b, act, y);
+}
+
+/* The same without a bias (y = w x on [j0, j1)). */
+void pykd_f32_gemv_nobias(int n_out, int n_in, const float *w, const float *x, int j0, int j1,
+                          float *y)
+{
+    pykd_f32_gemv(n_out, n_in, w, x, j0, j1, NULL, ACT_IDENTITY, y);
 }

@@ -15,7 +15,7 @@ module pykd_layer_dense
   use iso_c_binding, only: c_int, c_float
   implicit none
   private
-  public :: dense_layer_t, dense_rows
+  public :: dense_layer_t, dense_rows, one_sample_product
 
   interface
     !> fortran/kernels/pykd_dense_simd.c: y(j0+1:j1) of one sample, bias and
@@ -26,6 +26,12 @@ module pykd_layer_dense
       real(c_float), intent(in) :: w(*), x(*), b(*)
       real(c_float), intent(inout) :: y(*)
     end subroutine c_gemv
+    subroutine c_gemv_nobias(n_out, n_in, w, x, j0, j1, y) bind(c, name='pykd_f32_gemv_nobias')
+      import :: c_int, c_float
+      integer(c_int), value :: n_out, n_in, j0, j1
+      real(c_float), intent(in) :: w(*), x(*)
+      real(c_float), intent(inout) :: y(*)
+    end subroutine c_gemv_nobias
   end interface
 
   type, extends(pykd_layer_t) :: dense_layer_t
@@ -93,6 +99,25 @@ contains
                 int(act, c_int), y)
     if (act /= ACT_IDENTITY .and. act /= ACT_RELU) call apply_activation(act, j1 - j0, 1, y(j0 + 1:j1))
   end subroutine dense_rows
+
+  !> y = act(w x + b) for one sample on this thread (pykd_f32_gemv; bits
+  !! as dense_rows), or y = w x without b (then act is ignored). For other
+  !! kinds' factors (low_rank).
+  subroutine one_sample_product(n_out, n_in, w, x, y, b, act)
+    integer, intent(in) :: n_out, n_in
+    real(real32), intent(in) :: w(n_out, n_in), x(n_in)
+    real(real32), intent(inout) :: y(n_out)
+    real(real32), intent(in), optional :: b(n_out)
+    integer, intent(in), optional :: act
+
+    if (.not. present(b)) then
+      call c_gemv_nobias(int(n_out, c_int), int(n_in, c_int), w, x, 0_c_int, int(n_out, c_int), y)
+      return
+    end if
+    call c_gemv(int(n_out, c_int), int(n_in, c_int), w, x, 0_c_int, int(n_out, c_int), b, &
+                int(act, c_int), y)
+    if (act /= ACT_IDENTITY .and. act /= ACT_RELU) call apply_activation(act, n_out, 1, y)
+  end subroutine one_sample_product
 
   pure integer(int64) function dense_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)

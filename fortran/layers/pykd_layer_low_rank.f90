@@ -10,6 +10,7 @@ module pykd_layer_low_rank
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
   use pykd_activation, only: bias_activation
+  use pykd_layer_dense, only: one_sample_product
   use pykd_bytes, only: get_f32, put_u32, put_f32, str
   use pykd_layer_util, only: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count, &
                              gemm_nn
@@ -53,6 +54,13 @@ contains
 
     n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); r = int(row(COL_P1))
     o = row(COL_F32_OFF); nu = row(COL_N_IN) * r; nv = row(COL_N_OUT) * r
+    stat = PYKD_OK
+    if (n == 1) then   ! on this thread, no BLAS or OpenMP wake-up (as dense)
+      call one_sample_product(r, n_in, f32(o + 1), x, work)
+      call one_sample_product(n_out, r, f32(o + nu + 1), work, y, f32(o + nu + nv + 1), &
+                              int(row(COL_ACT)))
+      return
+    end if
     call gemm_nn(r, n, n_in, f32(o + 1), x, n_in, 0.0_real32, work)
     call gemm_nn(n_out, n, r, f32(o + nu + 1), work, r, 0.0_real32, y)
     call bias_activation(int(row(COL_ACT)), n_out, n, f32(o + nu + nv + 1), y)
