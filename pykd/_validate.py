@@ -106,3 +106,10 @@ def activation(value):
     if value not in TRAINABLE_ACTIVATIONS:
         raise ValueError(f"activation must be one of {TRAINABLE_ACTIVATIONS}, got {value!r}")
     return ACTIVATIONS[value]
+
+
+def plural(n, word, many=None, fmt=""):
+    """``n`` and ``word``, in the plural unless n is 1: ``plural(1, "epoch")``
+    is "1 epoch", ``plural(3, "epoch")`` "3 epochs" (``many`` for an
+    irregular plural, ``fmt`` formats n, e.g. "," for 1,000)."""
+    return f"{n:{fmt}} {word if n == 1 else (many or word + 's')}"

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -37,8 +38,8 @@ from ._step import TrainConfig
 from .models import MLP, _argmax_finite
 
 __all__ = [
-    "CHECKPOINT_VERSION", "CheckpointError", "NonFiniteLossError", "TrainConfig",
-    "TrainingInterrupted",
+    "CHECKPOINT_VERSION", "LR_SCHEDULES", "CheckpointError", "LearningRateWarning",
+    "NonFiniteLossError", "TrainConfig", "TrainingInterrupted",
     "evaluate", "fit", "hint_targets_from", "load_checkpoint", "soft_labels",
 ]
 
@@ -46,6 +47,15 @@ CHECKPOINT_VERSION = 1
 _F32 = np.float32
 #: Precompute the teacher's hidden features for hints when they fit in this.
 HINT_PRECOMPUTE_BYTES = 1 << 30
+#: The learning-rate schedules of :func:`fit` (``lr_schedule``).
+LR_SCHEDULES = ("constant", "exponential", "cosine")
+#: An exponentially decayed rate below this gets a LearningRateWarning.
+LR_WARN_BELOW = 1e-7
+
+
+class LearningRateWarning(RuntimeWarning):
+    """The exponentially decayed learning rate fell below ``LR_WARN_BELOW``:
+    the remaining epochs barely change the weights."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -257,7 +267,7 @@ def load_checkpoint(path):
 
 
 _HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss", "seconds",
-                 "samples_per_second", "sparsity")
+                 "samples_per_second", "sparsity", "lr")
 
 
 def _is_int(v):
@@ -336,6 +346,7 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
     if hist["epoch"] != list(range(1, epoch + 1)) or not all(
             _is_num(v) for v in hist["loss"] + hist["seconds"]) or not all(
             _is_num(v, 0, 1) for v in hist["train_accuracy"] + hist["sparsity"]) or not all(
+            _is_num(v, 0) for v in hist["lr"]) or not all(
             v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in
             hist["test_accuracy"] + hist["test_loss"] + hist["samples_per_second"]):
         bad("history holds values that are not finite numbers of the right range")
@@ -470,7 +481,7 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
 def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         hint_targets=None, X_val=None, y_val=None, checkpoint=None, resume=False,
         progress=True, backend="fortran", seed=None, mask=None, prune=None, callback=None,
-        desc="train", lr_decay=1.0):
+        desc="train", lr_decay=1.0, lr_schedule=None):
     """Train ``model`` in place; one :func:`pykd._step.train_step` per batch.
 
     Parameters
@@ -500,7 +511,7 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     resume : bool
         Continue from ``checkpoint``, which must exist and match the run:
         every field is checked first (the fingerprint of sizes, activations,
-        hint, n, batch size, seed, config, lr_decay, mask and pruning
+        hint, n, batch size, seed, config, lr_decay, lr_schedule, mask and pruning
         schedule; epoch in [0, epochs]; batch; step = epoch * batches +
         batch; the shuffling state of the seed at that epoch; the shapes and
         finiteness of the buffers; the mask, within the run's mask, and
@@ -522,10 +533,22 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         to its sparsity and the newly pruned weights and their optimizer
         moments are set to exactly zero. Starts from ``mask`` if given.
     callback : callable(dict), optional
-        Called after every step with epoch, batch, step, loss.
+        Called after every step with epoch, batch, step, loss and lr (the
+        learning rate of that step).
     lr_decay : float in (0, 1]
-        Per-epoch learning-rate factor: epoch e (from 0) uses
-        ``cfg.lr * lr_decay**e``. 1 (the default) keeps the rate constant.
+        The factor of the exponential schedule: epoch e (from 0) uses
+        ``cfg.lr * lr_decay**e``. 1 (the default) keeps the rate constant;
+        another value with a non-exponential ``lr_schedule`` is an error.
+    lr_schedule : {None, "constant", "exponential", "cosine"}
+        The learning rate over the run. "constant": ``cfg.lr`` throughout;
+        "exponential": ``cfg.lr * lr_decay**e`` in epoch e; "cosine": per
+        optimizer step, step s (from 0) of the run's S = epochs x batches
+        steps uses ``cfg.lr * (1 + cos(pi * s / S)) / 2``, a half cosine
+        from ``cfg.lr`` towards 0. None (the default): "exponential" if
+        ``lr_decay != 1``, else "constant". It is in the checkpoint's
+        fingerprint. When an exponentially decayed rate falls below
+        ``LR_WARN_BELOW`` (1e-7), one :class:`LearningRateWarning` is issued
+        (the cosine schedule reaches 0 by design and gives none).
 
     Returns
     -------
@@ -533,7 +556,8 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     ``test_accuracy``, ``test_loss``, ``seconds`` (training time of the
     epoch, without validation and checkpointing), ``samples_per_second``,
     ``sparsity`` (fraction of the model's weights that are zero at the end
-    of the epoch; biases not counted).
+    of the epoch; biases not counted), ``lr`` (the learning rate of the
+    epoch's first step).
 
     Raises
     ------
@@ -552,7 +576,8 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     run = _prepare(model, X, y, cfg=cfg, epochs=epochs, batch_size=batch_size,
                    teacher_logits=teacher_logits, hint_targets=hint_targets, X_val=X_val,
                    y_val=y_val, checkpoint=checkpoint, resume=resume, backend=backend,
-                   seed=seed, mask=mask, prune=prune, lr_decay=lr_decay)
+                   seed=seed, mask=mask, prune=prune, lr_decay=lr_decay,
+                   lr_schedule=lr_schedule)
     with _sigint_flag() as interrupt:
         for epoch in range(run.start_epoch, run.epochs):
             _run_epoch(run, epoch, interrupt, progress=progress, callback=callback, desc=desc)
@@ -691,6 +716,30 @@ class _Run:
         nz = sum(int(np.count_nonzero(self.P[ws])) for ws, _, _ in sl)
         return 1.0 - nz / total
 
+    # -- learning rate
+    def lr_at(self, step):
+        """The learning rate of optimizer step ``step`` (0-based) of the run."""
+        lr = self.cfg.lr
+        if self.lr_schedule == "exponential":
+            return lr * self.lr_decay**(step // self.n_batches)
+        if self.lr_schedule == "cosine":
+            return lr * 0.5 * (1.0 + math.cos(math.pi * step / (self.epochs * self.n_batches)))
+        return lr
+
+    def warn_lr(self, epoch, lr):
+        """One LearningRateWarning per run when the decayed rate of ``epoch``
+        is below LR_WARN_BELOW (cosine reaches 0 by design: no warning)."""
+        if self.lr_schedule != "exponential" or self.lr_warned or \
+                not lr < LR_WARN_BELOW <= self.cfg.lr:
+            return
+        self.lr_warned = True
+        warnings.warn(
+            f"the learning rate has decayed to {lr:.3g} at epoch {epoch + 1} of {self.epochs} "
+            f"(lr {self.cfg.lr:g} x lr_decay {self.lr_decay:g}^{epoch}), below "
+            f"{LR_WARN_BELOW:g}: the remaining epochs barely train; use a larger lr_decay, "
+            "fewer epochs, or the constant or cosine schedule", LearningRateWarning,
+            stacklevel=4)
+
     # -- checkpoints
     def meta_for(self, epoch, batch, epoch_rng_state):
         meta = {"format": "pykd-checkpoint", "version": CHECKPOINT_VERSION,
@@ -711,7 +760,7 @@ class _Run:
 
 
 def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targets, X_val,
-             y_val, checkpoint, resume, backend, seed, mask, prune, lr_decay):
+             y_val, checkpoint, resume, backend, seed, mask, prune, lr_decay, lr_schedule):
     """Check every argument of fit, build the buffers, restore a checkpoint."""
     from .compress.prune import PruneSchedule
     if not isinstance(model, MLP):
@@ -729,6 +778,15 @@ def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targe
     lr_decay = float(lr_decay)
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+    if lr_schedule is None:
+        lr_schedule = "exponential" if lr_decay != 1 else "constant"
+    elif lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, "
+                         f"got {lr_schedule!r}")
+    elif lr_schedule != "exponential" and lr_decay != 1:
+        raise ValueError(f"lr_decay={lr_decay:g} is the factor of lr_schedule='exponential', "
+                         f"but lr_schedule={lr_schedule!r}; leave lr_decay at 1 or use "
+                         "lr_schedule='exponential'")
     if prune is not None and not isinstance(prune, PruneSchedule):
         raise TypeError(f"prune must be a pykd.PruneSchedule or None, got "
                         f"{type(prune).__name__}")
@@ -751,7 +809,7 @@ def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targe
     fingerprint = {
         "sizes": sizes, "activations": acts, "hint": list(hint) if hint else None,
         "n_train": n, "batch_size": batch_size, "seed": seed, "config": _cfg_dict(cfg),
-        "lr_decay": lr_decay,
+        "lr_decay": lr_decay, "lr_schedule": lr_schedule,
     }
     if given_mask is not None:   # only with a mask, so checkpoints without one keep matching
         fingerprint["mask"] = hashlib.sha256(np.packbits(given_mask).tobytes()).hexdigest()
@@ -762,7 +820,7 @@ def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targe
         cur_mask = np.ones(n_total, np.bool_)
     run = _Run(model=model, sizes=sizes, acts=acts, cfg=cfg, epochs=epochs,
                batch_size=batch_size, n=n, n_batches=n_batches, backend=backend, seed=seed,
-               lr_decay=lr_decay, P=P, G=np.zeros_like(P), S1=np.zeros_like(P),
+               lr_decay=lr_decay, lr_schedule=lr_schedule, lr_warned=False, P=P, G=np.zeros_like(P), S1=np.zeros_like(P),
                S2=np.zeros_like(P), y=y, teacher_logits=teacher_logits, hint=hint,
                hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
                mask=cur_mask, schedule=schedule, fingerprint=fingerprint,
@@ -790,6 +848,7 @@ def _restore(run, X, given_mask):
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"no checkpoint at {checkpoint} to resume from")
     arrays, meta = load_checkpoint(checkpoint)
+    _upgrade_meta(meta, run)
     norm = model.norm if model.norm is not None else tuple(_F32(v) for v in _norm_stats(X))
     (run.step, run.start_epoch, run.start_batch, rng_state, run.history, run.accum,
      norm) = _check_resume(checkpoint, arrays, meta, fingerprint=run.fingerprint,
@@ -804,6 +863,19 @@ def _restore(run, X, given_mask):
     model.set_norm(*norm)
     run.rng.bit_generator.state = rng_state
     run.saved_epoch = run.start_epoch
+
+
+def _upgrade_meta(meta, run):
+    """A checkpoint of a pykd without learning-rate schedules has no
+    ``lr_schedule`` in its fingerprint and no ``lr`` history: fill them in
+    as that version trained (exponential when lr_decay != 1), so it resumes."""
+    fp, hist = meta.get("fingerprint"), meta.get("history")
+    if not isinstance(fp, dict) or "lr_schedule" in fp:
+        return
+    fp["lr_schedule"] = "exponential" if fp.get("lr_decay", 1.0) != 1 else "constant"
+    if fp == run.fingerprint and isinstance(hist, dict) and "lr" not in hist \
+            and isinstance(hist.get("epoch"), list):
+        hist["lr"] = [run.lr_at(e * run.n_batches) for e in range(len(hist["epoch"]))]
 
 
 # ------------------------------------------------------ fit: one epoch
@@ -851,8 +923,10 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
     and checkpoint; TrainingInterrupted after a checkpoint on Ctrl-C."""
     epoch_rng_state = run.rng.bit_generator.state
     perm = run.rng.permutation(run.n)
-    cfg = run.cfg if run.lr_decay == 1 else dataclasses.replace(
-        run.cfg, lr=run.cfg.lr * run.lr_decay**epoch)
+    per_step = run.lr_schedule == "cosine"        # the others change once per epoch
+    lr0 = run.lr_at(epoch * run.n_batches)
+    cfg = run.cfg if lr0 == run.cfg.lr and not per_step else dataclasses.replace(run.cfg, lr=lr0)
+    run.warn_lr(epoch, lr0)
     if run.start_batch == 0:
         run.accum = _new_accum()
     accum, batch_size = run.accum, run.batch_size
@@ -862,6 +936,8 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
     t_post = t_start
     for bi in range(run.start_batch, run.n_batches):
         xb, yb, tb, hb = _batch(run, perm[bi * batch_size:(bi + 1) * batch_size])
+        if per_step:
+            cfg.lr = run.lr_at(run.step)          # cfg is this epoch's own copy
         loss, n_correct = _step_once(run, cfg, xb, yb, tb, hb, (epoch, bi), bar)
         run.step += 1
         run.prune_if_due()
@@ -878,7 +954,8 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
                                  "acc": f"{accum['correct'] / accum['seen']:.3f}"},
                                 refresh=False)
         if callback is not None:
-            callback({"epoch": epoch, "batch": bi + 1, "step": run.step, "loss": loss})
+            callback({"epoch": epoch, "batch": bi + 1, "step": run.step, "loss": loss,
+                      "lr": cfg.lr})
         if interrupt["hit"]:
             accum["seconds"] += time.perf_counter() - t_start
             if bar is not None:
@@ -906,6 +983,7 @@ def _end_epoch(run, epoch, seconds, bar, progress, desc):
     history["seconds"].append(seconds)
     history["samples_per_second"].append(accum["seen"] / seconds if seconds > 0 else None)
     history["sparsity"].append(run.sparsity())
+    history["lr"].append(run.lr_at(epoch * run.n_batches))
     if run.X_val is not None:
         acc, vloss = _logits_stats(run.model.forward(run.X_val, backend=run.backend), run.y_val)
     else:

@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 
 import numpy as np
 
@@ -35,11 +36,15 @@ from .._step import TrainConfig
 from ..data import DEFAULT_DATA_DIR, DatasetError, load_dataset
 from ..modelfile import ModelFormatError
 from ..models import MLP, load_model
-from ..train import (CheckpointError, NonFiniteLossError, TrainingInterrupted, atomic_write,
-                    evaluate, fit, hint_targets_from, soft_labels)
+from .._validate import plural as _plural
+from ..train import (LR_SCHEDULES, CheckpointError, NonFiniteLossError, TrainingInterrupted,
+                    atomic_write, evaluate, fit, hint_targets_from, soft_labels)
 
 #: The reference configuration of ``pykd demo`` (architectures, optimizer,
-#: batch, T, alpha from the issue; epochs and dropout tuned on Fashion-MNIST).
+#: batch, T, alpha from the issue; epochs, dropout and the teacher's decay
+#: tuned on Fashion-MNIST). train-teacher and distill take their sizes,
+#: epochs, lr and batch from here, but train at a constant rate without
+#: dropout unless told otherwise: the decay and dropout are the demo's recipe.
 DEMO = {
     "teacher_hidden": [1200, 1200],
     "student_hidden": [200, 200],
@@ -159,7 +164,7 @@ def _add_classes(p):
                         f"most {MAX_CLASSES}); every label must be in [0, N)")
 
 
-def _add_training(p, *, hidden, epochs, dropout=0.0, lr_decay=1.0, out):
+def _add_training(p, *, hidden, epochs, out):
     p.add_argument("--hidden", type=_hidden, default=hidden, metavar="W1,W2,...",
                    help=f"hidden layer widths (default: {','.join(map(str, hidden))})")
     p.add_argument("--epochs", type=_pos_int, default=epochs,
@@ -169,17 +174,22 @@ def _add_training(p, *, hidden, epochs, dropout=0.0, lr_decay=1.0, out):
                         "training set means one batch of the whole set (with a warning)")
     p.add_argument("--lr", type=_pos_float, default=DEMO["lr"],
                    help=f"learning rate (default: {DEMO['lr']:g})")
-    p.add_argument("--lr-decay", type=_number(float, 0, 1, low_open=True), default=lr_decay,
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                   help="constant: --lr throughout; exponential: --lr x GAMMA^e in epoch e "
+                        "(needs --lr-decay); cosine: per optimizer step, a half cosine from "
+                        "--lr to 0 over the whole run (default: exponential if --lr-decay is "
+                        "given, else constant)")
+    p.add_argument("--lr-decay", type=_number(float, 0, 1, low_open=True), default=None,
                    metavar="GAMMA", help="multiply the learning rate by GAMMA after every "
-                                         f"epoch (default: {lr_decay:g}; 1 = constant)")
+                                         "epoch (the exponential schedule)")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                    help="adam (default) or sgd with momentum")
     p.add_argument("--momentum", type=_nonneg_float, default=None,
                    help="SGD momentum (default: 0.9); only with --optimizer sgd")
     p.add_argument("--weight-decay", type=_nonneg_float, default=0.0,
                    help="L2 weight decay added to the gradient (default: 0)")
-    p.add_argument("--dropout", type=_dropout, default=dropout,
-                   help=f"dropout probability on hidden layers (default: {dropout:g})")
+    p.add_argument("--dropout", type=_dropout, default=0.0,
+                   help="dropout probability on hidden layers (default: 0)")
     p.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seed of initialisation, shuffling and dropout (default: 0)")
     p.add_argument("--out", default=out, metavar="MODEL",
@@ -237,7 +247,6 @@ def build_parser():
     p = sub.add_parser("train-teacher", help="train a model on the labels (cross-entropy)",
                        description="Train an MLP on the labels with cross-entropy.")
     _add_training(p, hidden=DEMO["teacher_hidden"], epochs=DEMO["teacher_epochs"],
-                  dropout=DEMO["teacher_dropout"], lr_decay=DEMO["teacher_lr_decay"],
                   out="teacher.pykd")
     _add_pruning(p)
     _add_common(p)
@@ -272,7 +281,7 @@ def build_parser():
     p.add_argument("--hint-weight", type=_nonneg_float, default=None,
                    help="weight of the hint MSE term (default: 1); needs --hint-student-layer")
     _add_training(p, hidden=DEMO["student_hidden"], epochs=DEMO["student_epochs"],
-                  lr_decay=DEMO["student_lr_decay"], out="student.pykd")
+                  out="student.pykd")
     p.add_argument("--init", metavar="MODEL",
                    help="continue from this student instead of a fresh initialisation (its "
                         "activations and input normalisation are kept); --hidden is taken "
@@ -545,11 +554,14 @@ def _entry(name, model, ev, history, config, path=None):
 
 def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoint, resume,
            backend, teacher=None, teacher_logits=None, hint_teacher_layer=None, role,
-           extra_config=None, lr_decay=1.0, prune=None, init=None):
+           extra_config=None, lr_decay=1.0, lr_schedule=None, prune=None, init=None):
     """Train (or, when resuming a finished phase of the demo, reuse) one model;
     save it with its history and configuration; return the report entry."""
+    if lr_schedule is None:            # fit's rule, written out for the model's metadata
+        lr_schedule = "exponential" if lr_decay != 1 else "constant"
     config = {"role": role, "sizes": sizes, "epochs": epochs, "batch_size": batch_size,
               "seed": seed, "backend": backend, "dataset": ds.name, "lr_decay": lr_decay,
+              "lr_schedule": lr_schedule,
               "n_train": int(ds.X_train.shape[0]), "train": _cfg_json(cfg)}
     config.update(extra_config or {})
     if prune is not None:
@@ -567,12 +579,15 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
         ctx.warn(f"--batch-size {batch_size} is larger than the training set ({n_train} rows): "
                  f"every epoch of {name} is one batch of all {n_train} rows")
     ctx.info(f"{name}: training {'-'.join(map(str, sizes))} ({model.parameters:,} parameters) "
-             f"for {epochs} epochs" + (" (resuming)" if resume else ""))
-    history = fit(model, ds.X_train, ds.y_train, cfg=cfg, epochs=epochs, batch_size=batch_size,
-                  teacher_logits=teacher_logits, hint_targets=hint_targets,
-                  X_val=ds.X_test if has_test else None, y_val=ds.y_test if has_test else None,
-                  checkpoint=checkpoint, resume=resume, progress=not ctx.quiet, backend=backend,
-                  seed=seed, desc=name, lr_decay=lr_decay, prune=prune)
+             f"for {_plural(epochs, 'epoch')}" + (" (resuming)" if resume else ""))
+    with warnings.catch_warnings():    # a warning of fit: one line, like the CLI's own
+        warnings.showwarning = lambda message, *a, **k: ctx.warn(str(message))
+        history = fit(model, ds.X_train, ds.y_train, cfg=cfg, epochs=epochs,
+                      batch_size=batch_size, teacher_logits=teacher_logits,
+                      hint_targets=hint_targets, X_val=ds.X_test if has_test else None,
+                      y_val=ds.y_test if has_test else None, checkpoint=checkpoint,
+                      resume=resume, progress=not ctx.quiet, backend=backend, seed=seed,
+                      desc=name, lr_decay=lr_decay, lr_schedule=lr_schedule, prune=prune)
     agree_with = teacher if teacher is not None else None
     ev = evaluate(model, ds.X_test, ds.y_test, teacher=agree_with) if has_test else _empty_eval(model)
     model.metadata.update({"role": role, "config": config, "history": history,
@@ -672,6 +687,22 @@ def _train_cfg(args, *, loss="ce", **kw):
                        weight_decay=args.weight_decay, dropout=args.dropout, seed=args.seed, **kw)
 
 
+def _lr_schedule(args):
+    """(schedule, lr_decay) of --lr-schedule and --lr-decay: --lr-decay alone
+    means exponential; with constant or cosine it is an error."""
+    schedule, decay = args.lr_schedule, args.lr_decay
+    if schedule is None:
+        schedule = "constant" if decay is None else "exponential"
+    if decay is not None and schedule != "exponential":
+        raise CLIError(f"--lr-decay is the factor of --lr-schedule exponential, but the "
+                       f"schedule is {schedule}; drop --lr-decay or use --lr-schedule "
+                       "exponential")
+    if schedule == "exponential" and decay is None:
+        raise CLIError("--lr-schedule exponential needs --lr-decay GAMMA (the per-epoch "
+                       "factor)")
+    return schedule, 1.0 if decay is None else decay
+
+
 def _check_pruning(args):
     """The --prune-* options that need --prune-to, and S0 <= S (before any work)."""
     if args.prune_to is None:
@@ -752,6 +783,7 @@ def _check_training_files(args):
 # ---------------------------------------------------------------- commands
 
 def cmd_train_teacher(args, ctx):
+    lr_schedule, lr_decay = _lr_schedule(args)
     _check_pruning(args)
     cfg = _train_cfg(args)
     _check_training_files(args)
@@ -760,7 +792,8 @@ def cmd_train_teacher(args, ctx):
     prune = _prune_schedule(args, ds.X_train.shape[0])
     _train(ctx, "teacher", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
-           backend=args.backend, role="teacher", lr_decay=args.lr_decay, prune=prune)
+           backend=args.backend, role="teacher", lr_decay=lr_decay, lr_schedule=lr_schedule,
+           prune=prune)
     _print_result(ctx)
     return _finish(ctx)
 
@@ -787,6 +820,7 @@ def cmd_soft_labels(args, ctx):
 
 
 def cmd_distill(args, ctx):
+    lr_schedule, lr_decay = _lr_schedule(args)
     _check_pruning(args)
     if args.hint_weight is not None and not args.hint_student_layer:
         raise CLIError("--hint-weight needs --hint-student-layer K (there is no hint term "
@@ -856,7 +890,7 @@ def cmd_distill(args, ctx):
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
            backend=args.backend, teacher=teacher, teacher_logits=logits,
            hint_teacher_layer=hint_teacher_layer, role="student", extra_config=extra,
-           lr_decay=args.lr_decay, prune=prune, init=init)
+           lr_decay=lr_decay, lr_schedule=lr_schedule, prune=prune, init=init)
     _print_result(ctx)
     return _finish(ctx)
 
