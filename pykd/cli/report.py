@@ -191,6 +191,12 @@ def _plot_report(rows, path, regression):
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4),
                     fontsize="small")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    # 1-2-5 ticks labelled in kB/MB; the default minor labels overlap on a short range
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda v, _: f"{v / 1e6:g} MB" if v >= 1e6 else f"{v / 1e3:g} kB"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="bytes on disk (log scale)",
            ylabel="test RMSE" if regression else "test accuracy (%)",
            title="Size against " + ("error" if regression else "accuracy"))
