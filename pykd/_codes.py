@@ -27,6 +27,13 @@ ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "gelu": 4, "si
 #: Activations the fused training step can differentiate (from the layer output).
 TRAINABLE_ACTIVATIONS = ("identity", "relu", "tanh")
 
+#: Loss codes of the fused training step (Fortran ``LOSS_*``): classification
+#: on int64 labels (ce, kd against teacher logits), or regression on float32
+#: targets (mse, huber), ``*_kd`` adding the same loss against teacher outputs.
+LOSSES = {"ce": 0, "kd": 1, "mse": 2, "huber": 3, "mse_kd": 4, "huber_kd": 5}
+#: The losses that take float targets instead of labels.
+REGRESSION_LOSSES = ("mse", "huber", "mse_kd", "huber_kd")
+
 #: Layer kind codes (file field ``kind``; Fortran ``KIND_*``).
 KINDS = {"dense": 1, "dense_int8": 2, "sparse_csr": 3, "low_rank": 4, "codebook": 5,
          "sparse_codebook": 6}

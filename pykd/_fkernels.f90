@@ -327,58 +327,62 @@ end subroutine mlp_forward
 ! One training step. Arrays that a configuration does not use (teacher
 ! logits without KD, hint target without a hint, mask) are passed as 1x1 /
 ! size-1 placeholders and flagged off by use_teacher / use_hint / use_mask.
+! Float targets (n_out, n) are the regression losses' labels (docs/regression.md).
 subroutine mlp_train_step(sizes, acts, params, grads, state1, state2, x, labels, &
-                          teacher, use_teacher, hint_target, use_hint, mask, use_mask, &
-                          loss_kind, temperature, alpha, optimizer, lr, beta1, beta2, eps, &
+                          teacher, use_teacher, hint_target, use_hint, mask, use_mask, targets, &
+                          loss_kind, temperature, alpha, huber_delta, optimizer, lr, beta1, beta2, eps, &
                           momentum, weight_decay, dropout, seed, hint_layer, hint_weight, step, work, &
-                          nl1, nl, np, n_in, n, tc, tn, hc, hn, nm, nw, loss, n_correct, stat)
+                          nl1, nl, np, n_in, n, nlab, tc, tn, hc, hn, yc, yn, nm, nw, loss, n_correct, stat)
   use iso_c_binding, only: c_float, c_int, c_int64_t
   use pykd_mlp, only: impl => mlp_train_step, train_config
   implicit none
-  integer(c_int), intent(in) :: nl1, nl, n_in, n, tc, tn, hc, hn
+  integer(c_int), intent(in) :: nl1, nl, n_in, n, nlab, tc, tn, hc, hn, yc, yn
   integer(c_int64_t), intent(in) :: np, nm, nw
   integer(c_int), intent(in) :: sizes(nl1), acts(nl)
   real(c_float), intent(inout) :: params(np), grads(np), state1(np), state2(np), work(nw)
-  real(c_float), intent(in) :: x(n_in, n), teacher(tc, tn), hint_target(hc, hn)
-  integer(c_int64_t), intent(in) :: labels(n)
+  real(c_float), intent(in) :: x(n_in, n), teacher(tc, tn), hint_target(hc, hn), targets(yc, yn)
+  integer(c_int64_t), intent(in) :: labels(nlab)
   integer(1), intent(in) :: mask(nm)
   integer(c_int), intent(in) :: use_teacher, use_hint, use_mask, loss_kind, optimizer, hint_layer
-  real(c_float), intent(in) :: temperature, alpha, lr, beta1, beta2, eps, momentum, weight_decay
-  real(c_float), intent(in) :: dropout, hint_weight
+  real(c_float), intent(in) :: temperature, alpha, huber_delta, lr, beta1, beta2, eps, momentum
+  real(c_float), intent(in) :: weight_decay, dropout, hint_weight
   integer(c_int64_t), intent(in) :: seed, step
   real(c_float), intent(out) :: loss
   integer(c_int), intent(out) :: n_correct, stat
   type(train_config) :: cfg
+  ! Either labels (regression) or targets (classification) is a placeholder:
+  ! the step reads only the one its loss needs.
   !f2py threadsafe
-  !f2py intent(hide) :: nl1, nl, np, n_in, n, tc, tn, hc, hn, nm, nw
-  cfg = train_config(loss=loss_kind, temperature=temperature, alpha=alpha, optimizer=optimizer, &
+  !f2py intent(hide) :: nl1, nl, np, n_in, n, nlab, tc, tn, hc, hn, yc, yn, nm, nw
+  cfg = train_config(loss=loss_kind, temperature=temperature, alpha=alpha, huber_delta=huber_delta, &
+                     optimizer=optimizer, &
                      lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum, &
                      weight_decay=weight_decay, dropout=dropout, seed=seed, &
                      hint_layer=hint_layer, hint_weight=hint_weight)
   if (use_teacher /= 0 .and. use_hint /= 0 .and. use_mask /= 0) then
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              teacher=teacher, hint_target=hint_target, mask=mask, stat=stat)
+              teacher=teacher, hint_target=hint_target, mask=mask, stat=stat, targets=targets)
   else if (use_teacher /= 0 .and. use_hint /= 0) then
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              teacher=teacher, hint_target=hint_target, stat=stat)
+              teacher=teacher, hint_target=hint_target, stat=stat, targets=targets)
   else if (use_teacher /= 0 .and. use_mask /= 0) then
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              teacher=teacher, mask=mask, stat=stat)
+              teacher=teacher, mask=mask, stat=stat, targets=targets)
   else if (use_hint /= 0 .and. use_mask /= 0) then
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              hint_target=hint_target, mask=mask, stat=stat)
+              hint_target=hint_target, mask=mask, stat=stat, targets=targets)
   else if (use_teacher /= 0) then
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              teacher=teacher, stat=stat)
+              teacher=teacher, stat=stat, targets=targets)
   else if (use_hint /= 0) then
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              hint_target=hint_target, stat=stat)
+              hint_target=hint_target, stat=stat, targets=targets)
   else if (use_mask /= 0) then
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              mask=mask, stat=stat)
+              mask=mask, stat=stat, targets=targets)
   else
     call impl(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, work, loss, n_correct, &
-              stat=stat)
+              stat=stat, targets=targets)
   end if
 end subroutine mlp_train_step
 

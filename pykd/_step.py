@@ -16,7 +16,8 @@ from . import _reference as ref
 from . import kernels as _kernels
 from .kernels import _fortran
 
-LOSSES = ("ce", "kd")
+LOSSES = tuple(_codes.LOSSES)          # names; the codes live in _codes.LOSSES
+REGRESSION_LOSSES = _codes.REGRESSION_LOSSES
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -24,14 +25,22 @@ OPTIMIZERS = ("sgd", "adam")
 class TrainConfig:
     """Settings of a training step (see pykd.kernels for the formulas).
 
+    Losses: ``"ce"`` (labels), ``"kd"`` (Hinton KD against teacher logits),
+    and for float targets ``"mse"``, ``"huber"`` (threshold ``huber_delta``)
+    and their distilled forms ``"mse_kd"``, ``"huber_kd"``:
+    ``alpha * loss(student, y) + (1 - alpha) * loss(student, teacher_outputs)``
+    (docs/regression.md).
+
     An option set to a value other than its default where it has no effect
-    is an error: ``temperature``/``alpha`` with ``loss="ce"``, ``momentum``
+    is an error: ``temperature`` without ``loss="kd"``, ``alpha`` without a
+    distillation loss, ``huber_delta`` without a Huber loss, ``momentum``
     with ``optimizer="adam"``, ``beta1``/``beta2``/``eps`` with ``"sgd"``,
     ``hint_weight`` with ``hint_layer=0``. Defaults that do nothing are fine.
     """
-    loss: str = "ce"            # "ce": labels only; "kd": Hinton KD against teacher logits
+    loss: str = "ce"            # one of LOSSES (see above)
     temperature: float = 5.0
-    alpha: float = 0.1          # KD weight of the hard-label term
+    alpha: float = 0.1          # distillation weight of the hard-label / target term
+    huber_delta: float = 1.0    # Huber threshold, in target units
     optimizer: str = "adam"     # "adam" or "sgd" (with momentum)
     lr: float = 1e-3
     beta1: float = 0.9
@@ -51,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not (self.huber_delta > 0 and np.isfinite(self.huber_delta)):
+            raise ValueError(f"huber_delta must be finite and > 0, got {self.huber_delta}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0 <= self.dropout < 1:
@@ -67,8 +78,9 @@ class TrainConfig:
 
     #: option -> (when it has no effect, what to set instead)
     _UNUSED = {
-        "temperature": (lambda c: c.loss == "ce", "loss='kd'"),
-        "alpha": (lambda c: c.loss == "ce", "loss='kd'"),
+        "temperature": (lambda c: c.loss != "kd", "loss='kd'"),
+        "alpha": (lambda c: c.loss in ("ce", "mse", "huber"), "loss='kd', 'mse_kd' or 'huber_kd'"),
+        "huber_delta": (lambda c: "huber" not in c.loss, "loss='huber' or 'huber_kd'"),
         "momentum": (lambda c: c.optimizer == "adam", "optimizer='sgd'"),
         "beta1": (lambda c: c.optimizer == "sgd", "optimizer='adam'"),
         "beta2": (lambda c: c.optimizer == "sgd", "optimizer='adam'"),
@@ -131,6 +143,7 @@ class Workspace:
         words = ext.mlp_workspace_size(self.sizes, self.batch_size, self.n_hint) if ext else 0
         self.work = np.empty(words, np.float32)
         self.placeholder = np.zeros((1, 1), np.float32)
+        self.no_labels = np.zeros(1, np.int64)
         self.no_mask = np.ones(1, np.int8)
 
 
@@ -172,6 +185,15 @@ def _check_batch(x, labels, n_in):
         raise ValueError(f"labels must be an int64 array of shape ({x.shape[0]},)")
 
 
+def _check_targets(y, n, n_out):
+    if not (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.ndim == 2
+            and y.flags.c_contiguous and y.shape == (n, n_out)):
+        got = (f"{y.dtype} array of shape {y.shape}" if isinstance(y, np.ndarray)
+               else type(y).__name__)
+        raise ValueError(f"targets (the labels argument of a regression loss) must be a "
+                         f"C-contiguous float32 array of shape ({n}, {n_out}), got {got}")
+
+
 def _check_rows(name, a, n):
     if a is None:
         raise ValueError(f"{name} is required by this configuration")
@@ -185,13 +207,27 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
     """One training step: forward, loss, backward and optimizer update of
     ``params`` in place. Returns ``(loss, n_correct)``.
 
+    ``labels`` holds int64 class labels of shape (n,) for ``"ce"``/``"kd"``,
+    and float32 targets of shape (n, n_out) for the regression losses
+    (which return n_correct = 0). ``teacher_logits`` holds the teacher's
+    logits for ``"kd"`` and its outputs for ``"mse_kd"``/``"huber_kd"``.
+
     Raises FloatingPointError, leaving every buffer's parameters untouched,
     if the loss is not finite.
     """
     n = x.shape[0] if isinstance(x, np.ndarray) else 0
-    _check_batch(x, labels, sizes[0])
-    if cfg.loss == "kd":
+    regress = cfg.loss in REGRESSION_LOSSES
+    if regress:
+        _check_batch(x, np.zeros(n, np.int64), sizes[0])
+        _check_targets(labels, n, sizes[-1])
+    else:
+        _check_batch(x, labels, sizes[0])
+    use_t = cfg.loss in ("kd", "mse_kd", "huber_kd")
+    if use_t:
         _check_rows("teacher_logits", teacher_logits, n)
+        if teacher_logits.shape[1] != sizes[-1]:
+            raise ValueError(f"teacher_logits must have {sizes[-1]} columns (the student's "
+                             f"outputs), got {teacher_logits.shape[1]}")
     if cfg.hint_layer:
         _check_rows("hint_target", hint_target, n)
     if backend == "numpy":
@@ -200,17 +236,20 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
     if n > ws.batch_size:
         raise ValueError(f"batch of {n} exceeds the workspace's batch size {ws.batch_size}")
     act_codes = np.array([_codes.ACTIVATIONS[a] for a in acts], np.int32)
-    use_t = cfg.loss == "kd"
     use_h = cfg.hint_layer > 0
     use_m = mask is not None
     loss, n_correct, stat = _fortran().mlp_train_step(
-        ws.sizes, act_codes, params, grads, state1, state2, x.T, labels,
-        teacher_logits.T if use_t else ws.placeholder, int(use_t),
-        hint_target.T if use_h else ws.placeholder, int(use_h),
-        mask.view(np.int8) if use_m else ws.no_mask, int(use_m),
-        LOSSES.index(cfg.loss), cfg.temperature, cfg.alpha, OPTIMIZERS.index(cfg.optimizer),
-        cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.momentum, cfg.weight_decay, cfg.dropout,
-        int(cfg.seed), cfg.hint_layer, cfg.hint_weight, int(step), ws.work)
+        sizes=ws.sizes, acts=act_codes, params=params, grads=grads, state1=state1,
+        state2=state2, x=x.T, labels=ws.no_labels if regress else labels,
+        teacher=teacher_logits.T if use_t else ws.placeholder, use_teacher=int(use_t),
+        hint_target=hint_target.T if use_h else ws.placeholder, use_hint=int(use_h),
+        mask=mask.view(np.int8) if use_m else ws.no_mask, use_mask=int(use_m),
+        targets=labels.T if regress else ws.placeholder,
+        loss_kind=_codes.LOSSES[cfg.loss], temperature=cfg.temperature, alpha=cfg.alpha,
+        huber_delta=cfg.huber_delta, optimizer=OPTIMIZERS.index(cfg.optimizer),
+        lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, dropout=cfg.dropout, seed=int(cfg.seed),
+        hint_layer=cfg.hint_layer, hint_weight=cfg.hint_weight, step=int(step), work=ws.work)
     if stat == _codes.ERR_NONFINITE:
         raise FloatingPointError(f"loss is not finite at step {step}; parameters not updated")
     if stat == _codes.ERR_LABEL:
@@ -220,13 +259,49 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
     return float(loss), int(n_correct)
 
 
+def regression_loss(s, y, loss="mse", delta=1.0, alpha=1.0, teacher=None):
+    """NumPy twin of the Fortran ``regression_loss``: the loss (float32) and
+    its gradient with respect to the student outputs ``s`` (n, n_out).
+
+    MSE: mean (s - y)**2; Huber: mean of r**2 / 2 (|r| <= delta) or
+    delta (|r| - delta / 2); ``*_kd`` adds ``(1 - alpha)`` times the same
+    loss against ``teacher`` and weights the target term by ``alpha``. Means
+    run over all n * n_out elements.
+    """
+    huber = loss.startswith("huber")
+    a = float(alpha) if loss.endswith("_kd") else 1.0
+    n, c = s.shape
+    f32 = np.float32
+    total = np.zeros(n, np.float64)
+    grad = np.zeros_like(s)
+    for weight, ref_ in ((a, y), (1 - a, teacher)):
+        if weight == 0:
+            continue                    # as in Fortran: 0 * inf would give NaN
+        w = f32(weight / (n * c))
+        r = s - ref_
+        r64 = r.astype(np.float64)
+        if huber:
+            d = f32(delta)
+            inside = np.abs(r) <= d
+            part = np.where(inside, 0.5 * r64 ** 2,
+                            float(d) * (np.abs(r64) - 0.5 * float(d)))
+            g = np.where(inside, r, np.copysign(d, r))
+        else:
+            part = r64 ** 2
+            g = f32(2) * r
+        total += f32(weight) * part.sum(axis=1)
+        grad += w * g
+    return f32(total.sum() / (n * c)), grad
+
+
 def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
                 teacher_logits, hint_target, mask):
     nl = len(sizes) - 1
     hint = (cfg.hint_layer, hint_target.shape[1]) if cfg.hint_layer else None
     P, G = _views(params, sizes, hint), _views(grads, sizes, hint)
     slices = layer_slices(sizes, hint)
-    if labels.min() < 0 or labels.max() >= sizes[-1]:
+    regress = cfg.loss in REGRESSION_LOSSES
+    if not regress and (labels.min() < 0 or labels.max() >= sizes[-1]):
         raise ValueError(f"labels out of range [0, {sizes[-1]})")
 
     # Forward; `inputs[l]` is what layer l reads (dropped-out output of l-1).
@@ -241,11 +316,16 @@ def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step
         else:
             inputs.append(a)
     logits = outs[-1]
-    if cfg.loss == "kd":
-        loss, dy = ref.kd_loss(logits, teacher_logits, labels, cfg.temperature, cfg.alpha)
+    if regress:
+        loss, dy = regression_loss(logits, labels, cfg.loss, cfg.huber_delta, cfg.alpha,
+                                   teacher_logits)
+        n_correct = 0
     else:
-        loss, dy = ref.cross_entropy(logits, labels)
-    n_correct = int((logits.argmax(axis=1) == labels).sum())
+        if cfg.loss == "kd":
+            loss, dy = ref.kd_loss(logits, teacher_logits, labels, cfg.temperature, cfg.alpha)
+        else:
+            loss, dy = ref.cross_entropy(logits, labels)
+        n_correct = int((logits.argmax(axis=1) == labels).sum())
     if hint:
         k, n_t = hint
         R, c = P[nl]

@@ -54,6 +54,11 @@ def test_norm_and_quant_codes_agree():
     assert {k.lower(): v for k, v in group("QUANT_").items()} == _codes.QUANT_MODES
 
 
+def test_loss_codes_agree():
+    assert {k.lower(): v for k, v in group("LOSS_", exclude=("LOSS_MAX",)).items()} == _codes.LOSSES
+    assert F["LOSS_MAX"] == max(_codes.LOSSES.values())
+
+
 def test_table_columns_agree():
     cols = {k.lower(): v - 1 for k, v in group("COL_").items()}   # Fortran rows are 1-based
     assert cols == _codes.COL

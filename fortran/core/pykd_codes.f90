@@ -8,6 +8,7 @@ module pykd_codes
   public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, &
             PYKD_ERR_IO, PYKD_ERR_FORMAT
   public :: ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_SILU, ACT_MAX
+  public :: LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD, LOSS_MAX
   public :: KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, KIND_LOW_RANK, KIND_CODEBOOK, &
             KIND_SPARSE_CODEBOOK, KIND_MAX
   public :: NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR
@@ -33,6 +34,15 @@ module pykd_codes
   integer, parameter :: ACT_GELU = 4     !! y = z * (1 + erf(z / sqrt(2))) / 2 (exact)
   integer, parameter :: ACT_SILU = 5     !! y = z * sigmoid(z)
   integer, parameter :: ACT_MAX = 5
+
+  ! Losses of the fused training step (pykd_mlp).
+  integer, parameter :: LOSS_CE = 0       !! cross-entropy on labels
+  integer, parameter :: LOSS_KD = 1       !! Hinton distillation against teacher logits
+  integer, parameter :: LOSS_MSE = 2      !! mean squared error on float targets
+  integer, parameter :: LOSS_HUBER = 3    !! Huber (delta) on float targets
+  integer, parameter :: LOSS_MSE_KD = 4   !! alpha MSE(s, y) + (1 - alpha) MSE(s, teacher outputs)
+  integer, parameter :: LOSS_HUBER_KD = 5 !! the same with Huber
+  integer, parameter :: LOSS_MAX = 5
 
   ! Layer kinds (file field `kind`).
   integer, parameter :: KIND_DENSE = 1           !! float32 weights

@@ -1,4 +1,4 @@
-!> Classification losses with their gradients, fused in one pass.
+!> Classification and regression losses with their gradients, fused in one pass.
 !!
 !! Logits are stored one sample per column, `z(classes, n)`; labels are
 !! 0-based class indices. Losses are batch means (sum over classes, mean over
@@ -11,6 +11,15 @@
 !! alpha weights the hard-label term (as in the seed PyTorch example) and
 !! T**2 keeps the soft term's gradient on the scale of the hard one.
 !! d loss / d s = alpha/n (p(s;1) - onehot(y)) + (1 - alpha) T/n (p(s;T) - p(t;T)).
+!!
+!! Regression (`regression_loss`), outputs s(n_out, n), targets y(n_out, n),
+!! means over all n * n_out elements (PyTorch's "mean" reduction):
+!!
+!!     MSE:   l(r) = r**2
+!!     Huber: l(r) = r**2 / 2 if |r| <= delta, else delta (|r| - delta / 2)
+!!     loss  = alpha * mean l(s - y) + (1 - alpha) * mean l(s - t)
+!!
+!! with teacher outputs t for distillation (alpha = 1 without a teacher).
 module pykd_loss
   use iso_fortran_env, only: real32, real64, int64
   use ieee_arithmetic, only: ieee_is_finite
@@ -19,7 +28,7 @@ module pykd_loss
                          PYKD_ERR_ALLOC, set_status
   implicit none
   private
-  public :: cross_entropy, kd_loss
+  public :: cross_entropy, kd_loss, regression_loss
 
 contains
 
@@ -174,5 +183,108 @@ contains
     end if
     if (present(ds)) ds(y) = ds(y) - real(w_hard, real32)
   end subroutine kd_column
+
+  !> Regression loss (MSE, or Huber with `huber`), optionally distilled
+  !! against teacher outputs `t` with weight 1 - alpha (see the module header),
+  !! and d loss / d s.
+  subroutine regression_loss(s, y, huber, delta, loss, ds, t, alpha, stat, errmsg)
+    real(real32), intent(in), contiguous :: s(:, :)        !! (n_out, n) student outputs
+    real(real32), intent(in), contiguous :: y(:, :)        !! (n_out, n) targets
+    logical, intent(in) :: huber                           !! Huber instead of MSE
+    real(real32), intent(in) :: delta                      !! Huber threshold > 0
+    real(real32), intent(out) :: loss
+    real(real32), intent(out), contiguous, optional :: ds(:, :) !! (n_out, n)
+    real(real32), intent(in), contiguous, optional :: t(:, :)   !! (n_out, n) teacher outputs
+    real(real32), intent(in), optional :: alpha            !! weight of the target term, in [0, 1]
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    real(real64), allocatable :: per_sample(:)
+    real(real32) :: a, w_y, w_t
+    integer :: n, c, j, ierr
+
+    c = size(s, 1); n = size(s, 2)
+    loss = 0
+    a = 1
+    if (present(alpha)) a = alpha
+    if (size(y, 1) /= c .or. size(y, 2) /= n .or. c < 1 .or. n < 1) then
+      call set_status(PYKD_ERR_ARG, 'regression_loss: targets and outputs differ in shape', stat, errmsg)
+      return
+    end if
+    if (present(t)) then
+      if (size(t, 1) /= c .or. size(t, 2) /= n) then
+        call set_status(PYKD_ERR_ARG, 'regression_loss: teacher outputs have the wrong shape', stat, errmsg)
+        return
+      end if
+    end if
+    if (present(ds)) then
+      if (size(ds, 1) /= c .or. size(ds, 2) /= n) then
+        call set_status(PYKD_ERR_ARG, 'regression_loss: gradient has the wrong shape', stat, errmsg)
+        return
+      end if
+    end if
+    if (.not. (a >= 0 .and. a <= 1) .or. (a < 1 .and. .not. present(t))) then
+      call set_status(PYKD_ERR_ARG, 'regression_loss: alpha must lie in [0, 1] (1 without a teacher)', &
+                      stat, errmsg)
+      return
+    end if
+    if (huber .and. .not. (delta > 0 .and. ieee_is_finite(delta))) then
+      call set_status(PYKD_ERR_ARG, 'regression_loss: Huber delta must be finite and > 0', stat, errmsg)
+      return
+    end if
+    allocate (per_sample(n), stat=ierr)
+    if (ierr /= 0) then
+      call set_status(PYKD_ERR_ALLOC, 'regression_loss: cannot allocate workspace', stat, errmsg)
+      return
+    end if
+    ! Gradient weights of the two terms (d mean / d s folds 1/(n c) in).
+    w_y = real(real(a, real64) / (real(n, real64) * c), real32)
+    w_t = real(real(1 - a, real64) / (real(n, real64) * c), real32)
+
+    ! Per-sample sums, then a serial total: the bits do not depend on threads.
+    !$omp parallel do schedule(static) if(size(s) >= PAR_MIN_WORK)
+    do j = 1, n
+      per_sample(j) = 0
+      if (present(ds)) ds(:, j) = 0
+      if (a > 0) call reg_column(s(:, j), y(:, j), huber, delta, a, w_y, per_sample(j), ds, j)
+      if (a < 1) call reg_column(s(:, j), t(:, j), huber, delta, 1 - a, w_t, per_sample(j), ds, j)
+    end do
+    !$omp end parallel do
+
+    loss = real(sum(per_sample) / (real(n, real64) * c), real32)
+    if (ieee_is_finite(loss)) then
+      call set_status(PYKD_OK, '', stat, errmsg)
+    else
+      call set_status(PYKD_ERR_NONFINITE, 'regression_loss: loss is not finite (NaN or inf in outputs '// &
+                      'or targets)', stat, errmsg)
+    end if
+  end subroutine regression_loss
+
+  !> Adds weight * sum l(s - y) of one sample to acc, and w * l'(s - y) to ds(:, j).
+  pure subroutine reg_column(s, y, huber, delta, weight, w, acc, ds, j)
+    real(real32), intent(in) :: s(:), y(:)
+    logical, intent(in) :: huber
+    real(real32), intent(in) :: delta, weight, w
+    real(real64), intent(inout) :: acc
+    real(real32), intent(inout), contiguous, optional :: ds(:, :)
+    integer, intent(in) :: j
+    real(real32) :: r
+    real(real64) :: part
+    integer :: i
+    part = 0
+    do i = 1, size(s)
+      r = s(i) - y(i)
+      if (.not. huber) then
+        part = part + real(r, real64)**2
+        if (present(ds)) ds(i, j) = ds(i, j) + w * (2 * r)
+      else if (abs(r) <= delta) then
+        part = part + 0.5_real64 * real(r, real64)**2
+        if (present(ds)) ds(i, j) = ds(i, j) + w * r
+      else
+        part = part + real(delta, real64) * (abs(real(r, real64)) - 0.5_real64 * delta)
+        if (present(ds)) ds(i, j) = ds(i, j) + w * sign(delta, r)
+      end if
+    end do
+    acc = acc + weight * part
+  end subroutine reg_column
 
 end module pykd_loss

@@ -17,17 +17,17 @@ module pykd_mlp
   use pykd_blas, only: sgemm
   use pykd_config, only: PAR_MIN_WORK, ACT_IDENTITY, ACT_TANH
   use pykd_dense, only: dense_forward, dense_backward
-  use pykd_loss, only: cross_entropy, kd_loss
+  use pykd_codes, only: LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD
+  use pykd_loss, only: cross_entropy, kd_loss, regression_loss
   use pykd_optim, only: sgd_step, adam_step
   use pykd_random, only: stream_key, dropout_fill
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
   implicit none
   private
-  public :: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM
+  public :: train_config, LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD
+  public :: OPT_SGD, OPT_ADAM
   public :: mlp_param_count, mlp_workspace_size, mlp_forward, mlp_train_step, dropout_multipliers
 
-  integer, parameter :: LOSS_CE = 0  !! cross-entropy on labels
-  integer, parameter :: LOSS_KD = 1  !! Hinton distillation against teacher logits
   integer, parameter :: OPT_SGD = 0  !! SGD with momentum (state1 = velocity)
   integer, parameter :: OPT_ADAM = 1 !! Adam (state1 = m, state2 = v)
 
@@ -35,7 +35,8 @@ module pykd_mlp
   type :: train_config
     integer :: loss = LOSS_CE
     real(real32) :: temperature = 4     !! KD temperature T
-    real(real32) :: alpha = 0.1         !! KD weight of the hard-label term
+    real(real32) :: alpha = 0.1         !! KD weight of the hard-label (or target) term
+    real(real32) :: huber_delta = 1     !! Huber threshold (LOSS_HUBER, LOSS_HUBER_KD)
     integer :: optimizer = OPT_ADAM
     real(real32) :: lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8
     real(real32) :: momentum = 0.9, weight_decay = 0
@@ -160,12 +161,15 @@ contains
   end subroutine dropout_multipliers
 
   !> One training step on the batch x(sizes(1), n): forward (with dropout on
-  !! hidden layers), loss (CE, or KD against teacher(classes, n); plus the
-  !! hint MSE against hint_target(n_t, n)), backward, and the optimizer update
-  !! of params, in place. `step` counts from 1. On a non-finite loss nothing
+  !! hidden layers), loss (CE, or KD against teacher(classes, n); or, for the
+  !! regression losses, MSE / Huber against targets(n_out, n), distilled
+  !! against teacher outputs teacher(n_out, n) for LOSS_*_KD; plus the hint
+  !! MSE against hint_target(n_t, n)), backward, and the optimizer update of
+  !! params, in place. Regression losses do not read `labels` (any size) and
+  !! give n_correct = 0; classification losses do not read `targets`. `step` counts from 1. On a non-finite loss nothing
   !! is updated and stat = PYKD_ERR_NONFINITE.
   subroutine mlp_train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, &
-                            work, loss, n_correct, teacher, hint_target, mask, stat, errmsg)
+                            work, loss, n_correct, teacher, hint_target, mask, stat, errmsg, targets)
     integer, intent(in) :: sizes(:), acts(:)
     real(real32), intent(inout), contiguous, target :: params(:), grads(:), state1(:), state2(:)
     real(real32), intent(in), contiguous, target :: x(:, :)
@@ -180,6 +184,7 @@ contains
     integer(int8), intent(in), contiguous, optional :: mask(:)
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
+    real(real32), intent(in), contiguous, optional :: targets(:, :)
 
     type(view2) :: a(size(sizes) - 1), d(size(sizes) - 1), m(size(sizes) - 1)
     real(real32), pointer, contiguous :: inp(:, :), cur(:, :), nxt(:, :), z(:, :)
@@ -189,11 +194,15 @@ contains
     integer :: l, nl, n, k, j, st, ni, no
     real(real64) :: hint_sum
     real(real32) :: scale
+    logical :: regress, distil
 
     nl = size(sizes) - 1
     n = size(x, 2)
     k = cfg%hint_layer
     loss = 0; n_correct = 0
+    regress = cfg%loss == LOSS_MSE .or. cfg%loss == LOSS_HUBER .or. cfg%loss == LOSS_MSE_KD &
+              .or. cfg%loss == LOSS_HUBER_KD
+    distil = cfg%loss == LOSS_KD .or. cfg%loss == LOSS_MSE_KD .or. cfg%loss == LOSS_HUBER_KD
     if (.not. valid_net(sizes, acts)) then
       call set_status(PYKD_ERR_ARG, 'mlp_train_step: bad layer sizes or activations', stat, errmsg)
       return
@@ -208,24 +217,35 @@ contains
                       stat, errmsg)
       return
     end if
-    if (n < 1 .or. size(x, 1) /= sizes(1) .or. size(labels) /= n &
+    if (n < 1 .or. size(x, 1) /= sizes(1) .or. (.not. regress .and. size(labels) /= n) &
         .or. size(work, kind=int64) < mlp_workspace_size(sizes, n, int(n_t))) then
       call set_status(PYKD_ERR_ARG, 'mlp_train_step: x, labels or workspace has the wrong size', &
                       stat, errmsg)
       return
     end if
-    if (cfg%loss == LOSS_KD) then
+    if (.not. (regress .or. cfg%loss == LOSS_CE .or. cfg%loss == LOSS_KD)) then
+      call set_status(PYKD_ERR_ARG, 'mlp_train_step: unknown loss', stat, errmsg)
+      return
+    end if
+    if (distil) then
       if (.not. present(teacher)) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: KD needs teacher logits', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: distillation needs teacher outputs', stat, errmsg)
         return
       end if
       if (size(teacher, 1) /= sizes(nl + 1) .or. size(teacher, 2) /= n) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: teacher logits have the wrong shape', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: teacher outputs have the wrong shape', stat, errmsg)
         return
       end if
-    else if (cfg%loss /= LOSS_CE) then
-      call set_status(PYKD_ERR_ARG, 'mlp_train_step: unknown loss', stat, errmsg)
-      return
+    end if
+    if (regress) then
+      if (.not. present(targets)) then
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: a regression loss needs targets', stat, errmsg)
+        return
+      end if
+      if (size(targets, 1) /= sizes(nl + 1) .or. size(targets, 2) /= n) then
+        call set_status(PYKD_ERR_ARG, 'mlp_train_step: targets have the wrong shape', stat, errmsg)
+        return
+      end if
     end if
     if (k < 0 .or. k > nl .or. (k > 0 .and. .not. present(hint_target))) then
       call set_status(PYKD_ERR_ARG, 'mlp_train_step: bad hint layer or missing hint target', stat, errmsg)
@@ -289,20 +309,28 @@ contains
       end if
     end do
 
-    ! Loss and its gradient with respect to the logits.
-    if (cfg%loss == LOSS_KD) then
+    ! Loss and its gradient with respect to the outputs.
+    select case (cfg%loss)
+    case (LOSS_KD)
       call kd_loss(a(nl)%p, teacher, labels, cfg%temperature, cfg%alpha, loss, cur, st)
-    else
+    case (LOSS_CE)
       call cross_entropy(a(nl)%p, labels, loss, cur, st)
-    end if
+    case (LOSS_MSE, LOSS_HUBER)
+      call regression_loss(a(nl)%p, targets, cfg%loss == LOSS_HUBER, cfg%huber_delta, loss, cur, stat=st)
+    case default
+      call regression_loss(a(nl)%p, targets, cfg%loss == LOSS_HUBER_KD, cfg%huber_delta, loss, cur, &
+                           teacher, cfg%alpha, stat=st)
+    end select
     if (st /= PYKD_OK) then
-      call set_status(st, 'mlp_train_step: loss failed (labels out of range or non-finite logits)', &
-                      stat, errmsg)
+      call set_status(st, 'mlp_train_step: loss failed (labels out of range, bad alpha / Huber delta, '// &
+                      'or non-finite outputs or targets)', stat, errmsg)
       return
     end if
-    do j = 1, n
-      if (maxloc(a(nl)%p(:, j), 1) - 1 == labels(j)) n_correct = n_correct + 1
-    end do
+    if (.not. regress) then
+      do j = 1, n
+        if (maxloc(a(nl)%p(:, j), 1) - 1 == labels(j)) n_correct = n_correct + 1
+      end do
+    end if
 
     ! Hint: residual r = R h_k + c - target; loss += w/(n n_t) |r|^2; dr = 2w/(n n_t) r.
     if (k > 0) then
