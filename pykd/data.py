@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io as _io
+from ._validate import plural
 
 __all__ = ["DEFAULT_DATA_DIR", "Dataset", "DatasetError", "load_dataset", "read_idx"]
 
@@ -162,7 +163,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 def _read_idx_header(f, name: str):
     head = f.read(4)
     if len(head) < 4:
-        raise DatasetError(f"{name}: truncated: expected a 4-byte IDX header, found {len(head)} bytes")
+        raise DatasetError(f"{name}: truncated: expected a 4-byte IDX header, found "
+                           f"{plural(len(head), 'byte')}")
     if head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
         raise DatasetError(
             f"{name}: not an IDX file (bad magic {head.hex(' ')}; expected 00 00, "
@@ -182,7 +184,8 @@ def _read_idx_header(f, name: str):
 
 def _size_error(name: str, expected: int, found: int) -> DatasetError:
     state = "truncated" if found < expected else "trailing bytes"
-    return DatasetError(f"{name}: {state}: expected {expected} bytes of data, found {found}")
+    return DatasetError(f"{name}: {state}: expected {plural(expected, 'byte')} of data, "
+                        f"found {found}")
 
 
 def _read_idx_stream(f, name: str, file_size: int, is_gzip: bool, isize) -> np.ndarray:
@@ -262,11 +265,12 @@ def _make_dataset(arrays: dict, name: str, source: str) -> Dataset:
     for split, X, y in (("train", X_train, y_train), ("test", X_test, y_test)):
         if X.shape[0] != y.shape[0]:
             raise DatasetError(
-                f"{source}: {split} set has {X.shape[0]} images but {y.shape[0]} labels"
+                f"{source}: {split} set has {plural(X.shape[0], 'image')} but "
+                f"{plural(y.shape[0], 'label')}"
             )
     if X_test.shape[0] and X_test.shape[1] != X_train.shape[1]:
         raise DatasetError(
-            f"{source}: train images have {X_train.shape[1]} features but test images "
+            f"{source}: train images have {plural(X_train.shape[1], 'feature')} but test images "
             f"have {X_test.shape[1]}"
         )
     return Dataset(X_train, y_train, X_test, y_test, name)

@@ -80,7 +80,8 @@ def dense(x, W, b, activation="identity", *, out=None, backend="fortran"):
     b = check.array("b", b, ndim=1)
     n, n_in = x.shape
     if W.shape[0] != n_in:
-        raise ValueError(f"x has {n_in} features but W has shape {W.shape} (expected ({n_in}, out))")
+        raise ValueError(f"x has {check.plural(n_in, 'feature')} but W has shape {W.shape} "
+                         f"(expected ({n_in}, out))")
     if b.shape != (W.shape[1],):
         raise ValueError(f"b must have shape ({W.shape[1]},), got {b.shape}")
     shape = (n, W.shape[1])
@@ -137,7 +138,7 @@ def dense_backward(dy, x, W, y, activation="identity", *, need_dx=True, backend=
     y = check.array("y", y, ndim=2)
     n, n_in = x.shape
     if W.shape[0] != n_in:
-        raise ValueError(f"x has {n_in} features but W has shape {W.shape}")
+        raise ValueError(f"x has {check.plural(n_in, 'feature')} but W has shape {W.shape}")
     if dy.shape != (n, W.shape[1]):
         raise ValueError(f"dy must have shape {(n, W.shape[1])}, got {dy.shape}")
     check.same_shape("y", y, "dy", dy)
@@ -589,7 +590,8 @@ def _int8_operands(x_name, x, x_dtype, q):
     x = check.array(x_name, x, dtype=x_dtype, ndim=2)
     q = check.array("q", q, dtype=np.int8, ndim=2)
     if q.shape[0] != x.shape[1]:
-        raise ValueError(f"{x_name} has {x.shape[1]} features but q has shape {q.shape}")
+        raise ValueError(f"{x_name} has {check.plural(x.shape[1], 'feature')} but q has shape "
+                         f"{q.shape}")
     if q.shape[0] > _MAX_IN:
         raise ValueError(f"q has {q.shape[0]} input features; at most {_MAX_IN} fit int32 sums")
     return x, q

@@ -602,7 +602,8 @@ class Codebook(Layer):
         _kind_check(d, cls)
         layer = cls(d["centroids"], d["packed"], d["b"], d["activation"], n_in=d["n_in"])
         if "bits" in d and d["bits"] != layer.bits:
-            raise ValueError(f"codebook of {layer.n_codes} codes must use {layer.bits} bits, "
+            raise ValueError(f"codebook of {check.plural(layer.n_codes, 'code')} must use "
+                             f"{check.plural(layer.bits, 'bit')}, "
                              f"got {d['bits']}")
         return layer
 

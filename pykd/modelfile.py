@@ -24,6 +24,7 @@ import zlib
 import numpy as np
 
 from . import _bits, _codes
+from ._validate import plural
 from . import io as _io
 
 __all__ = [
@@ -272,7 +273,7 @@ def _write_low_rank(layer, what):
     n_in, rank = U.shape
     V = _check_array(layer["V"], _F32, f"{what}: V", ndim=2, min_size=1, finite=True)
     if V.shape[0] != rank:
-        raise ValueError(f"{what}: V must have rank = U.shape[1] = {rank} rows, "
+        raise ValueError(f"{what}: V must have rank = U.shape[1] = {plural(rank, 'row')}, "
                          f"got shape {V.shape}")
     n_out = V.shape[1]
     b = _check_array(layer["b"], _F32, f"{what}: b", shape=(n_out,), finite=True)
@@ -590,10 +591,10 @@ def _read_regular_file(name: str) -> bytes:
 def _parse(data: bytes) -> dict:
     if data[: len(MAGIC)] != MAGIC:
         if data and len(data) < len(MAGIC) and MAGIC.startswith(data):
-            raise ModelFormatError(f"truncated: file is only {len(data)} bytes")
+            raise ModelFormatError(f"truncated: file is only {plural(len(data), 'byte')}")
         raise ModelFormatError("not a pykd model file (bad magic)")
     if len(data) < 12:
-        raise ModelFormatError(f"truncated: file is only {len(data)} bytes")
+        raise ModelFormatError(f"truncated: file is only {plural(len(data), 'byte')}")
     version = int.from_bytes(data[8:12], "little")
     if version not in READ_VERSIONS:
         raise ModelFormatError(
@@ -617,7 +618,7 @@ def _parse(data: bytes) -> dict:
     model, end = _Parser(data, len(data), version).parse()
     if len(data) < end + _TRAILER_LEN:
         raise ModelFormatError(
-            f"truncated: file is {len(data)} bytes, but the checksum and end marker "
+            f"truncated: file is {plural(len(data), 'byte')}, but the checksum and end marker "
             f"need {end + _TRAILER_LEN}"
         )
     if data[end + 4 : end + _TRAILER_LEN] == END_MAGIC:
@@ -719,7 +720,8 @@ class _Parser:
             layer, n_in, n_out = self.layer(k)
             if k == 1 and n_in != n_features:
                 raise ModelFormatError(
-                    f"layer 1 takes {n_in} inputs but the model has n_features = {n_features}"
+                    f"layer 1 takes {plural(n_in, 'input')} but the model has n_features = "
+                    f"{n_features}"
                 )
             if n_in != prev_out:
                 raise ModelFormatError(

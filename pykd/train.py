@@ -96,7 +96,8 @@ def _as_labels(name, y, n, n_classes, x_name="X"):
     if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu" or y.ndim != 1:
         raise TypeError(f"{name} must be a 1-D integer numpy array")
     if y.shape[0] != n:
-        raise ValueError(f"{name} has {y.shape[0]} labels but {x_name} has {n} rows")
+        raise ValueError(f"{name} has {check.plural(y.shape[0], 'label')} but {x_name} has "
+                         f"{check.plural(n, 'row')}")
     if n and (y.min() < 0 or y.max() >= n_classes):
         bad = int(y[(y < 0) | (y >= n_classes)][0])
         raise ValueError(f"{name} must be in [0, {n_classes}) (the model has {n_classes} "
@@ -594,7 +595,8 @@ def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_v
         raise TypeError("X must be a 2-D float32 numpy array")
     n = X.shape[0]
     if X.shape[1] != sizes[0]:
-        raise ValueError(f"X has {X.shape[1]} features but the model takes {sizes[0]}")
+        raise ValueError(f"X has {check.plural(X.shape[1], 'feature')} but the model takes "
+                         f"{sizes[0]}")
     if n == 0:
         raise ValueError("X is empty")
     _check_finite("X", X)
@@ -628,7 +630,8 @@ def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_v
         if not isinstance(X_val, np.ndarray) or X_val.ndim != 2 or X_val.dtype.kind not in "iuf":
             raise TypeError("X_val must be a 2-D numeric numpy array")
         if X_val.shape[1] != sizes[0]:
-            raise ValueError(f"X_val has {X_val.shape[1]} features but the model takes "
+            raise ValueError(f"X_val has {check.plural(X_val.shape[1], 'feature')} but the "
+                             "model takes "
                              f"{sizes[0]}")
         _check_finite("X_val", X_val)
         y_val = _as_labels("y_val", y_val, X_val.shape[0], n_classes, "X_val")
@@ -802,7 +805,8 @@ def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targe
     schedule = None if prune is None else prune.resolved(epochs * n_batches)
     if schedule is not None and schedule.end > epochs * n_batches:
         raise ValueError(f"prune.end ({schedule.end}) is after the run's last optimizer step "
-                         f"({epochs * n_batches} = {epochs} epochs x {n_batches} batches): the "
+                         f"({epochs * n_batches} = {check.plural(epochs, 'epoch')} x "
+                         f"{check.plural(n_batches, 'batch', 'batches')}): the "
                          "final sparsity would never be reached")
 
     P = _training_buffer(model, sizes, hint, seed)

@@ -405,7 +405,7 @@ def test_npz_refuses_pickles_and_needs_activations(tmp_path):
     p = _npz(tmp_path / "n.npz", W0=np.zeros((5, 4), F32), b0=np.zeros(5, F32))
     with pytest.raises(ExchangeError, match="does not say the activations"):
         xnpz.import_npz(p, "torch")
-    with pytest.raises(ValueError, match="2 activations given for the 1 layers"):
+    with pytest.raises(ValueError, match="2 activations given for the 1 layer of"):
         xnpz.import_npz(p, "torch", "relu,relu")
 
 

@@ -269,3 +269,19 @@ def test_the_demo_keeps_its_recipe():
     assert args.dropout == cli.DEMO["teacher_dropout"] == 0.3
     assert args.teacher_lr_decay == cli.DEMO["teacher_lr_decay"] == 0.9
     assert args.student_lr_decay == cli.DEMO["student_lr_decay"] == 1.0
+
+
+def test_plural_messages():
+    from pykd._validate import plural
+    assert plural(1, "epoch") == "1 epoch" and plural(0, "epoch") == "0 epochs"
+    assert plural(2, "class", "classes") == "2 classes" and plural(1234, "row", fmt=",") == \
+        "1,234 rows"
+    X = np.zeros((1, 1), np.float32)
+    with pytest.raises(ValueError, match="X has 1 feature but the model takes 2$"):
+        fit(MLP([2, 3, 2]), X, np.zeros(1, np.int64), progress=False)
+    with pytest.raises(ValueError, match="y has 2 labels but X has 1 row$"):
+        fit(MLP([1, 3, 2]), X, np.zeros(2, np.int64), progress=False)
+    with pytest.raises(ValueError, match=r"\(1 = 1 epoch x 1 batch\)"):
+        from pykd.compress.prune import PruneSchedule
+        fit(MLP([1, 3, 2]), X, np.zeros(1, np.int64), progress=False,
+            prune=PruneSchedule(0.5, end=5))

@@ -349,7 +349,8 @@ def _check_labels(source, split, y, n_classes, whose):
     """Every label of ``y`` in [0, n_classes), or a CLIError naming the file."""
     if y.size and (int(y.min()) < 0 or int(y.max()) >= n_classes):
         bad = int(y[(y < 0) | (y >= n_classes)][0])
-        raise CLIError(f"{source}: {split} label {bad} is outside {whose} {n_classes} classes "
+        raise CLIError(f"{source}: {split} label {bad} is outside {whose} "
+                       f"{_plural(n_classes, 'class', 'classes')} "
                        f"(labels must be in [0, {n_classes}))")
 
 
@@ -480,8 +481,9 @@ def _load_model_checked(path, n_features, what="model", backend="fortran"):
     _input_file(path, what)
     model = load_model(path, backend=backend)
     if model.n_features != n_features:
-        raise CLIError(f"{path}: the {what} takes {model.n_features} inputs but the data has "
-                       f"{n_features} features")
+        raise CLIError(f"{path}: the {what} takes {_plural(model.n_features, 'input')} but the "
+                       "data has "
+                       f"{_plural(n_features, 'feature')}")
     return model
 
 
@@ -576,8 +578,9 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
     has_test = ds.X_test.shape[0] > 0
     n_train = int(ds.X_train.shape[0])
     if batch_size > n_train:
-        ctx.warn(f"--batch-size {batch_size} is larger than the training set ({n_train} rows): "
-                 f"every epoch of {name} is one batch of all {n_train} rows")
+        ctx.warn(f"--batch-size {batch_size} is larger than the training set "
+                 f"({_plural(n_train, 'row')}): "
+                 f"every epoch of {name} is one batch of all {_plural(n_train, 'row')}")
     ctx.info(f"{name}: training {'-'.join(map(str, sizes))} ({model.parameters:,} parameters) "
              f"for {_plural(epochs, 'epoch')}" + (" (resuming)" if resume else ""))
     with warnings.catch_warnings():    # a warning of fit: one line, like the CLI's own
@@ -853,8 +856,9 @@ def cmd_distill(args, ctx):
         if teacher.n_outputs != n_classes:
             hint = (f"; pass --classes {teacher.n_outputs} if the training set lacks its top "
                     "classes" if teacher.n_outputs > n_classes and args.classes is None else "")
-            raise CLIError(f"{args.teacher}: the teacher has {teacher.n_outputs} outputs but the "
-                           f"data has {n_classes} classes{hint}")
+            raise CLIError(f"{args.teacher}: the teacher has "
+                           f"{_plural(teacher.n_outputs, 'output')} but the data has "
+                           f"{_plural(n_classes, 'class', 'classes')}{hint}")
         logits = soft_labels(teacher, ds.X_train, args.temperature, backend=args.backend,
                              progress=not ctx.quiet)
         ctx.info(f"soft labels from {args.teacher}: {time.perf_counter() - t:.1f} s")
@@ -879,11 +883,13 @@ def cmd_distill(args, ctx):
     sizes = [ds.n_features, *args.hidden, n_classes]
     if init is not None:
         if init.n_features != ds.n_features:
-            raise CLIError(f"{args.init}: the student takes {init.n_features} inputs but the "
-                           f"data has {ds.n_features} features")
+            raise CLIError(f"{args.init}: the student takes "
+                           f"{_plural(init.n_features, 'input')} but the "
+                           f"data has {_plural(ds.n_features, 'feature')}")
         if init.n_outputs != n_classes:
-            raise CLIError(f"{args.init}: the student has {init.n_outputs} outputs but the "
-                           f"data has {n_classes} classes")
+            raise CLIError(f"{args.init}: the student has "
+                           f"{_plural(init.n_outputs, 'output')} but the "
+                           f"data has {_plural(n_classes, 'class', 'classes')}")
         extra["init"] = args.init
     prune = _prune_schedule(args, n)
     _train(ctx, "student", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
@@ -937,7 +943,8 @@ def cmd_evaluate(args, ctx):
     if args.teacher:
         teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
         if teacher.n_outputs != model.n_outputs:
-            raise CLIError(f"{args.teacher}: the teacher has {teacher.n_outputs} outputs but "
+            raise CLIError(f"{args.teacher}: the teacher has "
+                           f"{_plural(teacher.n_outputs, 'output')} but "
                            f"the model {args.model} has {model.n_outputs}")
     t = time.perf_counter()
     ev = evaluate(model, X, y, teacher=teacher, backend=args.backend)
@@ -953,7 +960,7 @@ def cmd_evaluate(args, ctx):
           f"{model.parameters:,} parameters, {model.nonzeros:,} non-zero weights "
           f"({_fmt_bytes(entry['bytes_on_disk'])} on disk)")
     print(f"  {args.split} accuracy {_pct(ev['accuracy'])}, loss {ev['loss']:.4f} "
-          f"({ev['n']} images, {seconds:.2f} s)")
+          f"({_plural(ev['n'], 'image')}, {seconds:.2f} s)")
     if ev["agreement"] is not None:
         print(f"  top-1 agreement with {args.teacher}: {_pct(ev['agreement'])}")
     if not ctx.quiet:

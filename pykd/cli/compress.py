@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import __version__
 from ..train import TrainConfig, evaluate, fit, soft_labels
+from . import _plural
 from . import (CLIError, _add_common, _check_out_dir_tree, _check_outputs, _data_path,
                _finish, _fmt_bytes, _input_file, _load_data, _load_logits,
                _load_model_checked, _model_info, _nonneg_int, _number, _pct, _pos_float,
@@ -260,7 +261,8 @@ class Session:
             if teacher:
                 t = _load_model_checked(teacher, ds.n_features, "teacher", args.backend)
                 if t.n_outputs != n_classes:
-                    raise CLIError(f"{teacher}: the teacher has {t.n_outputs} outputs but the "
+                    raise CLIError(f"{teacher}: the teacher has "
+                                   f"{_plural(t.n_outputs, 'output')} but the "
                                    f"model has {n_classes}")
                 t0 = time.perf_counter()
                 self._logits[key] = soft_labels(t, ds.X_train, backend=args.backend,
@@ -372,12 +374,13 @@ def save_smallest(model, path, metadata):
 def _check_data(session, model, path):
     ds = session.ds
     if model.n_features != ds.n_features:
-        raise CLIError(f"{path}: the model takes {model.n_features} inputs but the data has "
-                       f"{ds.n_features} features")
+        raise CLIError(f"{path}: the model takes {_plural(model.n_features, 'input')} but the "
+                       "data has "
+                       f"{_plural(ds.n_features, 'feature')}")
     for split, y in (("training", ds.y_train), ("test", ds.y_test)):
         if y.size and int(y.max()) >= model.n_outputs:
             raise CLIError(f"{_data_path(session.args)}: {split} label {int(y.max())} is "
-                           f"outside the model's {model.n_outputs} classes")
+                           f"outside the model's {_plural(model.n_outputs, 'class', 'classes')}")
 
 
 def _evaluate(session, model):
@@ -435,7 +438,7 @@ def cmd_one(args, ctx):
     if op == "lowrank" and "low_rank" not in saved.to_model().kinds:
         ctx.warn("no layer was factored: at this rank or energy the factors of every layer "
                  "store at least as many numbers as its weights")
-    ft = f", fine-tuned {args.epochs} epochs" if args.epochs else ""
+    ft = f", fine-tuned {_plural(args.epochs, 'epoch')}" if args.epochs else ""
     print(f"{op}: test accuracy {_pct(acc0)} -> {_pct(acc)}; non-zeros {model.nonzeros:,} -> "
           f"{saved.nonzeros:,}; {_fmt_bytes(b0)} -> {_fmt_bytes(b1)} on disk "
           f"({b1 / b0:.3f} of the input; {kinds}){ft}; {seconds:.1f} s -> {args.out}")

@@ -10,6 +10,7 @@ import time
 from .._step import TrainConfig
 from ..models import load_model
 from ..train import evaluate, soft_labels
+from . import _plural
 from . import (DEMO, QUICK, CLIError, _add_classes, _add_common, _add_kd, _cfg_json,
                _check_out_dir_tree, _check_outputs, _data_path, _dropout, _entry, _finish,
                _fmt_bytes, _hidden, _input_file, _load_data, _meta_dict, _n_classes,
@@ -159,10 +160,10 @@ def cmd_demo(args, ctx):
     print()
     decay = lambda g: f" x {g:g}/epoch" if g != 1 else ""  # noqa: E731
     print(f"pykd demo on {ds.name} ({args.backend} backend)")
-    print(f"  teacher {'-'.join(map(str, t_sizes))}: {teacher_epochs} epochs, dropout "
+    print(f"  teacher {'-'.join(map(str, t_sizes))}: {_plural(teacher_epochs, 'epoch')}, dropout "
           f"{args.dropout:g}, Adam lr {args.lr:g}{decay(args.teacher_lr_decay)}, batch "
           f"{args.batch_size}")
-    print(f"  students {'-'.join(map(str, s_sizes))}: {student_epochs} epochs, Adam lr "
+    print(f"  students {'-'.join(map(str, s_sizes))}: {_plural(student_epochs, 'epoch')}, Adam lr "
           f"{args.lr:g}{decay(args.student_lr_decay)}, batch {args.batch_size}; KD with "
           f"T={args.temperature:g}, alpha={args.alpha:g}; {args.seeds} seed"
           f"{'s' if args.seeds > 1 else ''} each")

@@ -13,6 +13,7 @@ from .. import _codes
 from .. import io as _io
 from ..exchange.onnx import ExchangeError
 from ..models import _argmax_finite, load_model
+from . import _plural
 from . import (CLIError, _add_common, _check_outputs, _finish, _fmt_bytes, _input_file,
                _nan_to_none, _pos_int, _save_npy, _writing)
 
@@ -260,8 +261,9 @@ def cmd_predict(args, ctx):
     except _io.ArrayFileError as e:
         raise CLIError(str(e)) from None
     if X.shape[1] != model.n_features:
-        raise CLIError(f"{args.data}: X has {X.shape[1]} columns but the model {args.model} "
-                       f"takes {model.n_features} features")
+        raise CLIError(f"{args.data}: X has {_plural(X.shape[1], 'column')} but the model "
+                       f"{args.model} "
+                       f"takes {_plural(model.n_features, 'feature')}")
     X = _exact_inputs(X, args.data)
     if X.dtype == np.bool_:
         X = X.view(np.uint8)
@@ -275,7 +277,8 @@ def cmd_predict(args, ctx):
     seconds = time.perf_counter() - t
     _save_npy(args.out, Y, "predictions file")
     what = "labels" if args.labels else "outputs"
-    print(f"predict: {X.shape[0]} rows -> {args.out} ({what}, shape {Y.shape}, {Y.dtype}) in "
+    print(f"predict: {_plural(X.shape[0], 'row')} -> {args.out} ({what}, shape {Y.shape}, "
+          f"{Y.dtype}) in "
           f"{seconds:.2f} s")
     return _finish(ctx, {"predict": {"model": args.model, "data": args.data, "out": args.out,
                                      "shape": list(Y.shape), "seconds": seconds}})
@@ -284,7 +287,7 @@ def cmd_predict(args, ctx):
 def _print_info(info, model, path):
     net = model.to_model()
     disk = info["bytes_on_disk"]
-    print(f"{path}: {type(model).__name__}, {net.n_layers} layers, "
+    print(f"{path}: {type(model).__name__}, {_plural(net.n_layers, 'layer')}, "
           f"{'-'.join(map(str, net.sizes))}, {info['parameters']:,} parameters, "
           f"{info['nonzeros']:,} non-zero weights, {_fmt_bytes(info['bytes'])} in memory"
           + ("" if disk is None else f", {_fmt_bytes(disk)} on disk"))
@@ -302,7 +305,7 @@ def _print_info(info, model, path):
         if n["kind"] == "scalar":
             text += f" (mean {n['mean']:.6g}, std {n['std']:.6g})"
         elif n["kind"] == "per_feature":
-            text += (f" ({n['size']} values; mean in [{n['mean_range'][0]:.4g}, "
+            text += (f" ({_plural(n['size'], 'value')}; mean in [{n['mean_range'][0]:.4g}, "
                      f"{n['mean_range'][1]:.4g}], std in [{n['std_range'][0]:.4g}, "
                      f"{n['std_range'][1]:.4g}])")
         print(f"  {label}: {text}")

@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from .. import _codes, kernels
+from .._validate import plural as _plural
 from ..layers import Codebook, Dense, DenseInt8, LowRank, SparseCodebook, SparseCSR
 from .spec import FineTune
 
@@ -399,7 +400,8 @@ def _check_spec(model, ft):
         raise TypeError(f"fine_tune must be a pykd.FineTune or None, got {type(ft).__name__}")
     n, nf = ft.X.shape
     if nf != model.n_features:
-        raise ValueError(f"FineTune.X has {nf} features but the model takes {model.n_features}")
+        raise ValueError(f"FineTune.X has {_plural(nf, 'feature')} but the model takes "
+                         f"{model.n_features}")
     if n == 0:
         raise ValueError("FineTune.X is empty")
     _check_finite("FineTune.X", ft.X)

@@ -266,7 +266,8 @@ def prune(model, sparsity, *, scope="global", structured=False, schedule="onesho
     step = {"op": "prune", "sparsity": sparsity, "scope": "layer" if structured else scope,
             "structured": bool(structured), "schedule": schedule}
     if fine_tune is not None and fine_tune.X.shape[1] != mlp.sizes[0]:
-        raise ValueError(f"FineTune.X has {fine_tune.X.shape[1]} features but the model takes "
+        raise ValueError(f"FineTune.X has {check.plural(fine_tune.X.shape[1], 'feature')} but "
+                         "the model takes "
                          f"{mlp.sizes[0]}")
 
     mask = None

@@ -62,7 +62,8 @@ class FineTune:
         check.array("FineTune.X", self.X, np.float32, ndim=2)
         if not isinstance(self.y, np.ndarray) or self.y.ndim != 1 \
                 or self.y.shape[0] != self.X.shape[0]:
-            raise ValueError(f"FineTune.y must be a 1-D array of {self.X.shape[0]} labels "
+            raise ValueError("FineTune.y must be a 1-D array of "
+                             f"{check.plural(self.X.shape[0], 'label')} "
                              f"(one per row of X)")
         if self.teacher is not None and self.teacher_logits is not None:
             raise ValueError("FineTune: give at most one of teacher and teacher_logits")

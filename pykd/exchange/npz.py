@@ -24,6 +24,7 @@ import re
 import numpy as np
 
 from .. import _codes
+from .._validate import plural
 from .. import io as _io
 from ..layers import Dense
 from ..models import Model
@@ -178,7 +179,8 @@ def _parse_activations(activations, n_layers, source, stored):
         if a not in _codes.ACTIVATIONS:
             raise ValueError(f"activation {a!r} is not one of {list(_codes.ACTIVATIONS)}")
     if len(activations) != n_layers:
-        raise ValueError(f"{len(activations)} activations given for the {n_layers} layers of "
+        raise ValueError(f"{plural(len(activations), 'activation')} given for the "
+                         f"{plural(n_layers, 'layer')} of "
                          f"{source}")
     return activations
 
@@ -220,9 +222,10 @@ def import_npz(path, layout="torch", activations=None, *, backend="fortran"):
             raise ExchangeError(f"{source}: {wn} has an empty shape {ws}")
         if bs != (n_out,):
             raise ExchangeError(f"{source}: {bn} has shape {bs} but {wn} {ws} {order} has "
-                                f"{n_out} outputs (is the layout {layout!r} right?)")
+                                f"{plural(n_out, 'output')} (is the layout {layout!r} right?)")
         if n_prev is not None and n_in != n_prev:
-            raise ExchangeError(f"{source}: {wn} {ws} {order} takes {n_in} inputs but layer "
+            raise ExchangeError(f"{source}: {wn} {ws} {order} takes {plural(n_in, 'input')} "
+                                "but layer "
                                 f"{k - 1} gives {n_prev} (is the layout {layout!r} right?)")
         n_prev = n_out
         members[wn] = ("f", 2)

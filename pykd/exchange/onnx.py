@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import __version__
 from .. import _codes
+from .._validate import plural
 from ..layers import Dense, DenseInt8, LowRank
 from ..models import Model
 
@@ -690,8 +691,8 @@ def _layers(r, h):
             act = _match_activation(r, nodes, z, end, node)
         n_in = factors[0].shape[0]
         if layers and layers[-1].n_out != n_in:
-            raise r.err(node, f"takes {n_in} inputs but the previous layer has "
-                              f"{layers[-1].n_out} outputs")
+            raise r.err(node, f"takes {plural(n_in, 'input')} but the previous layer has "
+                              f"{plural(layers[-1].n_out, 'output')}")
         if len(factors) == 2:
             if factors[0].shape[1] != factors[1].shape[0]:
                 raise r.err(node, f"low-rank factors of shapes {factors[0].shape} and "
@@ -757,7 +758,8 @@ def import_onnx(path, *, backend="fortran"):
     inputs = [i for i in g.input if i.name not in r.consts]
     if len(inputs) != 1 or len(g.output) != 1:
         raise ExchangeError(f"{source}: an MLP graph has one input and one output, this one "
-                            f"has {len(inputs)} inputs and {len(g.output)} outputs")
+                            f"has {plural(len(inputs), 'input')} and "
+                            f"{plural(len(g.output), 'output')}")
     for io_, what in ((inputs[0], "input"), (g.output[0], "output")):
         if io_.type.tensor_type.elem_type not in (1, 0):
             raise ExchangeError(f"{source}: the graph {what} {io_.name!r} must be float32")
