@@ -10,11 +10,12 @@ module pykd
   use pykd_config, only: ACT_IDENTITY, ACT_RELU, ACT_TANH
   use pykd_dense, only: dense_forward, dense_backward
   use pykd_softmax, only: softmax, log_softmax
-  use pykd_loss, only: cross_entropy, kd_loss
+  use pykd_loss, only: cross_entropy, kd_loss, regression_loss
   use pykd_optim, only: sgd_step, adam_step
   use pykd_prune, only: magnitude_mask
   use pykd_quant, only: quantize_weights, dequantize_weights, int8_matmul
-  use pykd_mlp, only: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM, mlp_param_count, &
+  use pykd_mlp, only: train_config, LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD, &
+                      OPT_SGD, OPT_ADAM, mlp_param_count, &
                       mlp_workspace_size, mlp_forward, mlp_train_step
   use pykd_models, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, &
                          pykd_save_model, pykd_free, pykd_model_from_params, pykd_model_from_arrays, &
@@ -33,9 +34,10 @@ module pykd
   public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, &
             PYKD_ERR_IO, PYKD_ERR_FORMAT
   public :: ACT_IDENTITY, ACT_RELU, ACT_TANH
-  public :: dense_forward, dense_backward, softmax, log_softmax, cross_entropy, kd_loss, &
+  public :: dense_forward, dense_backward, softmax, log_softmax, cross_entropy, kd_loss, regression_loss, &
             sgd_step, adam_step, magnitude_mask, quantize_weights, dequantize_weights, int8_matmul
-  public :: train_config, LOSS_CE, LOSS_KD, OPT_SGD, OPT_ADAM, mlp_param_count, &
+  public :: train_config, LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD, &
+            OPT_SGD, OPT_ADAM, mlp_param_count, &
             mlp_workspace_size, mlp_forward, mlp_train_step
   public :: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_save_model, &
             pykd_free, pykd_model_from_params, pykd_model_from_arrays, pykd_quantize_model

@@ -22,7 +22,7 @@
 !! File reading and writing (docs/format.md) live in the submodule
 !! pykd_models_io.
 module pykd_models
-  use iso_fortran_env, only: int8, int32, int64, real32
+  use iso_fortran_env, only: int8, int32, int64, real32, real64
   use ieee_arithmetic, only: ieee_is_finite, ieee_value, ieee_quiet_nan
   use pykd_codes, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_ALLOC, PYKD_ERR_NONFINITE, N_FIELDS, &
                         COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
@@ -39,8 +39,8 @@ module pykd_models
   implicit none
   private
   public :: pykd_model, pykd_workspace
-  public :: pykd_load_model, pykd_predict, pykd_save_model, pykd_free, pykd_model_from_params, &
-            pykd_model_from_arrays, pykd_quantize_model, activation_name, MAX_META_BYTES
+  public :: pykd_load_model, pykd_predict, pykd_predict_r32, pykd_predict_r64, pykd_save_model, &
+            pykd_free, pykd_model_from_params, pykd_model_from_arrays, pykd_quantize_model, activation_name, MAX_META_BYTES
   ! For the submodules only (not re-exported by module pykd): gfortran 12
   ! drops private procedures that only submodules call, and the link fails.
   public :: finish_build, check_model, norm_count
@@ -71,7 +71,9 @@ module pykd_models
     character(len=:), allocatable :: metadata    !! the JSON text stored in the file
   contains
     procedure :: load => model_load
-    procedure :: predict => pykd_predict
+    procedure, private :: predict_r32 => pykd_predict_r32
+    procedure, private :: predict_r64 => pykd_predict_r64
+    generic :: predict => predict_r32, predict_r64
     procedure :: save => pykd_save_model
     procedure :: quantize => pykd_quantize_model
     procedure :: free => pykd_free
@@ -86,7 +88,16 @@ module pykd_models
   !! largest need seen and is reused. Give each thread its own.
   type :: pykd_workspace
     real(real32), allocatable :: work(:)
+    real(real32), allocatable :: x32(:, :), y32(:, :)  !! float32 copies for the real64 entry point
   end type pykd_workspace
+
+  !> `call pykd_predict(model, x, outputs, stat, errmsg, work)` with real32
+  !! or real64 `x` and `outputs` (both of one kind). The network computes in
+  !! float32 either way: real64 inputs are rounded to float32 and the float32
+  !! outputs widened, so the real64 entry gives exactly the real32 result.
+  interface pykd_predict
+    module procedure pykd_predict_r32, pykd_predict_r64
+  end interface pykd_predict
 
   interface
     !> Read a model file (docs/format.md, version 1 or 2); see pykd_models_io.
@@ -206,7 +217,7 @@ contains
   !! network_forward, as Python's Model.forward). The model is not modified,
   !! so concurrent calls are safe; pass a `work` per thread to avoid an
   !! allocation per call. On failure without `stat`, logits = NaN.
-  subroutine pykd_predict(model, x, logits, stat, errmsg, work)
+  subroutine pykd_predict_r32(model, x, logits, stat, errmsg, work)
     class(pykd_model), intent(in) :: model
     real(real32), intent(in), contiguous :: x(:, :)         !! (n_features, n)
     real(real32), intent(out), contiguous :: logits(:, :)   !! (n_outputs, n)
@@ -261,7 +272,71 @@ contains
       call set_status(code, text, stat, errmsg)
     end subroutine fail
 
-  end subroutine pykd_predict
+  end subroutine pykd_predict_r32
+
+  !> pykd_predict for real64 x(n_features, n) and outputs(n_outputs, n): x is
+  !! rounded to float32 (a finite value beyond float32's range is an error,
+  !! not an infinity), the float32 network runs, and its outputs are widened
+  !! to real64 exactly. The float32 copies live in `work` when given (reused
+  !! across calls), else in memory of this call. On failure without `stat`,
+  !! outputs = NaN.
+  subroutine pykd_predict_r64(model, x, outputs, stat, errmsg, work)
+    class(pykd_model), intent(in) :: model
+    real(real64), intent(in), contiguous :: x(:, :)          !! (n_features, n)
+    real(real64), intent(out), contiguous :: outputs(:, :)   !! (n_outputs, n)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    type(pykd_workspace), intent(inout), optional, target :: work   !! reusable scratch memory
+    type(pykd_workspace), target :: own
+    type(pykd_workspace), pointer :: ws
+    real(real32), allocatable :: x32(:, :), y32(:, :)
+    integer :: ierr
+
+    ws => own
+    if (present(work)) ws => work
+    ! Borrow the buffers (move_alloc: no copy), so `ws` can go on to the
+    ! real32 entry without aliasing its own components.
+    call move_alloc(ws%x32, x32)
+    call move_alloc(ws%y32, y32)
+    ierr = 0
+    if (.not. same_shape(x32, x)) then
+      if (allocated(x32)) deallocate (x32)
+      allocate (x32(size(x, 1), size(x, 2)), stat=ierr)
+    end if
+    if (ierr == 0 .and. .not. same_shape(y32, outputs)) then
+      if (allocated(y32)) deallocate (y32)
+      allocate (y32(size(outputs, 1), size(outputs, 2)), stat=ierr)
+    end if
+    if (ierr /= 0) then
+      call fail(PYKD_ERR_ALLOC, 'pykd_predict: cannot allocate the float32 copies of x and outputs')
+    else if (any(abs(x) > huge(1.0_real32) .and. ieee_is_finite(x))) then
+      call fail(PYKD_ERR_ARG, 'pykd_predict: x holds a finite value beyond the float32 range '// &
+                '(the network computes in float32)')
+    else
+      x32 = real(x, real32)
+      call pykd_predict_r32(model, x32, y32, stat, errmsg, ws)
+      outputs = real(y32, real64)
+    end if
+    if (allocated(x32)) call move_alloc(x32, ws%x32)
+    if (allocated(y32)) call move_alloc(y32, ws%y32)
+
+  contains
+
+    pure logical function same_shape(a, b)
+      real(real32), allocatable, intent(in) :: a(:, :)
+      real(real64), intent(in) :: b(:, :)
+      same_shape = .false.
+      if (allocated(a)) same_shape = all(shape(a) == shape(b))
+    end function same_shape
+
+    subroutine fail(code, text)
+      integer, intent(in) :: code
+      character(len=*), intent(in) :: text
+      if (.not. present(stat)) outputs = ieee_value(0.0_real64, ieee_quiet_nan)
+      call set_status(code, text, stat, errmsg)
+    end subroutine fail
+
+  end subroutine pykd_predict_r64
 
   !> Grow the workspace to at least `words` float32 words (at least 1); false
   !! if out of memory.

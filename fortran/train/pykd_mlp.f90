@@ -166,8 +166,9 @@ contains
   !! against teacher outputs teacher(n_out, n) for LOSS_*_KD; plus the hint
   !! MSE against hint_target(n_t, n)), backward, and the optimizer update of
   !! params, in place. Regression losses do not read `labels` (any size) and
-  !! give n_correct = 0; classification losses do not read `targets`. `step` counts from 1. On a non-finite loss nothing
-  !! is updated and stat = PYKD_ERR_NONFINITE.
+  !! give n_correct = 0; classification losses do not read `targets`.
+  !! `step` counts from 1. On a non-finite loss nothing is updated and
+  !! stat = PYKD_ERR_NONFINITE.
   subroutine mlp_train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, &
                             work, loss, n_correct, teacher, hint_target, mask, stat, errmsg, targets)
     integer, intent(in) :: sizes(:), acts(:)
