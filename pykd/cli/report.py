@@ -13,6 +13,7 @@ import numpy as np
 from .. import __version__
 from ..data import DatasetError
 from ..train import evaluate
+from . import _plural
 from . import (CLIError, _add_debug, _check_outputs, _data_path, _fmt_bytes, _load_data,
                _load_model_checked, _pos_int, _write_json)
 
@@ -101,8 +102,8 @@ def _regression_metrics(pred, y):
     pred = pred.astype(np.float64).reshape(y.shape[0], -1)
     y2 = y.reshape(y.shape[0], -1)
     if pred.shape != y2.shape:
-        raise CLIError(f"the model gives {pred.shape[1]} outputs but y_test has {y2.shape[1]} "
-                       "columns")
+        raise CLIError(f"the model gives {_plural(pred.shape[1], 'output')} but y_test has "
+                       f"{_plural(y2.shape[1], 'column')}")
     res = float(((pred - y2) ** 2).sum())
     tot = float(((y2 - y2.mean(axis=0)) ** 2).sum())
     rmse = math.sqrt(res / y2.size)
@@ -220,7 +221,7 @@ def cmd_report(args, ctx):
     reg = _regression_test_set(args.data)
     if reg is not None:
         X, y = reg
-        ctx.info(f"data: {args.data}: regression test set of {X.shape[0]} rows")
+        ctx.info(f"data: {args.data}: regression test set of {_plural(X.shape[0], 'row')}")
     else:
         try:
             ds = _load_data(args, ctx)
@@ -236,7 +237,7 @@ def cmd_report(args, ctx):
         for p, m in models:
             if y.size and int(y.max()) >= m.n_outputs:
                 raise CLIError(f"{_data_path(args)}: test label {int(y.max())} is outside the "
-                               f"{m.n_outputs} classes of the model {p}")
+                               f"{_plural(m.n_outputs, 'class', 'classes')} of the model {p}")
     rows, ref = [], None
     for p, m in models:
         t = time.perf_counter()
