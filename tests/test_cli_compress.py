@@ -391,3 +391,21 @@ def test_report_plot(work, capsys, tmp_path, monkeypatch):
     rc, _, err = _run(argv, capsys)
     assert rc == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prune_fine_tunes_at_its_own_default_rate(work, capsys, tmp_path):
+    """Pruning must recover from losing most weights: its default rate is
+    PRUNE_LR, the other commands' FineTune's; --lr overrides both."""
+    from pykd.cli.compress import FT_DEFAULTS, PRUNE_LR
+    d = ["--data", work / "data.npz", "--quiet", "--epochs", "1"]
+    rates = {}
+    for name, cmd in (("prune", ["prune", "--sparsity", "0.5"]),
+                      ("prune_lr", ["prune", "--sparsity", "0.5", "--lr", "0.002"]),
+                      ("lowrank", ["lowrank", "--rank", "2"])):
+        out = tmp_path / f"{name}.pykd"
+        rc, _, err = _run([*cmd, "--model", work / "s.pykd", "--out", out, *d], capsys)
+        assert rc == 0, err
+        steps = [st for st in load_model(out).metadata["compression"] if "fine_tune" in st]
+        assert len(steps) == 1, steps
+        rates[name] = steps[0]["fine_tune"]["lr"]
+    assert rates == {"prune": PRUNE_LR, "prune_lr": 0.002, "lowrank": FT_DEFAULTS["lr"]}
