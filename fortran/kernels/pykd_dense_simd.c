@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pykd_cpu_path.h"
+
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(PYKD_NO_SIMD)
 #include <immintrin.h>
 #define PYKD_X86 1
@@ -26,29 +28,25 @@
 
 /* pykd_codes: ACT_IDENTITY = 0, ACT_RELU = 1 (tests/test_codes.py checks them). */
 enum { ACT_IDENTITY = 0, ACT_RELU = 1 };
-enum { P_PORTABLE = 0, P_AVX2 = 1 };
+enum { P_PORTABLE = 0, P_AVX2 = 1, P_COUNT = 2 };
+static const char *const path_names[P_COUNT] = {"portable", "avx2"};
 
-static int choose_path(void)
+static int cpu_has(int p)
 {
-    const char *want = getenv("PYKD_DENSE_PATH");
-    if (want != NULL && strcmp(want, "portable") == 0) return P_PORTABLE;
+    if (p == P_PORTABLE) return 1;
 #ifdef PYKD_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) return P_AVX2;
+    if (p == P_AVX2) return __builtin_cpu_supports("avx2");
 #endif
-    return P_PORTABLE;
+    return 0;
 }
 
+/* Chosen once per process (PYKD_DENSE_PATH forces a path). */
 static int chosen = -1;
 
 int pykd_f32_path(void)
 {
-    int p = __atomic_load_n(&chosen, __ATOMIC_ACQUIRE);
-    if (p < 0) {
-        p = choose_path();
-        __atomic_store_n(&chosen, p, __ATOMIC_RELEASE);
-    }
-    return p;
+    return pykd_path_get(&chosen, "PYKD_DENSE_PATH", path_names, P_COUNT, cpu_has);
 }
 
 /* z < 0 ? 0 : z keeps NaN and -0.0, as the relu of pykd_activation.

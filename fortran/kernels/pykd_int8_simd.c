@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pykd_cpu_path.h"
+
 /* -DPYKD_NO_SIMD builds the portable path alone, as on a non-x86 CPU. */
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(PYKD_NO_SIMD)
 #include <immintrin.h>
@@ -51,36 +53,18 @@ static int cpu_has(int p)
     return 0;
 }
 
-static int choose_path(void)
-{
-    const char *want = getenv("PYKD_INT8_PATH");
-    if (want != NULL)
-        for (int p = 0; p < P_COUNT; p++)
-            if (strcmp(want, path_names[p]) == 0 && cpu_has(p)) return p;
-    for (int p = P_COUNT - 1; p > 0; p--)
-        if (cpu_has(p)) return p;
-    return P_PORTABLE;
-}
-
-/* Chosen once; the choice is deterministic, so racing first calls agree. */
+/* Chosen once per process (PYKD_INT8_PATH forces a path). */
 static int chosen = -1;
 
 int pykd_i8_path(void)
 {
-    int p = __atomic_load_n(&chosen, __ATOMIC_ACQUIRE);
-    if (p < 0) {
-        p = choose_path();
-        __atomic_store_n(&chosen, p, __ATOMIC_RELEASE);
-    }
-    return p;
+    return pykd_path_get(&chosen, "PYKD_INT8_PATH", path_names, P_COUNT, cpu_has);
 }
 
 /* The path's name, blank padded to len (for Fortran). */
 void pykd_i8_path_name(char *name, int len)
 {
-    const char *s = path_names[pykd_i8_path()];
-    int k = (int)strlen(s);
-    for (int c = 0; c < len; c++) name[c] = c < k ? s[c] : ' ';
+    pykd_path_name_fill(path_names, pykd_i8_path(), name, len);
 }
 
 /* pykd_codes: ACT_RELU = 1 (tests/test_codes.py checks it). */
