@@ -19,7 +19,8 @@ import numpy as np
 from . import io as _io
 from ._validate import plural
 
-__all__ = ["DEFAULT_DATA_DIR", "Dataset", "DatasetError", "load_dataset", "read_idx"]
+__all__ = ["DEFAULT_DATA_DIR", "Dataset", "DatasetError", "ScaledImages", "load_dataset",
+           "read_idx", "take_rows"]
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the IDX files.
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -36,7 +37,8 @@ INSTALL_HINT = (
     "Install it with `apt-get install dataset-fashion-mnist` (as root; "
     "`sudo apt-get install dataset-fashion-mnist` otherwise), or pass "
     "`--data DIR` with a directory holding the four IDX files "
-    "(or an .npz file with X_train, y_train, X_test, y_test)."
+    "(or an .npz file with X_train, y_train, X_test, y_test, or a directory of "
+    "X_train.npy, y_train.npy, X_test.npy, y_test.npy)."
 )
 
 # IDX type codes; the element data is big-endian, so we read into native
@@ -69,9 +71,12 @@ class Dataset:
 
     Attributes
     ----------
-    X_train, X_test : ndarray of float32, shape (n, n_features)
+    X_train, X_test : ndarray of float32, shape (n, n_features), or ScaledImages
         C-contiguous feature matrices. Images stored as uint8 are scaled to
-        [0, 1] by dividing by 255.
+        [0, 1] by dividing by 255. From a directory of ``.npy`` files they
+        are memory-mapped, never read whole: a read-only float32
+        ``numpy.memmap``, or for uint8 files a :class:`ScaledImages`, which
+        gives float32 ``x / 255`` rows when indexed.
     y_train, y_test : ndarray of int64, shape (n,)
         Non-negative class labels.
     name : str
@@ -100,6 +105,75 @@ class Dataset:
             f"test={self.X_test.shape[0]}, n_features={self.n_features}, "
             f"n_classes={self.n_classes})"
         )
+
+
+class ScaledImages:
+    """uint8 images seen as float32 ``x / 255``, converted rows at a time.
+
+    Wraps a 2-D uint8 array, typically a ``numpy.memmap`` larger than memory.
+    Indexing (``X[a:b]``, ``X[idx]``) returns a new C-contiguous float32
+    array, the same bits as dividing the whole array at once (which is what
+    :func:`load_dataset` does for uint8 images it reads into memory);
+    ``np.asarray(X)`` converts everything. ``fit``, ``evaluate`` and
+    ``soft_labels`` take it and read only the rows of each batch.
+
+    Attributes
+    ----------
+    raw : ndarray of uint8, shape (n, n_features)
+    shape, ndim, size, dtype (float32) : as the float32 array it stands for
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, raw: np.ndarray):
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+            raise TypeError("ScaledImages wraps a 2-D uint8 numpy array")
+        self.raw = raw
+
+    @property
+    def shape(self) -> tuple:
+        return self.raw.shape
+
+    @property
+    def size(self) -> int:
+        return self.raw.size
+
+    def __len__(self) -> int:
+        return self.raw.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return _scale_u8(np.asarray(self.raw[key]))
+
+    def __array__(self, dtype=None, copy=None):
+        a = _scale_u8(np.asarray(self.raw))
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"ScaledImages(shape={self.shape}, raw={type(self.raw).__name__} of uint8)"
+
+
+def _scale_u8(u8: np.ndarray) -> np.ndarray:
+    out = np.empty(u8.shape, dtype=np.float32)
+    np.divide(u8, np.float32(255), out=out)  # one pass, no float64 temporary
+    return out
+
+
+def take_rows(X, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of ``X`` as float32 into ``out[:len(idx)]``, which is returned.
+
+    ``X`` is a float32 array (in memory or memory-mapped: only these rows
+    are read) or :class:`ScaledImages` (the rows' uint8 bytes are read and
+    divided by 255 into ``out``). This is how ``fit`` fills its batch buffer
+    when it does not keep a normalised copy of the data; a rank of a
+    distributed run calls it with its own share of each batch.
+    """
+    dst = out[:idx.shape[0]]
+    if isinstance(X, ScaledImages):
+        np.divide(np.take(X.raw, idx, axis=0, mode="clip"), np.float32(255), out=dst)
+    else:
+        np.take(X, idx, axis=0, out=dst, mode="clip")
+    return dst
 
 
 def _count_rest(f) -> int:
@@ -311,6 +385,54 @@ def _load_npz(path: Path) -> dict:
     )
 
 
+#: The four .npy files of a memory-mapped dataset directory.
+NPY_FILES = {role: role + ".npy" for role in IDX_FILES}
+_MAP_CHUNK = 1 << 16
+
+
+def _mapped_features(directory: Path, role: str):
+    path = directory / NPY_FILES[role]
+    try:
+        X = _io.map_npy(path, dtypes=[np.uint8, "<f4"], ndim=(2, 3), what=role)
+    except _io.ArrayFileError as e:
+        raise DatasetError(str(e)) from None
+    X = X.reshape(X.shape[0], math.prod(X.shape[1:]))  # a view of the mapping
+    if X.dtype == np.uint8:
+        return ScaledImages(X)
+    for i in range(0, X.shape[0], _MAP_CHUNK):  # chunk by chunk: bounded memory
+        if not np.isfinite(X[i:i + _MAP_CHUNK]).all():
+            raise DatasetError(f"{path}: {role} contains NaN or infinite values")
+    return X
+
+
+def _load_npy_dir(directory: Path) -> Dataset:
+    """The memory-mapped dataset of a directory of the four .npy files."""
+    missing = [f for f in NPY_FILES.values() if not (directory / f).is_file()]
+    if missing:
+        raise DatasetError(f"{directory}: missing {', '.join(missing)} (a directory of .npy "
+                           "files needs all four)")
+    source = str(directory)
+    X = {role: _mapped_features(directory, role) for role in ("X_train", "X_test")}
+    y = {}
+    for role in ("y_train", "y_test"):
+        path = directory / NPY_FILES[role]
+        try:
+            raw = _io.load_npy(path, dtype_kinds="biuf", ndim=None, what=role)
+        except _io.ArrayFileError as e:
+            raise DatasetError(str(e)) from None
+        y[role] = _labels(raw, role, str(path))
+    for split in ("train", "test"):
+        n_x, n_y = X["X_" + split].shape[0], y["y_" + split].shape[0]
+        if n_x != n_y:
+            raise DatasetError(f"{source}: {split} set has {plural(n_x, 'image')} but "
+                               f"{plural(n_y, 'label')}")
+    if X["X_test"].shape[0] and X["X_test"].shape[1] != X["X_train"].shape[1]:
+        raise DatasetError(
+            f"{source}: train images have {plural(X['X_train'].shape[1], 'feature')} but test "
+            f"images have {X['X_test'].shape[1]}")
+    return Dataset(X["X_train"], y["y_train"], X["X_test"], y["y_test"], directory.name)
+
+
 def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
     """Load a classification dataset.
 
@@ -323,6 +445,15 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
           ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
           ``t10k-labels-idx1-ubyte``, each optionally gzip-compressed with a
           ``.gz`` suffix (the uncompressed file is used if both exist).
+        * A directory with ``X_train.npy`` (it takes precedence over IDX
+          files): the four files ``X_train.npy``, ``y_train.npy``,
+          ``X_test.npy``, ``y_test.npy``. The images (uint8 or little-endian
+          float32, 2-D or 3-D, C order) are memory-mapped read-only after
+          their headers are checked (dtype, shape, and that the file holds
+          exactly the bytes the header declares); the labels are read.
+          Nothing else is loaded, so the images may exceed memory: indexing
+          reads only the rows asked for (float32 files are scanned once,
+          chunk by chunk, for NaN and inf).
         * A ``.npz`` file with arrays ``X_train, y_train, X_test, y_test``, or
           with ``X, y`` only, in which case the test set is empty (0 rows).
           Loaded with ``allow_pickle=False``.
@@ -332,7 +463,8 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
     Dataset
         Images (2-D, or 3-D flattened to 2-D) as float32; ``uint8`` images are
         scaled to [0, 1] by dividing by 255, other numeric dtypes are converted
-        unchanged. Labels as int64.
+        unchanged (memory-mapped images: float32 memmaps or
+        :class:`ScaledImages`). Labels as int64.
 
     Raises
     ------
@@ -352,6 +484,8 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
             )
         return _make_dataset(_load_npz(directory), directory.stem, str(directory))
 
+    if not default and (directory / NPY_FILES["X_train"]).is_file():
+        return _load_npy_dir(directory)
     files = {role: _find_idx(directory, stem) for role, stem in IDX_FILES.items()}
     missing = [IDX_FILES[role] + "[.gz]" for role, p in files.items() if p is None]
     if missing:

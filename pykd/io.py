@@ -35,7 +35,7 @@ import zipfile
 import numpy as np
 from numpy.lib import format as npformat
 
-__all__ = ["ArrayFileError", "atomic_write", "load_npy", "load_npz", "npz_names",
+__all__ = ["ArrayFileError", "atomic_write", "load_npy", "load_npz", "map_npy", "npz_names",
            "open_regular", "STALE_TMP_SECONDS"]
 
 #: A temporary file of a dead writer is removed once it is older than this.
@@ -364,6 +364,61 @@ def _load_npy(f, name, dtype_kinds, ndims, what):
         raise ArrayFileError(f"{name}: {what}: {state}: the header declares shape {shape} "
                              f"of {dtype} ({nbytes} bytes), the file holds {present}")
     return _read_body(f, shape, fortran, dtype, nbytes, name, what)
+
+
+def map_npy(path, *, dtypes, ndim=None, what="array"):
+    """Open an ``.npy`` file memory-mapped, read-only, after checking its header.
+
+    The checks are :func:`load_npy`'s (regular file, magic, version, header
+    length, no objects or structured dtypes, shape times item size equal to
+    the bytes in the file) before anything is mapped; the data itself is not
+    read. ``dtypes`` are the accepted dtypes exactly (byte order included):
+    a mapped array is used as it is on disk, never converted as a whole.
+
+    Returns
+    -------
+    numpy.memmap (C order, ``mode="r"``), or an empty in-memory array when
+    the file holds no elements (an empty file cannot be mapped).
+
+    Raises
+    ------
+    FileNotFoundError, ArrayFileError
+        As :func:`load_npy`; also for a dtype not in ``dtypes`` and for a
+        Fortran-ordered array (rows would not be contiguous on disk).
+    """
+    ndims = _ndims(ndim)
+    dtypes = [np.dtype(d) for d in dtypes]
+    name = os.fsdecode(os.fspath(path))
+    with open_regular(path, what) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(4) == b"PK\x03\x04":
+                raise ArrayFileError(f"{name}: {what}: expected an .npy file, found an .npz "
+                                     "(zip) archive")
+            f.seek(0)
+            shape, fortran, dtype = _read_header(f, name, what)
+            offset = f.tell()
+        except OSError as e:
+            raise ArrayFileError(f"{name}: {what}: cannot read ({e.strerror or e})") from None
+    nbytes = _check_header(shape, dtype, name, what, "biufc", ndims)
+    if dtype not in dtypes:
+        wanted = " or ".join(f"{d} ({d.str})" for d in dtypes)
+        raise ArrayFileError(f"{name}: {what} must be {wanted} to be memory-mapped, got "
+                             f"dtype {dtype} ({dtype.str})")
+    if fortran and len(shape) > 1:
+        raise ArrayFileError(f"{name}: {what} is stored in Fortran order; save it C-ordered "
+                             "(np.save of a C-contiguous array) so that rows are contiguous")
+    present = size - offset
+    if nbytes != present:
+        state = "truncated" if nbytes > present else "trailing bytes"
+        raise ArrayFileError(f"{name}: {what}: {state}: the header declares shape {shape} "
+                             f"of {dtype} ({nbytes} bytes), the file holds {present}")
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.memmap(name, dtype=dtype, mode="r", offset=offset, shape=shape, order="C")
+    except (OSError, ValueError) as e:
+        raise ArrayFileError(f"{name}: {what}: cannot map ({e})") from None
 
 
 def _open_zip(f, name, what):

@@ -35,6 +35,7 @@ from . import _step
 from . import _validate as check
 from . import io as _io
 from ._step import TrainConfig
+from .data import ScaledImages, take_rows
 from .models import MLP, _argmax_finite
 
 __all__ = [
@@ -403,7 +404,7 @@ def soft_labels(teacher, X, T=1.0, *, batch_size=4096, backend=None, progress=Fa
         raise ValueError(f"T must be a finite number > 0, got {T}")
     bar = _progress_bar(progress, total=X.shape[0], desc="soft labels")
     if bar is None:
-        return teacher.forward(X, batch_size=batch_size, backend=backend)
+        return _forward_rows(teacher, X, batch_size=batch_size, backend=backend)
     out = np.empty((X.shape[0], teacher.n_outputs), _F32)
     chunk = 8 * batch_size
     with bar:
@@ -412,6 +413,22 @@ def soft_labels(teacher, X, T=1.0, *, batch_size=4096, backend=None, progress=Fa
                                                backend=backend)
             bar.update(min(chunk, X.shape[0] - s))
     return out
+
+
+def _forward_rows(model, X, *, method="forward", batch_size=1024, **kw):
+    """``model.forward(X)`` (or ``predict``), also for :class:`pykd.data.ScaledImages`,
+    which is converted chunk by chunk (whole batches, so the same bits)."""
+    f = getattr(model, method)
+    if not isinstance(X, ScaledImages):
+        return f(X, batch_size=batch_size, **kw)
+    chunk = 64 * batch_size
+    out = None
+    for s in range(0, X.shape[0], chunk):
+        part = f(X[s:s + chunk], batch_size=batch_size, **kw)
+        if out is None:
+            out = np.empty((X.shape[0],) + part.shape[1:], part.dtype)
+        out[s:s + part.shape[0]] = part
+    return out if out is not None else f(X[0:0], batch_size=batch_size, **kw)
 
 
 def hint_targets_from(teacher, X, layer, *, backend=None, precompute=None):
@@ -430,7 +447,7 @@ def hint_targets_from(teacher, X, layer, *, backend=None, precompute=None):
     if precompute is None:
         precompute = X.shape[0] * width * 4 <= HINT_PRECOMPUTE_BYTES
     if precompute:
-        return teacher.forward(X, upto=layer, batch_size=4096, backend=backend)
+        return _forward_rows(teacher, X, upto=layer, batch_size=4096, backend=backend)
     return lambda idx: teacher.forward(X[idx], upto=layer, backend=backend)
 
 
@@ -454,7 +471,7 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
     """
     n_classes = model.n_outputs
     y = _as_labels("y", y, X.shape[0], n_classes)
-    logits = model.forward(X, batch_size=batch_size, backend=backend)
+    logits = _forward_rows(model, X, batch_size=batch_size, backend=backend)
     pred = _argmax_finite(logits)          # rows with NaN/inf logits: a ValueError naming them
     accuracy, loss = _logits_stats(logits, y)
     confusion = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
@@ -465,7 +482,8 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
             if t_pred is None:
                 raise ValueError(f"teacher logits must have shape {logits.shape}, got {teacher.shape}")
         else:
-            t_pred = teacher.predict(X, batch_size=batch_size, backend=backend)
+            t_pred = _forward_rows(teacher, X, method="predict", batch_size=batch_size,
+                                   backend=backend)
         agreement = float((t_pred == pred).mean()) if len(y) else float("nan")
     return {
         "accuracy": accuracy,
@@ -489,8 +507,14 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     ----------
     model : MLP
         Trained in place. If ``model.norm`` is None it is set to the scalar
-        mean/std of ``X``; the normalised copy of X is made once per run.
+        mean/std of ``X`` (float64 sums, chunk by chunk).
     X : ndarray (n, n_features), raw inputs (float32); y : int labels (n,)
+        An in-memory float32 array is normalised once per run into one copy
+        (the fastest). A ``numpy.memmap`` or :class:`pykd.data.ScaledImages`
+        (uint8 images as ``x / 255``, e.g. from ``load_dataset`` on a
+        directory of ``.npy`` files) is never copied whole: each batch is
+        read, converted and normalised into the batch buffer, so memory is
+        bounded by the batch, not the data. Both give the same bits.
     cfg : TrainConfig
         Loss ("ce" or "kd"), optimizer and its settings, dropout, hint.
     epochs, batch_size : int
@@ -591,15 +615,17 @@ def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_v
     """Validate the data arguments of fit; returns (y, teacher_logits,
     hint, hint_targets, y_val) with hint = (layer, width) or None."""
     sizes = model.sizes
-    if not isinstance(X, np.ndarray) or X.dtype != _F32 or X.ndim != 2:
-        raise TypeError("X must be a 2-D float32 numpy array")
+    if not isinstance(X, ScaledImages) and (
+            not isinstance(X, np.ndarray) or X.dtype != _F32 or X.ndim != 2):
+        raise TypeError("X must be a 2-D float32 numpy array (or pykd.data.ScaledImages)")
     n = X.shape[0]
     if X.shape[1] != sizes[0]:
         raise ValueError(f"X has {check.plural(X.shape[1], 'feature')} but the model takes "
                          f"{sizes[0]}")
     if n == 0:
         raise ValueError("X is empty")
-    _check_finite("X", X)
+    if not isinstance(X, ScaledImages):    # uint8 images are finite
+        _check_finite("X", X)
     n_classes = sizes[-1]
     y = _as_labels("y", y, n, n_classes)
     if cfg.loss == "kd":
@@ -626,14 +652,14 @@ def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_v
         raise ValueError("hint_targets given but cfg.hint_layer is 0")
     if (X_val is None) != (y_val is None):
         raise ValueError("give both X_val and y_val, or neither")
-    if X_val is not None:
+    if X_val is not None and not isinstance(X_val, ScaledImages):
         if not isinstance(X_val, np.ndarray) or X_val.ndim != 2 or X_val.dtype.kind not in "iuf":
             raise TypeError("X_val must be a 2-D numeric numpy array")
+        _check_finite("X_val", X_val)
+    if X_val is not None:
         if X_val.shape[1] != sizes[0]:
             raise ValueError(f"X_val has {check.plural(X_val.shape[1], 'feature')} but the "
-                             "model takes "
-                             f"{sizes[0]}")
-        _check_finite("X_val", X_val)
+                             f"model takes {sizes[0]}")
         y_val = _as_labels("y_val", y_val, X_val.shape[0], n_classes, "X_val")
     return y, teacher_logits, hint, hint_targets, y_val
 
@@ -836,7 +862,11 @@ def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targe
         if model.norm is None:
             model.set_norm(*_norm_stats(X))
         run.prune_if_due()                # the schedule's step 0
-    run.Xn = model.normalize(X)           # the one normalised copy of the training set
+    # In memory: one normalised copy of the training set (fastest). Memory-
+    # mapped or uint8 data: each batch is read and normalised into the batch
+    # buffer (_batch), so memory stays bounded; the same bits either way.
+    run.X = X
+    run.Xn = model.normalize(X) if type(X) is np.ndarray else None
     rows = min(batch_size, n)             # a batch larger than the set is the whole set
     run.ws = _step.Workspace(sizes, rows, hint)
     run.xbuf = np.empty((rows, sizes[0]), _F32)
@@ -887,7 +917,10 @@ def _upgrade_meta(meta, run):
 def _batch(run, idx):
     """The batch ``idx`` in the run's buffers: (x, labels, teacher logits, hint targets)."""
     b = idx.shape[0]
-    xb = np.take(run.Xn, idx, axis=0, out=run.xbuf[:b], mode="clip")
+    if run.Xn is not None:
+        xb = np.take(run.Xn, idx, axis=0, out=run.xbuf[:b], mode="clip")
+    else:
+        xb = run.model.normalize(take_rows(run.X, idx, run.xbuf), out=run.xbuf[:b])
     yb = np.take(run.y, idx, out=run.ybuf[:b], mode="clip")
     tb = hb = None
     if run.tbuf is not None:
@@ -989,7 +1022,8 @@ def _end_epoch(run, epoch, seconds, bar, progress, desc):
     history["sparsity"].append(run.sparsity())
     history["lr"].append(run.lr_at(epoch * run.n_batches))
     if run.X_val is not None:
-        acc, vloss = _logits_stats(run.model.forward(run.X_val, backend=run.backend), run.y_val)
+        acc, vloss = _logits_stats(_forward_rows(run.model, run.X_val, backend=run.backend),
+                                   run.y_val)
     else:
         acc = vloss = None
     history["test_accuracy"].append(acc)

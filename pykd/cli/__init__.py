@@ -139,9 +139,10 @@ _dropout = _number(float, 0, 1, high_open=True)
 def _add_common(p, *, data=True):
     if data:
         p.add_argument("--data", metavar="DIR|FILE.npz",
-                       help="dataset: a directory of MNIST-format IDX files or an .npz with "
-                            "X_train, y_train, X_test, y_test (default: Fashion-MNIST from "
-                            "/usr/share/datasets/fashion-mnist)")
+                       help="dataset: a directory of MNIST-format IDX files, an .npz with "
+                            "X_train, y_train, X_test, y_test, or a directory of those four "
+                            ".npy files (memory-mapped: the images may exceed memory) "
+                            "(default: Fashion-MNIST from /usr/share/datasets/fashion-mnist)")
     p.add_argument("--backend", choices=("fortran", "numpy"), default="fortran",
                    help="run the compute in Fortran (default) or in NumPy")
     p.add_argument("--threads", type=_pos_int, metavar="N",
