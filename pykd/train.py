@@ -35,6 +35,7 @@ from . import _step
 from . import _validate as check
 from . import io as _io
 from ._step import TrainConfig
+from .config import LR_SCHEDULES, RunConfig
 from .data import ScaledImages, take_rows
 from .models import MLP, _argmax_finite
 
@@ -48,8 +49,6 @@ CHECKPOINT_VERSION = 1
 _F32 = np.float32
 #: Precompute the teacher's hidden features for hints when they fit in this.
 HINT_PRECOMPUTE_BYTES = 1 << 30
-#: The learning-rate schedules of :func:`fit` (``lr_schedule``).
-LR_SCHEDULES = ("constant", "exponential", "cosine")
 #: An exponentially decayed rate below this gets a LearningRateWarning.
 LR_WARN_BELOW = 1e-7
 
@@ -497,10 +496,11 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
     }
 
 
-def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
-        hint_targets=None, X_val=None, y_val=None, checkpoint=None, resume=False,
-        progress=True, backend="fortran", seed=None, mask=None, prune=None, callback=None,
-        desc="train", lr_decay=1.0, lr_schedule=None):
+def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
+        teacher_logits=None, hint_targets=None, X_val=None, y_val=None, checkpoint=None,
+        resume=False, progress=True, backend=None, seed=None, mask=None, prune=None,
+        callback=None, on_epoch=None, desc="train", lr_decay=None, lr_schedule=None,
+        norm=None):
     """Train ``model`` in place; one :func:`pykd._step.train_step` per batch.
 
     Parameters
@@ -515,10 +515,18 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         directory of ``.npy`` files) is never copied whole: each batch is
         read, converted and normalised into the batch buffer, so memory is
         bounded by the batch, not the data. Both give the same bits.
-    cfg : TrainConfig
-        Loss ("ce" or "kd"), optimizer and its settings, dropout, hint.
-    epochs, batch_size : int
-        ``epochs >= 0``, ``batch_size >= 1``. The last partial batch of each
+    config : RunConfig, optional
+        Every serialisable setting of the run in one object (docs/config.md):
+        ``step`` (the TrainConfig), epochs, batch_size, lr_schedule,
+        lr_decay, seed, backend, norm, prune. A keyword below given
+        explicitly (not None) overrides the config's value; without a config
+        the defaults are ``RunConfig()``'s (epochs=1, batch_size=64,
+        constant rate, backend "fortran").
+    cfg : TrainConfig, optional
+        Loss ("ce" or "kd"), optimizer and its settings, dropout, hint
+        (overrides ``config.step``; default ``TrainConfig()``).
+    epochs, batch_size : int, optional
+        ``epochs >= 0`` (default 1), ``batch_size >= 1`` (default 64). The last partial batch of each
         epoch is used; a batch_size larger than ``X`` is one batch of all of
         it (buffers are sized for ``min(batch_size, n)`` rows).
     teacher_logits : float32 (n, classes), for ``cfg.loss == "kd"``
@@ -544,7 +552,8 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     progress : bool or "bar"
         True: a tqdm bar per epoch (loss, accuracy, samples/s) on stderr when
         it is a terminal, else one line per epoch; "bar": always the bar.
-    backend : {"fortran", "numpy"}
+    backend : {"fortran", "numpy"}, optional
+        Default "fortran".
     seed : int, optional
         Seed of the shuffling generator (default ``cfg.seed``).
     mask : bool array like the parameters, or a list of per-layer masks
@@ -560,11 +569,11 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
     callback : callable(dict), optional
         Called after every step with epoch, batch, step, loss and lr (the
         learning rate of that step).
-    lr_decay : float in (0, 1]
+    lr_decay : float in (0, 1], optional
         The factor of the exponential schedule: epoch e (from 0) uses
         ``cfg.lr * lr_decay**e``. 1 (the default) keeps the rate constant;
         another value with a non-exponential ``lr_schedule`` is an error.
-    lr_schedule : {None, "constant", "exponential", "cosine"}
+    lr_schedule : {None, "constant", "exponential", "cosine"}, optional
         The learning rate over the run. "constant": ``cfg.lr`` throughout;
         "exponential": ``cfg.lr * lr_decay**e`` in epoch e; "cosine": per
         optimizer step, step s (from 0) of the run's S = epochs x batches
@@ -574,6 +583,9 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         fingerprint. When an exponentially decayed rate falls below
         ``LR_WARN_BELOW`` (1e-7), one :class:`LearningRateWarning` is issued
         (the cosine schedule reaches 0 by design and gives none).
+    norm : {None, "auto", "scalar", "per_feature", "none"}, optional
+        The normalisation fit sets when the model has none (see
+        :class:`RunConfig`); classification uses the scalar mean/std of X.
 
     Returns
     -------
@@ -598,11 +610,14 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
         When the loss becomes NaN or inf; the parameters are those before the
         failing step and the last checkpoint written is left untouched.
     """
-    run = _prepare(model, X, y, cfg=cfg, epochs=epochs, batch_size=batch_size,
-                   teacher_logits=teacher_logits, hint_targets=hint_targets, X_val=X_val,
-                   y_val=y_val, checkpoint=checkpoint, resume=resume, backend=backend,
-                   seed=seed, mask=mask, prune=prune, lr_decay=lr_decay,
-                   lr_schedule=lr_schedule)
+    if on_epoch is not None:
+        raise NotImplementedError("on_epoch is not implemented yet")
+    rc = _run_config(config, step=cfg, epochs=epochs, batch_size=batch_size, backend=backend,
+                     seed=seed, prune=prune, lr_decay=lr_decay, lr_schedule=lr_schedule,
+                     norm=norm)
+    run = _prepare(model, X, y, rc=rc, teacher_logits=teacher_logits,
+                   hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
+                   resume=resume, mask=mask)
     with _sigint_flag() as interrupt:
         for epoch in range(run.start_epoch, run.epochs):
             _run_epoch(run, epoch, interrupt, progress=progress, callback=callback, desc=desc)
@@ -610,6 +625,17 @@ def fit(model, X, y, *, cfg=None, epochs=1, batch_size=64, teacher_logits=None,
 
 
 # ------------------------------------------------------ fit: preparation
+
+def _run_config(config, **given):
+    """The run's RunConfig: ``config`` (default ``RunConfig()``, whose
+    defaults are fit's) with every keyword given (not None) put in."""
+    if config is None:
+        config = RunConfig()
+    elif not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a pykd.RunConfig or None, got {type(config).__name__}")
+    changes = {k: v for k, v in given.items() if v is not None}
+    return config.replace(**changes) if changes else config
+
 
 def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val):
     """Validate the data arguments of fit; returns (y, teacher_logits,
@@ -788,37 +814,21 @@ class _Run:
                          self.meta_for(epoch, batch, epoch_rng_state), mask=self.mask)
 
 
-def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targets, X_val,
-             y_val, checkpoint, resume, backend, seed, mask, prune, lr_decay, lr_schedule):
-    """Check every argument of fit, build the buffers, restore a checkpoint."""
-    from .compress.prune import PruneSchedule
+def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, checkpoint,
+             resume, mask):
+    """Check every argument of fit, build the buffers, restore a checkpoint.
+    ``rc`` is the run's resolved :class:`RunConfig` (already checked)."""
     if not isinstance(model, MLP):
         hint = (" (Model.to_mlp() densifies and dequantizes a Model into a trainable MLP)"
                 if hasattr(model, "to_mlp") else "")
         raise TypeError(f"model must be a pykd.MLP, got {type(model).__name__}{hint}")
-    cfg = TrainConfig() if cfg is None else cfg
+    cfg, epochs, batch_size, backend = rc.step, rc.epochs, rc.batch_size, rc.backend
+    seed, lr_decay, lr_schedule, prune = rc.shuffle_seed, rc.lr_decay, rc.schedule, rc.prune
     if cfg.loss not in ("ce", "kd"):
         raise ValueError(f"cfg.loss must be 'ce' or 'kd', got {cfg.loss!r}")
-    epochs = check.integer("epochs", epochs, low=0)
-    batch_size = check.integer("batch_size", batch_size, low=1)
-    if backend not in ("fortran", "numpy"):
-        raise ValueError(f"backend must be 'fortran' or 'numpy', got {backend!r}")
-    seed = cfg.seed if seed is None else int(seed)
-    lr_decay = float(lr_decay)
-    if not 0 < lr_decay <= 1:
-        raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
-    if lr_schedule is None:
-        lr_schedule = "exponential" if lr_decay != 1 else "constant"
-    elif lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {', '.join(map(repr, LR_SCHEDULES))}, "
-                         f"got {lr_schedule!r}")
-    elif lr_schedule != "exponential" and lr_decay != 1:
-        raise ValueError(f"lr_decay={lr_decay:g} is the factor of lr_schedule='exponential', "
-                         f"but lr_schedule={lr_schedule!r}; leave lr_decay at 1 or use "
-                         "lr_schedule='exponential'")
-    if prune is not None and not isinstance(prune, PruneSchedule):
-        raise TypeError(f"prune must be a pykd.PruneSchedule or None, got "
-                        f"{type(prune).__name__}")
+    if rc.norm not in (None, "auto", "scalar"):
+        raise NotImplementedError(f"norm={rc.norm!r} needs regression training, which fit "
+                                  "does not do yet; classification uses the scalar norm")
     sizes, acts = model.sizes, model.activations
     y, teacher_logits, hint, hint_targets, y_val = _check_fit_inputs(
         model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val)
@@ -848,7 +858,7 @@ def _prepare(model, X, y, *, cfg, epochs, batch_size, teacher_logits, hint_targe
     cur_mask = given_mask
     if cur_mask is None and schedule is not None:
         cur_mask = np.ones(n_total, np.bool_)
-    run = _Run(model=model, sizes=sizes, acts=acts, cfg=cfg, epochs=epochs,
+    run = _Run(model=model, rc=rc, sizes=sizes, acts=acts, cfg=cfg, epochs=epochs,
                batch_size=batch_size, n=n, n_batches=n_batches, backend=backend, seed=seed,
                lr_decay=lr_decay, lr_schedule=lr_schedule, lr_warned=False, P=P, G=np.zeros_like(P), S1=np.zeros_like(P),
                S2=np.zeros_like(P), y=y, teacher_logits=teacher_logits, hint=hint,

@@ -33,6 +33,7 @@ from .. import __version__
 from . import config as _config
 from .. import io as _io
 from .._step import TrainConfig
+from ..config import RunConfig
 from ..data import DEFAULT_DATA_DIR, DatasetError, load_dataset
 from ..modelfile import ModelFormatError
 from ..models import MLP, load_model
@@ -586,12 +587,14 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
              f"for {_plural(epochs, 'epoch')}" + (" (resuming)" if resume else ""))
     with warnings.catch_warnings():    # a warning of fit: one line, like the CLI's own
         warnings.showwarning = lambda message, *a, **k: ctx.warn(str(message))
-        history = fit(model, ds.X_train, ds.y_train, cfg=cfg, epochs=epochs,
-                      batch_size=batch_size, teacher_logits=teacher_logits,
+        run_config = RunConfig(step=cfg, epochs=epochs, batch_size=batch_size, backend=backend,
+                               seed=seed, lr_decay=lr_decay, lr_schedule=lr_schedule,
+                               prune=prune)
+        history = fit(model, ds.X_train, ds.y_train, config=run_config,
+                      teacher_logits=teacher_logits,
                       hint_targets=hint_targets, X_val=ds.X_test if has_test else None,
                       y_val=ds.y_test if has_test else None, checkpoint=checkpoint,
-                      resume=resume, progress=not ctx.quiet, backend=backend, seed=seed,
-                      desc=name, lr_decay=lr_decay, lr_schedule=lr_schedule, prune=prune)
+                      resume=resume, progress=not ctx.quiet, desc=name)
     agree_with = teacher if teacher is not None else None
     ev = evaluate(model, ds.X_test, ds.y_test, teacher=agree_with) if has_test else _empty_eval(model)
     model.metadata.update({"role": role, "config": config, "history": history,
