@@ -129,6 +129,7 @@ from . import layers
 from .compress import FineTune, cluster, low_rank, quantize_model, sparsify
 from .compress import PruneSchedule, prune, weight_masks
 from .models import MLP, Model, load_model
+from .callbacks import EarlyStopping, EpochState
 from .config import RunConfig
 from .train import TrainConfig, evaluate, fit, soft_labels
 
@@ -136,7 +137,7 @@ __all__ = [
     "adam_step", "cross_entropy", "dense", "dense_backward", "dequantize_int8",
     "int8_gemm", "int8_matmul", "kd_loss", "log_softmax", "magnitude_mask",
     "quantize_activations", "quantize_int8", "sgd_step", "softmax",
-    "MLP", "Model", "RunConfig", "TrainConfig", "evaluate", "fit", "load_model", "soft_labels",
+    "MLP", "Model", "RunConfig", "TrainConfig", "EarlyStopping", "EpochState", "evaluate", "fit", "load_model", "soft_labels",
     "layers", "FineTune", "cluster", "low_rank", "quantize_model", "sparsify",
     "PruneSchedule", "prune", "weight_masks",
 ]

@@ -35,6 +35,7 @@ from . import _step
 from . import _validate as check
 from . import io as _io
 from ._step import TrainConfig
+from .callbacks import EpochState
 from .config import LR_SCHEDULES, RunConfig
 from .data import ScaledImages, take_rows
 from .models import MLP, _argmax_finite
@@ -192,11 +193,13 @@ def _sigint_flag():
 atomic_write = _io.atomic_write
 
 
-def _save_checkpoint(path, P, S1, S2, meta, mask=None):
+def _save_checkpoint(path, P, S1, S2, meta, mask=None, arrays=None):
     """np.savez through the package's atomic write; a failure names ``path``.
-    A mask is stored as ``np.packbits(mask)`` (member ``mask``)."""
+    A mask is stored as ``np.packbits(mask)`` (member ``mask``); ``arrays``
+    (the on_epoch callback's) as members ``on_epoch.NAME``."""
     blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     extra = {} if mask is None else {"mask": np.packbits(mask)}
+    extra.update({f"on_epoch.{k}": v for k, v in (arrays or {}).items()})
     try:
         atomic_write(path, lambda f: np.savez(f, params=P, state1=S1, state2=S2, meta=blob,
                                               **extra))
@@ -264,7 +267,28 @@ def load_checkpoint(path):
             raise CheckpointError(f"{path}: checkpoint array 'mask' must be uint8, got "
                                   f"{packed.dtype}")
         arrays["mask"] = packed
+    arrays["on_epoch"] = _load_callback_arrays(path, meta)
     return arrays, meta
+
+
+def _load_callback_arrays(path, meta):
+    """The float arrays of the on_epoch callback's state (``{}`` if none)."""
+    state = meta.get("on_epoch")
+    if state is None:
+        return {}
+    if not isinstance(state, dict) or set(state) != {"state", "arrays"} \
+            or not isinstance(state["state"], dict) or not isinstance(state["arrays"], list) \
+            or len(state["arrays"]) > 64 or not all(
+                isinstance(k, str) and k.isidentifier() for k in state["arrays"]):
+        raise CheckpointError(f"{path}: checkpoint metadata 'on_epoch' must hold 'state' (an "
+                              "object) and 'arrays' (names)")
+    try:
+        return _io.load_npz(path, {f"on_epoch.{k}": ("f", None) for k in state["arrays"]},
+                            what="checkpoint")
+    except (OSError, ValueError) as e:
+        msg = str(e)
+        msg = msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
+        raise CheckpointError(f"{path}: not a readable pykd checkpoint ({msg})") from None
 
 
 _HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss", "seconds",
@@ -569,6 +593,16 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
     callback : callable(dict), optional
         Called after every step with epoch, batch, step, loss and lr (the
         learning rate of that step).
+    on_epoch : callable(EpochState), optional
+        Called after every epoch (after validation, before the checkpoint)
+        with an :class:`EpochState`: the epoch, the history so far and the
+        model. It stops training by setting ``state.stop = True`` or
+        returning True, and sets the learning rate of the following epochs
+        with ``state.lr = value`` (recorded in checkpoints, so resuming
+        gives the same bits). :class:`pykd.EarlyStopping` is one. An object
+        with ``state_dict()``/``load_state_dict(d)`` has its state saved in
+        every checkpoint and restored on resume; ``reset()``, if it has one,
+        is called at the start of a fresh run.
     lr_decay : float in (0, 1], optional
         The factor of the exponential schedule: epoch e (from 0) uses
         ``cfg.lr * lr_decay**e``. 1 (the default) keeps the rate constant;
@@ -610,17 +644,19 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         When the loss becomes NaN or inf; the parameters are those before the
         failing step and the last checkpoint written is left untouched.
     """
-    if on_epoch is not None:
-        raise NotImplementedError("on_epoch is not implemented yet")
     rc = _run_config(config, step=cfg, epochs=epochs, batch_size=batch_size, backend=backend,
                      seed=seed, prune=prune, lr_decay=lr_decay, lr_schedule=lr_schedule,
                      norm=norm)
     run = _prepare(model, X, y, rc=rc, teacher_logits=teacher_logits,
                    hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
-                   resume=resume, mask=mask)
+                   resume=resume, mask=mask, on_epoch=on_epoch)
+    if run.stopped:                      # resuming a run an on_epoch callback stopped
+        return run.history
     with _sigint_flag() as interrupt:
         for epoch in range(run.start_epoch, run.epochs):
-            _run_epoch(run, epoch, interrupt, progress=progress, callback=callback, desc=desc)
+            if _run_epoch(run, epoch, interrupt, progress=progress, callback=callback,
+                          desc=desc):
+                break
     return run.history
 
 
@@ -772,8 +808,13 @@ class _Run:
         return 1.0 - nz / total
 
     # -- learning rate
+    def epoch_lr(self, epoch):
+        """The learning rate of the first step of ``epoch`` (from 0): the one
+        an on_epoch callback set, else the schedule's."""
+        return self.lr_set if self.lr_set is not None else self.lr_at(epoch * self.n_batches)
+
     def lr_at(self, step):
-        """The learning rate of optimizer step ``step`` (0-based) of the run."""
+        """The schedule's learning rate of optimizer step ``step`` (0-based)."""
         lr = self.cfg.lr
         if self.lr_schedule == "exponential":
             return lr * self.lr_decay**(step // self.n_batches)
@@ -784,7 +825,7 @@ class _Run:
     def warn_lr(self, epoch, lr):
         """One LearningRateWarning per run when the decayed rate of ``epoch``
         is below LR_WARN_BELOW (cosine reaches 0 by design: no warning)."""
-        if self.lr_schedule != "exponential" or self.lr_warned or \
+        if self.lr_schedule != "exponential" or self.lr_warned or self.lr_set is not None or \
                 not lr < LR_WARN_BELOW <= self.cfg.lr:
             return
         self.lr_warned = True
@@ -805,17 +846,42 @@ class _Run:
                 "mask": self.mask is not None}
         if self.schedule is not None:
             meta["prune"] = self.schedule.to_dict()
+        if self.lr_set is not None:      # an on_epoch callback's rate (absent: the schedule)
+            meta["lr_set"] = self.lr_set
+        if self.stopped:
+            meta["stopped"] = True
         return meta
+
+    def callback_state(self):
+        """(JSON state, float32 arrays) of an on_epoch callback with
+        ``state_dict()``, else (None, None)."""
+        get = getattr(self.on_epoch, "state_dict", None)
+        if get is None:
+            return None, None
+        state, arrays = {}, {}
+        for k, v in get().items():
+            if isinstance(v, np.ndarray):
+                if v.dtype.kind != "f" or not k.isidentifier():
+                    raise TypeError(f"on_epoch.state_dict(): array {k!r} must be a float array "
+                                    "under an identifier")
+                arrays[k] = v
+            else:
+                state[k] = v
+        return {"state": state, "arrays": sorted(arrays)}, arrays
 
     def save(self, epoch, batch, epoch_rng_state):
         if self.checkpoint is None:
             return
-        _save_checkpoint(self.checkpoint, self.P, self.S1, self.S2,
-                         self.meta_for(epoch, batch, epoch_rng_state), mask=self.mask)
+        meta = self.meta_for(epoch, batch, epoch_rng_state)
+        cb_meta, cb_arrays = self.callback_state()
+        if cb_meta is not None:
+            meta["on_epoch"] = cb_meta
+        _save_checkpoint(self.checkpoint, self.P, self.S1, self.S2, meta, mask=self.mask,
+                         arrays=cb_arrays)
 
 
 def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, checkpoint,
-             resume, mask):
+             resume, mask, on_epoch=None):
     """Check every argument of fit, build the buffers, restore a checkpoint.
     ``rc`` is the run's resolved :class:`RunConfig` (already checked)."""
     if not isinstance(model, MLP):
@@ -865,10 +931,15 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
                hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
                mask=cur_mask, schedule=schedule, fingerprint=fingerprint,
                history={k: [] for k in _HISTORY_KEYS}, rng=np.random.default_rng(seed),
-               step=0, start_epoch=0, start_batch=0, accum=_new_accum(), saved_epoch=None)
+               step=0, start_epoch=0, start_batch=0, accum=_new_accum(), saved_epoch=None,
+               on_epoch=on_epoch, lr_set=None, stopped=False)
+    if on_epoch is not None and not callable(on_epoch):
+        raise TypeError(f"on_epoch must be callable, got {type(on_epoch).__name__}")
     if resume:
         _restore(run, X, given_mask)
     else:
+        if hasattr(on_epoch, "reset"):
+            on_epoch.reset()
         if model.norm is None:
             model.set_norm(*_norm_stats(X))
         run.prune_if_due()                # the schedule's step 0
@@ -907,6 +978,33 @@ def _restore(run, X, given_mask):
     model.set_norm(*norm)
     run.rng.bit_generator.state = rng_state
     run.saved_epoch = run.start_epoch
+    _restore_epoch_control(run, checkpoint, arrays, meta)
+
+
+def _restore_epoch_control(run, path, arrays, meta):
+    """What on_epoch callbacks set: the rate (``lr_set``), a stop, and the
+    callback's own state."""
+    lr_set, stopped = meta.get("lr_set"), meta.get("stopped", False)
+    if lr_set is not None and not _is_num(lr_set, 0):
+        raise CheckpointError(f"{path}: cannot resume: lr_set must be a finite number >= 0, "
+                              f"got {lr_set!r}")
+    if not isinstance(stopped, bool) or (stopped and run.start_batch):
+        raise CheckpointError(f"{path}: cannot resume: stopped must be true or false (and "
+                              "true only at the end of an epoch)")
+    run.lr_set, run.stopped = lr_set, stopped
+    cb, saved = run.on_epoch, meta.get("on_epoch")
+    if cb is None:
+        return
+    if saved is None or not hasattr(cb, "load_state_dict"):
+        if hasattr(cb, "reset"):
+            cb.reset()
+        return
+    try:
+        cb.load_state_dict({**saved["state"], **{k: arrays["on_epoch"][f"on_epoch.{k}"]
+                                                  for k in saved["arrays"]}})
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: cannot resume: the on_epoch callback refuses its saved "
+                              f"state ({e})") from None
 
 
 def _upgrade_meta(meta, run):
@@ -970,8 +1068,8 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
     and checkpoint; TrainingInterrupted after a checkpoint on Ctrl-C."""
     epoch_rng_state = run.rng.bit_generator.state
     perm = run.rng.permutation(run.n)
-    per_step = run.lr_schedule == "cosine"        # the others change once per epoch
-    lr0 = run.lr_at(epoch * run.n_batches)
+    per_step = run.lr_schedule == "cosine" and run.lr_set is None   # the others: per epoch
+    lr0 = run.epoch_lr(epoch)
     cfg = run.cfg if lr0 == run.cfg.lr and not per_step else dataclasses.replace(run.cfg, lr=lr0)
     run.warn_lr(epoch, lr0)
     if run.start_batch == 0:
@@ -1011,16 +1109,31 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
             raise TrainingInterrupted(run.checkpoint, epoch, bi + 1, run.step)
     seconds = accum["seconds"] + time.perf_counter() - t_start
     run.start_batch = 0
-    _end_epoch(run, epoch, seconds, bar, progress, desc)
+    _end_epoch(run, epoch, seconds, bar, progress, desc, lr0)
+    run.stopped = _call_on_epoch(run, epoch)
     run.accum = _new_accum()
     if run.checkpoint is not None:
         run.save(epoch + 1, 0, run.rng.bit_generator.state)
         run.saved_epoch = epoch + 1
     if interrupt["hit"]:
         raise TrainingInterrupted(run.checkpoint, epoch + 1, 0, run.step)
+    return run.stopped
 
 
-def _end_epoch(run, epoch, seconds, bar, progress, desc):
+def _call_on_epoch(run, epoch):
+    """Run the on_epoch callback after ``epoch``; True if it stops training.
+    A rate it sets is used from the next epoch on."""
+    if run.on_epoch is None:
+        return False
+    state = EpochState(epoch=epoch + 1, epochs=run.epochs, step=run.step, history=run.history,
+                       model=run.model, next_lr=run.epoch_lr(epoch + 1))
+    ret = run.on_epoch(state)
+    if state.lr_set:
+        run.lr_set = state.lr
+    return bool(state.stop or ret is True)
+
+
+def _end_epoch(run, epoch, seconds, bar, progress, desc, lr):
     """Append the epoch to the history (validating on X_val) and report it."""
     history, accum = run.history, run.accum
     seen = max(accum["seen"], 1)
@@ -1030,7 +1143,7 @@ def _end_epoch(run, epoch, seconds, bar, progress, desc):
     history["seconds"].append(seconds)
     history["samples_per_second"].append(accum["seen"] / seconds if seconds > 0 else None)
     history["sparsity"].append(run.sparsity())
-    history["lr"].append(run.lr_at(epoch * run.n_batches))
+    history["lr"].append(lr)
     if run.X_val is not None:
         acc, vloss = _logits_stats(_forward_rows(run.model, run.X_val, backend=run.backend),
                                    run.y_val)

@@ -268,7 +268,7 @@ def test_the_documented_toml_example_reads(tmp_path, monkeypatch):
     rc = RunConfig.from_toml(toml_block)
     assert rc.epochs == 20 and rc.step.loss == "kd" and rc.prune.final == 0.9
     assert rc.schedule == "exponential" and rc.shuffle_seed == 1
-    py_block = text.split("```python\n")[1].split("```")[0]
     monkeypatch.chdir(tmp_path)
-    exec(compile(py_block, "docs/config.md", "exec"), {})
+    for block in text.split("```python\n")[1:]:
+        exec(compile(block.split("```")[0], "docs/config.md", "exec"), {})
     assert RunConfig.load("run.toml").schedule == "cosine"
