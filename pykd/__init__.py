@@ -26,7 +26,13 @@ Without a build (a source checkout), ``import pykd`` works and
 ``backend="numpy"`` runs; a Fortran kernel raises ImportError saying the
 extension is not built and how to build it.
 """
+import logging
 import os
+
+# The library logs (per-epoch lines of fit, fine-tuning) under "pykd.*" and
+# configures nothing: an application adds handlers (the pykd command adds one
+# on stderr); without one, nothing is printed.
+logging.getLogger("pykd").addHandler(logging.NullHandler())
 
 
 def _read_version():

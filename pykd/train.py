@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
+#: fit's per-epoch lines (INFO) when it shows no progress bar.
+_log = logging.getLogger(__name__)
 _F32 = np.float32
 #: Precompute the teacher's hidden features for hints when they fit in this.
 HINT_PRECOMPUTE_BYTES = 1 << 30
@@ -575,7 +578,9 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         zeros where it prunes; history, running sums, norm).
     progress : bool or "bar"
         True: a tqdm bar per epoch (loss, accuracy, samples/s) on stderr when
-        it is a terminal, else one line per epoch; "bar": always the bar.
+        it is a terminal, else one line per epoch logged at INFO level to the
+        ``pykd.train`` logger (configure :mod:`logging` to see it, e.g.
+        ``logging.basicConfig(level=logging.INFO)``); "bar": always the bar.
     backend : {"fortran", "numpy"}, optional
         Default "fortran".
     seed : int, optional
@@ -1161,7 +1166,6 @@ def _end_epoch(run, epoch, seconds, bar, progress, desc, lr):
     elif progress:
         test = "" if acc is None else f", test accuracy {acc:.4f}"
         sparse = "" if run.mask is None else f", sparsity {history['sparsity'][-1]:.3f}"
-        print(f"{desc} epoch {epoch + 1}/{run.epochs}: loss {history['loss'][-1]:.4f}, "
-              f"train accuracy {history['train_accuracy'][-1]:.4f}{test}{sparse} "
-              f"({seconds:.2f} s, {accum['seen'] / max(seconds, 1e-9):,.0f} samples/s)",
-              file=sys.stderr, flush=True)
+        _log.info(f"{desc} epoch {epoch + 1}/{run.epochs}: loss {history['loss'][-1]:.4f}, "
+                  f"train accuracy {history['train_accuracy'][-1]:.4f}{test}{sparse} "
+                  f"({seconds:.2f} s, {accum['seen'] / max(seconds, 1e-9):,.0f} samples/s)")

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import importlib
 import json
+import logging
 import math
 import os
 import pkgutil
@@ -312,6 +313,40 @@ def build_parser():
 
 # ----------------------------------------------------------------- helpers
 
+_log = logging.getLogger(__name__)
+
+
+class _StderrHandler(logging.Handler):
+    """Each record as one plain line on the *current* ``sys.stderr`` (so a
+    redirection or a test's capture set after the handler sees it too)."""
+
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # pragma: no cover - a closed stderr
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _log_to_stderr(quiet):
+    """While a command runs: the ``pykd`` loggers (the library's per-epoch
+    lines, the command's own messages) write to stderr, INFO and up, or
+    WARNING and up with ``--quiet``. Restored afterwards (main may run many
+    times in one process)."""
+    root = logging.getLogger("pykd")
+    handler = _StderrHandler()
+    saved = root.level, root.propagate
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False          # an application's own root handler would print twice
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
+
+
 class _Ctx:
     """What a command needs besides its options: output and the report."""
 
@@ -323,11 +358,11 @@ class _Ctx:
         self.stdout = sys.stdout  # where --report - goes (the result lines then go to stderr)
 
     def info(self, msg):
-        if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
+        """A progress message (INFO: hidden by --quiet)."""
+        _log.info(msg)
 
     def warn(self, msg):
-        print(f"pykd {self.args.command}: warning: {msg}", file=sys.stderr, flush=True)
+        _log.warning(f"pykd {self.args.command}: warning: {msg}")
 
 
 def _data_path(args):
@@ -1045,7 +1080,7 @@ def main(argv=None):
         # --report -: the JSON alone on stdout, the result lines on stderr
         redirect = (contextlib.redirect_stdout(sys.stderr) if getattr(args, "report", None) == "-"
                     else contextlib.nullcontext())
-        with limiter, redirect:
+        with limiter, redirect, _log_to_stderr(getattr(args, "quiet", False)):
             return args.func(args, ctx)
     except TrainingInterrupted as e:
         print(f"\n{prog}: interrupted: {e}.", file=sys.stderr)

@@ -30,7 +30,7 @@ per epoch as in :func:`pykd.fit`.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import numpy as np
@@ -43,6 +43,8 @@ from .spec import FineTune
 __all__ = ["TRAINABLE_KINDS", "fine_tune"]
 
 _F32 = np.float32
+#: The per-epoch lines (INFO) when there is no progress bar.
+_log = logging.getLogger(__name__)
 QMAX = 127
 #: The layer kinds the trainer fine-tunes.
 TRAINABLE_KINDS = ("dense", "dense_int8", "sparse_csr", "low_rank", "codebook",
@@ -506,9 +508,9 @@ def _run(net, ft, y, y_val=None, teacher=None):
         history["test_loss"].append(vloss)
         if ft.progress and bar is None:
             test = "" if acc is None else f", test accuracy {acc:.4f}"
-            print(f"fine-tune epoch {epoch + 1}/{ft.epochs}: loss {history['loss'][-1]:.4f}, "
-                  f"train accuracy {history['train_accuracy'][-1]:.4f}{test} ({seconds:.2f} s)",
-                  file=sys.stderr, flush=True)
+            _log.info(f"fine-tune epoch {epoch + 1}/{ft.epochs}: loss "
+                      f"{history['loss'][-1]:.4f}, train accuracy "
+                      f"{history['train_accuracy'][-1]:.4f}{test} ({seconds:.2f} s)")
     return history
 
 
