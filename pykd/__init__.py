@@ -5,10 +5,11 @@ int8 quantization) run in Fortran by default and in pure NumPy with
 ``backend="numpy"``; both give the same answers.
 
 On top of them: ``MLP`` (all parameters in one flat buffer), ``fit`` (one
-Fortran call per training step: CE, Hinton KD, hints), ``soft_labels``,
-``evaluate`` and ``load_model``; ``Model``, a chain of layers of any kind
-(``pykd.layers``: dense, int8, sparse CSR, low rank, codebook, sparse
-codebook) run by one Fortran call per batch; the conversions
+Fortran call per training step: CE, Hinton KD, hints; MSE and Huber
+regression with per-feature and per-output normalisation), ``soft_labels``,
+``evaluate``, ``regression_metrics`` and ``load_model``; ``Model``, a
+chain of layers of any kind (``pykd.layers``: dense, int8, sparse CSR, low
+rank, codebook, sparse codebook) run by one Fortran call per batch; the conversions
 ``quantize_model``, ``sparsify``, ``low_rank`` and ``cluster``; the ``pykd``
 command runs the pipeline.
 
@@ -134,6 +135,7 @@ from .kernels import (
 from . import layers
 from .compress import FineTune, cluster, low_rank, quantize_model, sparsify
 from .compress import PruneSchedule, prune, weight_masks
+from .metrics import regression_metrics
 from .models import MLP, Model, load_model
 from .callbacks import EarlyStopping, EpochState
 from .config import RunConfig
@@ -145,5 +147,5 @@ __all__ = [
     "quantize_activations", "quantize_int8", "sgd_step", "softmax",
     "MLP", "Model", "RunConfig", "TrainConfig", "EarlyStopping", "EpochState", "evaluate", "fit", "load_model", "soft_labels",
     "layers", "FineTune", "cluster", "low_rank", "quantize_model", "sparsify",
-    "PruneSchedule", "prune", "weight_masks",
+    "PruneSchedule", "prune", "weight_masks", "regression_metrics",
 ]

@@ -81,7 +81,8 @@ class EarlyStopping:
     ----------
     monitor : str
         A key of the history (``"test_loss"``, ``"test_accuracy"``,
-        ``"loss"``, ``"train_accuracy"``); the test values need
+        ``"loss"``, ``"train_accuracy"``; for regression ``"test_rmse"``,
+        ``"test_r2"``); the test values need
         ``X_val``/``y_val``.
     patience : int >= 1
         Stop after this many epochs in a row without improvement.
@@ -89,7 +90,7 @@ class EarlyStopping:
         An improvement must beat the best value by more than this.
     mode : {None, "min", "max"}
         Whether smaller or larger is better; None: "max" for a name with
-        "accuracy" in it, else "min".
+        "accuracy" in it and for ``test_r2`` (regression), else "min".
     restore_best : bool
         When training stops (early, or after the last epoch), put the
         parameters of the best epoch back into the model. The checkpoint
@@ -113,7 +114,7 @@ class EarlyStopping:
             raise ValueError(f"EarlyStopping: monitor must be the name of a history value, "
                              f"got {monitor!r}")
         if mode is None:
-            mode = "max" if "accuracy" in monitor else "min"
+            mode = "max" if "accuracy" in monitor or monitor.endswith("r2") else "min"
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be None, 'min' or 'max', got {mode!r}")
         self.monitor, self.mode = monitor, mode

@@ -31,7 +31,11 @@ from . import kernels as _kernels
 from .layers import Dense, DenseInt8, Layer, from_record
 from .modelfile import ModelFormatError, read_model, write_model
 
-__all__ = ["MLP", "Model", "load_model"]
+__all__ = ["MLP", "Model", "TASKS", "load_model"]
+
+#: What a model predicts (``model.task``, metadata key ``"task"``): class
+#: labels from logits, or float outputs in physical units.
+TASKS = ("classification", "regression")
 
 _TRAINABLE = _codes.TRAINABLE_ACTIVATIONS
 _COL = _codes.COL
@@ -74,11 +78,20 @@ class MLP:
         1/sqrt(n_in))`` with ``np.random.default_rng(seed)``, layer by layer
         (``W`` then ``b``). ``None`` leaves all parameters at zero.
     norm : (mean, std) or None
-        Input normalisation ``(x - mean) / std`` applied by :meth:`forward`
-        (two ``np.float32`` scalars). :func:`pykd.train.fit` sets it from the
+        Input normalisation ``(x - mean) / std`` applied by :meth:`forward`:
+        two scalars, or two float32 arrays of shape ``(sizes[0],)``
+        (per-feature), std > 0. Stored as ``np.float32`` scalars or
+        read-only float32 copies. :func:`pykd.train.fit` sets it from the
         training set when it is None.
+    out_norm : (mean, std) or None
+        Output normalisation, undone after the last layer: ``y * std +
+        mean`` (scalars or float32 arrays of shape ``(sizes[-1],)``), so a
+        regression model's outputs are in physical units. :func:`pykd.fit`
+        sets it per output from the targets of a regression run.
     metadata : dict, optional
-        Free-form JSON-serialisable information saved with the model.
+        Free-form JSON-serialisable information saved with the model. Its
+        ``"task"`` (``"classification"``, the default when absent, or
+        ``"regression"``) is :attr:`task`.
 
     Attributes
     ----------
@@ -88,8 +101,8 @@ class MLP:
         Views into ``params``.
     """
 
-    def __init__(self, sizes, activations=None, *, seed=0, norm=None, metadata=None,
-                 backend="fortran"):
+    def __init__(self, sizes, activations=None, *, seed=0, norm=None, out_norm=None,
+                 metadata=None, backend="fortran"):
         self.sizes = _check_sizes(sizes)
         n_layers = len(self.sizes) - 1
         if activations is None:
@@ -105,10 +118,10 @@ class MLP:
                     + ("; use pykd.Model for inference with it" if a in _codes.ACTIVATIONS
                        else ""))
         self.activations = activations
-        self.norm = None
-        if norm is not None:
-            self.set_norm(*norm)
+        self.norm = norm
+        self.out_norm = out_norm
         self.metadata = dict(metadata or {})
+        _check_task(self.metadata)
         self.backend = backend
         self._bind(np.zeros(_step.param_count(self.sizes), _F32))
         self.seed = None
@@ -139,11 +152,36 @@ class MLP:
         return self
 
     def set_norm(self, mean, std):
-        """Set the input normalisation ``(x - mean) / std`` (scalars)."""
-        mean, std = _F32(mean), _F32(std)
-        if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
-            raise ValueError(f"norm needs a finite mean and a finite std > 0, got {mean}, {std}")
+        """Set the input normalisation ``(x - mean) / std``: scalars, or
+        float32 arrays of shape ``(n_features,)``."""
         self.norm = (mean, std)
+
+    def set_out_norm(self, mean, std):
+        """Set the output normalisation (``y * std + mean`` after the last
+        layer): scalars, or float32 arrays of shape ``(n_outputs,)``."""
+        self.out_norm = (mean, std)
+
+    @property
+    def norm(self):
+        """Input normalisation ``(mean, std)`` or None (see the class docstring)."""
+        return self._norm
+
+    @norm.setter
+    def norm(self, value):
+        self._norm = _own_norm("norm", value, self.sizes[0])
+
+    @property
+    def out_norm(self):
+        """Output normalisation ``(mean, std)`` or None (see the class docstring)."""
+        return self._out_norm
+
+    @out_norm.setter
+    def out_norm(self, value):
+        self._out_norm = _own_norm("out_norm", value, self.sizes[-1])
+
+    task = property(lambda self: _task_of(self.metadata), lambda self, v: _set_task(self, v),
+                    doc="``metadata['task']``: 'classification' (the default) or "
+                        "'regression' (:meth:`predict` returns the outputs)")
 
     @property
     def parameters(self) -> int:
@@ -170,12 +208,19 @@ class MLP:
 
     def __repr__(self):
         acts = ",".join(self.activations)
+        norm = self.norm
+        if norm is not None:
+            norm = "per_feature" if np.ndim(norm[0]) else tuple(float(v) for v in norm)
+        out = "" if self.out_norm is None else (
+            ", out_norm=" + ("per_output" if np.ndim(self.out_norm[0])
+                             else str(tuple(float(v) for v in self.out_norm))))
+        task = "" if self.task == "classification" else f", task={self.task!r}"
         return (f"MLP(sizes={self.sizes}, activations=[{acts}], parameters={self.parameters}, "
-                f"norm={None if self.norm is None else tuple(float(v) for v in self.norm)})")
+                f"norm={norm}{out}{task})")
 
     def copy(self):
         """An independent copy (own buffer)."""
-        m = MLP(self.sizes, self.activations, seed=None, norm=self.norm,
+        m = MLP(self.sizes, self.activations, seed=None, norm=self.norm, out_norm=self.out_norm,
                 metadata=self.metadata, backend=self.backend)
         m.params[...] = self.params
         m.seed = self.seed
@@ -183,7 +228,9 @@ class MLP:
 
     # ------------------------------------------------------------- inference
     def normalize(self, X, out=None):
-        """``(X - mean) / std`` as a new float32 array (or into ``out``)."""
+        """``(X - mean) / std`` as a new float32 array (or into ``out``),
+        with a scalar or per-feature normalisation; the same float32
+        operations as the network's (subtract, then divide)."""
         if out is None:
             out = np.empty(X.shape, _F32)
         if self.norm is None:
@@ -220,7 +267,8 @@ class MLP:
         """
         net = self._net
         if (net is not None and upto is None and backend is None and self.backend == "fortran"
-                and net._mlp_key[0] is self.norm and net._mlp_key[1] == self.activations):
+                and net._mlp_key[0] is self._norm and net._mlp_key[2] is self._out_norm
+                and net._mlp_key[1] == self.activations):
             return net.forward(X, batch_size=batch_size, backend="fortran")
         return self._network().forward(X, upto=upto, batch_size=batch_size,
                                        backend=backend or self.backend)
@@ -228,8 +276,9 @@ class MLP:
     def _network(self):
         """The :class:`Model` view of the buffer (cached; rebuilt when the
         buffer, the normalisation or the activations change)."""
-        net, key = self._net, (self.norm, list(self.activations))
-        if net is None or net._mlp_key[0] is not key[0] or net._mlp_key[1] != key[1]:
+        net, key = self._net, (self._norm, list(self.activations), self._out_norm)
+        if (net is None or net._mlp_key[0] is not key[0] or net._mlp_key[1] != key[1]
+                or net._mlp_key[2] is not key[2]):
             net = self._view(self.metadata)
             net._mlp_key = key
             self._net = net
@@ -239,7 +288,8 @@ class MLP:
         return Model._wrap([Dense._unchecked(W, b, a) for (W, b), a
                             in zip(self.layers, self.activations)],
                            _mlp_table(self.sizes, self.activations), self.params,
-                           norm=self.norm, metadata=metadata, backend=self.backend)
+                           norm=self.norm, out_norm=self.out_norm, metadata=metadata,
+                           backend=self.backend)
 
     def to_model(self):
         """This network as a :class:`Model` of dense layers, without a copy:
@@ -250,18 +300,21 @@ class MLP:
     __call__ = forward
 
     def predict(self, X, *, batch_size=1024, backend=None):
-        """Predicted class labels (int64) of ``X``.
+        """Predictions for ``X``: class labels (int64, the argmax of the
+        logits) for a classification model; the outputs (float32, physical
+        units: :meth:`forward`) for a regression model (:attr:`task`).
 
-        Raises ValueError naming the rows whose logits are not finite."""
-        return _argmax_finite(self.forward(X, batch_size=batch_size, backend=backend))
+        Raises ValueError naming the rows whose logits are not finite
+        (classification)."""
+        return _predict(self, X, batch_size, backend)
 
     # ------------------------------------------------------------------ files
     def save(self, path, metadata=None):
         """Write the model in the pykd model format (``docs/format.md``).
 
-        Stores the layers, the scalar input normalisation and the metadata
-        (``self.metadata`` updated with ``metadata``, plus sizes, activations
-        and the initialisation seed).
+        Stores the layers, the input and output normalisations and the
+        metadata (``self.metadata`` updated with ``metadata``, plus sizes,
+        activations and the initialisation seed; ``task`` when set).
         """
         meta = dict(self.metadata)
         if metadata:
@@ -270,9 +323,11 @@ class MLP:
         meta["sizes"] = self.sizes
         meta["activations"] = self.activations
         meta.setdefault("init_seed", self.seed)
+        _check_task(meta)
         layers = [{"kind": "dense", "W": W, "b": b, "activation": a}
                   for (W, b), a in zip(self.layers, self.activations)]
-        write_model(path, layers, norm=self.norm, metadata=meta)
+        kw = {} if self.out_norm is None else {"out_norm": self.out_norm}
+        write_model(path, layers, norm=self.norm, metadata=meta, **kw)
 
 
 def _mlp_table(sizes, activations):
@@ -295,6 +350,40 @@ def _argmax_finite(logits):
         raise ValueError(f"the logits of {rows.size} row(s) are not finite (rows {shown}): "
                          "their inputs contain NaN or inf, or the model overflowed")
     return logits.argmax(axis=1)
+
+
+def _task_of(metadata):
+    return metadata.get("task", "classification")
+
+
+def _check_task(metadata, where="metadata"):
+    task = metadata.get("task", "classification")
+    if task not in TASKS:
+        raise ValueError(f"{where} 'task' must be one of {', '.join(map(repr, TASKS))}, "
+                         f"got {task!r}")
+
+
+def _set_task(model, task):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
+    model.metadata["task"] = task
+
+
+def _predict(model, X, batch_size, backend):
+    out = model.forward(X, batch_size=batch_size, backend=backend)
+    return out if model.task == "regression" else _argmax_finite(out)
+
+
+def _own_norm(name, value, n):
+    """A validated normalisation for an MLP: None, or (mean, std) as two
+    np.float32 scalars or two read-only float32 copies of shape (n,)."""
+    if value is None:
+        return None
+    _, _, _, (mean, std) = _norm_parts(name, value, n)
+    if np.ndim(mean):
+        mean, std = mean.copy(), std.copy()
+        mean.flags.writeable = std.flags.writeable = False
+    return (mean, std)
 
 
 
@@ -452,8 +541,9 @@ class Model:
         self._norm_buf = buf if buf.size else np.zeros(1, np.float32)
         self._norm_kinds = np.array([c_in, c_out], np.int32)
         self.metadata = dict(metadata or {})
+        _check_task(self.metadata)
         self.backend = backend
-        self._mlp_key = (None, [])
+        self._mlp_key = (None, [], None)
         self._n_features, self._n_outputs = nf, no
         self._words = {}                  # (n, upto) -> network_workspace_size
         self._tls = threading.local()     # .work: this thread's workspace
@@ -655,10 +745,16 @@ class Model:
         return h
 
     def predict(self, X, *, batch_size=1024, backend=None):
-        """Predicted class labels (int64): the argmax of :meth:`forward`.
+        """Predicted class labels (int64, the argmax of :meth:`forward`) for
+        a classification model; the outputs (physical units) for a
+        regression model (:attr:`task`).
 
-        Raises ValueError naming the rows whose outputs are not finite."""
-        return _argmax_finite(self.forward(X, batch_size=batch_size, backend=backend))
+        Raises ValueError naming the rows whose outputs are not finite
+        (classification)."""
+        return _predict(self, X, batch_size, backend)
+
+    task = property(lambda self: _task_of(self.metadata), lambda self, v: _set_task(self, v),
+                    doc="``metadata['task']``: 'classification' (the default) or 'regression'")
 
     # ------------------------------------------------------------ conversion
     def to_mlp(self):
@@ -667,21 +763,16 @@ class Model:
         has the MLP layout (dense layers, in order, back to back) the MLP
         uses it without a copy.
 
-        Raises ValueError for what an MLP cannot hold: activations other
-        than identity, relu and tanh, a per-feature input normalisation or
-        an output normalisation.
+        The normalisations, metadata (so the task) and backend are carried.
+        Raises ValueError for an activation an MLP cannot train (other
+        than identity, relu and tanh).
         """
         for k, layer in enumerate(self._layers, start=1):
             if layer.activation not in _TRAINABLE:
                 raise ValueError(f"layer {k} has activation {layer.activation!r}; an MLP takes "
                                  f"only {list(_TRAINABLE)}")
-        if self.norm is not None and np.ndim(self.norm[0]):
-            raise ValueError("an MLP takes only a scalar input normalisation; this model's is "
-                             "per-feature")
-        if self.out_norm is not None:
-            raise ValueError("an MLP has no output normalisation; this model has one")
         mlp = MLP(self.sizes, self.activations, seed=None, norm=self.norm,
-                  metadata=self.metadata, backend=self.backend)
+                  out_norm=self.out_norm, metadata=self.metadata, backend=self.backend)
         ref = _mlp_table(self.sizes, self.activations)
         if (all(layer.kind == "dense" for layer in self._layers)
                 and np.array_equal(self.table, ref)
@@ -715,10 +806,10 @@ def load_model(path, *, backend="fortran"):
     """Load a pykd model file (any version this pykd reads).
 
     Returns an :class:`MLP` when every layer is dense float32 with an
-    activation training can differentiate (identity, relu, tanh), and the
-    normalisation is none or scalar with no output normalisation (so
-    :func:`pykd.fit` on a loaded model keeps working); a :class:`Model`
-    otherwise. Both have ``forward``, ``predict``, ``save``,
+    activation training can differentiate (identity, relu, tanh), with its
+    normalisations (none, scalar or per-feature; so :func:`pykd.fit` on a
+    loaded model keeps working); a :class:`Model` otherwise. Both carry
+    the metadata, so ``task`` (absent: classification). Both have ``forward``, ``predict``, ``save``,
     ``parameters``, ``n_features`` and ``n_outputs``.
 
     Raises
@@ -734,9 +825,11 @@ def load_model(path, *, backend="fortran"):
     layers = m["layers"]
     norm, out_norm = m["norm"], m.get("out_norm")
     meta = m["metadata"]
-    is_mlp = (all(layer["kind"] == "dense" and layer["activation"] in _TRAINABLE
-                  for layer in layers)
-              and (norm is None or np.ndim(norm[0]) == 0) and out_norm is None)
+    if meta.get("task", "classification") not in TASKS:
+        raise ModelFormatError(f"{os.fspath(path)}: metadata 'task' must be one of "
+                               f"{', '.join(map(repr, TASKS))}, got {meta.get('task')!r}")
+    is_mlp = all(layer["kind"] == "dense" and layer["activation"] in _TRAINABLE
+                 for layer in layers)
     if not is_mlp:
         objs = []
         for k, layer in enumerate(layers, start=1):
@@ -747,7 +840,7 @@ def load_model(path, *, backend="fortran"):
         return Model(objs, norm=norm, out_norm=out_norm, metadata=meta, backend=backend)
     sizes = [m["n_features"]] + [layer["W"].shape[1] for layer in layers]
     model = MLP(sizes, [layer["activation"] for layer in layers], seed=None, norm=norm,
-                metadata=meta, backend=backend)
+                out_norm=out_norm, metadata=meta, backend=backend)
     for (W, b), layer in zip(model.layers, layers):
         W[...] = layer["W"]
         b[...] = layer["b"]

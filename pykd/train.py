@@ -35,16 +35,17 @@ import numpy as np
 from . import _step
 from . import _validate as check
 from . import io as _io
-from ._step import TrainConfig
+from ._step import REGRESSION_LOSSES, TrainConfig
 from .callbacks import EpochState
-from .config import LR_SCHEDULES, RunConfig
+from .config import LR_SCHEDULES, NORMS, RunConfig
 from .data import ScaledImages, take_rows
+from .metrics import regression_metrics, target_loss
 from .models import MLP, _argmax_finite
 
 __all__ = [
     "CHECKPOINT_VERSION", "LR_SCHEDULES", "CheckpointError", "LearningRateWarning",
     "NonFiniteLossError", "TrainConfig", "TrainingInterrupted",
-    "evaluate", "fit", "hint_targets_from", "load_checkpoint", "soft_labels",
+    "NORM_MODES", "evaluate", "fit", "hint_targets_from", "load_checkpoint", "soft_labels",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -55,6 +56,8 @@ _F32 = np.float32
 HINT_PRECOMPUTE_BYTES = 1 << 30
 #: An exponentially decayed rate below this gets a LearningRateWarning.
 LR_WARN_BELOW = 1e-7
+#: The ``norm`` argument of :func:`fit` (None is "auto"): pykd.config.NORMS.
+NORM_MODES = NORMS
 
 
 class LearningRateWarning(RuntimeWarning):
@@ -97,6 +100,10 @@ def _progress_bar(enabled, **kw):
 
 
 def _as_labels(name, y, n, n_classes, x_name="X"):
+    if isinstance(y, np.ndarray) and y.dtype.kind == "f":
+        raise TypeError(f"{name} holds floats ({y.dtype}) but classification (loss 'ce' or "
+                        "'kd') needs integer class labels; for float targets use a "
+                        "regression loss (loss='mse' or 'huber', or 'mse_kd'/'huber_kd')")
     if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu" or y.ndim != 1:
         raise TypeError(f"{name} must be a 1-D integer numpy array")
     if y.shape[0] != n:
@@ -135,6 +142,78 @@ def _as_f32(name, a, shape):
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or inf")
     return np.ascontiguousarray(a)
+
+
+def _as_targets(name, y, n, n_out, loss, x_name="X"):
+    """Float targets of a regression loss as an (n, n_out) view (a 1-D y of
+    n values when n_out == 1 is reshaped, not copied); NaN/inf is an error
+    naming the rows."""
+    if isinstance(y, np.ndarray) and y.dtype.kind in "iub":
+        raise TypeError(f"{name} holds integers ({y.dtype}) but cfg.loss={loss!r} is a "
+                        "regression loss, which needs float targets (float32 or float64); "
+                        "for class labels use loss='ce' or 'kd'")
+    if not isinstance(y, np.ndarray) or y.dtype not in (np.float32, np.float64) \
+            or y.ndim not in (1, 2):
+        got = (f"a {y.dtype} array of shape {y.shape}" if isinstance(y, np.ndarray)
+               else type(y).__name__)
+        raise TypeError(f"{name} must be a float32 or float64 numpy array of shape "
+                        f"({n}, {n_out}){' or (n,)' if n_out == 1 else ''} for "
+                        f"cfg.loss={loss!r}, got {got}")
+    if y.ndim == 1:
+        if n_out != 1:
+            raise ValueError(f"{name} is 1-D but the model has {n_out} outputs: give "
+                             f"{name} of shape ({n}, {n_out})")
+        y = y.reshape(-1, 1)
+    if y.shape[1] != n_out:
+        raise ValueError(f"{name} has {check.plural(y.shape[1], 'column')} but the model has "
+                         f"{check.plural(n_out, 'output')}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {check.plural(y.shape[0], 'row')} but {x_name} has "
+                         f"{check.plural(n, 'row')}")
+    _check_finite(name, y)
+    return y
+
+
+def _column_stats(A, chunk=8192):
+    """Per-column mean and std of A (float64 sums, chunk by chunk) as
+    float32 arrays; a constant column (max == min) gets std 1."""
+    k = A.shape[1]
+    total = np.zeros(k)
+    lo, hi = np.full(k, np.inf), np.full(k, -np.inf)
+    for i in range(0, A.shape[0], chunk):
+        c = A[i:i + chunk]
+        total += c.sum(axis=0, dtype=np.float64)
+        lo = np.minimum(lo, c.min(axis=0))
+        hi = np.maximum(hi, c.max(axis=0))
+    mean = total / A.shape[0]
+    sq = np.zeros(k)
+    for i in range(0, A.shape[0], chunk):
+        c = A[i:i + chunk].astype(np.float64)
+        c -= mean
+        sq += np.einsum("ij,ij->j", c, c)
+    std = np.sqrt(sq / A.shape[0])
+    std32 = std.astype(_F32)
+    std32[(lo == hi) | ~(std32 > 0)] = 1
+    return mean.astype(_F32), std32
+
+
+def _normalized(A, norm):
+    """``(A - mean) / std`` as a new C-contiguous float32 array (the same
+    float32 operations as MLP.normalize); A itself if norm is None and A is
+    already float32 and C-contiguous."""
+    if norm is None:
+        return np.ascontiguousarray(A, _F32)
+    out = np.empty(A.shape, _F32)
+    np.subtract(A, norm[0], out=out, casting="unsafe")
+    out /= norm[1]
+    return out
+
+
+def _norm_json(norm):
+    """A normalisation as JSON: None, [mean, std] numbers, or two lists."""
+    if norm is None:
+        return None
+    return [v.tolist() if np.ndim(v) else float(v) for v in norm]
 
 
 def _norm_stats(X, chunk=8192):
@@ -296,6 +375,12 @@ def _load_callback_arrays(path, meta):
 
 _HISTORY_KEYS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss", "seconds",
                  "samples_per_second", "sparsity", "lr")
+#: The history of a regression run has these too (overall, physical units).
+_REGRESSION_KEYS = ("test_rmse", "test_r2")
+
+
+def _history_keys(regress):
+    return _HISTORY_KEYS + (_REGRESSION_KEYS if regress else ())
 
 
 def _is_int(v):
@@ -308,10 +393,11 @@ def _is_num(v, low=-math.inf, high=math.inf):
 
 
 def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, seed, shape,
-                  norm, mask, tracks_mask=None):
+                  norm, mask, tracks_mask=None, out_norm=None, regress=False):
     """Every field of a checkpoint against the run resuming from it (see
     :func:`fit`); returns (step, epoch, batch, rng_state, history, accum, norm).
-    Raises CheckpointError naming ``path`` and the field."""
+    ``norm`` and ``out_norm`` are the run's normalisations (as JSON,
+    :func:`_norm_json`). Raises CheckpointError naming ``path`` and the field."""
     def bad(msg):
         raise CheckpointError(f"{path}: cannot resume: {msg}")
 
@@ -367,16 +453,21 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
     elif mask is not None and np.any(arrays["params"][~mask]):
         bad("parameters the mask prunes (False) are not zero")
     hist = meta["history"]
-    if not isinstance(hist, dict) or set(hist) != set(_HISTORY_KEYS) or any(
-            not isinstance(hist[k], list) or len(hist[k]) != epoch for k in _HISTORY_KEYS):
-        bad(f"history must hold the lists {', '.join(_HISTORY_KEYS)}, one entry per "
+    keys = _history_keys(regress)
+    if not isinstance(hist, dict) or set(hist) != set(keys) or any(
+            not isinstance(hist[k], list) or len(hist[k]) != epoch for k in keys):
+        bad(f"history must hold the lists {', '.join(keys)}, one entry per "
             f"finished epoch ({epoch})")
+    optional = hist["test_accuracy"] + hist["test_loss"] + hist["samples_per_second"]
+    if regress:
+        optional = optional + hist["test_rmse"] + hist["test_r2"]
     if hist["epoch"] != list(range(1, epoch + 1)) or not all(
             _is_num(v) for v in hist["loss"] + hist["seconds"]) or not all(
-            _is_num(v, 0, 1) for v in hist["train_accuracy"] + hist["sparsity"]) or not all(
-            _is_num(v, 0) for v in hist["lr"]) or not all(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in
-            hist["test_accuracy"] + hist["test_loss"] + hist["samples_per_second"]):
+            _is_num(v, 0, 1) for v in hist["sparsity"]) or not all(
+            (v is None) if regress else _is_num(v, 0, 1) for v in hist["train_accuracy"]
+            ) or not all(_is_num(v, 0) for v in hist["lr"]) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            for v in optional):
         bad("history holds values that are not finite numbers of the right range")
     acc = meta["accum"]
     seen = min(batch * batch_size, n)
@@ -386,11 +477,37 @@ def _check_resume(path, arrays, meta, *, fingerprint, epochs, n, batch_size, see
                            or not 0 <= acc["correct"] <= seen)):
         bad(f"accum must hold loss_sum, correct, seen ({seen} after batch {batch}) and seconds")
     got = meta["norm"]
-    if not isinstance(got, list) or len(got) != 2 or not all(_is_num(v) for v in got):
-        bad(f"norm must be [mean, std], got {got!r}")
-    if norm is not None and got != [float(v) for v in norm]:
-        bad(f"norm {got} is not the run's input normalisation {[float(v) for v in norm]}")
+    _check_norm_json(bad, "norm", got, len(norm[0]) if norm is not None and isinstance(
+        norm[0], list) else None)
+    if got != norm:
+        bad(f"norm {_short(got)} is not the run's input normalisation {_short(norm)}")
+    if regress:
+        got_out = meta.get("out_norm")
+        _check_norm_json(bad, "out_norm", got_out, len(out_norm[0]) if out_norm is not None
+                         and isinstance(out_norm[0], list) else None)
+        if got_out != out_norm:
+            bad(f"out_norm {_short(got_out)} is not the run's output normalisation "
+                f"{_short(out_norm)}")
     return step, epoch, batch, meta["rng_state"], hist, acc, got
+
+
+def _check_norm_json(bad, name, got, n):
+    """``got`` must be None, [mean, std] (finite numbers) or two lists of n."""
+    if got is None:
+        return
+    ok = isinstance(got, list) and len(got) == 2
+    if ok and all(isinstance(v, list) for v in got):
+        ok = n is not None and all(len(v) == n and all(_is_num(x) for x in v) for v in got)
+    elif ok:
+        ok = all(_is_num(v) for v in got)
+    if not ok:
+        bad(f"{name} must be [mean, std] (two numbers, or two lists"
+            + (f" of {n} values" if n else "") + f" per feature) or null, got {_short(got)}")
+
+
+def _short(v, limit=80):
+    text = json.dumps(v)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _schedule_differs(path, got, want):
@@ -478,23 +595,38 @@ def hint_targets_from(teacher, X, layer, *, backend=None, precompute=None):
 
 
 def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
-    """Accuracy, loss, confusion matrix and teacher agreement of ``model``.
+    """Metrics of ``model`` on ``(X, y)``: accuracy, loss, confusion matrix
+    and teacher agreement of a classifier, or RMSE, MAE and R^2 of a
+    regression model (``model.task``).
 
     Parameters
     ----------
     model : MLP or Model
         Any model with ``forward``, ``n_outputs``, ``parameters``, ``nbytes``.
-    X : ndarray (n, n_features), raw inputs; y : int labels (n,)
-    teacher : MLP, Model or ndarray of teacher logits (n, classes), optional
-        Adds ``agreement``: the fraction of rows where the model's and the
-        teacher's top-1 predictions agree.
+    X : ndarray (n, n_features), raw inputs
+    y : int labels (n,) for a classifier; float targets (n, n_outputs) (or
+        (n,) with one output), physical units, for a regression model
+    teacher : MLP, Model or ndarray, optional
+        Classifier: a model or its logits (n, classes); adds ``agreement``,
+        the fraction of rows where the model's and the teacher's top-1
+        predictions agree. Regression: a model or its outputs (n, n_outputs);
+        adds ``teacher_rmse``, the RMSE between the model's and the
+        teacher's outputs (overall: the mean over outputs).
 
     Returns
     -------
-    dict with ``accuracy``, ``loss`` (mean cross-entropy), ``confusion``
-    (list of lists; row = true class, column = predicted), ``agreement``
-    (or None), ``parameters``, ``nonzeros``, ``bytes`` (in memory), ``n``.
+    dict
+        Classifier: ``task`` ("classification"), ``accuracy``, ``loss``
+        (mean cross-entropy), ``confusion`` (list of lists; row = true
+        class, column = predicted), ``agreement`` (or None),
+        ``parameters``, ``nonzeros``, ``bytes`` (in memory), ``n``.
+        Regression: ``task`` ("regression"), the keys of
+        :func:`pykd.regression_metrics` (``rmse``, ``mae``, ``r2`` and
+        their ``*_per_output`` lists; physical units), ``teacher_rmse``
+        (or None), ``parameters``, ``nonzeros``, ``bytes``, ``n``.
     """
+    if getattr(model, "task", "classification") == "regression":
+        return _evaluate_regression(model, X, y, teacher, batch_size, backend)
     n_classes = model.n_outputs
     y = _as_labels("y", y, X.shape[0], n_classes)
     logits = _forward_rows(model, X, batch_size=batch_size, backend=backend)
@@ -512,6 +644,7 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
                                    backend=backend)
         agreement = float((t_pred == pred).mean()) if len(y) else float("nan")
     return {
+        "task": "classification",
         "accuracy": accuracy,
         "loss": loss,
         "confusion": confusion.reshape(n_classes, n_classes).tolist(),
@@ -523,25 +656,55 @@ def evaluate(model, X, y, teacher=None, *, batch_size=1024, backend=None):
     }
 
 
+def _evaluate_regression(model, X, y, teacher, batch_size, backend):
+    n_out = model.n_outputs
+    y = _as_targets("y", y, X.shape[0], n_out, "mse")
+    out = _forward_rows(model, X, batch_size=batch_size, backend=backend)
+    res = {"task": "regression"}
+    res.update(regression_metrics(y, out))       # NaN/inf outputs: a ValueError naming rows
+    t_rmse = None
+    if teacher is not None:
+        if isinstance(teacher, np.ndarray):
+            t_out = teacher.reshape(-1, 1) if teacher.ndim == 1 and n_out == 1 else teacher
+            if t_out.shape != out.shape:
+                raise ValueError(f"teacher outputs must have shape {out.shape}, got "
+                                 f"{teacher.shape}")
+        else:
+            t_out = _forward_rows(teacher, X, batch_size=batch_size, backend=backend)
+        t_rmse = regression_metrics(t_out, out)["rmse"]
+    res.update({"teacher_rmse": t_rmse, "parameters": model.parameters,
+                "nonzeros": model.nonzeros, "bytes": model.nbytes, "n": int(X.shape[0])})
+    return res
+
+
 def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
-        teacher_logits=None, hint_targets=None, X_val=None, y_val=None, checkpoint=None,
-        resume=False, progress=True, backend=None, seed=None, mask=None, prune=None,
-        callback=None, on_epoch=None, desc="train", lr_decay=None, lr_schedule=None,
-        norm=None):
+        teacher_logits=None, teacher_outputs=None, hint_targets=None, X_val=None, y_val=None,
+        checkpoint=None, resume=False, progress=True, backend=None, seed=None, mask=None,
+        prune=None, callback=None, on_epoch=None, desc="train", lr_decay=None,
+        lr_schedule=None, norm=None):
     """Train ``model`` in place; one :func:`pykd._step.train_step` per batch.
 
     Parameters
     ----------
     model : MLP
-        Trained in place. If ``model.norm`` is None it is set to the scalar
-        mean/std of ``X`` (float64 sums, chunk by chunk).
-    X : ndarray (n, n_features), raw inputs (float32); y : int labels (n,)
+        Trained in place. If ``model.norm`` is None it is set from ``X``
+        (see ``norm``; float64 sums, chunk by chunk). A regression run also
+        sets ``model.out_norm`` (if None) to the per-output mean/std of
+        ``y`` and ``model.task = "regression"``.
+    X : ndarray (n, n_features), raw inputs (float32)
         An in-memory float32 array is normalised once per run into one copy
         (the fastest). A ``numpy.memmap`` or :class:`pykd.data.ScaledImages`
         (uint8 images as ``x / 255``, e.g. from ``load_dataset`` on a
         directory of ``.npy`` files) is never copied whole: each batch is
         read, converted and normalised into the batch buffer, so memory is
         bounded by the batch, not the data. Both give the same bits.
+    y : ndarray
+        Classification (``cfg.loss`` "ce" or "kd"): int labels (n,).
+        Regression ("mse", "huber", "mse_kd", "huber_kd"): float32 or
+        float64 targets (n, n_outputs), or (n,) when the model has one
+        output (read as a view), in physical units. The step sees the
+        normalised targets ``(y - mean) / std`` (one float32 copy per run),
+        so the loss and ``cfg.huber_delta`` are in normalised target units.
     config : RunConfig, optional
         Every serialisable setting of the run in one object (docs/config.md):
         ``step`` (the TrainConfig), epochs, batch_size, lr_schedule,
@@ -550,20 +713,25 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         the defaults are ``RunConfig()``'s (epochs=1, batch_size=64,
         constant rate, backend "fortran").
     cfg : TrainConfig, optional
-        Loss ("ce" or "kd"), optimizer and its settings, dropout, hint
-        (overrides ``config.step``; default ``TrainConfig()``).
+        Loss, optimizer and its settings, dropout, hint (overrides
+        ``config.step``; default ``TrainConfig()``).
     epochs, batch_size : int, optional
         ``epochs >= 0`` (default 1), ``batch_size >= 1`` (default 64). The last partial batch of each
         epoch is used; a batch_size larger than ``X`` is one batch of all of
         it (buffers are sized for ``min(batch_size, n)`` rows).
     teacher_logits : float32 (n, classes), for ``cfg.loss == "kd"``
         Unscaled teacher logits (see :func:`soft_labels`).
+    teacher_outputs : float32 or float64 (n, n_outputs), for "mse_kd" and "huber_kd"
+        The teacher's outputs for ``X`` in physical units (e.g.
+        ``teacher.forward(X)``); normalised with the student's
+        ``out_norm`` (one float32 copy per run). Refused with other losses.
     hint_targets : float32 (n, width) or callable idx -> (len(idx), width)
         Needed when ``cfg.hint_layer > 0`` (see :func:`hint_targets_from`).
         The regressor (width x sizes[hint_layer]) lives after the model's
         parameters in the training buffer and is saved in checkpoints only.
     X_val, y_val : optional
-        Evaluated after every epoch (``test_accuracy``/``test_loss``).
+        Evaluated after every epoch (``test_accuracy``/``test_loss``; for
+        regression ``test_rmse``/``test_r2``/``test_loss``).
     checkpoint : path, optional
         Written atomically after every epoch and on Ctrl-C. It holds the
         current mask (when there is a mask or a pruning schedule) and the
@@ -575,7 +743,8 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         schedule; epoch in [0, epochs]; batch; step = epoch * batches +
         batch; the shuffling state of the seed at that epoch; the shapes and
         finiteness of the buffers; the mask, within the run's mask, and
-        zeros where it prunes; history, running sums, norm).
+        zeros where it prunes; history, running sums, norm and, for
+        regression, out_norm).
     progress : bool or "bar"
         True: a tqdm bar per epoch (loss, accuracy, samples/s) on stderr when
         it is a terminal, else one line per epoch logged at INFO level to the
@@ -623,8 +792,13 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         ``LR_WARN_BELOW`` (1e-7), one :class:`LearningRateWarning` is issued
         (the cosine schedule reaches 0 by design and gives none).
     norm : {None, "auto", "scalar", "per_feature", "none"}, optional
-        The normalisation fit sets when the model has none (see
-        :class:`RunConfig`); classification uses the scalar mean/std of X.
+        The input normalisation when ``model.norm`` is None (also
+        :class:`RunConfig`'s ``norm``): None/"auto" is per-feature for
+        regression and scalar (one mean and std over all of X) for
+        classification; "per_feature" and "scalar" choose one; "none" trains
+        on raw inputs. A constant feature gets std 1 (so do constant
+        targets). When ``model.norm`` is set it is kept; a ``norm`` of
+        another kind is then an error.
 
     Returns
     -------
@@ -633,7 +807,10 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
     epoch, without validation and checkpointing), ``samples_per_second``,
     ``sparsity`` (fraction of the model's weights that are zero at the end
     of the epoch; biases not counted), ``lr`` (the learning rate of the
-    epoch's first step).
+    epoch's first step). A regression run has ``train_accuracy`` and
+    ``test_accuracy`` None and adds ``test_rmse`` and ``test_r2`` (overall,
+    physical units; :func:`pykd.regression_metrics`); its ``test_loss`` is
+    the target term of the loss (MSE or Huber) in normalised units.
 
     Raises
     ------
@@ -654,7 +831,7 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
                      norm=norm)
     run = _prepare(model, X, y, rc=rc, teacher_logits=teacher_logits,
                    hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
-                   resume=resume, mask=mask, on_epoch=on_epoch)
+                   resume=resume, mask=mask, on_epoch=on_epoch, teacher_outputs=teacher_outputs)
     if run.stopped:                      # resuming a run an on_epoch callback stopped
         return run.history
     with _sigint_flag() as interrupt:
@@ -678,9 +855,12 @@ def _run_config(config, **given):
     return config.replace(**changes) if changes else config
 
 
-def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val):
-    """Validate the data arguments of fit; returns (y, teacher_logits,
-    hint, hint_targets, y_val) with hint = (layer, width) or None."""
+def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val,
+                      teacher_outputs=None):
+    """Validate the data arguments of fit; returns (y, teacher, hint,
+    hint_targets, y_val) with hint = (layer, width) or None. For a
+    regression loss y and y_val are (n, n_out) float views and teacher is
+    teacher_outputs (physical units, not yet normalised)."""
     sizes = model.sizes
     if not isinstance(X, ScaledImages) and (
             not isinstance(X, np.ndarray) or X.dtype != _F32 or X.ndim != 2):
@@ -694,13 +874,34 @@ def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_v
     if not isinstance(X, ScaledImages):    # uint8 images are finite
         _check_finite("X", X)
     n_classes = sizes[-1]
-    y = _as_labels("y", y, n, n_classes)
-    if cfg.loss == "kd":
-        if teacher_logits is None:
-            raise ValueError("cfg.loss='kd' needs teacher_logits")
-        teacher_logits = _as_f32("teacher_logits", teacher_logits, (n, n_classes))
-    elif teacher_logits is not None:
-        raise ValueError("teacher_logits given but cfg.loss is 'ce' (use loss='kd')")
+    regress = cfg.loss in REGRESSION_LOSSES
+    if regress:
+        y = _as_targets("y", y, n, n_classes, cfg.loss)
+        if teacher_logits is not None:
+            raise ValueError(f"teacher_logits given with the regression loss {cfg.loss!r}: "
+                             "a regression teacher's outputs go in teacher_outputs (physical "
+                             "units, shape (n, n_outputs))")
+        if cfg.loss.endswith("_kd"):
+            if teacher_outputs is None:
+                raise ValueError(f"cfg.loss={cfg.loss!r} needs teacher_outputs (the "
+                                 "teacher's outputs for X, physical units)")
+            teacher_logits = _as_targets("teacher_outputs", teacher_outputs, n, n_classes,
+                                         cfg.loss)
+        elif teacher_outputs is not None:
+            raise ValueError(f"teacher_outputs given but cfg.loss is {cfg.loss!r} (use "
+                             f"loss={cfg.loss + '_kd'!r} to distil from them)")
+    else:
+        y = _as_labels("y", y, n, n_classes)
+        if teacher_outputs is not None:
+            raise ValueError(f"teacher_outputs is for the regression losses 'mse_kd' and "
+                             f"'huber_kd'; cfg.loss is {cfg.loss!r} (a classifier distils from "
+                             "teacher_logits with loss='kd')")
+        if cfg.loss == "kd":
+            if teacher_logits is None:
+                raise ValueError("cfg.loss='kd' needs teacher_logits")
+            teacher_logits = _as_f32("teacher_logits", teacher_logits, (n, n_classes))
+        elif teacher_logits is not None:
+            raise ValueError("teacher_logits given but cfg.loss is 'ce' (use loss='kd')")
     hint = None
     if cfg.hint_layer:
         k = int(cfg.hint_layer)
@@ -727,7 +928,10 @@ def _check_fit_inputs(model, X, y, cfg, teacher_logits, hint_targets, X_val, y_v
         if X_val.shape[1] != sizes[0]:
             raise ValueError(f"X_val has {check.plural(X_val.shape[1], 'feature')} but the "
                              f"model takes {sizes[0]}")
-        y_val = _as_labels("y_val", y_val, X_val.shape[0], n_classes, "X_val")
+        if regress:
+            y_val = _as_targets("y_val", y_val, X_val.shape[0], n_classes, cfg.loss, "X_val")
+        else:
+            y_val = _as_labels("y_val", y_val, X_val.shape[0], n_classes, "X_val")
     return y, teacher_logits, hint, hint_targets, y_val
 
 
@@ -847,8 +1051,10 @@ class _Run:
                 "fingerprint": self.fingerprint, "epoch": epoch, "batch": batch,
                 "step": self.step, "epochs": self.epochs, "rng_state": epoch_rng_state,
                 "accum": self.accum, "history": self.history,
-                "norm": [float(v) for v in self.model.norm], "backend": self.backend,
+                "norm": _norm_json(self.model.norm), "backend": self.backend,
                 "mask": self.mask is not None}
+        if self.regress:
+            meta["out_norm"] = _norm_json(self.model.out_norm)
         if self.schedule is not None:
             meta["prune"] = self.schedule.to_dict()
         if self.lr_set is not None:      # an on_epoch callback's rate (absent: the schedule)
@@ -886,7 +1092,7 @@ class _Run:
 
 
 def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, checkpoint,
-             resume, mask, on_epoch=None):
+             resume, mask, on_epoch=None, teacher_outputs=None):
     """Check every argument of fit, build the buffers, restore a checkpoint.
     ``rc`` is the run's resolved :class:`RunConfig` (already checked)."""
     if not isinstance(model, MLP):
@@ -895,14 +1101,15 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
         raise TypeError(f"model must be a pykd.MLP, got {type(model).__name__}{hint}")
     cfg, epochs, batch_size, backend = rc.step, rc.epochs, rc.batch_size, rc.backend
     seed, lr_decay, lr_schedule, prune = rc.shuffle_seed, rc.lr_decay, rc.schedule, rc.prune
-    if cfg.loss not in ("ce", "kd"):
-        raise ValueError(f"cfg.loss must be 'ce' or 'kd', got {cfg.loss!r}")
-    if rc.norm not in (None, "auto", "scalar"):
-        raise NotImplementedError(f"norm={rc.norm!r} needs regression training, which fit "
-                                  "does not do yet; classification uses the scalar norm")
+    if cfg.loss not in ("ce", "kd") + REGRESSION_LOSSES:
+        raise ValueError(f"cfg.loss must be 'ce', 'kd' or a regression loss "
+                         f"({', '.join(map(repr, REGRESSION_LOSSES))}), got {cfg.loss!r}")
+    regress = cfg.loss in REGRESSION_LOSSES
+    norm = "auto" if rc.norm is None else rc.norm
     sizes, acts = model.sizes, model.activations
     y, teacher_logits, hint, hint_targets, y_val = _check_fit_inputs(
-        model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val)
+        model, X, y, cfg, teacher_logits, hint_targets, X_val, y_val, teacher_outputs)
+    in_norm, out_norm = _run_norms(model, X, y, norm, regress)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     n = X.shape[0]
@@ -935,19 +1142,27 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
                S2=np.zeros_like(P), y=y, teacher_logits=teacher_logits, hint=hint,
                hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
                mask=cur_mask, schedule=schedule, fingerprint=fingerprint,
-               history={k: [] for k in _HISTORY_KEYS}, rng=np.random.default_rng(seed),
+               history={k: [] for k in _history_keys(regress)}, rng=np.random.default_rng(seed),
                step=0, start_epoch=0, start_batch=0, accum=_new_accum(), saved_epoch=None,
-               on_epoch=on_epoch, lr_set=None, stopped=False)
+               on_epoch=on_epoch, lr_set=None, stopped=False, regress=regress)
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"on_epoch must be callable, got {type(on_epoch).__name__}")
     if resume:
-        _restore(run, X, given_mask)
+        _restore(run, X, given_mask, in_norm, out_norm)
     else:
         if hasattr(on_epoch, "reset"):
             on_epoch.reset()
-        if model.norm is None:
-            model.set_norm(*_norm_stats(X))
+        model.norm = in_norm
+        if regress:
+            model.out_norm = out_norm
         run.prune_if_due()                # the schedule's step 0
+    if regress:
+        model.task = "regression"
+        # The step trains in normalised target units: one float32 copy of the
+        # targets (and of the teacher's outputs) per run, like X's.
+        run.y = _normalized(y, model.out_norm)
+        if teacher_logits is not None:
+            run.teacher_logits = _normalized(teacher_logits, model.out_norm)
     # In memory: one normalised copy of the training set (fastest). Memory-
     # mapped or uint8 data: each batch is read and normalised into the batch
     # buffer (_batch), so memory stays bounded; the same bits either way.
@@ -956,31 +1171,33 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
     rows = min(batch_size, n)             # a batch larger than the set is the whole set
     run.ws = _step.Workspace(sizes, rows, hint)
     run.xbuf = np.empty((rows, sizes[0]), _F32)
-    run.ybuf = np.empty(rows, np.int64)
+    run.ybuf = np.empty((rows, sizes[-1]), _F32) if regress else np.empty(rows, np.int64)
     run.tbuf = np.empty((rows, sizes[-1]), _F32) if teacher_logits is not None else None
     run.hbuf = np.empty((rows, hint[1]), _F32) if hint else None
     return run
 
 
-def _restore(run, X, given_mask):
+def _restore(run, X, given_mask, in_norm, out_norm):
     """Load and check ``run.checkpoint``, then continue from it."""
     checkpoint, model = run.checkpoint, run.model
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"no checkpoint at {checkpoint} to resume from")
     arrays, meta = load_checkpoint(checkpoint)
     _upgrade_meta(meta, run)
-    norm = model.norm if model.norm is not None else tuple(_F32(v) for v in _norm_stats(X))
     (run.step, run.start_epoch, run.start_batch, rng_state, run.history, run.accum,
-     norm) = _check_resume(checkpoint, arrays, meta, fingerprint=run.fingerprint,
-                           epochs=run.epochs, n=run.n, batch_size=run.batch_size, seed=run.seed,
-                           shape=run.P.shape, norm=norm, mask=given_mask,
-                           tracks_mask=run.mask is not None)
+     _) = _check_resume(checkpoint, arrays, meta, fingerprint=run.fingerprint,
+                        epochs=run.epochs, n=run.n, batch_size=run.batch_size, seed=run.seed,
+                        shape=run.P.shape, norm=_norm_json(in_norm), mask=given_mask,
+                        tracks_mask=run.mask is not None, out_norm=_norm_json(out_norm),
+                        regress=run.regress)
     run.P[...] = arrays["params"]
     run.S1[...] = arrays["state1"]
     run.S2[...] = arrays["state2"]
     if run.mask is not None:
         run.mask[...] = arrays["mask"]
-    model.set_norm(*norm)
+    model.norm = in_norm                  # equal to the checkpoint's (checked)
+    if run.regress:
+        model.out_norm = out_norm
     run.rng.bit_generator.state = rng_state
     run.saved_epoch = run.start_epoch
     _restore_epoch_control(run, checkpoint, arrays, meta)
@@ -1012,6 +1229,32 @@ def _restore_epoch_control(run, path, arrays, meta):
                               f"state ({e})") from None
 
 
+def _run_norms(model, X, y, mode, regress):
+    """The input and output normalisations of the run: the model's where it
+    has them, else computed from X and y (see ``norm`` in :func:`fit`)."""
+    have = model.norm
+    kind = None if have is None else ("per_feature" if np.ndim(have[0]) else "scalar")
+    if mode == "none":
+        if have is not None:
+            raise ValueError(f"norm='none' but the model already has a {kind} input "
+                             "normalisation; set model.norm = None first, or leave norm=None")
+        in_norm = None
+    elif have is not None:
+        if mode != "auto" and mode != kind:
+            raise ValueError(f"norm={mode!r} but the model already has a {kind} input "
+                             f"normalisation; set model.norm = None to recompute it, or leave "
+                             "norm=None")
+        in_norm = have
+    elif mode == "per_feature" or (mode == "auto" and regress):
+        in_norm = _column_stats(X)
+    else:
+        in_norm = tuple(_F32(v) for v in _norm_stats(X))
+    out_norm = None
+    if regress:
+        out_norm = model.out_norm if model.out_norm is not None else _column_stats(y)
+    return in_norm, out_norm
+
+
 def _upgrade_meta(meta, run):
     """A checkpoint of a pykd without learning-rate schedules has no
     ``lr_schedule`` in its fingerprint and no ``lr`` history: fill them in
@@ -1034,7 +1277,7 @@ def _batch(run, idx):
         xb = np.take(run.Xn, idx, axis=0, out=run.xbuf[:b], mode="clip")
     else:
         xb = run.model.normalize(take_rows(run.X, idx, run.xbuf), out=run.xbuf[:b])
-    yb = np.take(run.y, idx, out=run.ybuf[:b], mode="clip")
+    yb = np.take(run.y, idx, axis=0, out=run.ybuf[:b], mode="clip")
     tb = hb = None
     if run.tbuf is not None:
         tb = np.take(run.teacher_logits, idx, axis=0, out=run.tbuf[:b], mode="clip")
@@ -1100,9 +1343,10 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
             now = time.perf_counter()
             if now - t_post > 0.5:
                 t_post = now
-                bar.set_postfix({"loss": f"{accum['loss_sum'] / accum['seen']:.4f}",
-                                 "acc": f"{accum['correct'] / accum['seen']:.3f}"},
-                                refresh=False)
+                post = {"loss": f"{accum['loss_sum'] / accum['seen']:.4f}"}
+                if not run.regress:
+                    post["acc"] = f"{accum['correct'] / accum['seen']:.3f}"
+                bar.set_postfix(post, refresh=False)
         if callback is not None:
             callback({"epoch": epoch, "batch": bi + 1, "step": run.step, "loss": loss,
                       "lr": cfg.lr})
@@ -1144,28 +1388,51 @@ def _end_epoch(run, epoch, seconds, bar, progress, desc, lr):
     seen = max(accum["seen"], 1)
     history["epoch"].append(epoch + 1)
     history["loss"].append(accum["loss_sum"] / seen)
-    history["train_accuracy"].append(accum["correct"] / seen)
+    history["train_accuracy"].append(None if run.regress else accum["correct"] / seen)
     history["seconds"].append(seconds)
     history["samples_per_second"].append(accum["seen"] / seconds if seconds > 0 else None)
     history["sparsity"].append(run.sparsity())
     history["lr"].append(lr)
-    if run.X_val is not None:
+    rmse = r2 = None
+    if run.X_val is not None and run.regress:
+        out = _forward_rows(run.model, run.X_val, backend=run.backend)
+        acc = None
+        try:
+            met = regression_metrics(run.y_val, out)
+        except ValueError:            # NaN/inf outputs: no metric, the loss says nan
+            vloss = float("nan")
+        else:
+            rmse, r2 = met["rmse"], met["r2"]
+            vloss = target_loss(run.y_val, out, run.model.out_norm, run.cfg.loss,
+                                run.cfg.huber_delta)
+    elif run.X_val is not None:
         acc, vloss = _logits_stats(_forward_rows(run.model, run.X_val, backend=run.backend),
                                    run.y_val)
     else:
         acc = vloss = None
     history["test_accuracy"].append(acc)
     history["test_loss"].append(vloss)
+    if run.regress:
+        history["test_rmse"].append(rmse)
+        history["test_r2"].append(r2)
     if bar is not None:
-        post = {"loss": f"{history['loss'][-1]:.4f}",
-                "acc": f"{history['train_accuracy'][-1]:.3f}"}
+        post = {"loss": f"{history['loss'][-1]:.4f}"}
+        if not run.regress:
+            post["acc"] = f"{history['train_accuracy'][-1]:.3f}"
         if acc is not None:
             post["test_acc"] = f"{acc:.4f}"
+        if rmse is not None:
+            post["test_rmse"] = f"{rmse:.4g}"
         bar.set_postfix(post, refresh=True)
         bar.close()
     elif progress:
-        test = "" if acc is None else f", test accuracy {acc:.4f}"
+        if run.regress:
+            train = ""
+            test = "" if rmse is None else f", test rmse {rmse:.4g}, test r2 {r2:.4f}"
+        else:
+            train = f", train accuracy {history['train_accuracy'][-1]:.4f}"
+            test = "" if acc is None else f", test accuracy {acc:.4f}"
         sparse = "" if run.mask is None else f", sparsity {history['sparsity'][-1]:.3f}"
-        _log.info(f"{desc} epoch {epoch + 1}/{run.epochs}: loss {history['loss'][-1]:.4f}, "
-                  f"train accuracy {history['train_accuracy'][-1]:.4f}{test}{sparse} "
+        _log.info(f"{desc} epoch {epoch + 1}/{run.epochs}: loss {history['loss'][-1]:.4f}"
+                  f"{train}{test}{sparse} "
                   f"({seconds:.2f} s, {accum['seen'] / max(seconds, 1e-9):,.0f} samples/s)")

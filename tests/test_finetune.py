@@ -443,9 +443,11 @@ def test_bad_arguments_are_clear_errors(trained):
     with pytest.raises(TypeError, match="fine_tune must be a pykd.FineTune"):
         F.fine_tune(m, None)
     reg = pykd.Model([Dense(rand(np.random.default_rng(0), 12, 3), np.zeros(3, np.float32))],
-                     out_norm=(np.float32(1), np.float32(2)))
-    with pytest.raises(ValueError, match="output normalisation"):
+                     out_norm=(np.float32(1), np.float32(2)), metadata={"task": "regression"})
+    with pytest.raises(TypeError, match="FineTune.y holds integers .* regression loss"):
         F.fine_tune(reg, ft)
+    with pytest.raises(ValueError, match="FineTune.loss is for regression models"):
+        F.fine_tune(m, pykd.FineTune(X, y, loss="huber"))
 
 
 def test_a_diverging_run_is_a_clear_error(trained):

@@ -224,10 +224,16 @@ def test_to_mlp_densifies_and_dequantizes():
     assert_close(mlp.forward(X, backend="numpy"), float_only.forward(X, backend="numpy"))
     with pytest.raises(ValueError, match="gelu"):
         Model(chain(["dense"], ["gelu"], rng)).to_mlp()
-    with pytest.raises(ValueError, match="per-feature"):
-        Model(chain(["dense"], ["relu"], rng), norm=(np.zeros(13, F32), np.ones(13, F32))).to_mlp()
-    with pytest.raises(ValueError, match="output normalisation"):
-        Model(chain(["dense"], ["relu"], rng), out_norm=(0.0, 1.0)).to_mlp()
+    # Per-feature input and per-output normalisations and the task are carried.
+    norm = (rng.standard_normal(13).astype(F32), (1 + rng.random(13)).astype(F32))
+    out_norm = (rng.standard_normal(11).astype(F32), (1 + rng.random(11)).astype(F32))
+    reg = Model(chain(["dense"], ["relu"], rng), norm=norm, out_norm=out_norm,
+                metadata={"task": "regression"})
+    back = reg.to_mlp()
+    assert back.task == "regression" and np.array_equal(back.norm[0], norm[0])
+    assert np.array_equal(back.out_norm[1], out_norm[1])
+    assert np.array_equal(back.forward(X), reg.forward(X))
+    assert np.array_equal(back.predict(X), reg.forward(X))       # regression: the outputs
 
 
 def test_fit_rejects_a_model_with_a_hint():
@@ -271,7 +277,8 @@ def test_load_model_returns_mlp_or_model(tmp_path):
     }
     for name, model in cases.items():
         model.save(tmp_path / f"{name}.pykd")
-        assert type(load_model(tmp_path / f"{name}.pykd")) is Model, name
+        want = MLP if name in ("per_feature", "out_norm") else Model   # dense relu: trainable
+        assert type(load_model(tmp_path / f"{name}.pykd")) is want, name
     dense = Model(chain(["dense", "dense"], ["tanh", "identity"], rng), norm=(1.0, 3.0))
     dense.save(tmp_path / "dense.pykd")
     loaded = load_model(tmp_path / "dense.pykd")

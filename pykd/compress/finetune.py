@@ -22,8 +22,15 @@ The backward pass is NumPy/BLAS in float32. What is trained, per kind:
                     gradient of the dequantized product, passed to ``W``)
 ==================  ==========================================================
 
-The loss is Hinton KD from the teacher's logits (:func:`pykd.kd_loss`) or
-cross-entropy on labels (:func:`pykd.cross_entropy`), the optimizer Adam
+The loss is the model's task's: for a classifier Hinton KD from the
+teacher's logits (:func:`pykd.kd_loss`) or cross-entropy on labels
+(:func:`pykd.cross_entropy`); for a regression model MSE or Huber
+(``FineTune.loss``) on the normalised targets ``(y - mean) / std`` of the
+model's ``out_norm``, plus the same loss against the normalised teacher
+outputs when distilling (:func:`pykd._step.regression_loss`, the NumPy
+twin of the training step's loss; the trainer's last layer output is in
+normalised units, the output normalisation is undone only by the saved
+model's ``forward``). The optimizer is Adam
 (:func:`pykd.adam_step`, one call per step on one flat buffer of every
 trained parameter), the shuffling ``np.random.default_rng(seed).permutation``
 per epoch as in :func:`pykd.fit`.
@@ -35,7 +42,7 @@ import time
 
 import numpy as np
 
-from .. import _codes, kernels
+from .. import _codes, _step, kernels
 from .._validate import plural as _plural
 from ..layers import Codebook, Dense, DenseInt8, LowRank, SparseCodebook, SparseCSR
 from .spec import FineTune
@@ -391,13 +398,12 @@ def check_trainable(model, what="fine_tune"):
         if layer.kind not in TRAINABLE_KINDS:
             raise ValueError(f"{what}: layer {k} is {layer.kind}, which cannot be fine-tuned "
                              f"(trainable kinds: {', '.join(TRAINABLE_KINDS)})")
-    if model.out_norm is not None:
-        raise ValueError(f"{what}: the model has an output normalisation; fine-tuning trains "
-                         "classifiers (logits)")
 
 
 def _check_spec(model, ft):
-    from ..train import _as_labels, _check_finite
+    """(y, y_val): int64 labels of a classifier, or (n, n_out) float target
+    views of a regression model (``model.task``)."""
+    from ..train import _as_labels, _as_targets, _check_finite
     if not isinstance(ft, FineTune):
         raise TypeError(f"fine_tune must be a pykd.FineTune or None, got {type(ft).__name__}")
     n, nf = ft.X.shape
@@ -407,24 +413,44 @@ def _check_spec(model, ft):
     if n == 0:
         raise ValueError("FineTune.X is empty")
     _check_finite("FineTune.X", ft.X)
-    y = _as_labels("FineTune.y", ft.y, n, model.n_outputs, "FineTune.X")
+    regress = model.task == "regression"
+    if regress:
+        loss = ft.regression_loss()
+        y = _as_targets("FineTune.y", ft.y, n, model.n_outputs, loss, "FineTune.X")
+        if ft.teacher_logits is not None:
+            raise ValueError("FineTune.teacher_logits given for a regression model: its "
+                             "teacher's outputs go in FineTune.teacher_outputs")
+    else:
+        if ft.loss is not None or ft.teacher_outputs is not None:
+            what = "loss" if ft.loss is not None else "teacher_outputs"
+            raise ValueError(f"FineTune.{what} is for regression models; this model's task is "
+                             "classification (cross-entropy, or KD from teacher or "
+                             "teacher_logits)")
+        y = _as_labels("FineTune.y", ft.y, n, model.n_outputs, "FineTune.X")
     yv = None
     if ft.X_val is not None:
         if not isinstance(ft.X_val, np.ndarray) or ft.X_val.ndim != 2 \
                 or ft.X_val.shape[1] != model.n_features:
             raise ValueError(f"FineTune.X_val must have shape (n, {model.n_features})")
         _check_finite("FineTune.X_val", ft.X_val)
-        yv = _as_labels("FineTune.y_val", ft.y_val, ft.X_val.shape[0], model.n_outputs,
-                        "FineTune.X_val")
+        if regress:
+            yv = _as_targets("FineTune.y_val", ft.y_val, ft.X_val.shape[0], model.n_outputs,
+                             loss, "FineTune.X_val")
+        else:
+            yv = _as_labels("FineTune.y_val", ft.y_val, ft.X_val.shape[0], model.n_outputs,
+                            "FineTune.X_val")
     return y, yv
 
 
-def _spec_summary(ft, n):
-    return {"loss": "kd" if ft.distills else "ce", "epochs": ft.epochs, "lr": ft.lr,
+def _spec_summary(ft, n, regress=False):
+    loss = ft.regression_loss() if regress else ("kd" if ft.distills else "ce")
+    extra = {"huber_delta": ft.huber_delta} if "huber" in loss else {}
+    return {"loss": loss, **extra, "epochs": ft.epochs, "lr": ft.lr,
             "batch_size": ft.batch_size, "temperature": ft.temperature, "alpha": ft.alpha,
             "seed": ft.seed, "lr_decay": ft.lr_decay, "n_train": n,
             "teacher": ("model" if ft.teacher is not None
-                        else "logits" if ft.teacher_logits is not None else None)}
+                        else "logits" if ft.teacher_logits is not None
+                        else "outputs" if ft.teacher_outputs is not None else None)}
 
 
 # ------------------------------------------------------------ the loop
@@ -439,8 +465,19 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats):
-    """One epoch of steps over the rows ``perm``; ``it`` steps done before."""
+def _batch_loss(ft, logits, yb, tb, regress):
+    """(loss, d loss / d logits) of one batch: the task's loss."""
+    if regress:
+        return _step.regression_loss(logits, yb, ft.regression_loss(tb is not None),
+                                     ft.huber_delta, ft.alpha, tb)
+    if tb is None:
+        return kernels.cross_entropy(logits, yb)
+    return kernels.kd_loss(logits, tb, yb, ft.temperature, ft.alpha)
+
+
+def _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats, regress=False):
+    """One epoch of steps over the rows ``perm``; ``it`` steps done before.
+    For regression ``y`` and ``teacher`` are the normalised float32 copies."""
     bs = ft.batch_size
     for bi in range(-(-perm.size // bs)):
         idx = perm[bi * bs:(bi + 1) * bs]
@@ -453,11 +490,8 @@ def _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats):
             raise NonFiniteLossError(f"fine-tuning: the logits became NaN or inf at step "
                                      f"{it + 1} (batch {bi + 1} of the epoch); try a lower "
                                      f"learning rate (lr={lr:g})")
-        if teacher is None:
-            loss, dlog = kernels.cross_entropy(logits, yb)
-        else:
-            loss, dlog = kernels.kd_loss(logits, np.ascontiguousarray(teacher[idx]), yb,
-                                         ft.temperature, ft.alpha)
+        tb = None if teacher is None else np.ascontiguousarray(teacher[idx])
+        loss, dlog = _batch_loss(ft, logits, yb, tb, regress)
         if not np.isfinite(loss):
             from ..train import NonFiniteLossError
             raise NonFiniteLossError(f"fine-tuning: the loss became NaN or inf at step "
@@ -468,20 +502,30 @@ def _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats):
         kernels.adam_step(net.P, net.G, net.M1, net.M2, it, lr, mask=net.mask, **_ADAM)
         net.sync()
         stats["loss_sum"] += float(loss) * idx.size
-        stats["correct"] += int((logits.argmax(axis=1) == yb).sum())
+        if not regress:
+            stats["correct"] += int((logits.argmax(axis=1) == yb).sum())
         if bar is not None:
             bar.update(idx.size)
 
 
 def _run(net, ft, y, y_val=None, teacher=None):
-    """The epochs of ``ft`` on ``net``; returns the history."""
-    from ..train import _logits_stats, _progress_bar
+    """The epochs of ``ft`` on ``net``; returns the history. For a regression
+    model ``y`` and ``teacher`` are in physical units (normalised here,
+    once) and the history has ``test_rmse``/``test_r2`` too."""
+    from ..metrics import regression_metrics, target_loss
+    from ..train import _logits_stats, _normalized, _progress_bar
     X = ft.X
     n = X.shape[0]
     rng = np.random.default_rng(ft.seed)
     n_batches = -(-n // ft.batch_size)
-    history = {k: [] for k in ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss",
-                               "seconds", "samples_per_second")}
+    regress = net.model.task == "regression"
+    keys = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_loss", "seconds",
+            "samples_per_second") + (("test_rmse", "test_r2") if regress else ())
+    history = {k: [] for k in keys}
+    if regress:
+        y = _normalized(y, net.model.out_norm)
+        if teacher is not None:
+            teacher = _normalized(teacher, net.model.out_norm)
     it = 0
     for epoch in range(ft.epochs):
         perm = rng.permutation(n)
@@ -490,27 +534,39 @@ def _run(net, ft, y, y_val=None, teacher=None):
         bar = _progress_bar(ft.progress, total=n, desc=f"fine-tune epoch {epoch + 1}/{ft.epochs}")
         t0 = time.perf_counter()
         with _one_blas_thread():
-            _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats)
+            _epoch(net, X, y, teacher, ft, perm, lr, it, bar, stats, regress)
         it += n_batches
         seconds = time.perf_counter() - t0
         if bar is not None:
             bar.close()
         history["epoch"].append(epoch + 1)
         history["loss"].append(stats["loss_sum"] / n)
-        history["train_accuracy"].append(stats["correct"] / n)
+        history["train_accuracy"].append(None if regress else stats["correct"] / n)
         history["seconds"].append(seconds)
         history["samples_per_second"].append(n / seconds if seconds > 0 else None)
-        if ft.X_val is not None:
+        acc = vloss = rmse = r2 = None
+        if ft.X_val is not None and regress:
+            out = net.model.forward(ft.X_val)
+            met = regression_metrics(y_val, out)
+            rmse, r2 = met["rmse"], met["r2"]
+            vloss = target_loss(y_val, out, net.model.out_norm, ft.loss or "mse",
+                                ft.huber_delta)
+        elif ft.X_val is not None:
             acc, vloss = _logits_stats(net.model.forward(ft.X_val), y_val)
-        else:
-            acc = vloss = None
         history["test_accuracy"].append(acc)
         history["test_loss"].append(vloss)
+        if regress:
+            history["test_rmse"].append(rmse)
+            history["test_r2"].append(r2)
         if ft.progress and bar is None:
-            test = "" if acc is None else f", test accuracy {acc:.4f}"
+            if regress:
+                train = ""
+                test = "" if rmse is None else f", test rmse {rmse:.4g}, test r2 {r2:.4f}"
+            else:
+                train = f", train accuracy {history['train_accuracy'][-1]:.4f}"
+                test = "" if acc is None else f", test accuracy {acc:.4f}"
             _log.info(f"fine-tune epoch {epoch + 1}/{ft.epochs}: loss "
-                      f"{history['loss'][-1]:.4f}, train accuracy "
-                      f"{history['train_accuracy'][-1]:.4f}{test} ({seconds:.2f} s)")
+                      f"{history['loss'][-1]:.4f}{train}{test} ({seconds:.2f} s)")
     return history
 
 
@@ -536,7 +592,12 @@ def train(model, ft, *, shadow=None, merge=False):
     X = ft.X
     n = X.shape[0]
     teacher = ft.logits()
-    if teacher is not None and teacher.shape != (n, model.n_outputs):
+    regress = model.task == "regression"
+    if regress and teacher is not None:
+        from ..train import _as_targets
+        teacher = _as_targets("the teacher's outputs (FineTune.teacher or teacher_outputs)",
+                              teacher, n, model.n_outputs, ft.regression_loss(), "FineTune.X")
+    elif teacher is not None and teacher.shape != (n, model.n_outputs):
         raise ValueError(f"the teacher gives logits of shape {teacher.shape}, expected "
                          f"{(n, model.n_outputs)}")
     net = _Net(model, shadow)
@@ -544,7 +605,7 @@ def train(model, ft, *, shadow=None, merge=False):
     out = net.model
     meta = dict(out.metadata)
     comp = list(meta.get("compression", []))
-    summary = _spec_summary(ft, n)
+    summary = _spec_summary(ft, n, regress)
     if merge and comp:
         comp[-1] = {**comp[-1], "fine_tune": summary, "history": history}
     else:

@@ -291,7 +291,7 @@ def prune(model, sparsity, *, scope="global", structured=False, schedule="onesho
         step["prune_schedule"] = sched.to_dict()
 
     if fine_tune is not None:
-        step["fine_tune"] = _ft_record(fine_tune)
+        step["fine_tune"] = _ft_record(fine_tune, mlp.task == "regression")
         step["history"] = _fine_tune(mlp, fine_tune, mask=mask, prune=sched, backend=backend)
     n_w = sum(W.size for W, _ in mlp.layers)
     step["achieved_sparsity"] = 1.0 - mlp.nonzeros / n_w if n_w else 0.0
@@ -301,16 +301,48 @@ def prune(model, sparsity, *, scope="global", structured=False, schedule="onesho
     return mlp
 
 
-def _ft_record(ft):
+def _ft_record(ft, regress=False):
+    if regress:
+        loss = ft.regression_loss()
+        extra = {"huber_delta": ft.huber_delta} if "huber" in loss else {}
+        if ft.distills:
+            extra["alpha"] = ft.alpha
+        return {"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
+                "lr_decay": ft.lr_decay, "loss": loss, **extra}
     return {"epochs": ft.epochs, "lr": ft.lr, "batch_size": ft.batch_size, "seed": ft.seed,
             "lr_decay": ft.lr_decay, "loss": "kd" if ft.distills else "ce",
             **({"temperature": ft.temperature, "alpha": ft.alpha} if ft.distills else {})}
 
 
+def _regression_config(ft):
+    """fit's TrainConfig for a regression model's FineTune: MSE or Huber in
+    normalised target units, distilled from the teacher's outputs if any."""
+    from ..train import TrainConfig
+    loss = ft.regression_loss()
+    kw = {"huber_delta": ft.huber_delta} if "huber" in loss else {}
+    if loss.endswith("_kd"):
+        kw["alpha"] = ft.alpha
+    return TrainConfig(loss=loss, lr=ft.lr, seed=ft.seed, **kw)
+
+
 def _fine_tune(mlp, ft, *, mask=None, prune=None, backend="fortran"):
     """``fit`` with the FineTune's settings (KD with a teacher or its logits,
-    CE otherwise); returns fit's history."""
+    CE otherwise; for a regression model MSE/Huber, distilled from the
+    teacher's outputs if any); returns fit's history."""
     from ..train import TrainConfig, fit
+    if mlp.task == "regression":
+        if ft.teacher_logits is not None:
+            raise ValueError("FineTune.teacher_logits given for a regression model: its "
+                             "teacher's outputs go in FineTune.teacher_outputs")
+        return fit(mlp, ft.X, ft.y, cfg=_regression_config(ft), epochs=ft.epochs,
+                   batch_size=ft.batch_size, teacher_outputs=ft.logits(backend=backend),
+                   X_val=ft.X_val, y_val=ft.y_val, progress=ft.progress, backend=backend,
+                   seed=ft.seed, mask=mask, prune=prune, lr_decay=ft.lr_decay,
+                   desc="fine-tune")
+    if ft.loss is not None or ft.teacher_outputs is not None:
+        what = "loss" if ft.loss is not None else "teacher_outputs"
+        raise ValueError(f"FineTune.{what} is for regression models; this model's task is "
+                         "classification")
     logits = ft.logits(backend=backend)
     kd = logits is not None
     cfg = TrainConfig(loss="kd" if kd else "ce", lr=ft.lr, seed=ft.seed,
@@ -346,8 +378,8 @@ def _structured(mlp, sparsity):
         Ws[l + 1] = np.ascontiguousarray(Ws[l + 1][keep, :])
         kept_all.append(keep.tolist())
     sizes = [mlp.sizes[0]] + [W.shape[1] for W in Ws]
-    out = MLP(sizes, mlp.activations, seed=None, norm=mlp.norm, metadata=mlp.metadata,
-              backend=mlp.backend)
+    out = MLP(sizes, mlp.activations, seed=None, norm=mlp.norm, out_norm=mlp.out_norm,
+              metadata=mlp.metadata, backend=mlp.backend)
     for (W, b), W0, b0 in zip(out.layers, Ws, bs):
         W[...] = W0
         b[...] = b0
