@@ -18,7 +18,7 @@ def _as_2d(name, a, shape=None):
                else type(a).__name__)
         raise TypeError(f"{name} must be a numeric numpy array of shape (n,) or (n, n_outputs), "
                         f"got {got}")
-    a2 = a.reshape(a.shape[0], -1) if a.ndim == 2 else a.reshape(-1, 1)
+    a2 = a if a.ndim == 2 else a.reshape(-1, 1)
     if shape is not None and a2.shape != shape:
         raise ValueError(f"{name} has shape {a.shape} but y_true has {shape} (as (n, outputs))")
     if a2.shape[0] == 0:

@@ -297,3 +297,72 @@ def test_bad_files_are_refused_by_both_readers(tmp_path, what):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert phrase in proc.stderr and str(bad) in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------ regression models (issue 14)
+
+REG_SIZES = (7, 12, 10, 8, 3)
+
+
+def regression_model(kind, seed):
+    """A regression model of one kind: per-feature input normalisation from
+    physical-unit inputs, per-output normalisation of three outputs on very
+    different scales, sigmoid, gelu and silu hidden layers, identity output."""
+    rng = np.random.default_rng(seed)
+    acts = ["sigmoid", "gelu", "silu", "identity"]
+    layers = [make_layer(kind, n_in, n_out, act, rng)
+              for n_in, n_out, act in zip(REG_SIZES[:-1], REG_SIZES[1:], acts)]
+    scale = np.array([1, 100, 0.01, 5, 1, 30, 2], F32)
+    offset = np.array([0, 500, -1, 10, 3, -40, 0], F32)
+    out_norm = (np.array([300, -5, 0.02], F32), np.array([40, 2, 0.003], F32))
+    model = Model(layers, norm=(offset, scale), out_norm=out_norm,
+                  metadata={"task": "regression"})
+    X = (rng.standard_normal((N, REG_SIZES[0])) * scale + offset).astype(F32)
+    return model, X
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_regression_model_outputs_match_per_output(tmp_path, kind):
+    """Fortran's pykd_predict gives a regression model's physical outputs
+    equal to Python's to 1e-5 of each output's largest magnitude (in fact
+    the same bits), for every kind, and both match the float64 reference."""
+    model, X = regression_model(kind, 50 + KINDS.index(kind))
+    path = tmp_path / f"reg-{kind}.pykd"
+    model.save(path)
+    got, _ = run_fortran(tmp_path, path, X)
+    py = model.predict(X)                        # regression: the outputs, physical units
+    assert got.shape == py.shape == (N, 3)
+    for j in range(3):
+        big = np.abs(py[:, j]).max()
+        assert np.abs(got[:, j] - py[:, j]).max() <= 1e-5 * big, (kind, j)
+    assert same_bits(got, py)
+    exact = reference(model, X)
+    for j in range(3):
+        big = np.abs(exact[:, j]).max()
+        np.testing.assert_allclose(got[:, j], exact[:, j], rtol=0, atol=1e-4 * big)
+    back = read_model(path)
+    assert back["metadata"]["task"] == "regression"
+
+
+def test_trained_regression_mlp_and_its_compressions_match(tmp_path):
+    """A regression MLP trained by fit (its norms computed by fit) and its
+    compressed forms give Fortran outputs equal to Python's."""
+    import pykd
+    rng = np.random.default_rng(60)
+    X = (rng.standard_normal((400, 5)) * [1, 10, 0.1, 3, 1] + [0, 50, -2, 1, 7]).astype(F32)
+    Y = np.stack([np.sin(X[:, 0]) * 20 + 100, X[:, 1] * X[:, 2], 1e-3 * X[:, 3]], 1)
+    mlp = pykd.MLP([5, 16, 12, 3], ["tanh", "relu", "identity"], seed=0)
+    pykd.fit(mlp, X, Y, cfg=pykd.TrainConfig(loss="mse", lr=3e-3), epochs=2, progress=False)
+    models = {"dense": mlp, "int8": pykd.quantize_model(mlp),
+              "int8 static": pykd.quantize_model(mlp, "static", X[:100]),
+              "low_rank": pykd.low_rank(mlp, rank=4), "codebook": pykd.cluster(mlp, 4),
+              "sparse": pykd.sparsify(pykd.prune(mlp, 0.6)),
+              "sparse_codebook": pykd.cluster(pykd.sparsify(pykd.prune(mlp, 0.6)), 2)}
+    for name, m in models.items():
+        path = tmp_path / "m.pykd"
+        m.save(path)
+        got, _ = run_fortran(tmp_path, path, X)
+        py = m.predict(X)
+        assert pykd.load_model(path).task == "regression", name
+        for j in range(3):
+            assert np.abs(got[:, j] - py[:, j]).max() <= 1e-5 * np.abs(py[:, j]).max(), (name, j)
