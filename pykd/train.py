@@ -1105,6 +1105,10 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
         raise ValueError(f"cfg.loss must be 'ce', 'kd' or a regression loss "
                          f"({', '.join(map(repr, REGRESSION_LOSSES))}), got {cfg.loss!r}")
     regress = cfg.loss in REGRESSION_LOSSES
+    if not regress and model.task == "regression":
+        raise ValueError(f"the model's task is regression (model.task) but cfg.loss is "
+                         f"{cfg.loss!r}, a classification loss; train it with 'mse', 'huber', "
+                         "'mse_kd' or 'huber_kd'")
     norm = "auto" if rc.norm is None else rc.norm
     sizes, acts = model.sizes, model.activations
     y, teacher_logits, hint, hint_targets, y_val = _check_fit_inputs(

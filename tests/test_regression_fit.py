@@ -11,7 +11,7 @@ import pytest
 import pykd
 from pykd import MLP, TrainConfig, evaluate, fit, load_model
 from pykd import _step
-from pykd.train import CheckpointError, TrainingInterrupted, load_checkpoint
+from pykd.train import CheckpointError, TrainingInterrupted, hint_targets_from, load_checkpoint
 
 F32 = np.float32
 SIZES = [5, 16, 3]
@@ -92,6 +92,23 @@ def test_fit_is_the_step_on_normalised_data(data, loss):
     np.testing.assert_allclose(b.params, a.params, rtol=1e-3, atol=2e-5)
     assert hb["loss"][0] == pytest.approx(ha["loss"][0], rel=1e-4)
     assert hb["train_accuracy"] == [None, None] and hb["test_accuracy"] == [None, None]
+
+
+def test_hint_term_with_a_regression_loss(data):
+    """The hint term adds to a regression loss as to CE: both backends
+    agree, and the hint changes the run."""
+    X, Y = data
+    teacher = MLP([5, 24, 3], seed=4)
+    hints = hint_targets_from(teacher, X, 1)
+    cfg = TrainConfig(loss="mse_kd", alpha=0.5, hint_layer=1, hint_weight=0.5)
+    T = Y * 0.9
+    a, ha = _fit(X, Y, cfg=cfg, teacher_outputs=T, hint_targets=hints, backend="numpy")
+    b, hb = _fit(X, Y, cfg=cfg, teacher_outputs=T, hint_targets=hints, backend="fortran")
+    np.testing.assert_allclose(b.params, a.params, rtol=1e-3, atol=2e-5)
+    assert hb["loss"][-1] == pytest.approx(ha["loss"][-1], rel=1e-4)
+    c, hc = _fit(X, Y, cfg=TrainConfig(loss="mse_kd", alpha=0.5), teacher_outputs=T)
+    assert hc["loss"][-1] < hb["loss"][-1]          # the hint term adds to the loss
+    assert a.parameters == c.parameters             # the regressor is not the model's
 
 
 def test_float32_and_float64_and_1d_targets(data):
@@ -297,3 +314,6 @@ def test_bad_inputs_have_clear_messages(data):
     with pytest.raises(ValueError, match=r"y_val has 2 columns"):
         fit(m, X, Y, cfg=mse, X_val=X[:5], y_val=Y[:5, :2], progress=False)
     assert m.norm is None and m.out_norm is None          # nothing was set by failed calls
+    r, _ = _fit(X, Y, epochs=1)
+    with pytest.raises(ValueError, match="the model's task is regression .* cfg.loss is 'ce'"):
+        fit(r, X, (Y[:, 0] > 0).astype(np.int64), progress=False)
