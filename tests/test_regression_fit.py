@@ -138,14 +138,15 @@ def test_fit_learns_sin():
     assert np.sqrt(np.mean((pred[:, 0] - np.sin(Xt[:, 0].astype(np.float64)))**2)) < 0.1
 
 
-def test_history_and_validation_metrics(data, capsys):
+def test_history_and_validation_metrics(data, caplog):
     X, Y = data
     Xv, Yv = make_data(100, seed=5)
     m = MLP(SIZES, seed=0)
     cfg = TrainConfig(loss="huber", huber_delta=0.7)
-    h = fit(m, X, Y, cfg=cfg, epochs=2, batch_size=32, X_val=Xv, y_val=Yv, progress=True)
-    line = capsys.readouterr().err
-    assert "test rmse" in line and "accuracy" not in line
+    with caplog.at_level("INFO", logger="pykd.train"):
+        h = fit(m, X, Y, cfg=cfg, epochs=2, batch_size=32, X_val=Xv, y_val=Yv, progress=True)
+    line = caplog.records[-1].getMessage()
+    assert "test rmse" in line and "test r2" in line and "accuracy" not in line
     assert set(h) >= {"test_rmse", "test_r2", "test_loss"}
     out = m.forward(Xv).astype(np.float64)
     rmse = np.sqrt(((out - Yv)**2).mean(0)).mean()
@@ -317,3 +318,16 @@ def test_bad_inputs_have_clear_messages(data):
     r, _ = _fit(X, Y, epochs=1)
     with pytest.raises(ValueError, match="the model's task is regression .* cfg.loss is 'ce'"):
         fit(r, X, (Y[:, 0] > 0).astype(np.int64), progress=False)
+
+
+def test_early_stopping_on_regression_metrics(data):
+    X, Y = data
+    assert pykd.EarlyStopping("test_r2").mode == "max"
+    assert pykd.EarlyStopping("test_rmse").mode == "min"
+    stop = pykd.EarlyStopping("test_rmse", patience=1, restore_best=False)
+    m = MLP(SIZES, seed=0)
+    h = fit(m, X, Y, cfg=TrainConfig(loss="mse", lr=0.3), epochs=6, batch_size=32,
+            X_val=X[:100], y_val=Y[:100], progress=False, on_epoch=stop)
+    rm = h["test_rmse"]
+    assert all(rm[i] < rm[i - 1] for i in range(1, len(rm) - 1))     # it stopped at the rise
+    assert len(rm) == 6 or rm[-1] >= rm[-2]
