@@ -497,7 +497,8 @@ def _check_norm_json(bad, name, got, n):
         return
     ok = isinstance(got, list) and len(got) == 2
     if ok and all(isinstance(v, list) for v in got):
-        ok = n is not None and all(len(v) == n and all(_is_num(x) for x in v) for v in got)
+        ok = len(got[0]) == len(got[1]) and (n is None or len(got[0]) == n) and all(
+            _is_num(x) for v in got for x in v)
     elif ok:
         ok = all(_is_num(v) for v in got)
     if not ok:

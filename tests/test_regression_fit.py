@@ -271,6 +271,14 @@ def test_ctrl_c_then_resume_is_identical(tmp_path, data, interrupt_at):
         assert h1[k] == h2[k], k
     for a, b in zip(straight.norm + straight.out_norm, resumed.norm + resumed.out_norm):
         assert np.array_equal(a, b)
+    # a checkpoint whose per-feature norm was cut short is refused by name
+    arrays, meta = load_checkpoint(ckpt)
+    bad = dict(meta, norm=[meta["norm"][0][:4], meta["norm"][1][:4]])
+    from pykd.train import _save_checkpoint
+    _save_checkpoint(tmp_path / "bad.npz", arrays["params"], arrays["state1"], arrays["state2"],
+                     bad)
+    with pytest.raises(CheckpointError, match=r"norm must be \[mean, std\].* of 5 values"):
+        fit(MLP(SIZES, seed=0), X, Y, checkpoint=tmp_path / "bad.npz", resume=True, **kw)
     # other targets: another out_norm, refused by name
     with pytest.raises(CheckpointError, match="out_norm"):
         fit(MLP(SIZES, seed=0), X, Y * 2, checkpoint=ckpt, resume=True,
@@ -331,3 +339,18 @@ def test_early_stopping_on_regression_metrics(data):
     rm = h["test_rmse"]
     assert all(rm[i] < rm[i - 1] for i in range(1, len(rm) - 1))     # it stopped at the rise
     assert len(rm) == 6 or rm[-1] >= rm[-2]
+
+
+def test_targets_are_views_and_threads_share_a_regression_model(data):
+    from concurrent.futures import ThreadPoolExecutor
+    from pykd.train import _as_targets
+    X, Y = data
+    y1 = Y[:, 1]                                   # strided, 1-D
+    v = _as_targets("y", y1, 400, 1, "mse")
+    assert v.shape == (400, 1) and np.shares_memory(v, Y)
+    assert _as_targets("y", Y, 400, 3, "mse") is Y
+    m, _ = _fit(X, Y, epochs=1)
+    want = m.forward(X[:64])
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: m.predict(X[:64]), range(16)))
+    assert all(np.array_equal(o, want) for o in outs)
