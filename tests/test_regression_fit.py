@@ -354,3 +354,12 @@ def test_targets_are_views_and_threads_share_a_regression_model(data):
     with ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda _: m.predict(X[:64]), range(16)))
     assert all(np.array_equal(o, want) for o in outs)
+
+
+def test_a_file_with_an_unknown_task_is_refused(tmp_path):
+    from pykd.modelfile import ModelFormatError, write_model
+    W, b = np.ones((2, 1), F32), np.zeros(1, F32)
+    write_model(tmp_path / "t.pykd", [{"kind": "dense", "W": W, "b": b, "activation": "identity"}],
+                metadata={"task": "ranking"})
+    with pytest.raises(ModelFormatError, match=r"t.pykd: metadata 'task' must be one of"):
+        load_model(tmp_path / "t.pykd")
