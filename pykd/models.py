@@ -809,8 +809,9 @@ def load_model(path, *, backend="fortran"):
     activation training can differentiate (identity, relu, tanh), with its
     normalisations (none, scalar or per-feature; so :func:`pykd.fit` on a
     loaded model keeps working); a :class:`Model` otherwise. Both carry
-    the metadata, so ``task`` (absent: classification). Both have ``forward``, ``predict``, ``save``,
-    ``parameters``, ``n_features`` and ``n_outputs``.
+    the metadata, so ``task`` (absent: classification), and have
+    ``forward``, ``predict``, ``save``, ``parameters``, ``n_features`` and
+    ``n_outputs``.
 
     Raises
     ------

@@ -4,11 +4,11 @@ and teacher outputs with MSE/Huber (gradients against float64 finite
 differences), and pruning fine-tunes through fit."""
 import numpy as np
 import pytest
+from test_finetune import F64, make_layer, num_grad, rand
 
 import pykd
 from pykd.compress import finetune as F
 from pykd.layers import Codebook, SparseCodebook, SparseCSR
-from test_finetune import F64, make_layer, num_grad, rand
 
 F32 = np.float32
 
@@ -36,14 +36,17 @@ def _nmse(model, X, Y):
     return float((r * r).mean())
 
 
+def _tuned(model, ft):
+    return model if ft is None else F.fine_tune(model, ft)
+
+
 CONVERSIONS = {     # (model, FineTune or None, calibration rows) -> converted model
     "int8 dynamic": lambda m, ft, X: pykd.quantize_model(m, qat=ft is not None, fine_tune=ft),
     "int8 static": lambda m, ft, X: pykd.quantize_model(m, "static", X[:100],
                                                         qat=ft is not None, fine_tune=ft),
     "low_rank": lambda m, ft, X: pykd.low_rank(m, rank=3, fine_tune=ft),
     "codebook": lambda m, ft, X: pykd.cluster(m, 2, fine_tune=ft),
-    "sparse_csr": lambda m, ft, X: (lambda s: s if ft is None else F.fine_tune(s, ft))(
-        pykd.sparsify(pykd.prune(m, 0.7, scope="layer"))),
+    "sparse_csr": lambda m, ft, X: _tuned(pykd.sparsify(pykd.prune(m, 0.7, scope="layer")), ft),
     "sparse_codebook": lambda m, ft, X: pykd.cluster(
         pykd.sparsify(pykd.prune(m, 0.7, scope="layer")), 2, fine_tune=ft),
 }
@@ -91,8 +94,7 @@ def test_fine_tuning_distils_teacher_outputs_with_huber(trained):
     rec = a.metadata["compression"][-1]["fine_tune"]
     assert rec["loss"] == "huber_kd" and rec["huber_delta"] == 0.5 and rec["teacher"] == "model"
     t = teacher.forward(X).astype(F64)
-    gap = lambda mod: np.abs(mod.forward(X) - t).mean()        # noqa: E731
-    assert gap(a) < gap(base)
+    assert np.abs(a.forward(X) - t).mean() < np.abs(base.forward(X) - t).mean()
     with pytest.raises(ValueError, match="teacher_logits given for a regression model"):
         F.fine_tune(base, pykd.FineTune(X, Y, teacher_logits=teacher.forward(X)))
     with pytest.raises(ValueError, match="huber_delta=0.5 has no effect without loss='huber'"):

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 import pykd
-from pykd import MLP, TrainConfig, evaluate, fit, load_model
-from pykd import _step
-from pykd.train import CheckpointError, TrainingInterrupted, hint_targets_from, load_checkpoint
+from pykd import MLP, TrainConfig, _step, evaluate, fit, load_model
+from pykd.train import (
+    CheckpointError,
+    TrainingInterrupted,
+    hint_targets_from,
+    load_checkpoint,
+)
 
 F32 = np.float32
 SIZES = [5, 16, 3]
@@ -250,8 +254,8 @@ def test_ctrl_c_then_resume_is_identical(tmp_path, data, interrupt_at):
     X, Y = data
     T = Y * 1.1
     cfg = TrainConfig(loss="huber_kd", alpha=0.4, huber_delta=0.5, dropout=0.1)
-    kw = dict(cfg=cfg, epochs=2, batch_size=32, progress=False, teacher_outputs=T, X_val=X[:50],
-              y_val=Y[:50])
+    kw = {"cfg": cfg, "epochs": 2, "batch_size": 32, "progress": False, "teacher_outputs": T,
+          "X_val": X[:50], "y_val": Y[:50]}
     straight = MLP(SIZES, seed=0)
     h1 = fit(straight, X, Y, **kw)
     ckpt = tmp_path / "r.npz"
@@ -343,6 +347,7 @@ def test_early_stopping_on_regression_metrics(data):
 
 def test_targets_are_views_and_threads_share_a_regression_model(data):
     from concurrent.futures import ThreadPoolExecutor
+
     from pykd.train import _as_targets
     X, Y = data
     y1 = Y[:, 1]                                   # strided, 1-D
