@@ -1,4 +1,6 @@
-"""Datasets: IDX (MNIST-format) readers and a loader for Fashion-MNIST.
+"""Datasets: IDX (MNIST-format) and CSV readers, .npz archives, and a
+loader for Fashion-MNIST; classification (integer labels) or regression
+(float targets, any number of outputs).
 
 Only NumPy and the standard library are used, so this module can be imported
 without the compiled Fortran extension.
@@ -8,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import math
 import os
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -19,8 +23,11 @@ import numpy as np
 from . import io as _io
 from ._validate import plural
 
-__all__ = ["DEFAULT_DATA_DIR", "Dataset", "DatasetError", "ScaledImages", "load_dataset",
-           "read_idx", "take_rows"]
+__all__ = ["DEFAULT_DATA_DIR", "TASKS", "Dataset", "DatasetError", "IntegerTargetsWarning",
+           "ScaledImages", "load_dataset", "read_csv", "read_idx", "take_rows"]
+
+#: The tasks a dataset can be: integer class labels, or float targets.
+TASKS = ("classification", "regression")
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the IDX files.
 DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -65,9 +72,15 @@ class DatasetError(ValueError):
     """A dataset file is missing, malformed or inconsistent."""
 
 
+class IntegerTargetsWarning(UserWarning):
+    """Float targets whose values are all integers were taken as regression
+    targets; pass ``task="classification"`` (``--task classification``) if
+    they are class labels."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-    """A train/test split of a classification dataset.
+    """A train/test split of a classification or regression dataset.
 
     Attributes
     ----------
@@ -77,10 +90,16 @@ class Dataset:
         are memory-mapped, never read whole: a read-only float32
         ``numpy.memmap``, or for uint8 files a :class:`ScaledImages`, which
         gives float32 ``x / 255`` rows when indexed.
-    y_train, y_test : ndarray of int64, shape (n,)
-        Non-negative class labels.
+    y_train, y_test : ndarray
+        Classification: int64 class labels, shape (n,), non-negative.
+        Regression: float32 targets, shape (n, n_outputs), C-contiguous,
+        finite.
     name : str
         Short name for messages and metadata.
+    task : {"classification", "regression"}
+    feature_names, target_names : tuple of str or None
+        The CSV header's names of the feature and target columns (None for
+        other sources).
     """
 
     X_train: np.ndarray
@@ -88,6 +107,9 @@ class Dataset:
     X_test: np.ndarray
     y_test: np.ndarray
     name: str
+    task: str = "classification"
+    feature_names: tuple | None = None
+    target_names: tuple | None = None
 
     @property
     def n_features(self) -> int:
@@ -96,14 +118,23 @@ class Dataset:
 
     @property
     def n_classes(self) -> int:
-        """``max label + 1`` over train and test labels (0 if there are none)."""
+        """``max label + 1`` over train and test labels (0 if there are none,
+        and 0 for a regression set)."""
+        if self.task == "regression":
+            return 0
         return int(max((y.max() + 1 for y in (self.y_train, self.y_test) if y.size), default=0))
 
+    @property
+    def n_outputs(self) -> int:
+        """Regression: the number of targets; classification: :attr:`n_classes`."""
+        return self.y_train.shape[1] if self.task == "regression" else self.n_classes
+
     def __repr__(self) -> str:
+        what = (f"n_outputs={self.n_outputs}" if self.task == "regression"
+                else f"n_classes={self.n_classes}")
         return (
-            f"Dataset(name={self.name!r}, train={self.X_train.shape[0]}, "
-            f"test={self.X_test.shape[0]}, n_features={self.n_features}, "
-            f"n_classes={self.n_classes})"
+            f"Dataset(name={self.name!r}, task={self.task!r}, train={self.X_train.shape[0]}, "
+            f"test={self.X_test.shape[0]}, n_features={self.n_features}, {what})"
         )
 
 
@@ -323,31 +354,93 @@ def _features(X: np.ndarray, what: str, source: str) -> np.ndarray:
 
 def _labels(y: np.ndarray, what: str, source: str) -> np.ndarray:
     if y.ndim != 1:
-        raise DatasetError(f"{source}: {what} must be 1-D, got shape {y.shape}")
-    if y.dtype.kind not in "iu":
+        raise DatasetError(f"{source}: {what} must be 1-D class labels, got shape {y.shape} "
+                           "(several targets are a regression: --task regression)")
+    if y.dtype.kind == "f":          # --task classification: exact integers only
+        bad = ~np.isfinite(y) | (np.mod(y, 1) != 0) if y.size else np.zeros(0, bool)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DatasetError(f"{source}: {what}[{i}] = {y[i].item()!r} is not an integer "
+                               "class label (classification needs integer labels)")
+        if y.size and np.abs(y).max() >= 2**53:
+            raise DatasetError(f"{source}: {what} holds labels beyond 2**53")
+    elif y.dtype.kind not in "iu":
         raise DatasetError(f"{source}: {what} must be integers, got dtype {y.dtype}")
     if y.size and y.min() < 0:
-        raise DatasetError(f"{source}: {what} contains negative labels (min {y.min()})")
+        raise DatasetError(f"{source}: {what} contains negative labels (min {y.min()}); "
+                           "for regression targets pass --task regression")
     return np.ascontiguousarray(y, dtype=np.int64)
 
 
-def _make_dataset(arrays: dict, name: str, source: str) -> Dataset:
+def _targets(y: np.ndarray, what: str, source: str) -> np.ndarray:
+    """Regression targets as C-contiguous float32 (n, n_outputs), finite."""
+    if y.ndim not in (1, 2):
+        raise DatasetError(f"{source}: {what} must be 1-D or 2-D (n, outputs), got shape "
+                           f"{y.shape}")
+    if y.dtype.kind not in "buif":
+        raise DatasetError(f"{source}: {what} must be numeric, got dtype {y.dtype}")
+    y2 = y.reshape(y.shape[0], 1) if y.ndim == 1 else y
+    if y2.shape[1] == 0:
+        raise DatasetError(f"{source}: {what} has no target columns (shape {y.shape})")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(y2, dtype=np.float32)
+    if not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        v = y2[tuple(bad)].item()
+        why = "beyond float32" if math.isfinite(v) else "not finite"
+        raise DatasetError(f"{source}: {what}[{bad[0]}, {bad[1]}] = {v!r} is {why}")
+    return out
+
+
+def _task_of(y: np.ndarray, task: str | None, source: str) -> str:
+    """The task: ``task`` if given, else from the dtype of ``y`` (float:
+    regression, with an :class:`IntegerTargetsWarning` when every value is an
+    integer; anything else: classification)."""
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        return task
+    if y.dtype.kind != "f":
+        return "classification"
+    if y.size and np.isfinite(y).all() and (np.mod(y, 1) == 0).all():
+        warnings.warn(f"{source}: the targets are floats whose values are all integers; they "
+                      "are taken as regression targets (pass --task classification to use "
+                      "them as class labels)", IntegerTargetsWarning, stacklevel=3)
+    return "regression"
+
+
+def _make_dataset(arrays: dict, name: str, source: str, task: str | None = None,
+                  **names) -> Dataset:
+    task = _task_of(arrays["y_train"], task, source)
+    if names and task == "classification":        # a CSV's one label column
+        for key in ("y_train", "y_test"):
+            y = arrays[key]
+            if y.ndim == 2 and y.shape[1] != 1:
+                raise DatasetError(f"{source}: classification takes one label column, got "
+                                   f"{y.shape[1]} target columns (--task regression for "
+                                   "several targets)")
+            arrays = {**arrays, key: y.reshape(-1)}
+    convert = _targets if task == "regression" else _labels
     X_train = _features(arrays["X_train"], "X_train", source)
     X_test = _features(arrays["X_test"], "X_test", source)
-    y_train = _labels(arrays["y_train"], "y_train", source)
-    y_test = _labels(arrays["y_test"], "y_test", source)
+    y_train = convert(arrays["y_train"], "y_train", source)
+    y_test = convert(arrays["y_test"], "y_test", source)
     for split, X, y in (("train", X_train, y_train), ("test", X_test, y_test)):
         if X.shape[0] != y.shape[0]:
+            what = "target row" if task == "regression" else "label"
             raise DatasetError(
                 f"{source}: {split} set has {plural(X.shape[0], 'image')} but "
-                f"{plural(y.shape[0], 'label')}"
+                f"{plural(y.shape[0], what)}"
             )
     if X_test.shape[0] and X_test.shape[1] != X_train.shape[1]:
         raise DatasetError(
             f"{source}: train images have {plural(X_train.shape[1], 'feature')} but test images "
             f"have {X_test.shape[1]}"
         )
-    return Dataset(X_train, y_train, X_test, y_test, name)
+    if task == "regression" and y_test.shape[0] and y_test.shape[1] != y_train.shape[1]:
+        raise DatasetError(f"{source}: y_train has {plural(y_train.shape[1], 'target column')} "
+                           f"but y_test has {y_test.shape[1]}")
+    return Dataset(X_train, y_train, X_test, y_test, name, task, **names)
 
 
 #: dtype kinds accepted from an .npz member before the checks of _features and
@@ -375,7 +468,7 @@ def _load_npz(path: Path) -> dict:
                 "X_train": X,
                 "y_train": y,
                 "X_test": np.zeros((0,) + X.shape[1:], dtype=X.dtype),
-                "y_test": np.zeros(0, dtype=y.dtype),
+                "y_test": np.zeros((0,) + y.shape[1:], dtype=y.dtype),
             }
     except _io.ArrayFileError as e:
         raise fail(e) from None
@@ -405,7 +498,7 @@ def _mapped_features(directory: Path, role: str):
     return X
 
 
-def _load_npy_dir(directory: Path) -> Dataset:
+def _load_npy_dir(directory: Path, task: str | None = None) -> Dataset:
     """The memory-mapped dataset of a directory of the four .npy files."""
     missing = [f for f in NPY_FILES.values() if not (directory / f).is_file()]
     if missing:
@@ -413,14 +506,16 @@ def _load_npy_dir(directory: Path) -> Dataset:
                            "files needs all four)")
     source = str(directory)
     X = {role: _mapped_features(directory, role) for role in ("X_train", "X_test")}
-    y = {}
+    raw = {}
     for role in ("y_train", "y_test"):
         path = directory / NPY_FILES[role]
         try:
-            raw = _io.load_npy(path, dtype_kinds="biuf", ndim=None, what=role)
+            raw[role] = _io.load_npy(path, dtype_kinds="biuf", ndim=None, what=role)
         except _io.ArrayFileError as e:
             raise DatasetError(str(e)) from None
-        y[role] = _labels(raw, role, str(path))
+    task = _task_of(raw["y_train"], task, str(directory / NPY_FILES["y_train"]))
+    convert = _targets if task == "regression" else _labels
+    y = {role: convert(raw[role], role, str(directory / NPY_FILES[role])) for role in raw}
     for split in ("train", "test"):
         n_x, n_y = X["X_" + split].shape[0], y["y_" + split].shape[0]
         if n_x != n_y:
@@ -430,11 +525,241 @@ def _load_npy_dir(directory: Path) -> Dataset:
         raise DatasetError(
             f"{source}: train images have {plural(X['X_train'].shape[1], 'feature')} but test "
             f"images have {X['X_test'].shape[1]}")
-    return Dataset(X["X_train"], y["y_train"], X["X_test"], y["y_test"], directory.name)
+    return Dataset(X["X_train"], y["y_train"], X["X_test"], y["y_test"], directory.name, task)
 
 
-def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
-    """Load a classification dataset.
+# ---------------------------------------------------------------------- CSV
+
+#: Characters that make a finite number's text a float rather than an integer.
+_FLOAT_CHARS = frozenset(".eE")
+
+
+def _csv_names(line: str, name: str) -> list[str]:
+    if not line.strip():
+        raise DatasetError(f"{name}: the file is empty (expected a header row naming the "
+                           "columns)" if not line else
+                           f"{name}: line 1 is blank (expected a header row naming the "
+                           "columns)")
+    names = [c.strip() for c in line.rstrip("\n").split(",")]
+    names = [c[1:-1].strip() if len(c) >= 2 and c[0] == c[-1] == '"' else c for c in names]
+    for j, c in enumerate(names):
+        if not c:
+            raise DatasetError(f"{name}: column {j + 1} of the header (line 1) has no name")
+    seen, dups = set(), []
+    for c in names:
+        if c in seen and c not in dups:
+            dups.append(c)
+        seen.add(c)
+    if dups:
+        raise DatasetError(f"{name}: duplicate column names in the header: "
+                           f"{', '.join(map(repr, dups))}")
+
+    def numeric(c):
+        try:
+            float(c)
+            return True
+        except ValueError:
+            return False
+    if all(numeric(c) for c in names):
+        raise DatasetError(f"{name}: line 1 looks like data ({line.strip()[:60]!r}); the "
+                           "first line must be a header row naming the columns")
+    return names
+
+
+def _csv_scan(f, name: str, n_cols: int):
+    """Count the data rows after the header and check each has ``n_cols``
+    fields, holding one line at a time; also the line numbers of the empty
+    lines (NumPy skips them)."""
+    n, blank = 0, []
+    for lineno, line in enumerate(f, start=2):
+        if line in ("\n", ""):
+            blank.append(lineno)
+            continue
+        k = line.count(",") + 1
+        if k != n_cols:
+            raise DatasetError(f"{name}: line {lineno} has {plural(k, 'field')} but the header "
+                               f"has {n_cols} (every row needs one value per column)")
+        n += 1
+    return n, blank
+
+
+def _csv_lines(path):
+    """(line number, fields) of the data rows of a CSV file."""
+    with open(path, encoding="utf-8-sig", newline=None) as f:
+        f.readline()
+        for lineno, line in enumerate(f, start=2):
+            if line not in ("\n", ""):
+                yield lineno, line.rstrip("\n").split(",")
+
+
+def _csv_bad_cell(path, name, names, numpy_error):
+    for lineno, cells in _csv_lines(path):
+        for j, cell in enumerate(cells):
+            text = cell.strip()
+            try:
+                float(text)
+                if "_" in text:
+                    raise ValueError
+            except ValueError:
+                what = "an empty cell" if not text else f"{text[:40]!r} is not a number"
+                return DatasetError(f"{name}: line {lineno}, column {j + 1} ({names[j]!r}): "
+                                    f"{what}")
+    return DatasetError(f"{name}: cannot read the CSV data ({numpy_error})")
+
+
+def _csv_line_of_row(row: int, blank: list) -> int:
+    line = row + 2
+    for b in blank:
+        if b <= line:
+            line += 1
+        else:
+            break
+    return line
+
+
+def _written_as_integers(path, cols) -> bool:
+    for _, cells in _csv_lines(path):
+        for j in cols:
+            if not _FLOAT_CHARS.isdisjoint(cells[j]):
+                return False
+    return True
+
+
+def read_csv(path: str | os.PathLike, target_columns) -> tuple:
+    """Read a CSV file of numbers: a header row naming the columns, then one
+    row per sample, fields separated by commas.
+
+    The file is scanned first, one line at a time (header, then the field
+    count of every row), so nothing is allocated before its shape is known;
+    NumPy (``numpy.loadtxt``) then parses the numbers. Empty lines are
+    skipped; a UTF-8 byte-order mark and ``\\r\\n`` line ends are accepted;
+    header names may be in double quotes.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The CSV file (a regular file).
+    target_columns : sequence of str
+        The header names of the target columns, in the order wanted; every
+        other column is a feature.
+
+    Returns
+    -------
+    X : ndarray of float32, shape (n, n_features)
+    y : ndarray, shape (n, len(target_columns))
+        int64 if every target cell is written as an integer (no ``.``, ``e``
+        or ``E``: the dtype NumPy and pandas would infer), else float64.
+    feature_names, target_names : tuple of str
+
+    Raises
+    ------
+    DatasetError
+        Naming the file (and, for a bad cell, the line and column): an empty
+        file, a missing or duplicate header name, no data rows, a row with
+        the wrong number of fields, a cell that is not a number, a value
+        that is NaN, infinite or beyond float32, an unknown target column,
+        no feature column left, or a file that is not UTF-8 text.
+    """
+    name = os.fsdecode(os.fspath(path))
+    targets = list(target_columns)
+    with _io.open_regular(path, "CSV file", DatasetError) as raw:
+        f = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)
+        try:
+            names = _csv_names(f.readline(), name)
+            missing = [t for t in targets if t not in names]
+            if missing or not targets:
+                which = (f"target column {', '.join(map(repr, missing))} is not in the header"
+                         if missing else "no target columns given")
+                raise DatasetError(f"{name}: {which}; the columns are: {', '.join(names)}")
+            dup = sorted({t for t in targets if targets.count(t) > 1})
+            if dup:
+                raise DatasetError(f"{name}: target column {dup[0]!r} is named twice")
+            if len(targets) == len(names):
+                raise DatasetError(f"{name}: every column is a target; no feature column is "
+                                   "left")
+            n, blank = _csv_scan(f, name, len(names))
+            if n == 0:
+                raise DatasetError(f"{name}: no data rows (only the header)")
+            f.seek(0)
+            f.readline()
+            try:
+                A = np.loadtxt(f, delimiter=",", comments=None, dtype=np.float64, ndmin=2)
+            except ValueError as e:
+                raise _csv_bad_cell(path, name, names, e) from None
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start} of a "
+                               "chunk); a CSV file must be plain text") from None
+    if A.shape != (n, len(names)):      # the file changed between the passes
+        raise DatasetError(f"{name}: expected {n} x {len(names)} values, read {A.shape}")
+    bad = ~np.isfinite(A)
+    with np.errstate(over="ignore"):
+        big = np.abs(A) > np.finfo(np.float32).max
+    if bad.any() or big.any():
+        r, j = (int(v) for v in np.argwhere(bad | big)[0])
+        why = "is not a finite number" if bad[r, j] else "is beyond float32"
+        raise DatasetError(f"{name}: line {_csv_line_of_row(r, blank)}, column {j + 1} "
+                           f"({names[j]!r}): {float(A[r, j])!r} {why}")
+    t_idx = [names.index(t) for t in targets]
+    f_idx = [j for j in range(len(names)) if j not in set(t_idx)]
+    X = np.ascontiguousarray(A[:, f_idx], dtype=np.float32)
+    y = np.ascontiguousarray(A[:, t_idx])
+    if (np.mod(y, 1) == 0).all() and np.abs(y).max() < 2**53 \
+            and _written_as_integers(path, t_idx):
+        y = y.astype(np.int64)
+    return X, y, tuple(names[j] for j in f_idx), tuple(targets)
+
+
+def _split(arrays: dict, fraction: float, seed: int, source: str) -> dict:
+    """Move a seeded random ``fraction`` of the rows (at least 1, leaving at
+    least 1) to the test split; both splits keep the file's row order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {fraction!r}")
+    n = arrays["X_train"].shape[0]
+    n_test = round(fraction * n)
+    if n_test < 1 or n_test > n - 1:
+        raise DatasetError(f"{source}: a test fraction of {fraction:g} of "
+                           f"{plural(n, 'row')} leaves {plural(n_test, 'test row')} and "
+                           f"{plural(n - n_test, 'training row')}; each needs at least 1")
+    test = np.zeros(n, bool)
+    test[np.random.default_rng(seed).permutation(n)[:n_test]] = True
+    X, y = arrays["X_train"], arrays["y_train"]
+    return {"X_train": X[~test], "y_train": y[~test], "X_test": X[test], "y_test": y[test]}
+
+
+def _load_csv(path, target_columns, test_data, source):
+    if target_columns is None:
+        try:
+            with open(path, encoding="utf-8-sig", newline=None) as f:
+                header = f.readline(1 << 16).strip()
+        except (OSError, UnicodeDecodeError):
+            header = ""
+        raise DatasetError(f"{source}: a CSV dataset needs --target-columns NAME[,NAME...] "
+                           "(target_columns=) to say which columns are the targets"
+                           + (f"; the columns are: {header.replace(',', ', ')}" if header
+                              else ""))
+    X, y, features, targets = read_csv(path, target_columns)
+    arrays = {"X_train": X, "y_train": y, "X_test": X[:0], "y_test": y[:0]}
+    if test_data is not None:
+        Xt, yt, t_features, _ = read_csv(test_data, target_columns)
+        if set(t_features) != set(features):
+            extra = sorted(set(t_features) - set(features))
+            lack = sorted(set(features) - set(t_features))
+            raise DatasetError(
+                f"{os.fspath(test_data)}: the test file's columns differ from {source}'s"
+                + (f"; it lacks {', '.join(map(repr, lack))}" if lack else "")
+                + (f"; it has extra {', '.join(map(repr, extra))}" if extra else ""))
+        order = [t_features.index(c) for c in features]
+        if yt.dtype != y.dtype:            # one file's targets integers, the other's floats
+            y, yt = y.astype(np.float64), yt.astype(np.float64)
+            arrays["y_train"] = y
+        arrays.update(X_test=np.ascontiguousarray(Xt[:, order]), y_test=yt)
+    return arrays, {"feature_names": features, "target_names": targets}
+
+
+def load_dataset(path: str | os.PathLike | None = None, *, task: str | None = None,
+                 target_columns=None, test_data=None, test_fraction: float | None = None,
+                 seed: int = 0) -> Dataset:
+    """Load a classification or regression dataset.
 
     Parameters
     ----------
@@ -455,8 +780,30 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
           reads only the rows asked for (float32 files are scanned once,
           chunk by chunk, for NaN and inf).
         * A ``.npz`` file with arrays ``X_train, y_train, X_test, y_test``, or
-          with ``X, y`` only, in which case the test set is empty (0 rows).
-          Loaded with ``allow_pickle=False``.
+          with ``X, y`` only, in which case the test set is empty (0 rows)
+          unless ``test_fraction`` is given. Loaded with ``allow_pickle=False``.
+        * A ``.csv`` file (see :func:`read_csv`): a header row, then numbers
+          separated by commas; ``target_columns`` names the targets and every
+          other column is a feature.
+    task : {"classification", "regression"} or None
+        None: from the targets' dtype. Float targets mean regression (an
+        :class:`IntegerTargetsWarning` if every value is an integer);
+        integer targets (in a CSV file: every target cell written without
+        ``.``, ``e`` or ``E``) mean classification. ``"regression"`` takes
+        integer targets as float32 values; ``"classification"`` takes float
+        targets that are all integers as labels.
+    target_columns : sequence of str, optional
+        CSV only, and required there: the header names of the targets.
+    test_data : str or path-like, optional
+        CSV only: a second CSV file with the same columns (in any order) as
+        the test split.
+    test_fraction : float in (0, 1), optional
+        For a source without a test split (a CSV file without ``test_data``,
+        an ``.npz`` with ``X, y``): move this fraction of the rows, chosen by
+        a generator seeded with ``seed``, to the test split. Both splits keep
+        the file's row order.
+    seed : int
+        Seed of the ``test_fraction`` split.
 
     Returns
     -------
@@ -464,7 +811,8 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
         Images (2-D, or 3-D flattened to 2-D) as float32; ``uint8`` images are
         scaled to [0, 1] by dividing by 255, other numeric dtypes are converted
         unchanged (memory-mapped images: float32 memmaps or
-        :class:`ScaledImages`). Labels as int64.
+        :class:`ScaledImages`). Classification labels as int64 (n,); regression targets as
+        float32 (n, n_outputs).
 
     Raises
     ------
@@ -472,20 +820,58 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
         If files are missing (the message names them; for the default
         location it gives the install command), malformed, or inconsistent:
         image and label counts differ, labels are negative or not integers,
-        images are not 2-D/3-D or contain NaN/inf, or train and test feature
-        counts differ.
+        images are not 2-D/3-D or contain NaN/inf, train and test feature
+        counts differ, a CSV cell is not a finite number (the message names
+        the line and column), ``target_columns`` names a column the header
+        lacks, or ``test_fraction`` is given for a source that has a test
+        split.
+    ValueError
+        For a bad ``task``, ``test_fraction``, or a CSV option given for
+        another kind of source.
     """
     default = path is None
     directory = Path(DEFAULT_DATA_DIR if default else path)
-    if not default and directory.is_file():
+    source = str(directory)
+    is_csv = not default and directory.suffix.lower() == ".csv"
+    if not is_csv and (target_columns is not None or test_data is not None):
+        raise ValueError(f"{source}: target_columns and test_data are for a CSV dataset "
+                         "(a .csv file)")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if test_fraction is not None and test_data is not None:
+        raise ValueError("give test_data or test_fraction, not both")
+    names = {}
+    if is_csv:
+        if directory.is_dir():
+            raise DatasetError(f"{source}: expected a CSV file, and this is a directory")
+        if not directory.exists():
+            raise DatasetError(f"{source}: no such file or directory")
+        arrays, names = _load_csv(directory, target_columns, test_data, source)
+        name = directory.stem
+    elif not default and directory.is_file():
         if directory.suffix != ".npz":
             raise DatasetError(
-                f"{directory}: expected a directory of IDX files or a .npz file"
+                f"{directory}: expected a directory of IDX files or a .npz or .csv file"
             )
-        return _make_dataset(_load_npz(directory), directory.stem, str(directory))
+        arrays, name = _load_npz(directory), directory.stem
+    elif not default and (directory / NPY_FILES["X_train"]).is_file():
+        if test_fraction is not None:
+            raise DatasetError(f"{source}: --test-fraction (test_fraction=) is for a CSV file "
+                               "or an .npz with X, y; a directory of .npy files has its test "
+                               "split")
+        return _load_npy_dir(directory, task)
+    else:
+        arrays, name = _load_idx_dir(directory, default), (
+            "fashion-mnist" if default else directory.name)
+    if test_fraction is not None:
+        if arrays["X_test"].shape[0]:
+            raise DatasetError(f"{source}: the dataset has a test split already; "
+                               "--test-fraction (test_fraction=) is for one without")
+        arrays = _split(arrays, test_fraction, seed, source)
+    return _make_dataset(arrays, name, source, task, **names)
 
-    if not default and (directory / NPY_FILES["X_train"]).is_file():
-        return _load_npy_dir(directory)
+
+def _load_idx_dir(directory: Path, default: bool) -> dict:
     files = {role: _find_idx(directory, stem) for role, stem in IDX_FILES.items()}
     missing = [IDX_FILES[role] + "[.gz]" for role, p in files.items() if p is None]
     if missing:
@@ -497,6 +883,4 @@ def load_dataset(path: str | os.PathLike | None = None) -> Dataset:
         if not directory.exists():
             raise DatasetError(f"{directory}: no such file or directory")
         raise DatasetError(f"{directory}: missing {', '.join(missing)}")
-    arrays = {role: read_idx(p) for role, p in files.items()}
-    name = "fashion-mnist" if default else directory.name
-    return _make_dataset(arrays, name, str(directory))
+    return {role: read_idx(p) for role, p in files.items()}

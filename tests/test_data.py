@@ -230,7 +230,7 @@ def test_load_npz_x_y_only(tmp_path):
         ({"X": np.zeros((3, 2)), "labels": np.zeros(3, int)}, "expected arrays .* found X, labels"),
         ({"X": np.zeros((3, 2)), "y": np.zeros(4, int)}, "train set has 3 images but 4 labels"),
         ({"X": np.zeros((3, 2)), "y": np.array([0, -1, 2])}, "negative labels"),
-        ({"X": np.zeros((3, 2)), "y": np.array([0.0, 1.0, 2.0])}, "y_train must be integers"),
+        ({"X": np.zeros((3, 2)), "y": np.array(["0", "1", "2"])}, "y_train must be integers"),
         ({"X": np.zeros((3, 2)), "y": np.zeros((3, 1), int)}, "y_train must be 1-D"),
         ({"X": np.zeros(3), "y": np.zeros(3, int)}, "X_train must be 2-D or 3-D"),
         ({"X": np.zeros((3, 2, 2, 2)), "y": np.zeros(3, int)}, "X_train must be 2-D or 3-D"),
@@ -258,9 +258,9 @@ def test_load_corrupt_npz_and_other_files(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(DatasetError, match="cannot read .npz"):
         load_dataset(tmp_path / "d.npz")
-    (tmp_path / "d.csv").write_text("1,2,3\n")
-    with pytest.raises(DatasetError, match="expected a directory of IDX files or a .npz file"):
-        load_dataset(tmp_path / "d.csv")
+    (tmp_path / "d.txt").write_text("1,2,3\n")
+    with pytest.raises(DatasetError, match="expected a directory of IDX files or a .npz"):
+        load_dataset(tmp_path / "d.txt")
 
 
 # --------------------------------------------------------------------------

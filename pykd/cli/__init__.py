@@ -35,7 +35,7 @@ from . import config as _config
 from .. import io as _io
 from .._step import TrainConfig
 from ..config import RunConfig
-from ..data import DEFAULT_DATA_DIR, DatasetError, load_dataset
+from ..data import DEFAULT_DATA_DIR, TASKS, DatasetError, IntegerTargetsWarning, load_dataset
 from ..modelfile import ModelFormatError
 from ..models import MLP, load_model
 from .._validate import plural as _plural
@@ -136,15 +136,32 @@ _unit = _number(float, 0, 1)
 _dropout = _number(float, 0, 1, high_open=True)
 
 
+def _names(text):
+    names = [v.strip() for v in text.split(",")]
+    if not text.strip() or not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names such as a,b, "
+                                         f"got {text!r}")
+    return names
+
+
+#: --norm on the command line and the name fit takes.
+NORMS = {"scalar": "scalar", "per-feature": "per_feature", "none": "none"}
+#: --loss (regression); with a teacher, distill trains the _kd form.
+REGRESSION_LOSSES = ("mse", "huber")
+
+
 # ------------------------------------------------------------------ parser
 
-def _add_common(p, *, data=True):
+def _add_common(p, *, data=True, task=True):
     if data:
-        p.add_argument("--data", metavar="DIR|FILE.npz",
+        p.add_argument("--data", metavar="DIR|FILE.npz|FILE.csv",
                        help="dataset: a directory of MNIST-format IDX files, an .npz with "
-                            "X_train, y_train, X_test, y_test, or a directory of those four "
-                            ".npy files (memory-mapped: the images may exceed memory) "
-                            "(default: Fashion-MNIST from /usr/share/datasets/fashion-mnist)")
+                            "X_train, y_train, X_test, y_test (or X, y), a directory of those "
+                            "four .npy files (memory-mapped: the images may exceed memory), or "
+                            "a CSV file with a header row (needs --target-columns) (default: "
+                            "Fashion-MNIST from /usr/share/datasets/fashion-mnist)")
+        if task:
+            _add_data_options(p)
     p.add_argument("--backend", choices=("fortran", "numpy"), default="fortran",
                    help="run the compute in Fortran (default) or in NumPy")
     p.add_argument("--threads", type=_pos_int, metavar="N",
@@ -154,6 +171,43 @@ def _add_common(p, *, data=True):
                         "(- : to stdout; the result lines then go to stderr)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch output")
     _add_debug(p)
+
+
+def _add_data_options(p):
+    """--task, --target-columns, --test-data, --test-fraction (and --seed for
+    the split, when the command has no --seed)."""
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="classification (integer labels) or regression (float targets) "
+                        "(default: from the data: float targets are a regression)")
+    p.add_argument("--target-columns", type=_names, metavar="NAME[,NAME...]",
+                   help="CSV: the header names of the target columns (required for a CSV "
+                        "file); every other column is a feature")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--test-data", metavar="FILE.csv",
+                   help="CSV: the test split, a file with the same columns as --data")
+    g.add_argument("--test-fraction", type=_number(float, 0, 1, low_open=True,
+                                                   high_open=True), metavar="F",
+                   help="hold out a fraction F of the rows of a dataset without a test split "
+                        "(CSV, or an .npz with X, y) as the test split, chosen by --seed")
+    if "--seed" not in p._option_string_actions:
+        p.add_argument("--seed", type=_nonneg_int, default=0,
+                       help="seed of the --test-fraction split (default: 0; give the training "
+                            "run's)")
+
+
+def _add_regression(p):
+    g = p.add_argument_group("regression (float targets)")
+    g.add_argument("--loss", choices=REGRESSION_LOSSES, default=None,
+                   help="mse (default) or huber; distill with a teacher trains mse_kd or "
+                        "huber_kd: alpha * loss(student, y) + (1 - alpha) * loss(student, "
+                        "teacher)")
+    g.add_argument("--huber-delta", type=_pos_float, default=None, metavar="D",
+                   help="Huber threshold in normalised target units (default: 1); needs "
+                        "--loss huber")
+    p.add_argument("--norm", choices=tuple(NORMS), default=None,
+                   help="input normalisation: one mean/std for all features (scalar, the "
+                        "classification default) or one per feature (per-feature, the "
+                        "regression default; regression targets are normalised per output)")
 
 
 def _add_debug(p, default=argparse.SUPPRESS):
@@ -229,10 +283,11 @@ def _add_pruning(p):
 
 def _add_kd(p):
     p.add_argument("--temperature", "-T", type=_pos_float, default=DEMO["temperature"],
-                   help=f"distillation temperature (default: {DEMO['temperature']:g})")
+                   help=f"distillation temperature (default: {DEMO['temperature']:g}); "
+                        "classification only")
     p.add_argument("--alpha", type=_unit, default=DEMO["alpha"],
-                   help="weight of the hard-label loss; 1 - alpha weights the soft term "
-                        f"(default: {DEMO['alpha']:g})")
+                   help="weight of the hard-label (regression: target) loss; 1 - alpha "
+                        f"weights the teacher term (default: {DEMO['alpha']:g})")
 
 
 def build_parser():
@@ -247,10 +302,13 @@ def build_parser():
     _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train-teacher", help="train a model on the labels (cross-entropy)",
-                       description="Train an MLP on the labels with cross-entropy.")
+    p = sub.add_parser("train-teacher", help="train a model on the labels (cross-entropy) "
+                                             "or on regression targets (MSE, Huber)",
+                       description="Train an MLP on the labels with cross-entropy, or on float "
+                                   "targets with --loss mse|huber.")
     _add_training(p, hidden=DEMO["teacher_hidden"], epochs=DEMO["teacher_epochs"],
                   out="teacher.pykd")
+    _add_regression(p)
     _add_pruning(p)
     _add_common(p)
     p.set_defaults(func=cmd_train_teacher)
@@ -275,6 +333,9 @@ def build_parser():
     src.add_argument("--teacher", metavar="MODEL", help="teacher model file")
     src.add_argument("--teacher-logits", metavar="FILE.npy",
                      help="teacher logits for the training set, shape (n_train, classes)")
+    src.add_argument("--teacher-outputs", metavar="FILE.npy",
+                     help="regression: the teacher's outputs for the training set in physical "
+                          "units, shape (n_train, outputs) (pykd soft-labels writes them)")
     _add_kd(p)
     p.add_argument("--hint-student-layer", type=_nonneg_int, default=0, metavar="K",
                    help="add a hint term on the student's hidden layer K (1-based; 0: off)")
@@ -285,6 +346,7 @@ def build_parser():
                    help="weight of the hint MSE term (default: 1); needs --hint-student-layer")
     _add_training(p, hidden=DEMO["student_hidden"], epochs=DEMO["student_epochs"],
                   out="student.pykd")
+    _add_regression(p)
     p.add_argument("--init", metavar="MODEL",
                    help="continue from this student instead of a fresh initialisation (its "
                         "activations and input normalisation are kept); --hidden is taken "
@@ -369,17 +431,123 @@ def _data_path(args):
     return os.fspath(args.data) if args.data else os.fspath(DEFAULT_DATA_DIR)
 
 
-def _load_data(args, ctx):
+def _load_data(args, ctx, *, tasks=TASKS, check=True):
+    """The dataset of --data and its options; with ``check``, the options
+    that have no effect on its task refused and the task's defaults filled
+    (:func:`_task_options`)."""
     t = time.perf_counter()
     if args.data is not None and os.path.exists(args.data) and not (
             os.path.isdir(args.data) or os.path.isfile(args.data)):
         raise CLIError(f"{args.data}: the dataset (--data) is neither a directory nor a regular "
                        "file (a FIFO, socket or device?)")
-    ds = load_dataset(args.data)
+    csv = args.data is not None and os.fspath(args.data).lower().endswith(".csv")
+    kw = {k: getattr(args, k, None) for k in ("task", "target_columns", "test_data",
+                                              "test_fraction")}
+    if not csv:
+        for key in ("target_columns", "test_data"):
+            if kw[key] is not None:
+                raise CLIError(f"--{key.replace('_', '-')} is for a CSV dataset (--data "
+                               f"FILE.csv); the dataset is {_data_path(args)}")
+    if kw["test_data"] is not None:
+        _input_file(kw["test_data"], "test data (--test-data)")
+    with warnings.catch_warnings(record=True) as caught:   # each a one-line warning
+        warnings.simplefilter("always", IntegerTargetsWarning)
+        ds = load_dataset(args.data, seed=getattr(args, "seed", None) or 0, **kw)
+    for w in caught:
+        ctx.warn(str(w.message))
     if ds.X_train.shape[0] == 0:
         raise CLIError(f"{_data_path(args)}: the training set is empty")
+    if ds.task not in tasks:
+        raise CLIError(f"{_data_path(args)}: pykd {args.command} is for "
+                       f"{' or '.join(tasks)}, and the data is a {ds.task} set"
+                       + (" (float targets; --task classification if they are labels)"
+                          if ds.task == "regression" else ""))
+    if check:
+        _task_options(args, ds.task)
     ctx.info(f"data: {ds!r} ({time.perf_counter() - t:.1f} s)")
     return ds
+
+
+def _given(args, dest):
+    """Whether option ``dest`` was given (on the command line or in --config)."""
+    return dest in getattr(args, "_explicit", ()) and getattr(args, dest, None) is not None
+
+
+def _opt_name(dest):
+    return {"temperature": "-T/--temperature"}.get(dest, "--" + dest.replace("_", "-"))
+
+
+#: Options that have no effect on a task: (dest, why), refused when given.
+_NOT_FOR = {
+    "regression": (
+        ("temperature", "regression distillation has no temperature"),
+        ("classes", "a regression model has one output per target column"),
+        ("teacher_logits", ("for regression give --teacher-outputs FILE.npy (n_train, "
+                            "outputs) in physical units, or --teacher MODEL")),
+        ("labels", "a regression model predicts values, not classes"),
+    ),
+    "classification": (
+        ("loss", "classification trains with cross-entropy (KD with a teacher)"),
+        ("huber_delta", "classification trains with cross-entropy"),
+        ("teacher_outputs", ("for classification give --teacher-logits FILE.npy or "
+                             "--teacher MODEL")),
+    ),
+}
+
+
+def _task_options(args, task):
+    """Refuse the options that have no effect on ``task`` (one line naming
+    the option), fill the task's defaults (--loss mse, --huber-delta 1,
+    --norm per-feature for regression and scalar for classification) and
+    record them in the report's ``configuration``."""
+    args.task = task
+    for dest, why in _NOT_FOR[task]:
+        if _given(args, dest):
+            raise CLIError(f"{_opt_name(dest)} has no effect on a {task} task: {why}")
+    if getattr(args, "huber_delta", None) is not None and getattr(args, "loss", None) != "huber":
+        raise CLIError(f"--huber-delta applies to --loss huber only (the loss is "
+                       f"{getattr(args, 'loss', None) or 'mse'})")
+    conf = getattr(args, "_configuration", None)
+    fill = {"task": task}
+    if task == "regression":
+        if hasattr(args, "loss"):
+            fill["loss"] = args.loss or "mse"
+            if fill["loss"] == "huber":
+                fill["huber_delta"] = args.huber_delta or 1.0
+        for dest, _ in _NOT_FOR["regression"]:      # defaults that do not apply
+            if conf is not None and dest in conf:
+                del conf[dest]
+    if hasattr(args, "norm"):
+        fill["norm"] = args.norm or ("per-feature" if task == "regression" else "scalar")
+    for k, v in fill.items():
+        setattr(args, k, v)
+        if conf is not None and hasattr(args, k):
+            conf[k] = v
+    return task
+
+
+def _model_task(model, default=None):
+    """A model's task from its metadata's ``task``; a model without one
+    (older files, models made outside ``fit``) is a regression model when it
+    has an output normalisation, else ``default`` (None: unknown)."""
+    meta = model.metadata if isinstance(model.metadata, dict) else {}
+    if meta.get("task") in TASKS:
+        return meta["task"]
+    return "regression" if getattr(model, "out_norm", None) is not None else default
+
+
+def _check_model_task(path, model, ds, what="model"):
+    """The model's task and outputs match the data (regression: one output
+    per target column)."""
+    mt = _model_task(model)
+    if mt is not None and mt != ds.task:
+        raise CLIError(f"{path}: the {what} is a {mt} model but the data is a {ds.task} set"
+                       + (" (its targets are floats: --task classification if they are "
+                          "class labels)" if ds.task == "regression" else
+                          " (--task regression to take integer targets as values)"))
+    if ds.task == "regression" and model.n_outputs != ds.n_outputs:
+        raise CLIError(f"{path}: the {what} has {_plural(model.n_outputs, 'output')} but the "
+                       f"data has {_plural(ds.n_outputs, 'target column')}")
 
 
 def _check_labels(source, split, y, n_classes, whose):
@@ -574,8 +742,28 @@ def _model_info(model, path=None):
     }
 
 
+#: The regression metrics of evaluate() a report entry carries, as test_<name>.
+REGRESSION_METRICS = ("rmse", "r2", "mae", "rmse_per_output", "r2_per_output",
+                      "mae_per_output")
+
+
 def _entry(name, model, ev, history, config, path=None):
     seconds = list(history.get("seconds", [])) if history else []
+    if "rmse" in ev:                       # regression
+        return {
+            "name": name,
+            "path": None if path is None else os.fspath(path),
+            "task": "regression",
+            "test_accuracy": None,
+            **{f"test_{k}": ev[k] for k in REGRESSION_METRICS if k in ev},
+            "test_loss": ev.get("loss"),
+            "agreement": None,
+            **_model_info(model, path),
+            "bytes": model.nbytes,
+            "seconds_per_epoch": seconds,
+            "config": config,
+            "history": history,
+        }
     return {
         "name": name,
         "path": None if path is None else os.fspath(path),
@@ -593,7 +781,8 @@ def _entry(name, model, ev, history, config, path=None):
 
 def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoint, resume,
            backend, teacher=None, teacher_logits=None, hint_teacher_layer=None, role,
-           extra_config=None, lr_decay=1.0, lr_schedule=None, prune=None, init=None):
+           extra_config=None, lr_decay=1.0, lr_schedule=None, prune=None, init=None,
+           teacher_outputs=None, norm=None):
     """Train (or, when resuming a finished phase of the demo, reuse) one model;
     save it with its history and configuration; return the report entry."""
     if lr_schedule is None:            # fit's rule, written out for the model's metadata
@@ -620,21 +809,32 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
                  f"every epoch of {name} is one batch of all {_plural(n_train, 'row')}")
     ctx.info(f"{name}: training {'-'.join(map(str, sizes))} ({model.parameters:,} parameters) "
              f"for {_plural(epochs, 'epoch')}" + (" (resuming)" if resume else ""))
+    regression = getattr(ds, "task", "classification") == "regression"
+    kw = {} if teacher_outputs is None else {"teacher_outputs": teacher_outputs}
+    # scalar is fit's own default for classification: leave its run as it was
+    fit_norm = NORMS[norm] if norm is not None and (regression or norm != "scalar") else None
     with warnings.catch_warnings():    # a warning of fit: one line, like the CLI's own
         warnings.showwarning = lambda message, *a, **k: ctx.warn(str(message))
         run_config = RunConfig(step=cfg, epochs=epochs, batch_size=batch_size, backend=backend,
                                seed=seed, lr_decay=lr_decay, lr_schedule=lr_schedule,
-                               prune=prune)
+                               prune=prune, norm=fit_norm)
         history = fit(model, ds.X_train, ds.y_train, config=run_config,
                       teacher_logits=teacher_logits,
                       hint_targets=hint_targets, X_val=ds.X_test if has_test else None,
                       y_val=ds.y_test if has_test else None, checkpoint=checkpoint,
-                      resume=resume, progress=not ctx.quiet, desc=name)
-    agree_with = teacher if teacher is not None else None
-    ev = evaluate(model, ds.X_test, ds.y_test, teacher=agree_with) if has_test else _empty_eval(model)
-    model.metadata.update({"role": role, "config": config, "history": history,
-                           "test_accuracy": ev["accuracy"] if has_test else None,
+                      resume=resume, progress=not ctx.quiet, desc=name, **kw)
+    agree_with = teacher if teacher is not None and not regression else None
+    ev = evaluate(model, ds.X_test, ds.y_test, teacher=agree_with) if has_test else \
+        _empty_eval(model, regression)
+    result = ({"test_rmse": ev["rmse"] if has_test else None,
+               "test_r2": ev["r2"] if has_test else None} if regression else
+              {"test_accuracy": ev["accuracy"] if has_test else None})
+    model.metadata.update({"role": role, "config": config, "history": history, **result,
                            "pykd_version": __version__})
+    if regression:
+        model.metadata["task"] = "regression"
+        if ds.target_names is not None:
+            model.metadata["targets"] = list(ds.target_names)
     with _writing(out, "model"):
         model.save(out)
     ctx.histories[name] = history
@@ -647,14 +847,24 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
     return model, entry
 
 
-def _empty_eval(model):
-    return {"accuracy": float("nan"), "loss": float("nan"), "confusion": [], "agreement": None,
+def _empty_eval(model, regression=False):
+    nan = float("nan")
+    if regression:
+        k = model.n_outputs
+        return {"rmse": nan, "r2": nan, "mae": nan, "rmse_per_output": [nan] * k,
+                "r2_per_output": [nan] * k, "mae_per_output": [nan] * k, "loss": nan,
+                "parameters": model.parameters, "bytes": model.nbytes, "n": 0}
+    return {"accuracy": nan, "loss": nan, "confusion": [], "agreement": None,
             "parameters": model.parameters, "bytes": model.nbytes, "n": 0}
 
 
 def _cfg_json(cfg):
     import dataclasses
     return dataclasses.asdict(cfg)
+
+
+def _num(v, spec=".4g"):
+    return "n/a" if v is None or not math.isfinite(v) else format(v, spec)
 
 
 def _pct(v):
@@ -830,12 +1040,17 @@ def cmd_train_teacher(args, ctx):
     cfg = _train_cfg(args)
     _check_training_files(args)
     ds = _load_data(args, ctx)
-    sizes = [ds.n_features, *args.hidden, _n_classes(args, ds)]
+    if ds.task == "regression":
+        cfg = _train_cfg(args, **_regression_loss(args))
+        n_out = ds.n_outputs
+    else:
+        n_out = _n_classes(args, ds)
+    sizes = [ds.n_features, *args.hidden, n_out]
     prune = _prune_schedule(args, ds.X_train.shape[0])
     _train(ctx, "teacher", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
            backend=args.backend, role="teacher", lr_decay=lr_decay, lr_schedule=lr_schedule,
-           prune=prune)
+           prune=prune, extra_config=_data_config(args, ds), norm=args.norm)
     _print_result(ctx)
     return _finish(ctx)
 
@@ -843,22 +1058,26 @@ def cmd_train_teacher(args, ctx):
 def cmd_soft_labels(args, ctx):
     _check_outputs(args, [(args.out, "logits file", "--out")])
     _input_file(args.teacher, "teacher")
-    ds = _load_data(args, ctx)
+    ds = _load_data(args, ctx, check=False)     # the teacher's task decides, not the data's
     teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+    task = _task_options(args, _model_task(teacher, "classification"))
     X = ds.X_train if args.split == "train" else ds.X_test
     t = time.perf_counter()
     logits = soft_labels(teacher, X, args.temperature, backend=args.backend,
                          progress=not ctx.quiet)
     seconds = time.perf_counter() - t
-    _save_npy(args.out, logits)
-    print(f"soft labels: {logits.shape[0]} x {logits.shape[1]} teacher logits (unscaled) of the "
+    what = ("teacher outputs (physical units)" if task == "regression" else
+            "teacher logits (unscaled)")
+    _save_npy(args.out, logits, "outputs file" if task == "regression" else "logits file")
+    print(f"soft labels: {logits.shape[0]} x {logits.shape[1]} {what} of the "
           f"{args.split} split in {seconds:.2f} s -> {args.out}")
     if args.report:
         ctx.models.append({"name": "teacher", "path": args.teacher,
                            **_model_info(teacher, args.teacher), "bytes": teacher.nbytes,
                            "config": teacher.metadata.get("config")})
     return _finish(ctx, {"soft_labels": {"path": args.out, "shape": list(logits.shape),
-                                         "split": args.split, "seconds": seconds}})
+                                         "split": args.split, "task": task,
+                                         "seconds": seconds}})
 
 
 def cmd_distill(args, ctx):
@@ -883,15 +1102,20 @@ def cmd_distill(args, ctx):
     _check_training_files(args)
     if args.teacher:
         _input_file(args.teacher, "teacher")
+    elif args.teacher_outputs:
+        _input_file(args.teacher_outputs, "teacher outputs")
     else:
         _input_file(args.teacher_logits, "teacher logits")
     ds = _load_data(args, ctx)
+    if ds.task == "regression":
+        return _distill_regression(args, ctx, ds, init, lr_schedule, lr_decay)
     n = ds.X_train.shape[0]
     n_classes = _n_classes(args, ds)
     teacher = None
     t = time.perf_counter()
     if args.teacher:
         teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+        _check_model_task(args.teacher, teacher, ds, "teacher")
         if teacher.n_outputs != n_classes:
             hint = (f"; pass --classes {teacher.n_outputs} if the training set lacks its top "
                     "classes" if teacher.n_outputs > n_classes and args.classes is None else "")
@@ -906,54 +1130,131 @@ def cmd_distill(args, ctx):
     hint_teacher_layer = None
     extra = {"temperature": args.temperature, "alpha": args.alpha,
              "teacher": args.teacher, "teacher_logits": args.teacher_logits}
-    if args.hint_student_layer:
-        t_hidden = len(teacher.sizes) - 2
-        hint_teacher_layer = args.hint_teacher_layer or t_hidden
-        if not 1 <= hint_teacher_layer <= t_hidden:
-            raise CLIError(f"--hint-teacher-layer must be a hidden layer of the teacher, in "
-                           f"[1, {t_hidden}], got {hint_teacher_layer}")
-        extra.update(hint_student_layer=args.hint_student_layer,
-                     hint_teacher_layer=hint_teacher_layer,
-                     hint_weight=1.0 if args.hint_weight is None else args.hint_weight)
+    hint_teacher_layer = _hint_layers(args, teacher, extra)
     cfg = _train_cfg(args, loss="kd", temperature=args.temperature, alpha=args.alpha,
                      hint_layer=args.hint_student_layer,
                      **({"hint_weight": args.hint_weight} if args.hint_weight is not None
                         else {}))
     sizes = [ds.n_features, *args.hidden, n_classes]
     if init is not None:
-        if init.n_features != ds.n_features:
-            raise CLIError(f"{args.init}: the student takes "
-                           f"{_plural(init.n_features, 'input')} but the "
-                           f"data has {_plural(ds.n_features, 'feature')}")
-        if init.n_outputs != n_classes:
-            raise CLIError(f"{args.init}: the student has "
-                           f"{_plural(init.n_outputs, 'output')} but the "
-                           f"data has {_plural(n_classes, 'class', 'classes')}")
+        _check_init(args, init, ds, n_classes)
         extra["init"] = args.init
+    extra.update(_data_config(args, ds))
     prune = _prune_schedule(args, n)
     _train(ctx, "student", sizes, ds, cfg, epochs=args.epochs, batch_size=args.batch_size,
            seed=args.seed, out=args.out, checkpoint=_ckpt(args), resume=args.resume,
            backend=args.backend, teacher=teacher, teacher_logits=logits,
            hint_teacher_layer=hint_teacher_layer, role="student", extra_config=extra,
-           lr_decay=lr_decay, lr_schedule=lr_schedule, prune=prune, init=init)
+           lr_decay=lr_decay, lr_schedule=lr_schedule, prune=prune, init=init,
+           norm=args.norm)
     _print_result(ctx)
     return _finish(ctx)
 
 
-def _load_logits(path, n, n_classes):
-    """Teacher logits (n, n_classes) from an .npy file, its header checked
-    against its size before anything is read; float32, finite."""
-    _input_file(path, "teacher logits")
+def _hint_layers(args, teacher, extra):
+    """The teacher's hint layer (None without a hint term); records the hint
+    settings in ``extra``."""
+    if not args.hint_student_layer:
+        return None
+    t_hidden = len(teacher.sizes) - 2
+    hint_teacher_layer = args.hint_teacher_layer or t_hidden
+    if not 1 <= hint_teacher_layer <= t_hidden:
+        raise CLIError(f"--hint-teacher-layer must be a hidden layer of the teacher, in "
+                       f"[1, {t_hidden}], got {hint_teacher_layer}")
+    extra.update(hint_student_layer=args.hint_student_layer,
+                 hint_teacher_layer=hint_teacher_layer,
+                 hint_weight=1.0 if args.hint_weight is None else args.hint_weight)
+    return hint_teacher_layer
+
+
+def _check_init(args, init, ds, n_out):
+    if init.n_features != ds.n_features:
+        raise CLIError(f"{args.init}: the student takes "
+                       f"{_plural(init.n_features, 'input')} but the "
+                       f"data has {_plural(ds.n_features, 'feature')}")
+    if init.n_outputs != n_out:
+        what = (_plural(n_out, 'target column') if ds.task == "regression"
+                else _plural(n_out, 'class', 'classes'))
+        raise CLIError(f"{args.init}: the student has "
+                       f"{_plural(init.n_outputs, 'output')} but the "
+                       f"data has {what}")
+
+
+def _regression_loss(args, kd=False):
+    """TrainConfig keywords of --loss/--huber-delta (and --alpha with a teacher)."""
+    kw = {"loss": args.loss + ("_kd" if kd else "")}
+    if args.loss == "huber":
+        kw["huber_delta"] = args.huber_delta
+    if kd:
+        kw["alpha"] = args.alpha
+    return kw
+
+
+def _data_config(args, ds):
+    """What a model's ``config`` metadata records about the data: the task,
+    the CSV's column names, the split."""
+    out = {"task": ds.task, "norm": getattr(args, "norm", None)}
+    if ds.target_names is not None:
+        out.update(targets=list(ds.target_names), features=list(ds.feature_names))
+    if getattr(args, "test_fraction", None) is not None:
+        out.update(test_fraction=args.test_fraction, split_seed=args.seed)
+    if getattr(args, "test_data", None) is not None:
+        out["test_data"] = args.test_data
+    return out
+
+
+def _distill_regression(args, ctx, ds, init, lr_schedule, lr_decay):
+    """distill on float targets: mse_kd or huber_kd against a teacher model's
+    outputs or a --teacher-outputs file, in physical units."""
+    n, n_out = ds.X_train.shape[0], ds.n_outputs
+    teacher = None
+    if args.teacher:
+        teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+        _check_model_task(args.teacher, teacher, ds, "teacher")
+        t = time.perf_counter()
+        outputs = soft_labels(teacher, ds.X_train, backend=args.backend,
+                              progress=not ctx.quiet)
+        ctx.info(f"teacher outputs from {args.teacher}: {time.perf_counter() - t:.1f} s")
+    else:
+        outputs = _load_logits(args.teacher_outputs, n, n_out, what="teacher outputs",
+                               columns="outputs")
+    extra = {"alpha": args.alpha, "teacher": args.teacher,
+             "teacher_outputs": args.teacher_outputs}
+    hint_teacher_layer = _hint_layers(args, teacher, extra)
+    cfg = _train_cfg(args, **_regression_loss(args, kd=True),
+                     hint_layer=args.hint_student_layer,
+                     **({"hint_weight": args.hint_weight} if args.hint_weight is not None
+                        else {}))
+    if init is not None:
+        _check_init(args, init, ds, n_out)
+        extra["init"] = args.init
+    extra.update(_data_config(args, ds))
+    _train(ctx, "student", [ds.n_features, *args.hidden, n_out], ds, cfg, epochs=args.epochs,
+           batch_size=args.batch_size, seed=args.seed, out=args.out, checkpoint=_ckpt(args),
+           resume=args.resume, backend=args.backend, teacher=teacher, teacher_outputs=outputs,
+           hint_teacher_layer=hint_teacher_layer, role="student", extra_config=extra,
+           lr_decay=lr_decay, lr_schedule=lr_schedule,
+           prune=_prune_schedule(args, n), init=init, norm=args.norm)
+    _print_result(ctx)
+    return _finish(ctx)
+
+
+def _load_logits(path, n, n_classes, what="teacher logits", columns="classes"):
+    """Teacher logits (n, n_classes) (or outputs: ``what``, ``columns``) from
+    an .npy file, its header checked against its size before anything is
+    read; float32, finite."""
+    _input_file(path, what)
     try:
-        logits = _io.load_npy(path, dtype_kinds="f", ndim=2, what="teacher logits")
+        logits = _io.load_npy(path, dtype_kinds="f", ndim=2, what=what)
     except _io.ArrayFileError as e:
         raise CLIError(f"cannot read .npy file: {e}") from None
     if logits.shape != (n, n_classes):
-        raise CLIError(f"{path}: teacher logits must have shape ({n}, {n_classes}) "
-                       f"(training set x classes), got {logits.shape}")
-    logits = np.ascontiguousarray(logits, dtype=np.float32)
+        raise CLIError(f"{path}: {what} must have shape ({n}, {n_classes}) "
+                       f"(training set x {columns}), got {logits.shape}")
+    with np.errstate(over="ignore"):
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
     if not np.isfinite(logits).all():
-        raise CLIError(f"{path}: teacher logits contain NaN or inf (or values beyond float32)")
+        raise CLIError(f"{path}: {what} contain NaN or inf (or values beyond float32)")
     return logits
 
 
@@ -961,6 +1262,13 @@ def _print_result(ctx):
     for e in ctx.models:
         agree = "" if e.get("agreement") is None else f", agreement {_pct(e['agreement'])}"
         spe = e["seconds_per_epoch"]
+        if e.get("task") == "regression":
+            print(f"{e['name']}: test RMSE {_num(e.get('test_rmse'))}, R^2 "
+                  f"{_num(e.get('test_r2'), '.4f')}, {e['parameters']:,} parameters "
+                  f"({_fmt_bytes(e['bytes'])}), "
+                  f"{statistics.median(spe) if spe else float('nan'):.2f} s/epoch -> "
+                  f"{e['path']}")
+            continue
         print(f"{e['name']}: test accuracy {_pct(e['test_accuracy'])}{agree}, "
               f"{e['parameters']:,} parameters ({_fmt_bytes(e['bytes'])}), "
               f"{statistics.median(spe) if spe else float('nan'):.2f} s/epoch -> {e['path']}")
@@ -976,6 +1284,9 @@ def cmd_evaluate(args, ctx):
     X, y = (ds.X_test, ds.y_test) if args.split == "test" else (ds.X_train, ds.y_train)
     if X.shape[0] == 0:
         raise CLIError(f"{_data_path(args)}: the {args.split} split is empty")
+    if ds.task == "regression":
+        return _evaluate_regression(args, ctx, ds, model, X, y)
+    _check_model_task(args.model, model, ds)
     _check_labels(_data_path(args), args.split, y, model.n_outputs,
                   f"the {args.model} model's")
     teacher = None
@@ -1010,6 +1321,65 @@ def cmd_evaluate(args, ctx):
         for i, row in enumerate(conf):
             print(f"  {i:>3} " + "".join(f"{v:>{width}}" for v in row))
     return _finish(ctx)
+
+
+def _evaluate_regression(args, ctx, ds, model, X, y):
+    _check_model_task(args.model, model, ds)
+    teacher = None
+    if args.teacher:
+        teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
+        _check_model_task(args.teacher, teacher, ds, "teacher")
+    t = time.perf_counter()
+    ev = evaluate(model, X, y, backend=args.backend)
+    seconds = time.perf_counter() - t
+    entry = _entry(os.path.basename(args.model), model, ev, _meta_dict(model, "history"),
+                   _meta_dict(model, "config") or None, args.model)
+    entry.update(split=args.split, eval_seconds=seconds,
+                 targets=list(_target_names(ds, model)))
+    if teacher is not None:           # the gap to the teacher, on the same rows
+        tev = evaluate(teacher, X, y, backend=args.backend)
+        entry["teacher"] = {"path": args.teacher,
+                            **{f"test_{k}": tev[k] for k in REGRESSION_METRICS if k in tev}}
+    ctx.models.append(entry)
+    kinds = sorted({layer["kind"] for layer in entry["layers"]})
+    print(f"{args.model}: {'-'.join(map(str, model.sizes))} ({', '.join(kinds)}), "
+          f"{model.parameters:,} parameters, {model.nonzeros:,} non-zero weights "
+          f"({_fmt_bytes(entry['bytes_on_disk'])} on disk)")
+    print(f"  {args.split} RMSE {_num(ev['rmse'])}, R^2 {_num(ev['r2'], '.4f')} "
+          f"({_plural(ev['n'], 'row')}, {_plural(model.n_outputs, 'output')}, "
+          f"{seconds:.2f} s; overall: the mean over outputs)")
+    if teacher is not None:
+        print(f"  teacher {args.teacher}: RMSE {_num(tev['rmse'])}, R^2 "
+              f"{_num(tev['r2'], '.4f')}")
+    if not ctx.quiet:
+        print_regression_table(ev, _target_names(ds, model))
+    return _finish(ctx)
+
+
+def _target_names(ds, model):
+    """The targets' names: the CSV header's, the model's metadata, or y[k]."""
+    if ds is not None and ds.target_names is not None:
+        return tuple(ds.target_names)
+    meta = model.metadata if isinstance(model.metadata, dict) else {}
+    names = meta.get("targets")
+    if isinstance(names, list) and len(names) == model.n_outputs and \
+            all(isinstance(v, str) for v in names):
+        return tuple(names)
+    return tuple(f"y[{k}]" for k in range(model.n_outputs))
+
+
+def print_regression_table(ev, names, indent="  "):
+    """Per-output RMSE, R^2 (and MAE when given), then the overall row."""
+    cols = [("RMSE", "rmse", ".4g"), ("R^2", "r2", ".4f")]
+    if "mae_per_output" in ev:
+        cols.append(("MAE", "mae", ".4g"))
+    width = max(8, *(len(n) for n in names))
+    print(indent + f"{'output':<{width}}" + "".join(f" {h:>10}" for h, _, _ in cols))
+    for k, name in enumerate(names):
+        print(indent + f"{name:<{width}}" + "".join(
+            f" {_num(ev[key + '_per_output'][k], spec):>10}" for _, key, spec in cols))
+    print(indent + f"{'overall':<{width}}" + "".join(
+        f" {_num(ev[key], spec):>10}" for _, key, spec in cols))
 
 
 # -------------------------------------------------------------------- main
@@ -1068,6 +1438,7 @@ def main(argv=None):
     except SystemExit as e:          # --help, --version, or a one-line usage error
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     args._configuration = _config.effective(parser, args)   # the report's rerunnable options
+    args._explicit = _config.explicit(parser, argv)         # given, not defaults
     ctx = _Ctx(args)
     prog = f"pykd {args.command}"
     debug = bool(args.debug or os.environ.get("PYKD_DEBUG"))

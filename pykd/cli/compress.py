@@ -29,10 +29,10 @@ import numpy as np
 from .. import __version__
 from ..train import TrainConfig, evaluate, fit, soft_labels
 from . import _plural
-from . import (CLIError, _add_common, _check_out_dir_tree, _check_outputs, _data_path,
-               _finish, _fmt_bytes, _input_file, _load_data, _load_logits,
-               _load_model_checked, _model_info, _nonneg_int, _number, _pct, _pos_float,
-               _pos_int, _unit, _writing)
+from . import (CLIError, _add_common, _check_model_task, _check_out_dir_tree, _check_outputs,
+               _data_path, _finish, _fmt_bytes, _input_file, _load_data, _load_logits,
+               _load_model_checked, _model_info, _nonneg_int, _num, _number, _pct,
+               _pos_float, _pos_int, _unit, _writing)
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 50
@@ -258,6 +258,13 @@ class Session:
     def __init__(self, args, ctx, ds):
         self.args, self.ctx, self.ds = args, ctx, ds
         self._logits = {}
+        self.r2 = {}          # id(model) -> test R^2 (regression)
+
+    def result(self, score, model):
+        """The metadata of a converted model's test score."""
+        if self.ds.task == "regression":
+            return {"test_rmse": score, "test_r2": self.r2.get(id(model))}
+        return {"test_accuracy": score}
 
     def logits(self, teacher, teacher_logits, n_classes):
         key = (teacher, teacher_logits)
@@ -383,6 +390,9 @@ def _check_data(session, model, path):
         raise CLIError(f"{path}: the model takes {_plural(model.n_features, 'input')} but the "
                        "data has "
                        f"{_plural(ds.n_features, 'feature')}")
+    _check_model_task(path, model, ds)
+    if ds.task == "regression":
+        return
     for split, y in (("training", ds.y_train), ("test", ds.y_test)):
         if y.size and int(y.max()) >= model.n_outputs:
             raise CLIError(f"{_data_path(session.args)}: {split} label {int(y.max())} is "
@@ -390,17 +400,27 @@ def _check_data(session, model, path):
 
 
 def _evaluate(session, model):
+    """The test accuracy (regression: the test RMSE), or None without a test split."""
     ds = session.ds
     if ds.X_test.shape[0] == 0:
         return None
-    return evaluate(model, ds.X_test, ds.y_test, backend=session.args.backend)["accuracy"]
+    ev = evaluate(model, ds.X_test, ds.y_test, backend=session.args.backend)
+    if ds.task == "regression":
+        session.r2[id(model)] = ev["r2"]
+        return ev["rmse"]
+    return ev["accuracy"]
 
 
-def _row(name, model, path, acc, acc0, bytes0, seconds, op=None):
+def _row(name, model, path, acc, acc0, bytes0, seconds, op=None, session=None):
     size = os.path.getsize(path)
-    return {"name": name, "op": op, "path": os.fspath(path), "test_accuracy": acc,
-            "accuracy_change_points": None if acc is None or acc0 is None
-            else 100 * (acc - acc0),
+    if session is not None and session.ds.task == "regression":
+        score = {"task": "regression", "test_accuracy": None, "accuracy_change_points": None,
+                 "test_rmse": acc, "test_r2": session.r2.get(id(model)),
+                 "rmse_change": None if acc is None or acc0 is None else acc - acc0}
+    else:
+        score = {"test_accuracy": acc, "accuracy_change_points": None if acc is None or
+                 acc0 is None else 100 * (acc - acc0)}
+    return {"name": name, "op": op, "path": os.fspath(path), **score,
             **_model_info(model, path), "kinds": sorted(set(model.to_model().kinds)),
             "bytes": model.nbytes, "bytes_ratio": size / bytes0 if bytes0 else None,
             "seconds": seconds}
@@ -435,17 +455,22 @@ def cmd_one(args, ctx):
     seconds = time.perf_counter() - t
     acc = _evaluate(session, new)
     saved = save_smallest(new, args.out, {"role": op, "source": os.fspath(args.model),
-                                          "test_accuracy": acc, "pykd_version": __version__})
+                                          **session.result(acc, new),
+                                          "pykd_version": __version__})
+    session.r2[id(saved)] = session.r2.get(id(new))
     b0, b1 = os.path.getsize(args.model), os.path.getsize(args.out)
-    ctx.models.append(_row(os.path.basename(args.model), model, args.model, acc0, acc0, b0, 0.0))
+    ctx.models.append(_row(os.path.basename(args.model), model, args.model, acc0, acc0, b0, 0.0,
+                           session=session))
     ctx.models.append(_row(os.path.basename(args.out), saved, args.out, acc, acc0, b0, seconds,
-                           op))
+                           op, session=session))
     kinds = ", ".join(sorted(set(saved.to_model().kinds)))
     if op == "lowrank" and "low_rank" not in saved.to_model().kinds:
         ctx.warn("no layer was factored: at this rank or energy the factors of every layer "
                  "store at least as many numbers as its weights")
     ft = f", fine-tuned {_plural(args.epochs, 'epoch')}" if args.epochs else ""
-    print(f"{op}: test accuracy {_pct(acc0)} -> {_pct(acc)}; non-zeros {model.nonzeros:,} -> "
+    score = (f"test RMSE {_num(acc0)} -> {_num(acc)}" if ds.task == "regression" else
+             f"test accuracy {_pct(acc0)} -> {_pct(acc)}")
+    print(f"{op}: {score}; non-zeros {model.nonzeros:,} -> "
           f"{saved.nonzeros:,}; {_fmt_bytes(b0)} -> {_fmt_bytes(b1)} on disk "
           f"({b1 / b0:.3f} of the input; {kinds}){ft}; {seconds:.1f} s -> {args.out}")
     return _finish(ctx)
@@ -567,7 +592,8 @@ def cmd_compress(args, ctx):
     os.makedirs(args.out, exist_ok=True)
     acc0 = _evaluate(session, model)
     b0 = os.path.getsize(args.model)
-    rows = [_row(os.path.basename(args.model), model, args.model, acc0, acc0, b0, 0.0, "input")]
+    rows = [_row(os.path.basename(args.model), model, args.model, acc0, acc0, b0, 0.0, "input",
+                 session)]
     total = time.perf_counter()
     for i, (op, ns) in enumerate(stages, start=1):
         out = os.path.join(args.out, f"{i:02d}-{op}.pykd")
@@ -577,9 +603,10 @@ def cmd_compress(args, ctx):
         seconds = time.perf_counter() - t
         acc = _evaluate(session, new)
         model = save_smallest(new, out, {"role": op, "source": os.fspath(args.model),
-                                         "recipe_stage": i, "test_accuracy": acc,
+                                         "recipe_stage": i, **session.result(acc, new),
                                          "pykd_version": __version__})
-        rows.append(_row(f"{i:02d}-{op}", model, out, acc, acc0, b0, seconds, op))
+        session.r2[id(model)] = session.r2.get(id(new))
+        rows.append(_row(f"{i:02d}-{op}", model, out, acc, acc0, b0, seconds, op, session))
     ctx.models.extend(rows)
     print_stage_table(rows, f"pykd compress: {args.recipe} on {args.model} "
                             f"({time.perf_counter() - total:.0f} s)")
@@ -588,12 +615,20 @@ def cmd_compress(args, ctx):
 
 def print_stage_table(rows, title):
     print(title)
-    head = (f"{'stage':<14} {'kinds':<26} {'accuracy':>9} {'change':>7} {'non-zeros':>10} "
+    regression = bool(rows) and rows[0].get("task") == "regression"
+    head = (f"{'stage':<14} {'kinds':<26} {'RMSE' if regression else 'accuracy':>9} "
+            f"{'change':>7} {'non-zeros':>10} "
             f"{'on disk':>10} {'ratio':>7} {'seconds':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        ch = "-" if r["accuracy_change_points"] is None else f"{r['accuracy_change_points']:+.2f}"
-        print(f"{r['name']:<14} {','.join(r['kinds']):<26} {_pct(r['test_accuracy']):>9} "
+        if regression:
+            ch = "-" if r["rmse_change"] is None else f"{r['rmse_change']:+.3g}"
+            score = _num(r["test_rmse"])
+        else:
+            ch = ("-" if r["accuracy_change_points"] is None
+                  else f"{r['accuracy_change_points']:+.2f}")
+            score = _pct(r["test_accuracy"])
+        print(f"{r['name']:<14} {','.join(r['kinds']):<26} {score:>9} "
               f"{ch:>7} {r['nonzeros']:>10,} {_fmt_bytes(r['bytes_on_disk']):>10} "
               f"{r['bytes_ratio']:>7.3f} {r['seconds']:>8.1f}")

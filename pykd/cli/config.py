@@ -23,7 +23,7 @@ import json
 import math
 import os
 
-__all__ = ["ConfigError", "install", "prepare", "effective", "load", "to_toml"]
+__all__ = ["ConfigError", "install", "prepare", "effective", "explicit", "load", "to_toml"]
 
 #: Options that are not configuration: what the file itself cannot set.
 _NOT_KEYS = {"help", "config", "version"}
@@ -276,6 +276,19 @@ def prepare(parser, argv):
         if not action.option_strings and action.nargs is None:
             action.nargs = "?"                  # a positional the file gives
     sub.set_defaults(**converted)
+    sub._pykd_config_dests = set(converted)
+
+
+def explicit(parser, argv):
+    """The options (dests) that ``argv`` or its ``--config`` file set
+    explicitly (after :func:`prepare`), as opposed to defaults: a command
+    refuses an option that has no effect only when it was given."""
+    found = _command(parser, argv)
+    if found is None:
+        return set()
+    _, sub, rest = found
+    given, _ = _given(sub, rest)
+    return {a.dest for a in given} | set(getattr(sub, "_pykd_config_dests", ()))
 
 
 def _plain(v):

@@ -76,7 +76,7 @@ def register(sub):
                    help="keep the training checkpoints (*.ckpt.npz) after a finished run "
                         "(default: removed)")
     _add_classes(p)
-    _add_common(p)
+    _add_common(p, task=False)       # a classification demo
     p.set_defaults(func=cmd_demo)
 
 
@@ -88,7 +88,7 @@ def cmd_demo(args, ctx):
         QUICK["student_epochs"] if quick else DEMO["student_epochs"])
     _check_out_dir_tree(args.out, "--out")
     _check_outputs(args, [])
-    ds = _load_data(args, ctx)
+    ds = _load_data(args, ctx, tasks=("classification",))
     if quick:
         from ..data import Dataset
         ds = Dataset(ds.X_train[:QUICK["n_train"]], ds.y_train[:QUICK["n_train"]],

@@ -15,7 +15,7 @@ from ..exchange.onnx import ExchangeError
 from ..models import _argmax_finite, load_model
 from . import _plural
 from . import (CLIError, _add_common, _check_outputs, _finish, _fmt_bytes, _input_file,
-               _nan_to_none, _pos_int, _save_npy, _writing)
+               _model_task, _nan_to_none, _pos_int, _save_npy, _writing)
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 70
@@ -152,6 +152,7 @@ def model_info(model, path=None):
         layers.append(d)
     return {"path": None if path is None else os.fspath(path),
             "bytes_on_disk": os.path.getsize(path) if path and os.path.isfile(path) else None,
+            "task": _model_task(model, "classification"),
             "sizes": net.sizes, "layers": layers, "parameters": int(net.parameters),
             "nonzeros": int(net.nonzeros), "bytes": int(net.nbytes),
             "norm": _norm_info(net.norm), "out_norm": _norm_info(net.out_norm),
@@ -265,6 +266,10 @@ def cmd_predict(args, ctx):
                        f"{args.model} "
                        f"takes {_plural(model.n_features, 'feature')}")
     X = _exact_inputs(X, args.data)
+    if args.labels and _model_task(model) == "regression":
+        raise CLIError(f"--labels has no effect on a regression model ({args.model}): it "
+                       "predicts values, not classes; drop --labels for its outputs in "
+                       "physical units")
     if X.dtype == np.bool_:
         X = X.view(np.uint8)
     t = time.perf_counter()
@@ -276,7 +281,8 @@ def cmd_predict(args, ctx):
         raise CLIError(f"{args.data}: {e}") from None
     seconds = time.perf_counter() - t
     _save_npy(args.out, Y, "predictions file")
-    what = "labels" if args.labels else "outputs"
+    what = "labels" if args.labels else ("outputs, physical units" if _model_task(model) ==
+                                         "regression" else "outputs")
     print(f"predict: {_plural(X.shape[0], 'row')} -> {args.out} ({what}, shape {Y.shape}, "
           f"{Y.dtype}) in "
           f"{seconds:.2f} s")
@@ -299,7 +305,9 @@ def _print_info(info, model, path):
         print(f"  {d['layer']:>2} {d['kind']:<16} {d['n_in']:>7} {d['n_out']:>7} "
               f"{d['activation']:<10} {d['parameters']:>11,} {d['nonzeros']:>10,} "
               f"{d['bytes']:>10,}  {extra}")
-    for key, label in (("norm", "input normalisation"), ("out_norm", "output normalisation")):
+    print(f"  task: {info['task']}")
+    for key, label in (("norm", "input normalisation"),
+                       ("out_norm", "output normalisation (targets)")):
         n = info[key]
         text = n["kind"]
         if n["kind"] == "scalar":

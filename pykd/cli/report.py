@@ -3,7 +3,6 @@ first model, parameters, non-zeros, bytes on disk, latency) and the ratios
 to the first model; ``--json`` in the schema of docs/report.md."""
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -14,8 +13,9 @@ from .. import __version__
 from ..data import DatasetError
 from ..train import evaluate
 from . import _plural
-from . import (CLIError, _add_debug, _check_outputs, _data_path, _fmt_bytes, _load_data,
-               _load_model_checked, _pos_int, _write_json)
+from . import (CLIError, _add_data_options, _add_debug, _check_model_task, _check_outputs,
+               _data_path, _fmt_bytes, _load_data, _load_model_checked, _pos_int,
+               _target_names, _write_json)
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 60
@@ -31,18 +31,19 @@ def register(sub):
         description="One row per model: test accuracy, top-1 agreement with the first model, "
                     "parameters, non-zeros, bytes on disk, batch-1 and batch-256 latency "
                     f"(median of --repeats timed calls after {WARMUP} warm-up calls), and the "
-                    "ratios to the first model. Regression data (float labels in an .npz) "
-                    "gives RMSE and R^2 instead of accuracy and agreement. The JSON schema "
-                    "is in docs/report.md.")
+                    "ratios to the first model. Regression data (float targets, or --task "
+                    "regression) gives RMSE and R^2 (overall and per output) instead of "
+                    "accuracy and agreement. The JSON schema is in docs/report.md.")
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="model files; the first is the reference of the ratios")
     p.add_argument("--json", metavar="OUT.json", help="write the table as JSON (- : stdout)")
     p.add_argument("--plot", metavar="OUT.png",
                    help="accuracy (regression: RMSE) against bytes on disk, log x "
                         "(needs matplotlib)")
-    p.add_argument("--data", metavar="DIR|FILE.npz",
-                   help="dataset whose test split is used (default: Fashion-MNIST); an .npz "
-                        "with float y_test is a regression set")
+    p.add_argument("--data", metavar="DIR|FILE.npz|FILE.csv",
+                   help="dataset whose test split is used (default: Fashion-MNIST); float "
+                        "targets are a regression set")
+    _add_data_options(p)
     p.add_argument("--repeats", type=_pos_int, default=REPEATS, metavar="N",
                    help=f"timed calls per latency, after {WARMUP} warm-up calls; the median "
                         f"is reported (default: {REPEATS})")
@@ -57,31 +58,6 @@ def register(sub):
 
 
 # ------------------------------------------------------------------ pieces
-
-def _regression_test_set(path):
-    """(X_test, y_test float64) from an .npz whose y_test is float and not
-    integer-valued, or None when the dataset is a classification set."""
-    if path is None or not os.path.isfile(path) or not os.fspath(path).endswith(".npz"):
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "y_test" not in z.files or "X_test" not in z.files:
-                return None
-            y = z["y_test"]
-            if y.dtype.kind != "f" or (y.ndim == 1 and np.all(np.mod(y, 1) == 0)):
-                return None
-            X = z["X_test"]
-    except (OSError, ValueError) as e:
-        raise CLIError(f"{path}: cannot read the dataset ({e})") from None
-    if X.ndim != 2 or X.dtype.kind not in "fiu" or y.shape[0] != X.shape[0] or y.ndim > 2:
-        raise CLIError(f"{path}: regression data needs X_test (n, features) and y_test (n,) "
-                       f"or (n, outputs), got {X.shape} and {y.shape}")
-    if X.shape[0] == 0:
-        raise CLIError(f"{path}: the test split is empty")
-    if not (np.isfinite(X).all() and np.isfinite(y).all()):
-        raise CLIError(f"{path}: X_test or y_test contains NaN or inf")
-    return np.ascontiguousarray(X, np.float32), y.astype(np.float64)
-
 
 def latency_us(model, X, batch, repeats, warmup=WARMUP, backend=None):
     """Median wall time of ``model.forward`` on ``batch`` rows, in
@@ -98,18 +74,6 @@ def latency_us(model, X, batch, repeats, warmup=WARMUP, backend=None):
     return 1e6 * statistics.median(times)
 
 
-def _regression_metrics(pred, y):
-    pred = pred.astype(np.float64).reshape(y.shape[0], -1)
-    y2 = y.reshape(y.shape[0], -1)
-    if pred.shape != y2.shape:
-        raise CLIError(f"the model gives {_plural(pred.shape[1], 'output')} but y_test has "
-                       f"{_plural(y2.shape[1], 'column')}")
-    res = float(((pred - y2) ** 2).sum())
-    tot = float(((y2 - y2.mean(axis=0)) ** 2).sum())
-    rmse = math.sqrt(res / y2.size)
-    return rmse, (1.0 - res / tot) if tot > 0 else float("nan")
-
-
 def _ratio(a, b):
     return None if a is None or b is None or not b else a / b
 
@@ -120,10 +84,12 @@ def _measure(path, model, X, y, ref_pred, args, regression):
            "parameters": int(model.parameters), "nonzeros": int(model.nonzeros),
            "bytes_on_disk": os.path.getsize(path)}
     if regression:
-        pred = model.forward(X, backend=args.backend)
-        row["rmse"], row["r2"] = _regression_metrics(pred, y)
+        ev = evaluate(model, X, y, backend=args.backend)
+        for k in ("rmse", "r2", "mae", "rmse_per_output", "r2_per_output", "mae_per_output"):
+            if k in ev:
+                row[k] = ev[k]
         row["test_accuracy"] = row["agreement"] = None
-        out = pred
+        out = None
     else:
         ev = evaluate(model, X, y, backend=args.backend)
         out = model.predict(X, backend=args.backend)
@@ -180,6 +146,19 @@ def _print_table(rows, regression, repeats, no_latency):
     print(note)
 
 
+def _print_per_output(rows, targets):
+    """RMSE and R^2 of every output, one row per model."""
+    if "rmse_per_output" not in rows[0] or len(targets) < 2:
+        return
+    width = max(12, *(len(r["name"]) for r in rows))
+    print("per output (RMSE / R^2):")
+    print(f"{'model':<{width}}" + "".join(f" {t:>19}" for t in targets))
+    for r in rows:
+        print(f"{r['name']:<{width}}" + "".join(
+            f" {f'{a:.4g} / {b:.4f}':>19}" for a, b in zip(r["rmse_per_output"],
+                                                        r["r2_per_output"])))
+
+
 def _plot_report(rows, path, regression):
     import matplotlib
     matplotlib.use("Agg")
@@ -218,22 +197,20 @@ def cmd_report(args, ctx):
     from . import _input_file
     for path in args.models:
         _input_file(path, "model")
-    reg = _regression_test_set(args.data)
-    if reg is not None:
-        X, y = reg
-        ctx.info(f"data: {args.data}: regression test set of {_plural(X.shape[0], 'row')}")
-    else:
-        try:
-            ds = _load_data(args, ctx)
-        except DatasetError as e:
-            raise CLIError(str(e)) from None
-        X, y = ds.X_test, ds.y_test
-        if X.shape[0] == 0:
-            raise CLIError(f"{_data_path(args)}: the test split is empty")
+    try:
+        ds = _load_data(args, ctx)
+    except DatasetError as e:
+        raise CLIError(str(e)) from None
+    X, y = ds.X_test, ds.y_test
+    if X.shape[0] == 0:
+        raise CLIError(f"{_data_path(args)}: the test split is empty")
+    reg = ds.task == "regression"
     n_features = X.shape[1]
     models = [(p, _load_model_checked(p, n_features, "model", args.backend))
               for p in args.models]
-    if reg is None:
+    for p, m in models:
+        _check_model_task(p, m, ds)
+    if not reg:
         for p, m in models:
             if y.size and int(y.max()) >= m.n_outputs:
                 raise CLIError(f"{_data_path(args)}: test label {int(y.max())} is outside the "
@@ -241,17 +218,20 @@ def cmd_report(args, ctx):
     rows, ref = [], None
     for p, m in models:
         t = time.perf_counter()
-        row, out = _measure(p, m, X, y, ref, args, reg is not None)
+        row, out = _measure(p, m, X, y, ref, args, reg)
         if ref is None:
             ref = out
         rows.append(row)
         ctx.info(f"{p}: measured in {time.perf_counter() - t:.1f} s")
     _add_ratios(rows)
+    targets = list(_target_names(ds, models[0][1])) if reg else None
     if args.json != "-":
-        _print_table(rows, reg is not None, args.repeats, args.no_latency)
+        _print_table(rows, reg, args.repeats, args.no_latency)
+        if reg and not args.quiet:
+            _print_per_output(rows, targets)
     doc = {"pykd_version": __version__, "data": _data_path(args), "split": "test",
-           "n_test": int(X.shape[0]), "task": "regression" if reg is not None else
-           "classification", "backend": args.backend, "threads": args.threads,
+           "n_test": int(X.shape[0]), "task": ds.task, "targets": targets,
+           "backend": args.backend, "threads": args.threads,
            "timing": None if args.no_latency else {"warmup": WARMUP, "repeats": args.repeats,
                                                    "statistic": "median",
                                                    "batches": list(BATCHES)},
@@ -261,6 +241,6 @@ def cmd_report(args, ctx):
         if args.json != "-":
             ctx.info(f"JSON: {args.json}")
     if args.plot:
-        _plot_report(rows, args.plot, reg is not None)
+        _plot_report(rows, args.plot, reg)
         ctx.info(f"plot: {args.plot}")
     return 0
