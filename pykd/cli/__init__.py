@@ -510,7 +510,7 @@ def _task_options(args, task):
     conf = getattr(args, "_configuration", None)
     fill = {"task": task}
     if task == "regression":
-        if hasattr(args, "loss"):
+        if hasattr(args, "loss") and getattr(args, "epochs", 1):   # a command that trains
             fill["loss"] = args.loss or "mse"
             if fill["loss"] == "huber":
                 fill["huber_delta"] = args.huber_delta or 1.0
@@ -824,7 +824,8 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
                       y_val=ds.y_test if has_test else None, checkpoint=checkpoint,
                       resume=resume, progress=not ctx.quiet, desc=name, **kw)
     agree_with = teacher if teacher is not None and not regression else None
-    ev = evaluate(model, ds.X_test, ds.y_test, teacher=agree_with) if has_test else \
+    ev = (regression_eval(model, ds.X_test, ds.y_test, backend=backend) if regression else
+          evaluate(model, ds.X_test, ds.y_test, teacher=agree_with)) if has_test else \
         _empty_eval(model, regression)
     result = ({"test_rmse": ev["rmse"] if has_test else None,
                "test_r2": ev["r2"] if has_test else None} if regression else
@@ -1330,14 +1331,15 @@ def _evaluate_regression(args, ctx, ds, model, X, y):
         teacher = _load_model_checked(args.teacher, ds.n_features, "teacher", args.backend)
         _check_model_task(args.teacher, teacher, ds, "teacher")
     t = time.perf_counter()
-    ev = evaluate(model, X, y, backend=args.backend)
+    ev = regression_eval(model, X, y, teacher=teacher, backend=args.backend)
     seconds = time.perf_counter() - t
     entry = _entry(os.path.basename(args.model), model, ev, _meta_dict(model, "history"),
                    _meta_dict(model, "config") or None, args.model)
     entry.update(split=args.split, eval_seconds=seconds,
                  targets=list(_target_names(ds, model)))
     if teacher is not None:           # the gap to the teacher, on the same rows
-        tev = evaluate(teacher, X, y, backend=args.backend)
+        tev = regression_eval(teacher, X, y, backend=args.backend)
+        entry["teacher_rmse"] = ev["teacher_rmse"]
         entry["teacher"] = {"path": args.teacher,
                             **{f"test_{k}": tev[k] for k in REGRESSION_METRICS if k in tev}}
     ctx.models.append(entry)
@@ -1350,10 +1352,27 @@ def _evaluate_regression(args, ctx, ds, model, X, y):
           f"{seconds:.2f} s; overall: the mean over outputs)")
     if teacher is not None:
         print(f"  teacher {args.teacher}: RMSE {_num(tev['rmse'])}, R^2 "
-              f"{_num(tev['r2'], '.4f')}")
+              f"{_num(tev['r2'], '.4f')}; RMSE between the two models' outputs "
+              f"{_num(ev['teacher_rmse'])}")
     if not ctx.quiet:
         print_regression_table(ev, _target_names(ds, model))
     return _finish(ctx)
+
+
+def regression_eval(model, X, y, *, teacher=None, backend=None):
+    """evaluate() of a regression model on float targets, also for a model
+    whose metadata names no task (made outside fit, or an older file): its
+    outputs are then scored as values, which is what the data asks for."""
+    if getattr(model, "task", None) == "regression":
+        return evaluate(model, X, y, teacher=teacher, backend=backend)
+    from ..metrics import regression_metrics
+    out = model.forward(X, backend=backend)
+    ev = {"task": "regression", **regression_metrics(y, out), "teacher_rmse": None}
+    if teacher is not None:
+        ev["teacher_rmse"] = regression_metrics(teacher.forward(X, backend=backend), out)["rmse"]
+    ev.update(parameters=model.parameters, nonzeros=model.nonzeros, bytes=model.nbytes,
+              n=int(X.shape[0]))
+    return ev
 
 
 def _target_names(ds, model):

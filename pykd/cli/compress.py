@@ -32,7 +32,7 @@ from . import _plural
 from . import (CLIError, _add_common, _check_model_task, _check_out_dir_tree, _check_outputs,
                _data_path, _finish, _fmt_bytes, _input_file, _load_data, _load_logits,
                _load_model_checked, _model_info, _nonneg_int, _num, _number, _pct,
-               _pos_float, _pos_int, _unit, _writing)
+               _pos_float, _pos_int, _unit, _writing, regression_eval)
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 50
@@ -79,6 +79,12 @@ def _add_finetune(p, *, epochs_help="fine-tuning epochs; 0 (default): no fine-tu
     p.add_argument("--alpha", type=_unit, default=None,
                    help="weight of the hard-label loss in distillation "
                         f"(default: {FT_DEFAULTS['alpha']:g})")
+    p.add_argument("--loss", choices=("mse", "huber"), default=None,
+                   help="regression fine-tuning loss (default: mse; with a teacher its _kd "
+                        "form)")
+    p.add_argument("--huber-delta", type=_pos_float, default=None, metavar="D",
+                   help="Huber threshold in normalised target units (default: 1); needs "
+                        "--loss huber")
     p.add_argument("--seed", type=_nonneg_int, default=0,
                    help="seed of the shuffling (and of k-means) (default: 0)")
 
@@ -195,8 +201,8 @@ def check_stage(op, ns, opt=None):
         if given:
             key = "teacher" if ns.teacher else "teacher_logits"
             return key, f"is used only for fine-tuning: give {opt('epochs')} N (N >= 1) too"
-        for key in FT_DEFAULTS:
-            if getattr(ns, key) is not None:
+        for key in (*FT_DEFAULTS, "loss", "huber_delta"):
+            if getattr(ns, key, None) is not None:
                 return key, f"is a fine-tuning option: give {opt('epochs')} N (N >= 1) too"
     if op == "prune":
         if ns.schedule == "gradual" and epochs == 0:
@@ -272,6 +278,7 @@ class Session:
             ds, args = self.ds, self.args
             if teacher:
                 t = _load_model_checked(teacher, ds.n_features, "teacher", args.backend)
+                _check_model_task(teacher, t, ds, "teacher")
                 if t.n_outputs != n_classes:
                     raise CLIError(f"{teacher}: the teacher has "
                                    f"{_plural(t.n_outputs, 'output')} but the "
@@ -293,11 +300,19 @@ class Session:
             logits = self.logits(ns.teacher, ns.teacher_logits, model.n_outputs)
         ds = self.ds
         has_test = ds.X_test.shape[0] > 0
-        return FineTune(ds.X_train, ds.y_train, teacher_logits=logits, epochs=ns.epochs,
+        kw = {k: (getattr(ns, k) if getattr(ns, k) is not None else v)
+              for k, v in defaults.items()}
+        if ds.task == "regression":
+            kw.pop("temperature")
+            kw.update(teacher_outputs=logits, loss=ns.loss or "mse")
+            if ns.huber_delta is not None:
+                kw["huber_delta"] = ns.huber_delta
+        else:
+            kw["teacher_logits"] = logits
+        return FineTune(ds.X_train, ds.y_train, epochs=ns.epochs,
                         seed=ns.seed, X_val=ds.X_test if has_test else None,
                         y_val=ds.y_test if has_test else None, progress=not self.ctx.quiet,
-                        **{k: (getattr(ns, k) if getattr(ns, k) is not None else v)
-                           for k, v in defaults.items()})
+                        **kw)
 
 
 def convert(op, ns, model, session):
@@ -342,12 +357,22 @@ def _distill(ns, model, ft, session):
     if mlp.nonzeros < sum(W.size for W, _ in mlp.layers):
         import pykd
         mask = pykd.weight_masks(mlp) if hasattr(pykd, "weight_masks") else None
-    kd = ft.teacher_logits is not None
-    cfg = TrainConfig(loss="kd" if kd else "ce", lr=ft.lr, seed=ft.seed,
-                      **({"temperature": ft.temperature, "alpha": ft.alpha} if kd else {}))
     kw = {} if mask is None else {"mask": mask}
+    if session.ds.task == "regression":       # mse/huber, their _kd form with a teacher
+        outputs = getattr(ft, "teacher_outputs", None)
+        loss = ft.regression_loss()
+        cfg = TrainConfig(loss=loss, lr=ft.lr, seed=ft.seed,
+                          **({"alpha": ft.alpha} if loss.endswith("_kd") else {}),
+                          **({"huber_delta": ft.huber_delta} if "huber" in loss else {}))
+        kw["teacher_outputs"] = outputs
+        logits = None
+    else:
+        kd = ft.teacher_logits is not None
+        cfg = TrainConfig(loss="kd" if kd else "ce", lr=ft.lr, seed=ft.seed,
+                          **({"temperature": ft.temperature, "alpha": ft.alpha} if kd else {}))
+        logits = ft.teacher_logits
     history = fit(mlp, ft.X, ft.y, cfg=cfg, epochs=ft.epochs, batch_size=ft.batch_size,
-                  teacher_logits=ft.teacher_logits, X_val=ft.X_val, y_val=ft.y_val,
+                  teacher_logits=logits, X_val=ft.X_val, y_val=ft.y_val,
                   progress=ft.progress, backend=session.args.backend, seed=ft.seed,
                   lr_decay=ns.lr_decay, desc="distill", **kw)
     meta = dict(mlp.metadata)
@@ -404,11 +429,11 @@ def _evaluate(session, model):
     ds = session.ds
     if ds.X_test.shape[0] == 0:
         return None
-    ev = evaluate(model, ds.X_test, ds.y_test, backend=session.args.backend)
     if ds.task == "regression":
+        ev = regression_eval(model, ds.X_test, ds.y_test, backend=session.args.backend)
         session.r2[id(model)] = ev["r2"]
         return ev["rmse"]
-    return ev["accuracy"]
+    return evaluate(model, ds.X_test, ds.y_test, backend=session.args.backend)["accuracy"]
 
 
 def _row(name, model, path, acc, acc0, bytes0, seconds, op=None, session=None):

@@ -15,7 +15,7 @@ from ..train import evaluate
 from . import _plural
 from . import (CLIError, _add_data_options, _add_debug, _check_model_task, _check_outputs,
                _data_path, _fmt_bytes, _load_data, _load_model_checked, _pos_int,
-               _target_names, _write_json)
+               _target_names, _write_json, regression_eval)
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 60
@@ -84,7 +84,7 @@ def _measure(path, model, X, y, ref_pred, args, regression):
            "parameters": int(model.parameters), "nonzeros": int(model.nonzeros),
            "bytes_on_disk": os.path.getsize(path)}
     if regression:
-        ev = evaluate(model, X, y, backend=args.backend)
+        ev = regression_eval(model, X, y, backend=args.backend)
         for k in ("rmse", "r2", "mae", "rmse_per_output", "r2_per_output", "mae_per_output"):
             if k in ev:
                 row[k] = ev[k]
