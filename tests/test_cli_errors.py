@@ -52,6 +52,25 @@ def work(tmp_path_factory):
     np.savez(d / "other_features.npz", X_train=X[:, :6], y_train=y, X_test=Xt[:, :6], y_test=yt)
     np.savez(d / "trainonly.npz", X=X, y=y)
     (d / "corrupt.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 40)
+    # regression (issue 14): float targets with 2 outputs, a CSV, teacher outputs
+    Y = np.c_[X[:, 0] - X[:, 1], X[:, 2] * 2].astype(np.float64)
+    Yt = np.c_[Xt[:, 0] - Xt[:, 1], Xt[:, 2] * 2].astype(np.float64)
+    np.savez(d / "reg.npz", X_train=X, y_train=Y, X_test=Xt, y_test=Yt)
+    np.savez(d / "reg3.npz", X_train=X, y_train=np.c_[Y, Y[:, 0]], X_test=Xt,
+             y_test=np.c_[Yt, Yt[:, 0]])
+    np.save(d / "to.npy", Y.astype(np.float32))
+    np.save(d / "to_narrow.npy", Y[:, :1].astype(np.float32))
+    reg = MLP([N_FEAT, 4, 2], seed=0)
+    reg.metadata["task"] = "regression"
+    reg.save(d / "reg.pykd")
+    header = ",".join([f"x{j}" for j in range(N_FEAT)] + ["u", "v"])
+    rows = [",".join(f"{v:.5f}" for v in r) for r in np.c_[X, Y]]
+    (d / "reg.csv").write_text("\n".join([header] + rows) + "\n")
+    (d / "bad.csv").write_text("a,b,y\n1,2,3\n4,oops,6\n")
+    (d / "ragged.csv").write_text("a,b,y\n1,2,3\n4,5,6,7\n")
+    (d / "empty.csv").write_text("")
+    (d / "twolabels.csv").write_text("a,y,z\n1.5,0,1\n2.5,1,0\n")
+    (d / "hd.toml").write_text('huber_delta = 0.5\n')
     # a teacher and its logits
     assert cli.main(["train-teacher", "--hidden", "8", "--epochs", "1", "--data",
                      str(d / "small.npz"), "--out", str(d / "t.pykd"), "--quiet"]) == 0
@@ -221,6 +240,64 @@ CASES = [
     (["evaluate", "--model", T, "--data", D, "--report", "adir"], "the report (--report) is a "
                                                                    "directory"),
     (["demo", "--quick", "--data", D, "--out", T], "--out must be a directory"),
+    # regression and CSV data (issues 14, 17): options with no effect, bad files
+    (DIST + ["--data", "reg.npz", "--teacher-outputs", "to.npy", "-T", "3"],
+     "-T/--temperature has no effect on a regression task"),
+    (TRAIN + ["--data", "reg.npz", "--classes", "3"], "--classes has no effect on a regression"),
+    (TRAIN + ["--loss", "huber"], "--loss has no effect on a classification task"),
+    (TRAIN + ["--huber-delta", "0.5"], "--huber-delta has no effect on a classification task"),
+    (TRAIN + ["--data", "reg.npz", "--huber-delta", "0.5"],
+     "--huber-delta applies to --loss huber only (the loss is mse)"),
+    (TRAIN + ["--data", "reg.npz", "--config", "hd.toml"], "--huber-delta applies to --loss"),
+    (TRAIN + ["--data", "reg.npz", "--huber-delta", "0"], "--huber-delta: must be > 0"),
+    (TRAIN + ["--data", "reg.npz", "--loss", "l1"], "invalid choice"),
+    (TRAIN + ["--data", "reg.npz", "--norm", "minmax"], "invalid choice"),
+    (TRAIN + ["--task", "ranking"], "invalid choice"),
+    (DIST + ["--data", "reg.npz", "--teacher-logits", L],
+     "--teacher-logits has no effect on a regression task: for regression give "
+     "--teacher-outputs"),
+    (DIST + ["--teacher-outputs", "to.npy"], "--teacher-outputs has no effect on a "
+                                              "classification task"),
+    (DIST + ["--data", "reg.npz", "--teacher-outputs", "to_narrow.npy"],
+     f"to_narrow.npy: teacher outputs must have shape ({N_TRAIN}, 2)"),
+    (DIST + ["--data", "reg.npz", "--teacher-outputs", "missing.npy"], "missing.npy does not"),
+    (DIST + ["--data", "reg.npz", "--teacher", T], "t.pykd: the teacher has 5 outputs but the "
+                                                   "data has 2 target columns"),
+    (DIST + ["--teacher", "reg.pykd"], "reg.pykd: the teacher is a regression model but the "
+                                        "data is a classification set"),
+    (["evaluate", "--model", "reg.pykd", "--data", "reg3.npz"],
+     "reg.pykd: the model has 2 outputs but the data has 3 target columns"),
+    (["evaluate", "--model", "reg.pykd", "--data", D, "--task", "regression"],
+     "the model has 2 outputs but the data has 1 target column"),
+    (["soft-labels", "--teacher", "reg.pykd", "--out", "o.npy", "--data", "reg.npz", "-T", "2"],
+     "-T/--temperature has no effect on a regression task"),
+    (["predict", "--model", "reg.pykd", "--data", "to.npy", "--out", "p.npy", "--labels"],
+     "--labels has no effect on a regression model"),
+    (["demo", "--quick", "--data", "reg.npz", "--out", "dd"], "pykd demo is for classification"),
+    (["quantize", "--model", "reg.pykd", "--out", "q.pykd", "--data", "reg.npz", "--loss", "mse"],
+     "--loss is a fine-tuning option"),
+    (TRAIN + ["--data", "reg.csv"], "reg.csv: a CSV dataset needs --target-columns"),
+    (TRAIN + ["--data", "reg.csv", "--target-columns", "u,zz"],
+     "reg.csv: target column 'zz' is not in the header; the columns are: x0, x1"),
+    (TRAIN + ["--data", "reg.csv", "--target-columns", "u,"], "--target-columns: expected"),
+    (TRAIN + ["--target-columns", "u"], "--target-columns is for a CSV dataset"),
+    (TRAIN + ["--test-data", "reg.csv"], "--test-data is for a CSV dataset"),
+    (TRAIN + ["--data", "reg.csv", "--target-columns", "u", "--test-data", "none.csv"],
+     "none.csv does not exist"),
+    (TRAIN + ["--data", "reg.csv", "--target-columns", "u", "--test-fraction", "1.5"],
+     "--test-fraction: must be in (0, 1)"),
+    (TRAIN + ["--data", "reg.csv", "--target-columns", "u", "--test-fraction", "0.2",
+              "--test-data", "reg.csv"], "not allowed with"),
+    (TRAIN + ["--test-fraction", "0.2"], "small.npz: the dataset has a test split already"),
+    (TRAIN + ["--data", "bad.csv", "--target-columns", "y"],
+     "bad.csv: line 3, column 2 ('b'): 'oops' is not a number"),
+    (TRAIN + ["--data", "ragged.csv", "--target-columns", "y"],
+     "ragged.csv: line 3 has 4 fields but the header has 3"),
+    (TRAIN + ["--data", "empty.csv", "--target-columns", "y"], "empty.csv: the file is empty"),
+    (TRAIN + ["--data", "twolabels.csv", "--target-columns", "y,z"],
+     "classification takes one label column, got 2"),
+    (["evaluate", "--model", T, "--data", "reg.csv", "--target-columns", "u,v,x0,x1,x2,x3,x4,"
+      "x5,x6,x7,x8,x9,x10,x11"], "every column is a target"),
 ]
 
 

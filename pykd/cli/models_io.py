@@ -257,6 +257,10 @@ def cmd_predict(args, ctx):
     _check_outputs(args, [(args.out, "predictions file", "--out")])
     _input_file(args.data, "data")
     model = _load(args.model, backend=args.backend)
+    if args.labels and _model_task(model) == "regression":
+        raise CLIError(f"--labels has no effect on a regression model ({args.model}): it "
+                       "predicts values, not classes; drop --labels for its outputs in "
+                       "physical units")
     try:
         X = _io.load_npy(args.data, dtype_kinds="biuf", ndim=2, what="inputs")
     except _io.ArrayFileError as e:
@@ -266,10 +270,6 @@ def cmd_predict(args, ctx):
                        f"{args.model} "
                        f"takes {_plural(model.n_features, 'feature')}")
     X = _exact_inputs(X, args.data)
-    if args.labels and _model_task(model) == "regression":
-        raise CLIError(f"--labels has no effect on a regression model ({args.model}): it "
-                       "predicts values, not classes; drop --labels for its outputs in "
-                       "physical units")
     if X.dtype == np.bool_:
         X = X.view(np.uint8)
     t = time.perf_counter()
