@@ -914,12 +914,18 @@ def _plot(histories, path):
         labelled.add(label)
         # markers, so that a one-epoch run shows its point
         ax1.plot(h["epoch"], h["loss"], "o-", color=color, label=label, alpha=0.85, ms=3)
-        acc = [np.nan if v is None else 100 * v for v in h["test_accuracy"]]
+        if any(v is not None for v in h.get("test_rmse", ())):      # regression
+            acc = [np.nan if v is None else v for v in h["test_rmse"]]
+        else:
+            acc = [np.nan if v is None else 100 * v for v in h["test_accuracy"]]
         ax2.plot(h["epoch"], acc, "o-", color=color, label=label, alpha=0.85, ms=3)
     kd = any(name.startswith("kd_") for name in histories)
     ax1.set(xlabel="epoch", ylabel="training loss",
             title="Training loss (KD students: the KD objective)" if kd else "Training loss")
-    ax2.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+    regression = any(any(v is not None for v in h.get("test_rmse", ()))
+                     for h in histories.values())
+    ax2.set(xlabel="epoch", ylabel="test RMSE" if regression else "test accuracy (%)",
+            title="Test RMSE (mean over outputs)" if regression else "Test accuracy")
     from matplotlib.ticker import MaxNLocator
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
