@@ -169,7 +169,7 @@ def test_teacher_outputs_file_equals_teacher(trained, capsys, tmp_path):
                           "--out", tmp_path / "to.npy"], capsys)
     assert code == 0, err
     assert "teacher outputs (physical units)" in out
-    header, A = _csv_table(d / "reg.csv")
+    _, A = _csv_table(d / "reg.csv")
     train, _ = _split(A.shape[0])
     t = load_model(d / "t.pykd")
     outputs = np.load(tmp_path / "to.npy")
@@ -210,7 +210,7 @@ def test_npz_float_targets_and_task(capsys, tmp_path):
     code, _, err = run(base + ["--task", "classification", "--norm", "per-feature",
                                "--out", tmp_path / "cp.pykd"], capsys)
     assert code == 0, err
-    mean, std = load_model(tmp_path / "cp.pykd").norm
+    mean, _ = load_model(tmp_path / "cp.pykd").norm
     np.testing.assert_allclose(mean, X[:90].mean(axis=0), rtol=1e-4, atol=1e-6)
     code, _, err = run(base + ["--norm", "scalar", "--out", tmp_path / "rs.pykd"], capsys)
     assert code == 0

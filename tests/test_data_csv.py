@@ -34,7 +34,7 @@ def table(tmp_path):
 
 
 def test_values_columns_and_dtypes(table):
-    header, ref = _reference(table)
+    _, ref = _reference(table)
     X, y, features, targets = read_csv(table, ["v", "u"])
     assert features == ("x0", "x1", "x3") and targets == ("v", "u")
     assert X.dtype == np.float32 and X.flags.c_contiguous and X.shape == (40, 3)
