@@ -140,7 +140,7 @@ def test_per_feature_normalisation_in_physical_units(trained, capsys, tmp_path):
     d, _ = trained
     t = load_model(d / "t.pykd")
     mean, std = t.norm
-    header, A = _csv_table(d / "reg.csv")
+    _, A = _csv_table(d / "reg.csv")
     train, _ = _split(A.shape[0])
     X_train = A[train][:, [0, 2, 3]]
     np.testing.assert_allclose(mean, X_train.mean(axis=0), rtol=1e-4, atol=1e-6)
