@@ -292,3 +292,14 @@ def test_classification_from_csv(capsys, tmp_path):
     assert "test accuracy" in out
     m = load_model(tmp_path / "c.pykd")
     assert m.n_outputs == int(label.max()) + 1 and m.n_features == 3
+
+
+def test_evaluate_warns_about_another_split(trained, capsys):
+    d, _ = trained
+    code, _, err = run(["evaluate", "--data", d / "reg.csv", "--target-columns", "u,v",
+                        "--test-fraction", str(FRACTION), "--seed", str(SEED + 1), "--quiet",
+                        "--model", d / "s.pykd"], capsys)
+    assert code == 0
+    (line,) = err.splitlines()
+    assert line.startswith("pykd evaluate: warning: ") and f"--seed {SEED}" in line
+    assert "may include training rows" in line

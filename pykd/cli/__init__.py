@@ -536,6 +536,20 @@ def _model_task(model, default=None):
     return "regression" if getattr(model, "out_norm", None) is not None else default
 
 
+def _warn_split(args, ctx, model, path):
+    """Warn when the model was trained on a --test-fraction split other than
+    this command's: its test rows may then include training rows."""
+    config = _meta_dict(model, "config")
+    if "split_seed" not in config or getattr(args, "test_fraction", None) is None:
+        return
+    if (config.get("test_fraction"), config.get("split_seed")) != (args.test_fraction,
+                                                                     args.seed):
+        ctx.warn(f"{path} was trained with --test-fraction {config.get('test_fraction')} "
+                 f"--seed {config.get('split_seed')}, and this split is --test-fraction "
+                 f"{args.test_fraction} --seed {args.seed}: its test rows may include "
+                 "training rows")
+
+
 def _check_model_task(path, model, ds, what="model"):
     """The model's task and outputs match the data (regression: one output
     per target column)."""
@@ -1291,6 +1305,7 @@ def cmd_evaluate(args, ctx):
     X, y = (ds.X_test, ds.y_test) if args.split == "test" else (ds.X_train, ds.y_train)
     if X.shape[0] == 0:
         raise CLIError(f"{_data_path(args)}: the {args.split} split is empty")
+    _warn_split(args, ctx, model, args.model)
     if ds.task == "regression":
         return _evaluate_regression(args, ctx, ds, model, X, y)
     _check_model_task(args.model, model, ds)
