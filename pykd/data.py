@@ -633,7 +633,8 @@ def read_csv(path: str | os.PathLike, target_columns) -> tuple:
     count of every row), so nothing is allocated before its shape is known;
     NumPy (``numpy.loadtxt``) then parses the numbers. Empty lines are
     skipped; a UTF-8 byte-order mark and ``\\r\\n`` line ends are accepted;
-    header names may be in double quotes.
+    header names may be in double quotes (a name cannot hold a comma; data
+    cells are plain numbers).
 
     Parameters
     ----------
