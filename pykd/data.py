@@ -92,8 +92,9 @@ class Dataset:
         gives float32 ``x / 255`` rows when indexed.
     y_train, y_test : ndarray
         Classification: int64 class labels, shape (n,), non-negative.
-        Regression: float32 targets, shape (n, n_outputs), C-contiguous,
-        finite.
+        Regression: targets of shape (n, n_outputs), C-contiguous, finite,
+        float32 or float64 as stored (a CSV file's: float64), float32 from
+        integers.
     name : str
         Short name for messages and metadata.
     task : {"classification", "regression"}
@@ -373,7 +374,9 @@ def _labels(y: np.ndarray, what: str, source: str) -> np.ndarray:
 
 
 def _targets(y: np.ndarray, what: str, source: str) -> np.ndarray:
-    """Regression targets as C-contiguous float32 (n, n_outputs), finite."""
+    """Regression targets as C-contiguous (n, n_outputs), finite and within
+    float32's range: float32 or float64 as stored (the metrics then use the
+    file's values), float32 for any other dtype."""
     if y.ndim not in (1, 2):
         raise DatasetError(f"{source}: {what} must be 1-D or 2-D (n, outputs), got shape "
                            f"{y.shape}")
@@ -382,13 +385,15 @@ def _targets(y: np.ndarray, what: str, source: str) -> np.ndarray:
     y2 = y.reshape(y.shape[0], 1) if y.ndim == 1 else y
     if y2.shape[1] == 0:
         raise DatasetError(f"{source}: {what} has no target columns (shape {y.shape})")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(y2, dtype=np.float32)
-    if not np.isfinite(out).all():
-        bad = np.argwhere(~np.isfinite(out))[0]
-        v = y2[tuple(bad)].item()
+    keep = y2.dtype in (np.float32, np.float64)
+    out = np.ascontiguousarray(y2, dtype=y2.dtype if keep else np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = ~(np.abs(out) <= np.finfo(np.float32).max)       # NaN, inf, beyond float32
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        v = y2[i, j].item()
         why = "beyond float32" if math.isfinite(v) else "not finite"
-        raise DatasetError(f"{source}: {what}[{bad[0]}, {bad[1]}] = {v!r} is {why}")
+        raise DatasetError(f"{source}: {what}[{i}, {j}] = {v!r} is {why}")
     return out
 
 
@@ -812,8 +817,9 @@ def load_dataset(path: str | os.PathLike | None = None, *, task: str | None = No
         Images (2-D, or 3-D flattened to 2-D) as float32; ``uint8`` images are
         scaled to [0, 1] by dividing by 255, other numeric dtypes are converted
         unchanged (memory-mapped images: float32 memmaps or
-        :class:`ScaledImages`). Classification labels as int64 (n,); regression targets as
-        float32 (n, n_outputs).
+        :class:`ScaledImages`). Classification labels as int64 (n,);
+        regression targets (n, n_outputs), float32 or float64 as stored (CSV:
+        float64; integers: float32).
 
     Raises
     ------

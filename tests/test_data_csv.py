@@ -42,8 +42,8 @@ def test_values_columns_and_dtypes(table):
     assert y.dtype == np.float64 and np.array_equal(y, ref[:, [4, 2]])
     ds = load_dataset(table, target_columns=["v", "u"])
     assert ds.task == "regression" and ds.n_outputs == 2 and ds.n_classes == 0
-    assert ds.y_train.dtype == np.float32 and ds.y_train.shape == (40, 2)
-    assert np.array_equal(ds.y_train, ref[:, [4, 2]].astype(np.float32))
+    assert ds.y_train.dtype == np.float64 and ds.y_train.shape == (40, 2)
+    assert np.array_equal(ds.y_train, ref[:, [4, 2]])
     assert ds.X_test.shape == (0, 3) and ds.y_test.shape == (0, 2)
     assert ds.target_names == ("v", "u") and ds.feature_names == ("x0", "x1", "x3")
 
@@ -87,6 +87,9 @@ def test_npz_task_rules(tmp_path):
     np.savez(tmp_path / "r.npz", X=X, y=rng.standard_normal(8))
     ds = load_dataset(tmp_path / "r.npz")
     assert ds.task == "regression" and ds.y_train.shape == (8, 1)
+    assert ds.y_train.dtype == np.float64                     # as stored
+    np.savez(tmp_path / "r32.npz", X=X, y=rng.standard_normal(8).astype(np.float32))
+    assert load_dataset(tmp_path / "r32.npz").y_train.dtype == np.float32
     np.savez(tmp_path / "r2.npz", X_train=X, y_train=rng.standard_normal((8, 2)),
              X_test=X[:3], y_test=rng.standard_normal((3, 2)))
     ds = load_dataset(tmp_path / "r2.npz")
@@ -131,8 +134,8 @@ def test_test_fraction_is_seeded(table):
     # the rows of the generator's permutation, each split in file order
     test = np.sort(np.random.default_rng(7).permutation(40)[:10])
     train = np.setdiff1d(np.arange(40), test)
-    assert np.array_equal(a.y_test[:, 0], ref[test, 4].astype(np.float32))
-    assert np.array_equal(a.y_train[:, 0], ref[train, 4].astype(np.float32))
+    assert np.array_equal(a.y_test[:, 0], ref[test, 4])
+    assert np.array_equal(a.y_train[:, 0], ref[train, 4])
 
 
 def test_test_fraction_of_an_xy_npz(tmp_path):
