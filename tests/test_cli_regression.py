@@ -303,3 +303,26 @@ def test_evaluate_warns_about_another_split(trained, capsys):
     (line,) = err.splitlines()
     assert line.startswith("pykd evaluate: warning: ") and f"--seed {SEED}" in line
     assert "may include training rows" in line
+
+
+def test_test_file_and_hint_term(trained, capsys, tmp_path):
+    """--test-data FILE.csv is the test split (its columns in any order), and
+    regression distillation takes the hint term."""
+    d, _ = trained
+    header, A = _csv_table(d / "reg.csv")
+    order = [4, 3, 2, 1, 0]
+    (tmp_path / "test.csv").write_text(",".join(header[k] for k in order) + "\n" + "\n".join(
+        ",".join(f"{r[k]:.6f}" for k in order) for r in A[:50]) + "\n")
+    data = ["--data", d / "reg.csv", "--target-columns", "u,v", "--test-data",
+            tmp_path / "test.csv", "--quiet"]
+    code, _, err = run(["distill", *data, "--teacher", d / "t.pykd", "--hidden", "8",
+                        "--epochs", "2", "--hint-student-layer", "1", "--hint-weight", "0.5",
+                        "--out", tmp_path / "h.pykd", "--report", tmp_path / "h.json"], capsys)
+    assert code == 0, err
+    h = load_model(tmp_path / "h.pykd")
+    cfg = h.metadata["config"]
+    assert cfg["train"]["loss"] == "mse_kd" and cfg["train"]["hint_layer"] == 1
+    assert cfg["hint_teacher_layer"] == 2 and cfg["test_data"].endswith("test.csv")
+    e = json.loads((tmp_path / "h.json").read_text())["models"][0]
+    rmse, _ = _rmse_r2(h.forward(A[:50][:, [0, 2, 3]].astype(np.float32)), A[:50][:, [1, 4]])
+    np.testing.assert_allclose(e["test_rmse_per_output"], rmse, rtol=1e-6)
