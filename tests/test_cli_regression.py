@@ -326,3 +326,25 @@ def test_test_file_and_hint_term(trained, capsys, tmp_path):
     e = json.loads((tmp_path / "h.json").read_text())["models"][0]
     rmse, _ = _rmse_r2(h.forward(A[:50][:, [0, 2, 3]].astype(np.float32)), A[:50][:, [1, 4]])
     np.testing.assert_allclose(e["test_rmse_per_output"], rmse, rtol=1e-6)
+
+
+def test_classification_configuration_reruns(capsys, tmp_path):
+    """The configuration block of a classification run (task and norm filled
+    in) is a valid config of the same command; pykd demo has no --task."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((60, 3)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "c.npz", X_train=X[:40], y_train=y[:40], X_test=X[40:], y_test=y[40:])
+    code, _, err = run(["train-teacher", "--data", tmp_path / "c.npz", "--hidden", "4",
+                        "--epochs", "1", "--quiet", "--out", tmp_path / "a.pykd", "--report",
+                        tmp_path / "a.json"], capsys)
+    assert code == 0, err
+    conf = json.loads((tmp_path / "a.json").read_text())["configuration"]
+    assert conf["task"] == "classification" and conf["norm"] == "scalar" and "loss" not in conf
+    code, _, err = run(["train-teacher", "--config", tmp_path / "a.json", "--quiet",
+                        "--out", tmp_path / "b.pykd"], capsys)
+    assert code == 0, err
+    assert np.array_equal(load_model(tmp_path / "a.pykd").params,
+                          load_model(tmp_path / "b.pykd").params)
+    code, out, _ = run(["demo", "--help"], capsys)
+    assert code == 0 and "--task" not in out and "--target-columns" not in out

@@ -500,7 +500,6 @@ def _task_options(args, task):
     the option), fill the task's defaults (--loss mse, --huber-delta 1,
     --norm per-feature for regression and scalar for classification) and
     record them in the report's ``configuration``."""
-    args.task = task
     for dest, why in _NOT_FOR[task]:
         if _given(args, dest):
             raise CLIError(f"{_opt_name(dest)} has no effect on a {task} task: {why}")
@@ -520,9 +519,10 @@ def _task_options(args, task):
     if hasattr(args, "norm"):
         fill["norm"] = args.norm or ("per-feature" if task == "regression" else "scalar")
     for k, v in fill.items():
-        setattr(args, k, v)
-        if conf is not None and hasattr(args, k):
-            conf[k] = v
+        if hasattr(args, k):            # an option of this command (demo has no --task)
+            setattr(args, k, v)
+            if conf is not None:
+                conf[k] = v
     return task
 
 
