@@ -735,9 +735,9 @@ def _split(arrays: dict, fraction: float, seed: int, source: str) -> dict:
 def _load_csv(path, target_columns, test_data, source):
     if target_columns is None:
         try:
-            with open(path, encoding="utf-8-sig", newline=None) as f:
-                header = f.readline(1 << 16).strip()
-        except (OSError, UnicodeDecodeError):
+            with _io.open_regular(path, "CSV file", DatasetError) as raw:
+                header = io.TextIOWrapper(raw, encoding="utf-8-sig").readline(1 << 16).strip()
+        except (OSError, UnicodeDecodeError, DatasetError):
             header = ""
         raise DatasetError(f"{source}: a CSV dataset needs --target-columns NAME[,NAME...] "
                            "(target_columns=) to say which columns are the targets"
