@@ -154,12 +154,13 @@ REGRESSION_LOSSES = ("mse", "huber")
 
 def _add_common(p, *, data=True, task=True):
     if data:
-        p.add_argument("--data", metavar="DIR|FILE.npz|FILE.csv",
+        csv = ("; or a CSV file with a header row (needs --target-columns)" if task else "")
+        p.add_argument("--data", metavar="DIR|FILE.npz|FILE.csv" if task else "DIR|FILE.npz",
                        help="dataset: a directory of MNIST-format IDX files, an .npz with "
-                            "X_train, y_train, X_test, y_test (or X, y), a directory of those "
-                            "four .npy files (memory-mapped: the images may exceed memory), or "
-                            "a CSV file with a header row (needs --target-columns) (default: "
-                            "Fashion-MNIST from /usr/share/datasets/fashion-mnist)")
+                            "X_train, y_train, X_test, y_test (or X, y), or a directory of "
+                            "those four .npy files (memory-mapped: the images may exceed "
+                            f"memory){csv} (default: Fashion-MNIST from "
+                            "/usr/share/datasets/fashion-mnist)")
         if task:
             _add_data_options(p)
     p.add_argument("--backend", choices=("fortran", "numpy"), default="fortran",
