@@ -196,7 +196,7 @@ def make_phase(name, backend, data, fraction):
             return lambda: torch_forward(tm, xs)
         p = (np.random.default_rng(2).standard_normal(_step.param_count(TEACHER)) * 0.02
              ).astype(np.float32)
-        return lambda: _step.forward(TEACHER, ACTS, p, xs, batch_size=1024, backend=backend)
+        return _mlp_forward(TEACHER, p, xs, backend, batch_size=1024)
     xb = x[:size]
     if backend == "torch":
         torch.manual_seed(0)
@@ -209,7 +209,14 @@ def make_phase(name, backend, data, fraction):
         return lambda: int8_forward(q_layers, xb, backend)
     p = (np.random.default_rng(4).standard_normal(_step.param_count(STUDENT)) * 0.05
          ).astype(np.float32)
-    return lambda: _step.forward(STUDENT, ACTS, p, xb, backend=backend)
+    return _mlp_forward(STUDENT, p, xb, backend)
+
+
+def _mlp_forward(sizes, p, x, backend, batch_size=1024):
+    """Inference as users run it: MLP.forward (the network routine), weights ``p``."""
+    m = pykd.MLP(list(sizes), ACTS, backend=backend)
+    m.params[...] = p
+    return lambda: m.forward(x, batch_size=batch_size)
 
 
 def worker_factory(backend, fraction):

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from pykd import _step  # noqa: E402
+from pykd import MLP, _step  # noqa: E402
 
 BACKENDS = ("fortran", "numpy")
 
@@ -61,6 +61,7 @@ def worker_factory(backend):
     -> one training step; ("infer", batch) -> teacher inference."""
     tp = (np.random.default_rng(0).standard_normal(_step.param_count(TEACHER)) * 0.02
           ).astype(np.float32)
+    teacher = MLP(list(TEACHER), ["relu", "relu", "identity"], backend=backend)
 
     def get(name):
         if name[0] == "step":
@@ -68,8 +69,8 @@ def worker_factory(backend):
             cfg = _step.TrainConfig(loss=loss, temperature=5.0)
             return step_timer(list(sizes), batch, backend, cfg, np.random.default_rng(batch))
         x = np.random.default_rng(1).random((name[1], 784), dtype=np.float32)
-        return lambda: _step.forward(list(TEACHER), ["relu", "relu", "identity"], tp, x,
-                                     batch_size=4096, backend=backend)
+        teacher.params[...] = tp            # inference as users run it: MLP.forward
+        return lambda: teacher.forward(x, batch_size=4096)
     return get
 
 

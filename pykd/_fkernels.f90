@@ -262,42 +262,6 @@ subroutine quantize_activations(x, qx, sx, n_in, n, stat)
   call quantize_columns(x, qx, sx, stat)
 end subroutine quantize_activations
 
-subroutine int8_gemm(qw, qx, acc, n_out, n_in, n)
-  use iso_c_binding, only: c_int, c_int32_t
-  use pykd_quant, only: impl => int8_gemm
-  implicit none
-  integer(c_int), intent(in) :: n_out, n_in, n
-  integer(1), intent(in) :: qw(n_out, n_in), qx(n_in, n)
-  integer(c_int32_t), intent(inout) :: acc(n_out, n)
-  !f2py threadsafe
-  !f2py intent(hide) :: n_out, n_in, n
-  call impl(qw, qx, acc)
-end subroutine int8_gemm
-
-subroutine int8_matmul(x, qw, scale_w, b, y, n_in, n_out, n, n_scale, stat)
-  use iso_c_binding, only: c_float, c_int, c_int32_t
-  use pykd_status, only: PYKD_ERR_ALLOC
-  use pykd_quant, only: impl => int8_matmul
-  implicit none
-  integer(c_int), intent(in) :: n_in, n_out, n, n_scale
-  real(c_float), intent(in) :: x(n_in, n), scale_w(n_scale), b(n_out)
-  integer(1), intent(in) :: qw(n_out, n_in)
-  real(c_float), intent(inout) :: y(n_out, n)
-  integer(c_int), intent(out) :: stat
-  integer(1), allocatable :: qx(:, :)
-  real(c_float), allocatable :: sx(:)
-  integer(c_int32_t), allocatable :: acc(:, :)
-  integer :: ierr
-  !f2py threadsafe
-  !f2py intent(hide) :: n_in, n_out, n, n_scale
-  allocate (qx(n_in, n), sx(n), acc(n_out, n), stat=ierr)
-  if (ierr /= 0) then
-    stat = PYKD_ERR_ALLOC
-    return
-  end if
-  call impl(x, qw, scale_w, b, y, qx, sx, acc, stat)
-end subroutine int8_matmul
-
 subroutine mlp_workspace_size(sizes, batch, n_hint, nl1, words)
   use iso_c_binding, only: c_int, c_int64_t
   use pykd_mlp, only: impl => mlp_workspace_size
@@ -308,21 +272,6 @@ subroutine mlp_workspace_size(sizes, batch, n_hint, nl1, words)
   !f2py intent(hide) :: nl1
   words = impl(sizes, batch, n_hint)
 end subroutine mlp_workspace_size
-
-subroutine mlp_forward(sizes, acts, params, x, upto, out, work, nl1, nl, np, n_in, n, n_out, nw, stat)
-  use iso_c_binding, only: c_float, c_int, c_int64_t
-  use pykd_mlp, only: impl => mlp_forward
-  implicit none
-  integer(c_int), intent(in) :: nl1, nl, n_in, n, n_out, upto
-  integer(c_int64_t), intent(in) :: np, nw
-  integer(c_int), intent(in) :: sizes(nl1), acts(nl)
-  real(c_float), intent(in) :: params(np), x(n_in, n)
-  real(c_float), intent(inout) :: out(n_out, n), work(nw)
-  integer(c_int), intent(out) :: stat
-  !f2py threadsafe
-  !f2py intent(hide) :: nl1, nl, np, n_in, n, n_out, nw
-  call impl(sizes, acts, params, x, out, upto, work, stat)
-end subroutine mlp_forward
 
 ! One training step. Arrays that a configuration does not use (teacher
 ! logits without KD, hint target without a hint, mask) are passed as 1x1 /
@@ -468,9 +417,11 @@ end subroutine codebook_path
 ! pykd.int8_gemm and pykd.int8_matmul on the int8 layer's kernel
 ! (pykd_int8_kernel: run-time CPU path, threads): qx widened to int16 rows
 ! (an even count, the last one zero when n_in is odd), as the layer does.
+! n_in > MAX_IN could overflow the int32 sums: PYKD_ERR_ARG.
 subroutine int8_gemm_fast(qw, qx, acc, n_out, n_in, n, stat)
   use iso_c_binding, only: c_int, c_int16_t, c_int32_t
-  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC, PYKD_ERR_ARG
+  use pykd_quant, only: MAX_IN
   use pykd_int8_kernel, only: int8_gemm_product
   implicit none
   integer(c_int), intent(in) :: n_out, n_in, n
@@ -481,6 +432,8 @@ subroutine int8_gemm_fast(qw, qx, acc, n_out, n_in, n, stat)
   integer :: ldx, ierr
   !f2py threadsafe
   !f2py intent(hide) :: n_out, n_in, n
+  stat = PYKD_ERR_ARG
+  if (n_in > MAX_IN) return
   ldx = n_in + mod(n_in, 2)
   allocate (x16(ldx, n), stat=ierr)
   stat = merge(PYKD_OK, PYKD_ERR_ALLOC, ierr == 0)
@@ -490,10 +443,11 @@ subroutine int8_gemm_fast(qw, qx, acc, n_out, n_in, n, stat)
   call int8_gemm_product(n_in, n_out, n, ldx, qw, x16, acc)
 end subroutine int8_gemm_fast
 
+! scale_w: one scale (n_scale = 1) or one per output; another size is PYKD_ERR_ARG.
 subroutine int8_matmul_fast(x, qw, scale_w, b, y, n_in, n_out, n, n_scale, stat)
   use iso_c_binding, only: c_float, c_int, c_int16_t
-  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC
-  use pykd_quant, only: quantize_columns16
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC, PYKD_ERR_ARG
+  use pykd_quant, only: quantize_columns16, MAX_IN
   use pykd_int8_kernel, only: int8_dense_product
   implicit none
   integer(c_int), intent(in) :: n_in, n_out, n, n_scale
@@ -506,6 +460,8 @@ subroutine int8_matmul_fast(x, qw, scale_w, b, y, n_in, n_out, n, n_scale, stat)
   integer :: ldx, ierr
   !f2py threadsafe
   !f2py intent(hide) :: n_in, n_out, n, n_scale
+  stat = PYKD_ERR_ARG
+  if ((n_scale /= 1 .and. n_scale /= n_out) .or. n_in > MAX_IN) return
   ldx = n_in + mod(n_in, 2)
   allocate (x16(ldx, n), sx(n), scale(n_out), stat=ierr)
   stat = merge(PYKD_OK, PYKD_ERR_ALLOC, ierr == 0)

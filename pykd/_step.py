@@ -1,4 +1,4 @@
-"""A whole training step of an MLP in one call, and batched inference.
+"""A whole training step of an MLP in one call.
 
 The network lives in one flat float32 buffer (see :func:`layer_slices`);
 gradients and optimizer state are buffers of the same layout. With
@@ -361,35 +361,3 @@ def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step
         if l > 1:
             dy = dx * drops[l - 2] if cfg.dropout > 0 else dx
     return float(loss), n_correct
-
-
-def forward(sizes, acts, params, x, *, upto=None, batch_size=1024, backend="fortran"):
-    """Output of layer ``upto`` (default: the logits) for every row of ``x``,
-    computed ``batch_size`` rows at a time."""
-    nl = len(sizes) - 1
-    upto = nl if upto is None else int(upto)
-    if not 1 <= upto <= nl:
-        raise ValueError(f"upto must be in [1, {nl}], got {upto}")
-    if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
-            and x.flags.c_contiguous and x.shape[1] == sizes[0]):
-        raise ValueError(f"x must be a C-contiguous float32 array of shape (n, {sizes[0]})")
-    out = np.empty((x.shape[0], sizes[upto]), np.float32)
-    if x.shape[0] == 0:
-        return out
-    if backend == "numpy":
-        P = _views(params, sizes)
-        for start in range(0, x.shape[0], batch_size):
-            h = x[start:start + batch_size]
-            for (W, b), act in zip(P[:upto], acts[:upto]):
-                h = ref.dense(h, W, b, act)
-            out[start:start + batch_size] = h
-        return out
-    sz = np.asarray(sizes, np.int32)
-    act_codes = np.array([_codes.ACTIVATIONS[a] for a in acts], np.int32)
-    work = np.empty(2 * max(sizes[1:]) * min(batch_size, x.shape[0]), np.float32)
-    for start in range(0, x.shape[0], batch_size):
-        xb, ob = x[start:start + batch_size], out[start:start + batch_size]
-        stat = _fortran().mlp_forward(sz, act_codes, params, xb.T, upto, ob.T, work)
-        if stat != _codes.OK:
-            raise ValueError(f"forward rejected its arguments (status {stat})")
-    return out

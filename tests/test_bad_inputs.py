@@ -541,16 +541,24 @@ RAW_CASES = {
         "report(lambda: f.quantize_activations(o(4,0), e(4,0, dt=np.int8), e(0)))", "raise"),
     "dequantize_weights-wrong-scale": (
         "report(lambda: f.dequantize_weights(o(3,4, dt=np.int8), o(2), e(3,4)))", "status"),
-    "int8_gemm-mismatched": (
-        "report(lambda: f.int8_gemm(o(4,6, dt=np.int8), o(7,3, dt=np.int8), e(4,3, dt=np.int32)))",
-        "raise"),
-    "int8_gemm-zero-inner": (
-        "report(lambda: f.int8_gemm(o(4,0, dt=np.int8), o(0,3, dt=np.int8), e(4,3, dt=np.int32)))",
-        "raise"),
-    "int8_matmul-wrong-scale": (
-        "report(lambda: f.int8_matmul(o(3,2), o(4,3, dt=np.int8), o(2), o(4), e(4,2)))", "status"),
-    "int8_matmul-empty-scale": (
-        "report(lambda: f.int8_matmul(o(3,2), o(4,3, dt=np.int8), o(0), o(4), e(4,2)))", "status"),
+    "int8_gemm_fast-mismatched": (
+        "report(lambda: f.int8_gemm_fast(o(4,6, dt=np.int8), o(7,3, dt=np.int8), "
+        "e(4,3, dt=np.int32)))", "raise"),
+    "int8_gemm_fast-zero-inner": (
+        "report(lambda: f.int8_gemm_fast(o(4,0, dt=np.int8), o(0,3, dt=np.int8), "
+        "e(4,3, dt=np.int32)))", "raise"),
+    "int8_gemm_fast-int32-overflow": (
+        "report(lambda: f.int8_gemm_fast(o(1,131072, dt=np.int8), o(131072,1, dt=np.int8), "
+        "e(1,1, dt=np.int32)))", "status"),
+    "int8_matmul_fast-wrong-scale": (
+        "report(lambda: f.int8_matmul_fast(o(3,2), o(4,3, dt=np.int8), o(2), o(4), e(4,2)))",
+        "status"),
+    "int8_matmul_fast-empty-scale": (
+        "report(lambda: f.int8_matmul_fast(o(3,2), o(4,3, dt=np.int8), o(0), o(4), e(4,2)))",
+        "status"),
+    "int8_matmul_fast-int32-overflow": (
+        "report(lambda: f.int8_matmul_fast(o(131072,1), o(1,131072, dt=np.int8), o(1), o(1), "
+        "e(1,1)))", "status"),
 }
 
 

@@ -174,15 +174,3 @@ def test_bad_step_arguments(backend):
         big = np.zeros((40, SIZES[0]), np.float32)
         with pytest.raises(ValueError, match="workspace"):
             train_step(*args, big, np.zeros(40, np.int64), TrainConfig(), 1, ws)
-
-
-def test_forward_matches_numpy_and_upto():
-    pb = problem(7, n=2500)
-    p = pb["p"][:_step.param_count(SIZES)]
-    f = _step.forward(SIZES, ACTS, p, pb["x"], batch_size=1000)
-    n = _step.forward(SIZES, ACTS, p, pb["x"], backend="numpy")
-    np.testing.assert_allclose(f, n, atol=1e-5)
-    h = _step.forward(SIZES, ACTS, p, pb["x"], upto=2)
-    assert h.shape == (2500, SIZES[2])
-    np.testing.assert_allclose(h, _step.forward(SIZES, ACTS, p, pb["x"], upto=2, backend="numpy"),
-                               atol=1e-5)
