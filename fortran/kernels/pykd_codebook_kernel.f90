@@ -51,11 +51,8 @@ contains
   function codebook_path_name() result(name)
     character(len=16) :: name
     character(kind=c_char) :: buf(16)
-    integer :: k
-    call c_path_name(buf, 16_c_int)
-    do k = 1, 16
-      name(k:k) = buf(k)
-    end do
+    call c_path_name(buf, 16_c_int)   ! blank-padded by the C side
+    name = transfer(buf, name)
   end function codebook_path_name
 
   !> float32 words of `work` that codebook_product needs for n samples.

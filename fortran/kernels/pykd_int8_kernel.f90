@@ -49,11 +49,8 @@ contains
   function int8_path_name() result(name)
     character(len=16) :: name
     character(kind=c_char) :: buf(16)
-    integer :: k
-    call c_path_name(buf, 16_c_int)
-    do k = 1, 16
-      name(k:k) = buf(k)
-    end do
+    call c_path_name(buf, 16_c_int)   ! blank-padded by the C side
+    name = transfer(buf, name)
   end function int8_path_name
 
   !> y(j, s) = real(sum_i q(j, i) x(i, s)) * (scale(j) * sx(s)) + b(j), the
