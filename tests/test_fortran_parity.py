@@ -366,3 +366,34 @@ def test_trained_regression_mlp_and_its_compressions_match(tmp_path):
         assert pykd.load_model(path).task == "regression", name
         for j in range(3):
             assert np.abs(got[:, j] - py[:, j]).max() <= 1e-5 * np.abs(py[:, j]).max(), (name, j)
+
+
+def test_fortran_writer_fsyncs_the_directory_after_the_rename(tmp_path):
+    """pykd_save_model as pykd.io.atomic_write: fsync of the temporary file,
+    rename over the target, then fsync of the target's directory (traced)."""
+    import shutil
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace")
+    path, sub = tmp_path / "python.pykd", tmp_path / "out dir"
+    sub.mkdir()
+    kind_model("dense", 3).save(path)
+    inp, out = tmp_path / "x.f32", tmp_path / "y.f32"
+    inputs(0, 2).astype("<f4").tofile(inp)
+    log = tmp_path / "trace"
+    proc = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat,fsync,rename", "-o",
+                           str(log), CLI, str(path), str(inp), str(out), "0",
+                           str(sub / "f.pykd")], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 and not log.exists():
+        pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    calls = [re.sub(r"\s+= ", " = ", line.split(None, 1)[1])      # drop the pid, the padding
+             for line in log.read_text().splitlines() if " " in line]
+    k = next(i for i, c in enumerate(calls)
+             if c.startswith("rename(") and f'"{sub / "f.pykd"}") = 0' in c)
+    tmp_fd = re.search(r"= (\d+)$", next(c for c in calls[:k][::-1] if ".tmp" in c
+                                         and c.startswith("openat("))).group(1)
+    assert f"fsync({tmp_fd}) = 0" in calls[:k]
+    opened = next(c for c in calls[k + 1:] if c.startswith("openat("))
+    assert f'"{sub}"' in opened and "O_DIRECTORY" in opened
+    dir_fd = re.search(r"= (\d+)$", opened).group(1)
+    assert f"fsync({dir_fd}) = 0" in calls[k + 1:]

@@ -20,6 +20,11 @@ submodule (pykd_models) pykd_models_save
       import :: c_int
       integer(c_int), value :: fd
     end function c_fsync
+    ! fsync of path's directory (pykd_fsync_dir.c): the rename is then durable.
+    integer(c_int) function c_fsync_dir(path) bind(c, name='pykd_fsync_dir')
+      import :: c_char, c_int
+      character(kind=c_char), intent(in) :: path(*)
+    end function c_fsync_dir
   end interface
 
 contains
@@ -120,8 +125,9 @@ contains
   end subroutine encode
 
   !> Write `buf` to a fresh temporary file beside `path` (its name holds the
-  !! writer's process id), fsync it, then rename it over `path` (C's
-  !! rename(), atomic on POSIX file systems).
+  !! writer's process id), fsync it, rename it over `path` (C's rename(),
+  !! atomic on POSIX file systems), then fsync the directory so the rename
+  !! survives a crash (as Python's writer, pykd/io.py).
   subroutine write_atomically(path, buf, code, msg)
     character(len=*), intent(in) :: path
     integer(int8), intent(in) :: buf(:)
@@ -166,6 +172,11 @@ contains
       if (ios2 == 0) close (u, status='delete')
       code = PYKD_ERR_IO
       msg = 'pykd_save_model: cannot rename '//tmp//' to '//path
+      return
+    end if
+    if (c_fsync_dir(path//c_null_char) /= 0) then
+      code = PYKD_ERR_IO
+      msg = 'pykd_save_model: wrote '//path//' but cannot fsync its directory'
       return
     end if
     code = PYKD_OK
