@@ -167,21 +167,8 @@ class RunConfig:
         TypeError
             For a value of the wrong type (naming the key).
         """
-        if not isinstance(d, dict):
-            raise TypeError(f"{where} must be a dict (a table), got {type(d).__name__}")
-        own = {f.name: f for f in fields(cls)}
-        _no_unknown(d, own, where)
-        kw = {}
-        for key, value in d.items():
-            if value is None:
-                continue
-            if key == "step":
-                kw[key] = _from_fields(TrainConfig, value, f"{where}.step")
-            elif key == "prune":
-                kw[key] = _from_fields(_prune_cls(), value, f"{where}.prune")
-            else:
-                kw[key] = _typed(f"{where}.{key}", value, _TYPES[key])
-        return cls(**kw)
+        return _from_fields(cls, d, where, tables={"step": lambda: TrainConfig,
+                                                   "prune": _prune_cls})
 
     # --------------------------------------------------------------- JSON
     def to_json(self, indent=2):
@@ -203,12 +190,12 @@ class RunConfig:
         ``[step]`` table and (with a schedule) the ``[prune]`` table. Unset
         values are left out (TOML has no null; absent means the default)."""
         d = self.to_dict()
-        lines = [f"{k} = {_toml_value(v)}" for k, v in d.items()
+        lines = [f"{k} = {toml_value(v)}" for k, v in d.items()
                  if k not in ("step", "prune") and v is not None]
         for table in ("step", "prune"):
             if d[table] is not None:
                 lines += ["", f"[{table}]"]
-                lines += [f"{k} = {_toml_value(v)}" for k, v in d[table].items() if v is not None]
+                lines += [f"{k} = {toml_value(v)}" for k, v in d[table].items() if v is not None]
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -252,12 +239,12 @@ class RunConfig:
 
 # ------------------------------------------------------------------ helpers
 
-#: The JSON/TOML type of each run-level field: (accepted types, description).
+#: The JSON/TOML type of a field by its annotation: (accepted types, description).
 _NUM = ((int, float), "a number")
 _INT = ((int,), "an integer")
 _STR = ((str,), "a string")
-_TYPES = {"epochs": _INT, "batch_size": _INT, "lr_schedule": _STR, "lr_decay": _NUM,
-          "seed": _INT, "backend": _STR, "norm": _STR}
+_BOOL = ((bool,), "true or false")
+_BY_ANNOTATION = {"float": _NUM, "int": _INT, "str": _STR, "bool": _BOOL}
 
 
 def _plain(v):
@@ -276,15 +263,13 @@ def _no_unknown(d, valid, where):
 
 
 def _typed(name, value, spec):
+    """``value`` checked against a field's JSON type (a bool is not a
+    number); numbers for a float field become floats."""
     types, what = spec
-    if isinstance(value, bool) or not isinstance(value, types):
+    if (isinstance(value, bool) != (spec is _BOOL)) or not isinstance(value, types):
         got = "a boolean" if isinstance(value, bool) else type(value).__name__
         raise TypeError(f"{name} must be {what}, got {got} {value!r}")
-    return value
-
-
-_BOOL = ((bool,), "true or false")
-_BY_ANNOTATION = {"float": _NUM, "int": _INT, "str": _STR, "bool": _BOOL}
+    return float(value) if spec is _NUM else value
 
 
 def _field_spec(f):
@@ -293,8 +278,10 @@ def _field_spec(f):
     return _BY_ANNOTATION[name.split("|")[0].strip()]
 
 
-def _from_fields(cls, d, where):
-    """``cls(**d)`` for a dataclass, each value's type checked first."""
+def _from_fields(cls, d, where, tables=None):
+    """``cls(**d)`` for a dataclass: unknown keys refused, None skipped, each
+    value's type checked first; ``tables`` maps a field to a function giving
+    the dataclass its nested dict is read into."""
     if not isinstance(d, dict):
         raise TypeError(f"{where} must be a dict (a table), got {type(d).__name__}")
     own = {f.name: f for f in fields(cls)}
@@ -303,30 +290,37 @@ def _from_fields(cls, d, where):
     for key, value in d.items():
         if value is None:
             continue
-        spec = _field_spec(own[key])
-        if spec is _BOOL:
-            if not isinstance(value, bool):
-                raise TypeError(f"{where}.{key} must be true or false, got {value!r}")
+        name = f"{where}.{key}"
+        if tables and key in tables:
+            kw[key] = _from_fields(tables[key](), value, name)
         else:
-            _typed(f"{where}.{key}", value, spec)
-        kw[key] = float(value) if spec is _NUM else value
+            kw[key] = _typed(name, value, _field_spec(own[key]))
     try:
         return cls(**kw)
     except TypeError as e:           # a required field is missing
+        if tables:                   # RunConfig's own checks name their argument
+            raise
         raise TypeError(f"{where}: {e}") from None
 
 
-def _toml_value(v):
+def toml_value(v):
+    """A TOML value's text: booleans, integers, floats (``repr``, so they
+    read back bit for bit; nan and inf as TOML spells them), strings and
+    lists of these. (The CLI's config writer uses it too.)"""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        if not math.isfinite(v):
-            raise ValueError(f"no TOML form for the non-finite setting {v!r}")
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
         return repr(v)
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)     # a TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     raise TypeError(f"no TOML form for {type(v).__name__}")
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import os
+
+from ..config import toml_value
 
 __all__ = ["ConfigError", "install", "prepare", "effective", "explicit", "load", "to_toml"]
 
@@ -322,24 +323,6 @@ def effective(parser, args):
     return out
 
 
-def _toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"no TOML form for {type(v).__name__}")
-
-
 def to_toml(config):
     """A flat ``{key: value}`` (a ``configuration`` block) as TOML text."""
-    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items())
+    return "".join(f"{k} = {toml_value(v)}\n" for k, v in config.items())
