@@ -350,19 +350,29 @@ def load_npy(path, *, dtype_kinds="biuf", ndim=None, what="array"):
             raise ArrayFileError(f"{name}: {what}: cannot read ({e.strerror or e})") from None
 
 
-def _load_npy(f, name, dtype_kinds, ndims, what):
+def _npy_header(f, name, what):
+    """(file size, shape, fortran, dtype) of the ``.npy`` file ``f``, left
+    at the start of its data."""
     size = os.fstat(f.fileno()).st_size
     if f.read(4) == b"PK\x03\x04":
         raise ArrayFileError(f"{name}: {what}: expected an .npy file, found an .npz "
                              "(zip) archive")
     f.seek(0)
-    shape, fortran, dtype = _read_header(f, name, what)
-    nbytes = _check_header(shape, dtype, name, what, dtype_kinds, ndims)
-    present = size - f.tell()
+    return (size, *_read_header(f, name, what))
+
+
+def _check_present(nbytes, present, shape, dtype, name, what):
+    """The data the header declares must be exactly the bytes after it."""
     if nbytes != present:
         state = "truncated" if nbytes > present else "trailing bytes"
         raise ArrayFileError(f"{name}: {what}: {state}: the header declares shape {shape} "
                              f"of {dtype} ({nbytes} bytes), the file holds {present}")
+
+
+def _load_npy(f, name, dtype_kinds, ndims, what):
+    size, shape, fortran, dtype = _npy_header(f, name, what)
+    nbytes = _check_header(shape, dtype, name, what, dtype_kinds, ndims)
+    _check_present(nbytes, size - f.tell(), shape, dtype, name, what)
     return _read_body(f, shape, fortran, dtype, nbytes, name, what)
 
 
@@ -391,12 +401,7 @@ def map_npy(path, *, dtypes, ndim=None, what="array"):
     name = os.fsdecode(os.fspath(path))
     with open_regular(path, what) as f:
         try:
-            size = os.fstat(f.fileno()).st_size
-            if f.read(4) == b"PK\x03\x04":
-                raise ArrayFileError(f"{name}: {what}: expected an .npy file, found an .npz "
-                                     "(zip) archive")
-            f.seek(0)
-            shape, fortran, dtype = _read_header(f, name, what)
+            size, shape, fortran, dtype = _npy_header(f, name, what)
             offset = f.tell()
         except OSError as e:
             raise ArrayFileError(f"{name}: {what}: cannot read ({e.strerror or e})") from None
@@ -408,11 +413,7 @@ def map_npy(path, *, dtypes, ndim=None, what="array"):
     if fortran and len(shape) > 1:
         raise ArrayFileError(f"{name}: {what} is stored in Fortran order; save it C-ordered "
                              "(np.save of a C-contiguous array) so that rows are contiguous")
-    present = size - offset
-    if nbytes != present:
-        state = "truncated" if nbytes > present else "trailing bytes"
-        raise ArrayFileError(f"{name}: {what}: {state}: the header declares shape {shape} "
-                             f"of {dtype} ({nbytes} bytes), the file holds {present}")
+    _check_present(nbytes, size - offset, shape, dtype, name, what)
     if nbytes == 0:
         return np.zeros(shape, dtype)
     try:
