@@ -13,6 +13,7 @@ module pykd_dense
   implicit none
   private
   public :: dense_forward, dense_backward, bias_activation, activation_grad
+  public :: act_grad_rows, bias_act_rows, zero_fill
 
   !> Rows per OpenMP work item in the backward pass: each thread owns whole
   !! rows, so `db` is summed in the same order whatever the thread count.
@@ -111,6 +112,7 @@ contains
     !$omp end parallel do
   end subroutine bias_act
 
+  !> a(1:n) = 0, on the team when n is large.
   subroutine zero_fill(n, a)
     integer(int64), intent(in) :: n
     real(real32), intent(out) :: a(n)
@@ -127,33 +129,68 @@ contains
     integer, intent(in) :: m, n, act
     real(real32), intent(in) :: dy(m, n), y(m, n)
     real(real32), intent(out) :: dz(m, n), db(m)
-    integer :: i, i0, i1, j
+    integer :: i0
 
-    !$omp parallel do schedule(static) private(i, i1, j) if(int(m, int64) * n >= PAR_MIN_WORK)
+    !$omp parallel do schedule(static) if(int(m, int64) * n >= PAR_MIN_WORK)
     do i0 = 1, m, ROW_BLOCK
-      i1 = min(i0 + ROW_BLOCK - 1, m)
-      db(i0:i1) = 0
-      do j = 1, n
-        select case (act)
-        case (ACT_RELU)
-          ! dy * [y > 0], a product as in the NumPy twin: a NaN or inf in dy
-          ! gives NaN where the unit is off, instead of a hidden 0. [y > 0]
-          ! is made from bits: a merge of two floats here stays a branch
-          ! (3-5x slower), a merge of two integer constants vectorizes.
-          do i = i0, i1
-            dz(i, j) = dy(i, j) * transfer(iand(ONE_BITS, merge(-1_int32, 0_int32, y(i, j) > 0)), &
-                                           1.0_real32)
-          end do
-        case (ACT_TANH)
-          dz(i0:i1, j) = dy(i0:i1, j) * (1 - y(i0:i1, j)**2)
-        case default
-          dz(i0:i1, j) = dy(i0:i1, j)
-        end select
-        db(i0:i1) = db(i0:i1) + dz(i0:i1, j)
-      end do
+      call act_grad_rows(m, n, i0, min(i0 + ROW_BLOCK - 1, m), dy, y, act, dz, db)
     end do
     !$omp end parallel do
   end subroutine act_grad
+
+  !> Rows i0:i1 of dz = dy * act'(y) and of db (the other rows untouched).
+  subroutine act_grad_rows(m, n, i0, i1, dy, y, act, dz, db)
+    integer, intent(in) :: m, n, i0, i1, act
+    real(real32), intent(in) :: dy(m, n), y(m, n)
+    real(real32), intent(inout) :: dz(m, n), db(m)
+    integer :: i, j
+
+    db(i0:i1) = 0
+    do j = 1, n
+      select case (act)
+      case (ACT_RELU)
+        ! dy * [y > 0], a product as in the NumPy twin: a NaN or inf in dy
+        ! gives NaN where the unit is off, instead of a hidden 0. [y > 0]
+        ! is made from bits: a merge of two floats here stays a branch
+        ! (3-5x slower), a merge of two integer constants vectorizes.
+        do i = i0, i1
+          dz(i, j) = dy(i, j) * transfer(iand(ONE_BITS, merge(-1_int32, 0_int32, y(i, j) > 0)), &
+                                         1.0_real32)
+        end do
+      case (ACT_TANH)
+        dz(i0:i1, j) = dy(i0:i1, j) * (1 - y(i0:i1, j)**2)
+      case default
+        dz(i0:i1, j) = dy(i0:i1, j)
+      end select
+      db(i0:i1) = db(i0:i1) + dz(i0:i1, j)
+    end do
+  end subroutine act_grad_rows
+
+  !> Rows i0:i1 of y = act(y + b), in place (bias_act on a block of rows).
+  subroutine bias_act_rows(m, n, i0, i1, y, b, act)
+    integer, intent(in) :: m, n, i0, i1, act
+    real(real32), intent(inout) :: y(m, n)
+    real(real32), intent(in) :: b(m)
+    integer :: i, j
+    real(real32) :: z
+
+    do j = 1, n
+      select case (act)
+      case (ACT_RELU)
+        do i = i0, i1  ! as in bias_act: NaN kept, -0.0 stays -0.0
+          z = y(i, j) + b(i)
+          y(i, j) = merge(0.0_real32, z, z < 0)
+        end do
+      case (ACT_TANH)
+        !GCC$ novector
+        do i = i0, i1  ! as in bias_act: the same bits in every simd build
+          y(i, j) = tanh(y(i, j) + b(i))
+        end do
+      case default
+        y(i0:i1, j) = y(i0:i1, j) + b(i0:i1)
+      end select
+    end do
+  end subroutine bias_act_rows
 
   !> Gradients of a dense layer from the upstream gradient `dy`.
   !!

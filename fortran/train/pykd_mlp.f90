@@ -16,20 +16,20 @@ module pykd_mlp
   use ieee_arithmetic, only: ieee_is_finite
   use pykd_blas, only: sgemm
   use pykd_config, only: PAR_MIN_WORK, ACT_IDENTITY, ACT_TANH
-  use pykd_dense, only: dense_forward, dense_backward
+  use pykd_dense, only: dense_forward
   use pykd_codes, only: LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD
   use pykd_loss, only: cross_entropy, kd_loss, regression_loss
   use pykd_optim, only: sgd_step, adam_step
   use pykd_random, only: stream_key, dropout_fill
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
+  ! OPT_SGD (state1 = velocity), OPT_ADAM (state1 = m, state2 = v)
+  use pykd_step_layers, only: OPT_SGD, OPT_ADAM, opt_args, team_threads, layer_forward, layer_backward
   implicit none
   private
   public :: train_config, LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD
   public :: OPT_SGD, OPT_ADAM
   public :: mlp_param_count, mlp_workspace_size, mlp_forward, mlp_train_step, dropout_multipliers
 
-  integer, parameter :: OPT_SGD = 0  !! SGD with momentum (state1 = velocity)
-  integer, parameter :: OPT_ADAM = 1 !! Adam (state1 = m, state2 = v)
 
   !> Everything a training step needs besides the arrays.
   type :: train_config
@@ -93,7 +93,7 @@ contains
     real(real32), allocatable, target :: own(:)
     real(real32), pointer, contiguous :: buf(:), inp(:, :), res(:, :), w(:, :), b(:)
     integer(int64) :: off, half
-    integer :: l, last, n, ierr
+    integer :: l, last, n, ierr, nt
 
     last = size(sizes) - 1
     if (present(upto)) last = upto
@@ -123,6 +123,7 @@ contains
       buf => own
     end if
 
+    nt = team_threads()
     inp => x
     off = 0
     do l = 1, last
@@ -136,7 +137,7 @@ contains
         ! Ping-pong between the two halves of the workspace.
         res(1:sizes(l + 1), 1:n) => buf(mod(l, 2) * half + 1:mod(l, 2) * half + int(sizes(l + 1), int64) * n)
       end if
-      call dense_forward(inp, w, b, acts(l), res)
+      call layer_forward(inp, w, b, acts(l), res, nt)
       inp => res
     end do
     call set_status(PYKD_OK, '', stat, errmsg)
@@ -189,10 +190,11 @@ contains
 
     type(view2) :: a(size(sizes) - 1), d(size(sizes) - 1), m(size(sizes) - 1)
     real(real32), pointer, contiguous :: inp(:, :), cur(:, :), nxt(:, :), z(:, :)
-    real(real32), pointer, contiguous :: g1(:), g2(:), gt(:)
-    real(real32), pointer, contiguous :: w(:, :), b(:), dw(:, :), db(:), r(:, :), rw(:, :), dr(:, :)
+    real(real32), pointer, contiguous :: g1(:), g2(:), gt(:), gz(:)
+    type(opt_args) :: opt
+    real(real32), pointer, contiguous :: w(:, :), b(:), r(:, :), rw(:, :), dr(:, :)
     integer(int64) :: off_w(size(sizes)), off_r, pos, maxw, np, n_t
-    integer :: l, nl, n, k, j, st, ni, no
+    integer :: l, nl, n, k, j, st, ni, no, nt
     real(real64) :: hint_sum
     real(real32) :: scale
     logical :: regress, distil
@@ -288,7 +290,7 @@ contains
     ! they swap after each layer.
     g1 => work(pos + 1:pos + maxw * n)
     g2 => work(pos + maxw * n + 1:pos + 2 * maxw * n)
-    z(1:maxw, 1:n) => work(pos + 2 * maxw * n + 1:pos + 3 * maxw * n)
+    gz => work(pos + 2 * maxw * n + 1:pos + 3 * maxw * n)
     cur(1:sizes(nl + 1), 1:n) => g1
     pos = pos + 3 * maxw * n
     off_w(1) = 0
@@ -298,10 +300,11 @@ contains
     off_r = off_w(nl + 1)
 
     ! Forward.
+    nt = team_threads()
     inp => x
     do l = 1, nl
       call layer_views(params, l, w, b)
-      call dense_forward(inp, w, b, acts(l), a(l)%p)
+      call layer_forward(inp, w, b, acts(l), a(l)%p, nt)
       inp => a(l)%p
       if (l < nl .and. cfg%dropout > 0) then
         call dropout_multipliers(m(l)%p, cfg%dropout, cfg%seed, step, l)
@@ -356,11 +359,12 @@ contains
     end if
 
     ! Backward, updating each layer as soon as its gradients are known.
+    opt = opt_args(cfg%optimizer, cfg%lr, cfg%beta1, cfg%beta2, cfg%eps, cfg%momentum, &
+                   cfg%weight_decay, step)
     do l = nl, 1, -1
       no = sizes(l + 1); ni = sizes(l)
       if (l == k) call hint_backward()
-      call layer_views(params, l, w, b)
-      call layer_views(grads, l, dw, db)
+      z(1:no, 1:n) => gz
       inp => x
       if (l > 1) then
         inp => a(l - 1)%p
@@ -368,11 +372,12 @@ contains
       end if
       if (l > 1) then
         nxt(1:ni, 1:n) => g2
-        call dense_backward(cur, inp, w, a(l)%p, acts(l), dw, db, dx=nxt, work=z, stat=st)
+        call layer_backward(cur, inp, a(l)%p, acts(l), off_w(l), params, grads, opt, z, nt, &
+                            state1, state2, dx=nxt, mask=mask)
       else
-        call dense_backward(cur, inp, w, a(l)%p, acts(l), dw, db, work=z, stat=st)
+        call layer_backward(cur, inp, a(l)%p, acts(l), off_w(l), params, grads, opt, z, nt, &
+                            state1, state2, mask=mask)
       end if
-      call update(off_w(l) + 1, off_w(l + 1))
       if (l > 1) then
         if (cfg%dropout > 0) nxt = nxt * m(l - 1)%p
         cur => nxt
