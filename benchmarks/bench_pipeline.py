@@ -35,12 +35,11 @@ STUDENT = [784, 200, 200, 10]
 ACTS = ["relu", "relu", "identity"]
 N_TRAIN, BATCH = 60000, 64
 
-# Reference timings on this machine for a whole pipeline phase (ENGINEERING.md),
-# and the issue's targets for the Fortran backend.
+# Issue 15's targets against PyTorch (the floor and the soft labels' share
+# of sgemm are in bench_train.py); without PyTorch they are not judged.
 TARGETS = {
-    "teacher epoch": ("speedup", 2.0, "teacher epoch >= 2x NumPy (about 9 s)"),
-    "KD student epoch": ("speedup", 2.5, "KD student epoch >= 2.5x NumPy (0.7 s or less)"),
-    "soft labels 60k": ("seconds", 2.2, "soft labels <= 2.2 s"),
+    "teacher epoch": ("torch", 2.0, "teacher epoch >= 2x faster than PyTorch"),
+    "KD student epoch": ("torch", 3.0, "KD student epoch >= 3x faster than PyTorch"),
 }
 
 
@@ -323,10 +322,11 @@ def main(argv=None):
     print("targets (Fortran backend):")
     verdicts = []
     for r in rows:
-        if r["phase"] in TARGETS:
+        if r["phase"] in TARGETS and r["torch_s"] is not None:
             kind, goal, text = TARGETS[r["phase"]]
-            ok = r["speedup"] >= goal if kind == "speedup" else r["fortran_s"] <= goal
-            got = f"{r['speedup']:.2f}x" if kind == "speedup" else f"{r['fortran_s']:.2f} s"
+            ratio = r["torch_s"] / r["fortran_s"]
+            ok = ratio >= goal
+            got = f"{ratio:.2f}x"
             line = f"  [{r['threads']} thr] {text}: {'MET' if ok else 'MISSED'} ({got})"
             verdicts.append(line)
             print(line)

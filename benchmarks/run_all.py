@@ -17,25 +17,36 @@ import bench_inference  # noqa: E402
 import bench_kernels  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_scaling  # noqa: E402
+import bench_train  # noqa: E402
 import harness  # noqa: E402
+
+
+PARTS = ("training", "kernels", "pipeline", "scaling", "inference")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="about 4 minutes in all")
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma list of {', '.join(PARTS)} (RESULTS.md holds those run)")
+    ap.add_argument("--blis", default=None, help="training: folder holding BLIS's libblis.so.4")
     a = ap.parse_args(argv)
+    parts_run = a.parts.split(",")
     out = a.out
     os.makedirs(out, exist_ok=True)
     tag = "quick" if a.quick else "full"
     q = ["--quick"] if a.quick else []
     parts = []
     for name, mod, extra in (
+            ("training", bench_train, ["--blis", a.blis] if a.blis else []),
             ("kernels", bench_kernels, []),
             ("pipeline", bench_pipeline, []),
             ("scaling", bench_scaling, ["--plots", os.path.join(out, "plots")]),
             ("inference", bench_inference,
              ["--plot", os.path.join(out, "plots", f"inference-{tag}.png")])):
+        if name not in parts_run:
+            continue
         print(f"\n=== {name} ===", flush=True)
         js = os.path.join(out, f"{name}-{tag}.json")
         md = os.path.join(out, f"{name}-{tag}.md")
@@ -54,8 +65,8 @@ def main(argv=None):
             "The machine is a shared 2-core VM: compare ratios, not absolute times.\n\n")
     if not a.quick:
         with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as fh:
-            fh.write(head + "\n".join(parts) +
-                     "\n## scaling\n\nSee `scaling-full.json` and `plots/*.png`.\n")
+            fh.write(head + "\n".join(parts) + ("\n## scaling\n\nSee `scaling-full.json` and "
+                                                "`plots/*.png`.\n" if "scaling" in parts_run else ""))
         print(f"wrote {os.path.join(out, 'RESULTS.md')}")
     return 0
 
