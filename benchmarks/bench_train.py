@@ -519,8 +519,8 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     a = ap.parse_args(argv)
-    fraction = a.fraction or (0.03 if a.quick else 0.1)
-    repeats = a.repeats or (3 if a.quick else 5)
+    fraction = a.fraction or (0.02 if a.quick else 0.05)
+    repeats = a.repeats or 3
     blis_dir = find_blis(a.blis)
     info = harness.machine_info()
     info["pykd_blas"] = pykd_blas_path()

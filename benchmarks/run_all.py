@@ -61,7 +61,7 @@ def main(argv=None):
     head = (f"# pykd benchmark results ({tag})\n\n"
             f"{datetime.date.today()} on this machine:\n\n```\n"
             f"{harness.format_machine_info(info)}\n```\n\n"
-            "Fortran against the NumPy path in the same run, alternating; medians. "
+            "Each candidate in a worker process of its own, alternating in one run; medians. "
             "The machine is a shared 2-core VM: compare ratios, not absolute times.\n\n")
     if not a.quick:
         with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as fh:
