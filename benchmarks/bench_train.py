@@ -92,6 +92,10 @@ class Sgemm:
         self.version = self._version()
 
     def set_threads(self, threads):
+        """The library's thread count for every caller in the process (None:
+        leave it)."""
+        if threads is None:
+            return
         if hasattr(self.lib, "bli_thread_set_num_threads"):
             self.lib.bli_thread_set_num_threads(ctypes.c_long(threads))
         elif hasattr(self.lib, "openblas_set_num_threads"):

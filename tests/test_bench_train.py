@@ -21,7 +21,9 @@ def test_step_products_count_the_epoch_flops(sizes):
 
 @pytest.mark.parametrize("halves", [False, True])
 def test_sgemm_plans_compute_the_products(halves):
-    blas = bench_train.Sgemm(bench_train.pykd_blas_path(), 1)
+    # threads=None: setting them would change pykd's BLAS for the rest of
+    # this process (and the bits of later tests).
+    blas = bench_train.Sgemm(bench_train.pykd_blas_path(), None)
     calls = bench_train.step_products((40, 70, 33, 6), 50)
     run = blas.plan(calls, halves)
     run()
