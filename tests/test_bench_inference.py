@@ -7,6 +7,7 @@ benchmark's workers do and compared with the NumPy float64 reference of its
 weights; the check itself must reject wrong logits; and a candidate that
 fails it must be reported, not timed. No timing is asserted.
 """
+import contextlib
 import importlib.util
 import os
 import sys
@@ -49,6 +50,21 @@ def prepared(tmp_path_factory):
     return student, Xc, work, specs, absent
 
 
+@contextlib.contextmanager
+def torch_threads_kept():
+    """PyTorch's set_num_threads (load_candidate's threads=1) also sets the
+    system libgomp's, which pykd shares: restore it, or later tests in this
+    process run pykd on one thread (other bits than a fresh process's)."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(before if before is not None else os.cpu_count() or 1)
+
+
 def test_every_candidate_agrees_with_the_numpy_reference(prepared):
     _, Xc, work, specs, absent = prepared
     labels = [s["label"] for s in specs]
@@ -60,7 +76,8 @@ def test_every_candidate_agrees_with_the_numpy_reference(prepared):
     ref_f32 = np.load(os.path.join(work, "ref_f32.npy"))
     for s in specs:
         assert s["bytes"] == os.path.getsize(s["path"]) > 0
-        y = bi.batched(bi.load_candidate(s, 1), Xc, batch=64)
+        with torch_threads_kept():
+            y = bi.batched(bi.load_candidate(s, 1), Xc, batch=64)
         res = bi.check_logits(y, np.load(os.path.join(work, s["ref"])), s["check"], ref_f32)
         assert res["ok"], (s["label"], res)
         if s["check"] == "float":
