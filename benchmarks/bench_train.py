@@ -313,10 +313,12 @@ def soft_labels(backend, data, rows):
     x = data[0][:rows]
     rng = np.random.default_rng(2)
     if backend == "pykd":
+        import pykd  # MLP.forward: the network routine users run
         from pykd import _step
-        p = (rng.standard_normal(_step.param_count(list(TEACHER))) * 0.02).astype(np.float32)
-        acts = ["relu", "relu", "identity"]
-        return lambda: _step.forward(list(TEACHER), acts, p, x, batch_size=1024)
+        m = pykd.MLP(list(TEACHER), ["relu", "relu", "identity"])
+        m.params[...] = (rng.standard_normal(_step.param_count(list(TEACHER))) * 0.02
+                         ).astype(np.float32)
+        return lambda: m.forward(x, batch_size=1024)
     if backend == "torch":
         import torch
         loop = TorchLoop(TEACHER, False, 1024, data)

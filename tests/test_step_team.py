@@ -96,23 +96,6 @@ def test_masked_entries_stay_zero_in_the_split_step():
     assert np.any(p[keep] != 0)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_split_forward_matches_float64(threads):
-    sizes, acts = [200, 1100, 40, 5], ["relu", "tanh", "identity"]
-    rng = np.random.default_rng(3)
-    p = (rng.standard_normal(_step.param_count(sizes)) * 0.1).astype(np.float32)
-    x = rng.standard_normal((300, sizes[0])).astype(np.float32)
-    with threadpoolctl.threadpool_limits(threads):
-        out = _step.forward(sizes, acts, p, x, batch_size=300)
-    h, off = x.astype(np.float64), 0
-    for (a, b), act in zip(zip(sizes[:-1], sizes[1:]), acts):
-        W = p[off:off + a * b].reshape(a, b).astype(np.float64)
-        h = h @ W + p[off + a * b:off + a * b + b]
-        off += a * b + b
-        h = np.maximum(h, 0) if act == "relu" else np.tanh(h) if act == "tanh" else h
-    np.testing.assert_allclose(out, h, atol=1e-5, rtol=1e-4)
-
-
 PTHREADS_DIR = "/usr/lib/x86_64-linux-gnu/openblas-pthread"
 FALLBACK = r"""
 import sys
