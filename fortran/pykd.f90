@@ -16,7 +16,7 @@ module pykd
   use pykd_quant, only: quantize_weights, dequantize_weights, int8_matmul
   use pykd_mlp, only: train_config, LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD, &
                       OPT_SGD, OPT_ADAM, mlp_param_count, &
-                      mlp_workspace_size, mlp_forward, mlp_train_step
+                      mlp_workspace_size, mlp_forward, mlp_train_step, mlp_gradient, mlp_apply_update
   use pykd_models, only: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, &
                          pykd_save_model, pykd_free, pykd_model_from_params, pykd_model_from_arrays, &
                          pykd_quantize_model
@@ -38,7 +38,7 @@ module pykd
             sgd_step, adam_step, magnitude_mask, quantize_weights, dequantize_weights, int8_matmul
   public :: train_config, LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD, &
             OPT_SGD, OPT_ADAM, mlp_param_count, &
-            mlp_workspace_size, mlp_forward, mlp_train_step
+            mlp_workspace_size, mlp_forward, mlp_train_step, mlp_gradient, mlp_apply_update
   public :: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_save_model, &
             pykd_free, pykd_model_from_params, pykd_model_from_arrays, pykd_quantize_model
   public :: network_forward, network_workspace_words, pykd_layer_t, new_layer, apply_activation

@@ -335,6 +335,74 @@ subroutine mlp_train_step(sizes, acts, params, grads, state1, state2, x, labels,
   end if
 end subroutine mlp_train_step
 
+! The two halves of a data-parallel step (pykd_mlp): the gradient of a shard
+! (rows first .. first + n - 1 of a global batch of n_global rows; the loss is
+! the shard's share of the global mean), and the optimizer update of the
+! whole buffer. Placeholders and flags as in mlp_train_step.
+subroutine mlp_gradient(sizes, acts, params, grads, x, labels, &
+                        teacher, use_teacher, hint_target, use_hint, targets, &
+                        loss_kind, temperature, alpha, huber_delta, dropout, seed, hint_layer, hint_weight, &
+                        step, n_global, first, work, &
+                        nl1, nl, np, n_in, n, nlab, tc, tn, hc, hn, yc, yn, nw, loss, n_correct, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_mlp, only: impl => mlp_gradient, train_config
+  implicit none
+  integer(c_int), intent(in) :: nl1, nl, n_in, n, nlab, tc, tn, hc, hn, yc, yn
+  integer(c_int64_t), intent(in) :: np, nw
+  integer(c_int), intent(in) :: sizes(nl1), acts(nl)
+  real(c_float), intent(inout) :: params(np), grads(np), work(nw)
+  real(c_float), intent(in) :: x(n_in, n), teacher(tc, tn), hint_target(hc, hn), targets(yc, yn)
+  integer(c_int64_t), intent(in) :: labels(nlab)
+  integer(c_int), intent(in) :: use_teacher, use_hint, loss_kind, hint_layer, n_global
+  real(c_float), intent(in) :: temperature, alpha, huber_delta, dropout, hint_weight
+  integer(c_int64_t), intent(in) :: seed, step, first
+  real(c_float), intent(out) :: loss
+  integer(c_int), intent(out) :: n_correct, stat
+  type(train_config) :: cfg
+  !f2py threadsafe
+  !f2py intent(hide) :: nl1, nl, np, n_in, n, nlab, tc, tn, hc, hn, yc, yn, nw
+  cfg = train_config(loss=loss_kind, temperature=temperature, alpha=alpha, huber_delta=huber_delta, &
+                     dropout=dropout, seed=seed, hint_layer=hint_layer, hint_weight=hint_weight)
+  if (use_teacher /= 0 .and. use_hint /= 0) then
+    call impl(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+              teacher=teacher, hint_target=hint_target, stat=stat, targets=targets, &
+              n_global=n_global, first=first)
+  else if (use_teacher /= 0) then
+    call impl(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+              teacher=teacher, stat=stat, targets=targets, n_global=n_global, first=first)
+  else if (use_hint /= 0) then
+    call impl(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+              hint_target=hint_target, stat=stat, targets=targets, n_global=n_global, first=first)
+  else
+    call impl(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+              stat=stat, targets=targets, n_global=n_global, first=first)
+  end if
+end subroutine mlp_gradient
+
+subroutine mlp_apply_update(params, grads, state1, state2, mask, use_mask, optimizer, lr, beta1, beta2, &
+                            eps, momentum, weight_decay, step, np, n2, nm, stat)
+  use iso_c_binding, only: c_float, c_int, c_int64_t
+  use pykd_mlp, only: impl => mlp_apply_update, train_config
+  implicit none
+  integer(c_int64_t), intent(in) :: np, n2, nm, step
+  real(c_float), intent(inout) :: params(np), state1(np), state2(n2)
+  real(c_float), intent(in) :: grads(np)
+  integer(1), intent(in) :: mask(nm)
+  integer(c_int), intent(in) :: use_mask, optimizer
+  real(c_float), intent(in) :: lr, beta1, beta2, eps, momentum, weight_decay
+  integer(c_int), intent(out) :: stat
+  type(train_config) :: cfg
+  !f2py threadsafe
+  !f2py intent(hide) :: np, n2, nm
+  cfg = train_config(optimizer=optimizer, lr=lr, beta1=beta1, beta2=beta2, eps=eps, momentum=momentum, &
+                     weight_decay=weight_decay)
+  if (use_mask /= 0) then
+    call impl(params, grads, state1, state2, cfg, step, mask=mask, stat=stat)
+  else
+    call impl(params, grads, state1, state2, cfg, step, stat=stat)
+  end if
+end subroutine mlp_apply_update
+
 ! A whole model (docs/model.md): the layer table and flat buffers, as
 ! C-ordered NumPy arrays passed transposed (table.T, x.T, y.T), so nothing is
 ! copied. The arrays are only read; `work` (network_workspace_size words) is

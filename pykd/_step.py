@@ -5,6 +5,12 @@ gradients and optimizer state are buffers of the same layout. With
 ``backend="fortran"`` a step is a single call into ``pykd_mlp``; with
 ``backend="numpy"`` the same step runs on the NumPy twins of the kernels,
 with the same dropout random numbers, so the two paths agree to rounding.
+
+For data-parallel training the step also comes in two halves:
+:func:`gradient_step` (the gradient of one shard of a global batch, whose
+sum over the shards is the whole batch's gradient) and :func:`apply_update`
+(the optimizer on the whole buffer). :func:`train_step` equals
+``gradient_step`` + ``apply_update`` on the whole batch bit for bit.
 """
 from dataclasses import dataclass, fields
 
@@ -162,14 +168,16 @@ def _hash32(x):
     return h
 
 
-def dropout_multipliers(shape, p, seed, step, layer):
+def dropout_multipliers(shape, p, seed, step, layer, first=0):
     """0 with probability p, else 1/(1-p); entry i (flat C order) is a hash of
-    (seed, step, layer, i)."""
+    (seed, step, layer, first * shape[1] + i): rows ``first, first + 1, ...``
+    of the batch's multipliers, so a shard of a batch draws what the whole
+    batch draws for its rows."""
     one = lambda v: np.array([v], dtype=np.uint64)
     seed = one(seed)
     key = _hash32(_hash32(seed ^ (seed >> np.uint64(32)))
                   ^ _hash32((one(step) & _M32) * np.uint64(64) + np.uint64(layer)))
-    idx = np.arange(int(np.prod(shape)), dtype=np.uint64)
+    idx = np.arange(int(np.prod(shape)), dtype=np.uint64) + np.uint64(int(first) * int(shape[-1]))
     u = (_hash32(key + idx) >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
     keep = np.float32(1) / (np.float32(1) - np.float32(p))
     return np.where(u >= np.float32(p), keep, np.float32(0)).reshape(shape)
@@ -202,19 +210,8 @@ def _check_rows(name, a, n):
         raise ValueError(f"{name} must be a C-contiguous float32 array with {n} rows")
 
 
-def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, ws, *,
-               teacher_logits=None, hint_target=None, mask=None, backend="fortran"):
-    """One training step: forward, loss, backward and optimizer update of
-    ``params`` in place. Returns ``(loss, n_correct)``.
-
-    ``labels`` holds int64 class labels of shape (n,) for ``"ce"``/``"kd"``,
-    and float32 targets of shape (n, n_out) for the regression losses
-    (which return n_correct = 0). ``teacher_logits`` holds the teacher's
-    logits for ``"kd"`` and its outputs for ``"mse_kd"``/``"huber_kd"``.
-
-    Raises FloatingPointError, leaving every buffer's parameters untouched,
-    if the loss is not finite.
-    """
+def _check_step(sizes, x, labels, cfg, teacher_logits, hint_target):
+    """The checks of train_step and gradient_step; returns (n, regress, use_t)."""
     n = x.shape[0] if isinstance(x, np.ndarray) else 0
     regress = cfg.loss in REGRESSION_LOSSES
     if regress:
@@ -230,6 +227,32 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
                              f"outputs), got {teacher_logits.shape[1]}")
     if cfg.hint_layer:
         _check_rows("hint_target", hint_target, n)
+    return n, regress, use_t
+
+
+def _raise_status(stat, step, sizes, what):
+    if stat == _codes.ERR_NONFINITE:
+        raise FloatingPointError(f"loss is not finite at step {step}; parameters not updated")
+    if stat == _codes.ERR_LABEL:
+        raise ValueError(f"labels out of range [0, {sizes[-1]})")
+    if stat != _codes.OK:
+        raise ValueError(f"{what} rejected its arguments (status {stat})")
+
+
+def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step, ws, *,
+               teacher_logits=None, hint_target=None, mask=None, backend="fortran"):
+    """One training step: forward, loss, backward and optimizer update of
+    ``params`` in place. Returns ``(loss, n_correct)``.
+
+    ``labels`` holds int64 class labels of shape (n,) for ``"ce"``/``"kd"``,
+    and float32 targets of shape (n, n_out) for the regression losses
+    (which return n_correct = 0). ``teacher_logits`` holds the teacher's
+    logits for ``"kd"`` and its outputs for ``"mse_kd"``/``"huber_kd"``.
+
+    Raises FloatingPointError, leaving every buffer's parameters untouched,
+    if the loss is not finite.
+    """
+    n, regress, use_t = _check_step(sizes, x, labels, cfg, teacher_logits, hint_target)
     if backend == "numpy":
         return _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
                            teacher_logits, hint_target, mask)
@@ -250,13 +273,89 @@ def train_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
         lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, dropout=cfg.dropout, seed=int(cfg.seed),
         hint_layer=cfg.hint_layer, hint_weight=cfg.hint_weight, step=int(step), work=ws.work)
-    if stat == _codes.ERR_NONFINITE:
-        raise FloatingPointError(f"loss is not finite at step {step}; parameters not updated")
-    if stat == _codes.ERR_LABEL:
-        raise ValueError(f"labels out of range [0, {sizes[-1]})")
-    if stat != _codes.OK:
-        raise ValueError(f"training step rejected its arguments (status {stat})")
+    _raise_status(stat, step, sizes, "training step")
     return float(loss), int(n_correct)
+
+
+def gradient_step(sizes, acts, params, grads, x, labels, cfg, step, ws, *, teacher_logits=None,
+                  hint_target=None, n_global=None, first=0, backend="fortran"):
+    """The first half of a data-parallel step: forward, loss and backward on
+    the shard ``x`` (rows ``first .. first + n - 1`` of a global batch of
+    ``n_global`` rows; default: the whole batch) into ``grads``; ``params``
+    is not changed. Returns ``(loss, n_correct)`` of the shard.
+
+    The loss is the shard's share of the global batch mean (its sum over the
+    shard divided by ``n_global``) and ``grads`` its gradient, so the shards'
+    losses and gradients add up to those of the whole batch (to rounding:
+    only the sums over samples are split). Dropout draws the multipliers of
+    each row from its position ``first + i`` in the global batch, so N shards
+    draw what one process draws. Arguments as in :func:`train_step`; the sum
+    of the shards' gradients goes to :func:`apply_update`.
+
+    Raises FloatingPointError if the shard's loss is not finite (``grads``
+    is then incomplete).
+    """
+    n, regress, use_t = _check_step(sizes, x, labels, cfg, teacher_logits, hint_target)
+    n_global = n if n_global is None else int(n_global)
+    first = int(first)
+    if not (n_global >= n and 0 <= first <= n_global - n):
+        raise ValueError(f"the shard of {n} rows at first={first} does not lie in a global batch "
+                         f"of n_global={n_global} rows")
+    if backend == "numpy":
+        return _numpy_step(sizes, acts, params, grads, None, None, x, labels, cfg, step,
+                           teacher_logits, hint_target, None, n_global=n_global, first=first)
+    if n > ws.batch_size:
+        raise ValueError(f"batch of {n} exceeds the workspace's batch size {ws.batch_size}")
+    act_codes = np.array([_codes.ACTIVATIONS[a] for a in acts], np.int32)
+    use_h = cfg.hint_layer > 0
+    loss, n_correct, stat = _fortran().mlp_gradient(
+        sizes=ws.sizes, acts=act_codes, params=params, grads=grads, x=x.T,
+        labels=ws.no_labels if regress else labels,
+        teacher=teacher_logits.T if use_t else ws.placeholder, use_teacher=int(use_t),
+        hint_target=hint_target.T if use_h else ws.placeholder, use_hint=int(use_h),
+        targets=labels.T if regress else ws.placeholder,
+        loss_kind=_codes.LOSSES[cfg.loss], temperature=cfg.temperature, alpha=cfg.alpha,
+        huber_delta=cfg.huber_delta, dropout=cfg.dropout, seed=int(cfg.seed),
+        hint_layer=cfg.hint_layer, hint_weight=cfg.hint_weight, step=int(step),
+        n_global=n_global, first=first, work=ws.work)
+    _raise_status(stat, step, sizes, "gradient step")
+    return float(loss), int(n_correct)
+
+
+def apply_update(params, grads, state1, state2, cfg, step, *, mask=None, backend="fortran"):
+    """The second half of a data-parallel step: the optimizer update (``cfg``'s
+    optimizer, its settings and ``cfg.lr``; ``step`` from 1) of the whole
+    buffer ``params`` from ``grads``, in place, as :func:`train_step` does.
+    ``mask`` (bool, like params) keeps pruned entries and their state at 0."""
+    for name, a in (("params", params), ("grads", grads), ("state1", state1),
+                    ("state2", state2)):
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.ndim == 1
+                and a.flags.c_contiguous and a.shape == params.shape):
+            raise ValueError(f"{name} must be a C-contiguous 1-D float32 array like params")
+    if mask is not None and not (isinstance(mask, np.ndarray) and mask.dtype == np.bool_
+                                 and mask.shape == params.shape):
+        raise ValueError("mask must be a bool array shaped like params")
+    if int(step) < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    if backend == "numpy":
+        _numpy_update(params, grads, state1, state2, cfg, step, mask)
+        return
+    stat = _fortran().mlp_apply_update(
+        params=params, grads=grads, state1=state1, state2=state2,
+        mask=mask.view(np.int8) if mask is not None else np.ones(1, np.int8),
+        use_mask=int(mask is not None), optimizer=OPTIMIZERS.index(cfg.optimizer), lr=cfg.lr,
+        beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, step=int(step))
+    _raise_status(stat, step, [0], "optimizer update")
+
+
+def _numpy_update(params, grads, state1, state2, cfg, step, mask):
+    """The NumPy twin of the optimizer update on one range of the buffers."""
+    if cfg.optimizer == "adam":
+        ref.adam_step(params, grads, state1, state2, step, cfg.lr, cfg.beta1, cfg.beta2,
+                      cfg.eps, cfg.weight_decay, mask)
+    else:
+        ref.sgd_step(params, grads, state1, cfg.lr, cfg.momentum, cfg.weight_decay, mask)
 
 
 def regression_loss(s, y, loss="mse", delta=1.0, alpha=1.0, teacher=None):
@@ -295,8 +394,13 @@ def regression_loss(s, y, loss="mse", delta=1.0, alpha=1.0, teacher=None):
 
 
 def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step,
-                teacher_logits, hint_target, mask):
+                teacher_logits, hint_target, mask, n_global=None, first=0):
+    """The NumPy twin of mlp_train_step (state1 given) or of mlp_gradient
+    (state1 None: no update) on rows first .. of a batch of n_global rows."""
     nl = len(sizes) - 1
+    n = x.shape[0]
+    n_global = n if n_global is None else n_global
+    share = np.float32(n / n_global)      # the shard's share of the global mean
     hint = (cfg.hint_layer, hint_target.shape[1]) if cfg.hint_layer else None
     P, G = _views(params, sizes, hint), _views(grads, sizes, hint)
     slices = layer_slices(sizes, hint)
@@ -310,7 +414,7 @@ def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step
         a = ref.dense(inputs[-1], W, b, act)
         outs.append(a)
         if l < nl and cfg.dropout > 0:
-            m = dropout_multipliers(a.shape, cfg.dropout, cfg.seed, step, l)
+            m = dropout_multipliers(a.shape, cfg.dropout, cfg.seed, step, l, first)
             drops.append(m)
             inputs.append(a * m)
         else:
@@ -326,24 +430,23 @@ def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step
         else:
             loss, dy = ref.cross_entropy(logits, labels)
         n_correct = int((logits.argmax(axis=1) == labels).sum())
+    if n_global != n:
+        loss, dy = np.float32(loss * share), dy * share
     if hint:
         k, n_t = hint
         R, c = P[nl]
         r = outs[k - 1] @ R + c - hint_target
-        n = x.shape[0]
-        loss = loss + np.float32(cfg.hint_weight * float((r.astype(np.float64) ** 2).sum()) / (n * n_t))
-        dr = np.float32(2 * cfg.hint_weight / (n * n_t)) * r
+        ng = n_global
+        loss = loss + np.float32(cfg.hint_weight * float((r.astype(np.float64) ** 2).sum()) / (ng * n_t))
+        dr = np.float32(2 * cfg.hint_weight / (ng * n_t)) * r
     if not np.isfinite(loss):
         raise FloatingPointError(f"loss is not finite at step {step}; parameters not updated")
 
     def update(sl):
-        mk = None if mask is None else mask[sl]
-        if cfg.optimizer == "adam":
-            ref.adam_step(params[sl], grads[sl], state1[sl], state2[sl], step, cfg.lr,
-                          cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, mk)
-        else:
-            ref.sgd_step(params[sl], grads[sl], state1[sl], cfg.lr, cfg.momentum,
-                         cfg.weight_decay, mk)
+        if state1 is None:                # gradient only
+            return
+        _numpy_update(params[sl], grads[sl], state1[sl], state2[sl], cfg, step,
+                      None if mask is None else mask[sl])
 
     for l in range(nl, 0, -1):
         if hint and l == hint[0]:

@@ -2,7 +2,10 @@
 !!
 !! Logits are stored one sample per column, `z(classes, n)`; labels are
 !! 0-based class indices. Losses are batch means (sum over classes, mean over
-!! samples), and gradients are those of the batch mean.
+!! samples), and gradients are those of the batch mean. With `n_mean` (>= n)
+!! the batch is a shard of a larger one: sums are divided by n_mean instead
+!! of n, so the per-sample gradients are those of the whole batch and the
+!! shards' losses add up to its loss (data-parallel training, issue 16).
 !!
 !! Hinton distillation loss, with p(z; T) = softmax(z / T):
 !!
@@ -33,19 +36,20 @@ module pykd_loss
 contains
 
   !> Mean cross-entropy of softmax(z) against `labels`, and d loss / d z.
-  subroutine cross_entropy(z, labels, loss, dz, stat, errmsg)
+  subroutine cross_entropy(z, labels, loss, dz, stat, errmsg, n_mean)
     real(real32), intent(in), contiguous :: z(:, :)        !! (classes, n) logits
     integer(int64), intent(in) :: labels(:)                !! (n), in [0, classes)
     real(real32), intent(out) :: loss
     real(real32), intent(out), contiguous, optional :: dz(:, :) !! (classes, n)
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
+    integer, intent(in), optional :: n_mean                !! divisor of the mean (default n)
     ! alpha = 1 makes kd_loss exactly the cross-entropy; the teacher is unused.
-    call fused(z, z, labels, 1.0_real32, 1.0_real32, loss, dz, stat, errmsg, 'cross_entropy')
+    call fused(z, z, labels, 1.0_real32, 1.0_real32, loss, dz, stat, errmsg, 'cross_entropy', n_mean)
   end subroutine cross_entropy
 
   !> Hinton distillation loss (see the module header) and d loss / d s.
-  subroutine kd_loss(s, t, labels, temperature, alpha, loss, ds, stat, errmsg)
+  subroutine kd_loss(s, t, labels, temperature, alpha, loss, ds, stat, errmsg, n_mean)
     real(real32), intent(in), contiguous :: s(:, :)        !! (classes, n) student logits
     real(real32), intent(in), contiguous :: t(:, :)        !! (classes, n) teacher logits
     integer(int64), intent(in) :: labels(:)                !! (n), in [0, classes)
@@ -55,10 +59,11 @@ contains
     real(real32), intent(out), contiguous, optional :: ds(:, :) !! (classes, n)
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
-    call fused(s, t, labels, temperature, alpha, loss, ds, stat, errmsg, 'kd_loss')
+    integer, intent(in), optional :: n_mean                !! divisor of the mean (default n)
+    call fused(s, t, labels, temperature, alpha, loss, ds, stat, errmsg, 'kd_loss', n_mean)
   end subroutine kd_loss
 
-  subroutine fused(s, t, labels, temp, alpha, loss, ds, stat, errmsg, name)
+  subroutine fused(s, t, labels, temp, alpha, loss, ds, stat, errmsg, name, n_mean)
     real(real32), intent(in), contiguous :: s(:, :), t(:, :)
     integer(int64), intent(in) :: labels(:)
     real(real32), intent(in) :: temp, alpha
@@ -67,13 +72,17 @@ contains
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
     character(len=*), intent(in) :: name
+    integer, intent(in), optional :: n_mean
     real(real64), allocatable :: per_sample(:)
-    integer :: n, c, j, ierr
+    integer :: n, c, j, ierr, nm
 
     c = size(s, 1); n = size(s, 2)
     loss = 0
-    if (size(t, 1) /= c .or. size(t, 2) /= n .or. size(labels) /= n .or. c < 1 .or. n < 1) then
-      call set_status(PYKD_ERR_ARG, name//': inconsistent sizes', stat, errmsg)
+    nm = n
+    if (present(n_mean)) nm = n_mean
+    if (size(t, 1) /= c .or. size(t, 2) /= n .or. size(labels) /= n .or. c < 1 .or. n < 1 &
+        .or. nm < n) then
+      call set_status(PYKD_ERR_ARG, name//': inconsistent sizes (or n_mean < n)', stat, errmsg)
       return
     end if
     if (present(ds)) then
@@ -105,14 +114,14 @@ contains
     !$omp parallel do schedule(static) if(size(s) >= PAR_MIN_WORK)
     do j = 1, n
       if (present(ds)) then
-        call kd_column(s(:, j), t(:, j), int(labels(j)) + 1, temp, alpha, n, per_sample(j), ds(:, j))
+        call kd_column(s(:, j), t(:, j), int(labels(j)) + 1, temp, alpha, nm, per_sample(j), ds(:, j))
       else
-        call kd_column(s(:, j), t(:, j), int(labels(j)) + 1, temp, alpha, n, per_sample(j))
+        call kd_column(s(:, j), t(:, j), int(labels(j)) + 1, temp, alpha, nm, per_sample(j))
       end if
     end do
     !$omp end parallel do
 
-    loss = real(sum(per_sample) / n, real32)
+    loss = real(sum(per_sample) / nm, real32)
     if (ieee_is_finite(loss)) then
       call set_status(PYKD_OK, '', stat, errmsg)
     else
@@ -121,7 +130,8 @@ contains
     end if
   end subroutine fused
 
-  !> Loss of one sample and, optionally, its gradient (already divided by n).
+  !> Loss of one sample and, optionally, its gradient (already divided by n,
+  !! the divisor of the batch mean).
   pure subroutine kd_column(s, t, y, temp, alpha, n, loss, ds)
     real(real32), intent(in) :: s(:), t(:)
     integer, intent(in) :: y             !! 1-based label
@@ -187,7 +197,7 @@ contains
   !> Regression loss (MSE, or Huber with `huber`), optionally distilled
   !! against teacher outputs `t` with weight 1 - alpha (see the module header),
   !! and d loss / d s.
-  subroutine regression_loss(s, y, huber, delta, loss, ds, t, alpha, stat, errmsg)
+  subroutine regression_loss(s, y, huber, delta, loss, ds, t, alpha, stat, errmsg, n_mean)
     real(real32), intent(in), contiguous :: s(:, :)        !! (n_out, n) student outputs
     real(real32), intent(in), contiguous :: y(:, :)        !! (n_out, n) targets
     logical, intent(in) :: huber                           !! Huber instead of MSE
@@ -198,16 +208,20 @@ contains
     real(real32), intent(in), optional :: alpha            !! weight of the target term, in [0, 1]
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
+    integer, intent(in), optional :: n_mean                !! samples of the mean (default n)
     real(real64), allocatable :: per_sample(:)
     real(real32) :: a, w_y, w_t
-    integer :: n, c, j, ierr
+    integer :: n, c, j, ierr, nm
 
     c = size(s, 1); n = size(s, 2)
     loss = 0
     a = 1
     if (present(alpha)) a = alpha
-    if (size(y, 1) /= c .or. size(y, 2) /= n .or. c < 1 .or. n < 1) then
-      call set_status(PYKD_ERR_ARG, 'regression_loss: targets and outputs differ in shape', stat, errmsg)
+    nm = n
+    if (present(n_mean)) nm = n_mean
+    if (size(y, 1) /= c .or. size(y, 2) /= n .or. c < 1 .or. n < 1 .or. nm < n) then
+      call set_status(PYKD_ERR_ARG, 'regression_loss: targets and outputs differ in shape (or n_mean < n)', &
+                      stat, errmsg)
       return
     end if
     if (present(t)) then
@@ -237,8 +251,8 @@ contains
       return
     end if
     ! Gradient weights of the two terms (d mean / d s folds 1/(n c) in).
-    w_y = real(real(a, real64) / (real(n, real64) * c), real32)
-    w_t = real(real(1 - a, real64) / (real(n, real64) * c), real32)
+    w_y = real(real(a, real64) / (real(nm, real64) * c), real32)
+    w_t = real(real(1 - a, real64) / (real(nm, real64) * c), real32)
 
     ! Per-sample sums, then a serial total: the bits do not depend on threads.
     !$omp parallel do schedule(static) if(size(s) >= PAR_MIN_WORK)
@@ -250,7 +264,7 @@ contains
     end do
     !$omp end parallel do
 
-    loss = real(sum(per_sample) / (real(n, real64) * c), real32)
+    loss = real(sum(per_sample) / (real(nm, real64) * c), real32)
     if (ieee_is_finite(loss)) then
       call set_status(PYKD_OK, '', stat, errmsg)
     else

@@ -11,6 +11,14 @@
 !! Each layer is updated right after its gradient is computed (its input
 !! gradient first, with the old weights), while dW is still in cache; the
 !! result is the same as updating all layers after the backward pass.
+!!
+!! For data-parallel training (issue 16) the step also comes in two halves:
+!! `mlp_gradient` (forward, loss, backward into `grads`, no update) on a
+!! shard of a global batch, and `mlp_apply_update` (the optimizer on the
+!! whole buffer). Between them the caller sums the shards' gradients (MPI).
+!! All three run the same code (`step_core`, and the elementwise kernels
+!! sgd_step / adam_step per tile or on the whole buffer), so gradient +
+!! update on the whole batch gives the bits of `mlp_train_step`.
 module pykd_mlp
   use iso_fortran_env, only: real32, real64, int8, int64
   use ieee_arithmetic, only: ieee_is_finite
@@ -29,6 +37,7 @@ module pykd_mlp
   public :: train_config, LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD
   public :: OPT_SGD, OPT_ADAM
   public :: mlp_param_count, mlp_workspace_size, mlp_forward, mlp_train_step, dropout_multipliers
+  public :: mlp_gradient, mlp_apply_update
 
 
   !> Everything a training step needs besides the arrays.
@@ -152,13 +161,22 @@ contains
   !> m(i) = 0 with probability p, else 1 / (1 - p); m(i) is a hash of
   !! (seed, step, layer, flat index), see pykd_random. Computed once per
   !! step and kept for the backward pass (hashing costs more than storing).
-  subroutine dropout_multipliers(m, p, seed, step, layer)
+  !! m(units, n) holds samples first + 1 .. first + n of the batch (first
+  !! defaults to 0): the flat index of m(u, j) is (first + j - 1) * units
+  !! + u - 1, so a shard of a batch draws what the whole batch draws there.
+  subroutine dropout_multipliers(m, p, seed, step, layer, first)
     real(real32), intent(out), contiguous :: m(:, :)
     real(real32), intent(in) :: p
     integer(int64), intent(in) :: seed, step
     integer, intent(in) :: layer
+    integer(int64), intent(in), optional :: first
+    integer(int64) :: skip
 
-    call dropout_fill(size(m, kind=int64), m, stream_key(seed, step, layer), p)
+    skip = 0
+    ! hash32 reads the low 32 bits of key + index, so skipping the first
+    ! entries is an offset of the key.
+    if (present(first)) skip = first * size(m, 1)
+    call dropout_fill(size(m, kind=int64), m, stream_key(seed, step, layer) + skip, p)
   end subroutine dropout_multipliers
 
   !> One training step on the batch x(sizes(1), n): forward (with dropout on
@@ -188,6 +206,139 @@ contains
     character(len=*), intent(out), optional :: errmsg
     real(real32), intent(in), contiguous, optional :: targets(:, :)
 
+    call step_core(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+                   .true., size(x, 2), 0_int64, teacher, hint_target, stat, errmsg, targets, &
+                   state1, state2, mask, 'mlp_train_step')
+  end subroutine mlp_train_step
+
+  !> The first half of a data-parallel step: forward, loss and backward on
+  !! x(sizes(1), n), the samples first + 1 .. first + n of a global batch of
+  !! n_global samples (defaults: the whole batch, first = 0), into `grads`;
+  !! params is not changed. The loss is this shard's share of the global
+  !! batch mean (its sum over the shard / n_global) and `grads` its gradient,
+  !! so the shards' losses and gradients add up to the whole batch's (to
+  !! rounding: only the sums over samples are split). Dropout draws each
+  !! sample's multipliers from its position in the global batch. Arguments
+  !! as in mlp_train_step; the sum of the shards' `grads` goes to
+  !! mlp_apply_update. On a non-finite loss stat = PYKD_ERR_NONFINITE and
+  !! `grads` is incomplete.
+  subroutine mlp_gradient(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+                          teacher, hint_target, stat, errmsg, targets, n_global, first)
+    integer, intent(in) :: sizes(:), acts(:)
+    real(real32), intent(inout), contiguous, target :: params(:)  !! only read
+    real(real32), intent(inout), contiguous, target :: grads(:)
+    real(real32), intent(in), contiguous, target :: x(:, :)
+    integer(int64), intent(in) :: labels(:)
+    type(train_config), intent(in) :: cfg
+    integer(int64), intent(in) :: step
+    real(real32), intent(inout), contiguous, target :: work(:)
+    real(real32), intent(out) :: loss
+    integer, intent(out) :: n_correct
+    real(real32), intent(in), contiguous, optional :: teacher(:, :)
+    real(real32), intent(in), contiguous, optional :: hint_target(:, :)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    real(real32), intent(in), contiguous, optional :: targets(:, :)
+    integer, intent(in), optional :: n_global
+    integer(int64), intent(in), optional :: first
+    integer :: ng
+    integer(int64) :: f
+
+    ng = size(x, 2)
+    if (present(n_global)) ng = n_global
+    f = 0
+    if (present(first)) f = first
+    if (ng < size(x, 2) .or. f < 0 .or. f > ng - size(x, 2)) then
+      loss = 0; n_correct = 0
+      call set_status(PYKD_ERR_ARG, 'mlp_gradient: the shard (first, n) does not lie in the global '// &
+                      'batch of n_global samples', stat, errmsg)
+      return
+    end if
+    call step_core(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+                   .false., ng, f, teacher, hint_target, stat, errmsg, targets, name='mlp_gradient')
+  end subroutine mlp_gradient
+
+  !> The second half of a data-parallel step: the optimizer update of the
+  !! whole buffer params from grads (cfg%optimizer, its settings and cfg%lr;
+  !! `step` counts from 1), with an optional mask, as mlp_train_step does.
+  subroutine mlp_apply_update(params, grads, state1, state2, cfg, step, mask, stat, errmsg)
+    real(real32), intent(inout), contiguous :: params(:), state1(:), state2(:)
+    real(real32), intent(in), contiguous :: grads(:)
+    type(train_config), intent(in) :: cfg
+    integer(int64), intent(in) :: step
+    integer(int8), intent(in), contiguous, optional :: mask(:)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    integer(int64) :: np
+
+    np = size(params, kind=int64)
+    if (size(grads, kind=int64) /= np .or. size(state1, kind=int64) /= np &
+        .or. (cfg%optimizer == OPT_ADAM .and. size(state2, kind=int64) /= np)) then
+      call set_status(PYKD_ERR_ARG, 'mlp_apply_update: grads or optimizer state has the wrong size', &
+                      stat, errmsg)
+      return
+    end if
+    if (present(mask)) then
+      if (size(mask, kind=int64) /= np) then
+        call set_status(PYKD_ERR_ARG, 'mlp_apply_update: mask has the wrong size', stat, errmsg)
+        return
+      end if
+    end if
+    if (cfg%optimizer /= OPT_ADAM .and. cfg%optimizer /= OPT_SGD) then
+      call set_status(PYKD_ERR_ARG, 'mlp_apply_update: unknown optimizer', stat, errmsg)
+      return
+    end if
+    if (step < 1) then
+      call set_status(PYKD_ERR_ARG, 'mlp_apply_update: step must be >= 1', stat, errmsg)
+      return
+    end if
+    call optimizer_update(params, grads, state1, state2, cfg, step, mask)
+    call set_status(PYKD_OK, '', stat, errmsg)
+  end subroutine mlp_apply_update
+
+  !> The optimizer step of cfg on one contiguous range of the buffers (a
+  !! layer in mlp_train_step, the whole buffer in mlp_apply_update).
+  subroutine optimizer_update(params, grads, state1, state2, cfg, step, mask)
+    real(real32), intent(inout), contiguous :: params(:), state1(:), state2(:)
+    real(real32), intent(in), contiguous :: grads(:)
+    type(train_config), intent(in) :: cfg
+    integer(int64), intent(in) :: step
+    integer(int8), intent(in), contiguous, optional :: mask(:)
+    if (cfg%optimizer == OPT_ADAM) then
+      call adam_step(params, grads, state1, state2, step, cfg%lr, cfg%beta1, cfg%beta2, cfg%eps, &
+                     cfg%weight_decay, mask)
+    else
+      call sgd_step(params, grads, state1, cfg%lr, cfg%momentum, cfg%weight_decay, mask)
+    end if
+  end subroutine optimizer_update
+
+  !> mlp_train_step (do_update) or mlp_gradient (not do_update; state1,
+  !! state2 and mask absent) on the shard first + 1 .. first + n of a batch
+  !! of n_global samples.
+  subroutine step_core(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
+                       do_update, n_global, first, teacher, hint_target, stat, errmsg, targets, &
+                       state1, state2, mask, name)
+    integer, intent(in) :: sizes(:), acts(:)
+    real(real32), intent(inout), contiguous, target :: params(:), grads(:)
+    real(real32), intent(in), contiguous, target :: x(:, :)
+    integer(int64), intent(in) :: labels(:)
+    type(train_config), intent(in) :: cfg
+    integer(int64), intent(in) :: step
+    real(real32), intent(inout), contiguous, target :: work(:)
+    real(real32), intent(out) :: loss
+    integer, intent(out) :: n_correct
+    logical, intent(in) :: do_update
+    integer, intent(in) :: n_global
+    integer(int64), intent(in) :: first
+    real(real32), intent(in), contiguous, optional :: teacher(:, :)
+    real(real32), intent(in), contiguous, optional :: hint_target(:, :)
+    integer, intent(out), optional :: stat
+    character(len=*), intent(out), optional :: errmsg
+    real(real32), intent(in), contiguous, optional :: targets(:, :)
+    real(real32), intent(inout), contiguous, target, optional :: state1(:), state2(:)
+    integer(int8), intent(in), contiguous, optional :: mask(:)
+    character(len=*), intent(in) :: name
+
     type(view2) :: a(size(sizes) - 1), d(size(sizes) - 1), m(size(sizes) - 1)
     real(real32), pointer, contiguous :: inp(:, :), cur(:, :), nxt(:, :), z(:, :)
     real(real32), pointer, contiguous :: g1(:), g2(:), gt(:), gz(:)
@@ -207,68 +358,71 @@ contains
               .or. cfg%loss == LOSS_HUBER_KD
     distil = cfg%loss == LOSS_KD .or. cfg%loss == LOSS_MSE_KD .or. cfg%loss == LOSS_HUBER_KD
     if (.not. valid_net(sizes, acts)) then
-      call set_status(PYKD_ERR_ARG, 'mlp_train_step: bad layer sizes or activations', stat, errmsg)
+      call set_status(PYKD_ERR_ARG, name//': bad layer sizes or activations', stat, errmsg)
       return
     end if
     n_t = 0
     if (k > 0 .and. present(hint_target)) n_t = size(hint_target, 1)
     np = mlp_param_count(sizes, k, int(n_t))
-    if (size(params, kind=int64) /= np .or. size(grads, kind=int64) /= np &
-        .or. size(state1, kind=int64) /= np &
-        .or. (cfg%optimizer == OPT_ADAM .and. size(state2, kind=int64) /= np)) then
-      call set_status(PYKD_ERR_ARG, 'mlp_train_step: params, grads or optimizer state has the wrong size', &
+    if (size(params, kind=int64) /= np .or. size(grads, kind=int64) /= np) then
+      call set_status(PYKD_ERR_ARG, name//': params or grads has the wrong size', stat, errmsg)
+      return
+    end if
+    if (do_update .and. (size(state1, kind=int64) /= np &
+        .or. (cfg%optimizer == OPT_ADAM .and. size(state2, kind=int64) /= np))) then
+      call set_status(PYKD_ERR_ARG, name//': params, grads or optimizer state has the wrong size', &
                       stat, errmsg)
       return
     end if
     if (n < 1 .or. size(x, 1) /= sizes(1) .or. (.not. regress .and. size(labels) /= n) &
         .or. size(work, kind=int64) < mlp_workspace_size(sizes, n, int(n_t))) then
-      call set_status(PYKD_ERR_ARG, 'mlp_train_step: x, labels or workspace has the wrong size', &
+      call set_status(PYKD_ERR_ARG, name//': x, labels or workspace has the wrong size', &
                       stat, errmsg)
       return
     end if
     if (.not. (regress .or. cfg%loss == LOSS_CE .or. cfg%loss == LOSS_KD)) then
-      call set_status(PYKD_ERR_ARG, 'mlp_train_step: unknown loss', stat, errmsg)
+      call set_status(PYKD_ERR_ARG, name//': unknown loss', stat, errmsg)
       return
     end if
     if (distil) then
       if (.not. present(teacher)) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: distillation needs teacher outputs', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, name//': distillation needs teacher outputs', stat, errmsg)
         return
       end if
       if (size(teacher, 1) /= sizes(nl + 1) .or. size(teacher, 2) /= n) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: teacher outputs have the wrong shape', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, name//': teacher outputs have the wrong shape', stat, errmsg)
         return
       end if
     end if
     if (regress) then
       if (.not. present(targets)) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: a regression loss needs targets', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, name//': a regression loss needs targets', stat, errmsg)
         return
       end if
       if (size(targets, 1) /= sizes(nl + 1) .or. size(targets, 2) /= n) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: targets have the wrong shape', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, name//': targets have the wrong shape', stat, errmsg)
         return
       end if
     end if
     if (k < 0 .or. k > nl .or. (k > 0 .and. .not. present(hint_target))) then
-      call set_status(PYKD_ERR_ARG, 'mlp_train_step: bad hint layer or missing hint target', stat, errmsg)
+      call set_status(PYKD_ERR_ARG, name//': bad hint layer or missing hint target', stat, errmsg)
       return
     end if
     if (k > 0) then
       if (size(hint_target, 2) /= n) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: hint target has the wrong shape', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, name//': hint target has the wrong shape', stat, errmsg)
         return
       end if
     end if
     if (present(mask)) then
       if (size(mask, kind=int64) /= np) then
-        call set_status(PYKD_ERR_ARG, 'mlp_train_step: mask has the wrong size', stat, errmsg)
+        call set_status(PYKD_ERR_ARG, name//': mask has the wrong size', stat, errmsg)
         return
       end if
     end if
     if (.not. (cfg%dropout >= 0 .and. cfg%dropout < 1) .or. &
         (cfg%optimizer /= OPT_ADAM .and. cfg%optimizer /= OPT_SGD)) then
-      call set_status(PYKD_ERR_ARG, 'mlp_train_step: dropout outside [0, 1) or unknown optimizer', &
+      call set_status(PYKD_ERR_ARG, name//': dropout outside [0, 1) or unknown optimizer', &
                       stat, errmsg)
       return
     end if
@@ -307,7 +461,7 @@ contains
       call layer_forward(inp, w, b, acts(l), a(l)%p, nt)
       inp => a(l)%p
       if (l < nl .and. cfg%dropout > 0) then
-        call dropout_multipliers(m(l)%p, cfg%dropout, cfg%seed, step, l)
+        call dropout_multipliers(m(l)%p, cfg%dropout, cfg%seed, step, l, first)
         d(l)%p = a(l)%p * m(l)%p
         inp => d(l)%p
       end if
@@ -316,17 +470,18 @@ contains
     ! Loss and its gradient with respect to the outputs.
     select case (cfg%loss)
     case (LOSS_KD)
-      call kd_loss(a(nl)%p, teacher, labels, cfg%temperature, cfg%alpha, loss, cur, st)
+      call kd_loss(a(nl)%p, teacher, labels, cfg%temperature, cfg%alpha, loss, cur, st, n_mean=n_global)
     case (LOSS_CE)
-      call cross_entropy(a(nl)%p, labels, loss, cur, st)
+      call cross_entropy(a(nl)%p, labels, loss, cur, st, n_mean=n_global)
     case (LOSS_MSE, LOSS_HUBER)
-      call regression_loss(a(nl)%p, targets, cfg%loss == LOSS_HUBER, cfg%huber_delta, loss, cur, stat=st)
+      call regression_loss(a(nl)%p, targets, cfg%loss == LOSS_HUBER, cfg%huber_delta, loss, cur, stat=st, &
+                           n_mean=n_global)
     case default
       call regression_loss(a(nl)%p, targets, cfg%loss == LOSS_HUBER_KD, cfg%huber_delta, loss, cur, &
-                           teacher, cfg%alpha, stat=st)
+                           teacher, cfg%alpha, stat=st, n_mean=n_global)
     end select
     if (st /= PYKD_OK) then
-      call set_status(st, 'mlp_train_step: loss failed (labels out of range, bad alpha / Huber delta, '// &
+      call set_status(st, name//': loss failed (labels out of range, bad alpha / Huber delta, '// &
                       'or non-finite outputs or targets)', stat, errmsg)
       return
     end if
@@ -336,7 +491,8 @@ contains
       end do
     end if
 
-    ! Hint: residual r = R h_k + c - target; loss += w/(n n_t) |r|^2; dr = 2w/(n n_t) r.
+    ! Hint: residual r = R h_k + c - target; loss += w/(n n_t) |r|^2; dr = 2w/(n n_t) r
+    ! (n: n_global, the samples of the whole batch).
     if (k > 0) then
       r(1:n_t, 1:n) => work(pos + 1:pos + n_t * n)
       rw(1:n_t, 1:sizes(k + 1)) => params(off_r + 1:off_r + n_t * sizes(k + 1))
@@ -347,20 +503,21 @@ contains
       do j = 1, n
         hint_sum = hint_sum + sum(real(r(:, j), real64)**2)
       end do
-      loss = loss + real(cfg%hint_weight * hint_sum / (real(n, real64) * n_t), real32)
-      scale = real(2 * cfg%hint_weight / (real(n, real64) * n_t), real32)
+      loss = loss + real(cfg%hint_weight * hint_sum / (real(n_global, real64) * n_t), real32)
+      scale = real(2 * cfg%hint_weight / (real(n_global, real64) * n_t), real32)
       r = scale * r
       dr => r
     end if
     if (.not. ieee_is_finite(loss)) then
-      call set_status(PYKD_ERR_NONFINITE, 'mlp_train_step: loss is not finite; parameters not updated', &
+      call set_status(PYKD_ERR_NONFINITE, name//': loss is not finite; parameters not updated', &
                       stat, errmsg)
       return
     end if
 
     ! Backward, updating each layer as soon as its gradients are known.
-    opt = opt_args(cfg%optimizer, cfg%lr, cfg%beta1, cfg%beta2, cfg%eps, cfg%momentum, &
-                   cfg%weight_decay, step)
+    opt = opt_args()                     ! OPT_NONE: gradient only (mlp_gradient)
+    if (do_update) opt = opt_args(cfg%optimizer, cfg%lr, cfg%beta1, cfg%beta2, cfg%eps, cfg%momentum, &
+                                  cfg%weight_decay, step)
     do l = nl, 1, -1
       no = sizes(l + 1); ni = sizes(l)
       if (l == k) call hint_backward()
@@ -420,6 +577,7 @@ contains
     !> Optimizer step on params(lo:hi).
     subroutine update(lo, hi)
       integer(int64), intent(in) :: lo, hi
+      if (.not. do_update) return
       if (cfg%optimizer == OPT_ADAM) then
         if (present(mask)) then
           call adam_step(params(lo:hi), grads(lo:hi), state1(lo:hi), state2(lo:hi), step, cfg%lr, &
@@ -439,6 +597,6 @@ contains
       end if
     end subroutine update
 
-  end subroutine mlp_train_step
+  end subroutine step_core
 
 end module pykd_mlp

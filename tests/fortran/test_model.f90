@@ -39,6 +39,7 @@ program test_model
   call test_errors()
   call test_concurrent()
   call test_distill()
+  call test_split_step()
   call delete(FILE)
   call delete(BAD)
   call delete(AGAIN)
@@ -884,5 +885,47 @@ contains
     call check(stat == PYKD_OK .and. acc_s > 0.6 * N .and. student%metadata == '{"trained": "fortran"}', &
                'distilled student, saved and reloaded, beats chance')
   end subroutine test_distill
+
+  !> The step in two halves (issue 16): mlp_gradient + mlp_apply_update on
+  !! the whole batch gives the bits of mlp_train_step; two shards of the
+  !! batch (n_global, first) add up to its gradient and loss, with dropout.
+  subroutine test_split_step()
+    integer, parameter :: N = 24, CUT = 7
+    real(real32), allocatable :: x(:, :), p1(:), p2(:), g1(:), g2(:), gs(:), a1(:), a2(:), b1(:), b2(:), work(:)
+    integer(int64), allocatable :: y(:)
+    type(train_config) :: cfg
+    real(real32) :: l1, l2, la, lb
+    integer(int64) :: step
+    integer :: c1, c2, ca, cb, st(5)
+
+    allocate (x(SIZES(1), N), y(N))
+    x = reshape(uniforms(size(x), 21_int64, 1.0), shape(x))
+    y = [(mod(step * 7, int(SIZES(4), int64)), step = 1, N)]
+    cfg%dropout = 0.25; cfg%seed = 4
+    p1 = params; p2 = params
+    allocate (g1(size(p1)), g2(size(p1)), gs(size(p1)), a1(size(p1)), a2(size(p1)), b1(size(p1)), &
+              b2(size(p1)), source=0.0_real32)
+    allocate (work(mlp_workspace_size(SIZES, N, 0)))
+    do step = 1, 3
+      call mlp_train_step(SIZES, ACTS, p1, g1, a1, b1, x, y, cfg, step, work, l1, c1, stat=st(1))
+      call mlp_gradient(SIZES, ACTS, p2, g2, x, y, cfg, step, work, l2, c2, stat=st(2))
+      call mlp_apply_update(p2, g2, a2, b2, cfg, step, stat=st(3))
+    end do
+    call check(all(st(1:3) == PYKD_OK) .and. l1 == l2 .and. c1 == c2 .and. all(p1 == p2) .and. &
+               all(g1 == g2) .and. all(a1 == a2) .and. all(b1 == b2), &
+               'mlp_gradient + mlp_apply_update: the bits of mlp_train_step')
+    call mlp_gradient(SIZES, ACTS, p2, gs, x(:, 1:CUT), y(1:CUT), cfg, 4_int64, work, la, ca, stat=st(4), &
+                      n_global=N, first=0_int64)
+    g1 = gs
+    call mlp_gradient(SIZES, ACTS, p2, gs, x(:, CUT + 1:), y(CUT + 1:), cfg, 4_int64, work, lb, cb, &
+                      stat=st(5), n_global=N, first=int(CUT, int64))
+    call mlp_gradient(SIZES, ACTS, p2, g2, x, y, cfg, 4_int64, work, l2, c2, stat=st(1))
+    call check(all(st == PYKD_OK) .and. abs(la + lb - l2) <= 1e-6 * abs(l2) .and. ca + cb == c2 .and. &
+               maxval(abs(g1 + gs - g2)) <= 1e-6 * maxval(abs(g2)), &
+               'two shards of a batch add up to its gradient and loss (dropout by global position)')
+    call mlp_gradient(SIZES, ACTS, p2, gs, x(:, CUT + 1:), y(CUT + 1:), cfg, 4_int64, work, lb, cb, &
+                      stat=st(5), n_global=N, first=int(CUT + 1, int64))
+    call check(st(5) == PYKD_ERR_ARG, 'mlp_gradient: a shard past the end of the global batch is an error')
+  end subroutine test_split_step
 
 end program test_model
