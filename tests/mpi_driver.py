@@ -54,6 +54,9 @@ def cases():
             epochs=2, batch_size=13, teacher_logits=t, hint_targets=h),
         "prune": dict(cfg=sgd, epochs=2, batch_size=13,
                       prune=pykd.PruneSchedule(0.5, begin=0, end=12, every=4)),
+        # regression (float targets, per-feature and per-output normalisation)
+        "mse": dict(cfg=pykd.TrainConfig(loss="mse", optimizer="sgd", lr=0.02), epochs=2,
+                    batch_size=13, y=np.ascontiguousarray(X[:, :4] * 2 + 1)),
         # an on_epoch callback that stops after epoch 2 on rank 0 only: rank
         # 0's decision is every rank's
         "stop": dict(cfg=sgd, epochs=4, batch_size=13,
@@ -63,6 +66,7 @@ def cases():
 
 def train(**kw):
     X, y, _, _ = data()
+    y = kw.pop("y", y)
     model = pykd.MLP(SIZES, seed=1)
     losses = []
     kw.setdefault("progress", False)
@@ -78,7 +82,8 @@ def scenario_fit(out):
         model, hist, losses = train(**kw)
         res[f"{name}.params"] = model.params
         res[f"{name}.losses"] = losses
-        res[f"{name}.acc"] = np.array(hist["train_accuracy"])
+        res[f"{name}.acc"] = np.array([np.nan if v is None else v    # None: regression
+                                       for v in hist["train_accuracy"]], np.float64)
     kw = cases()["adam"]
     ckpt = os.path.join(out, "resume.ckpt.npz")
     train(**{**kw, "epochs": 1, "checkpoint": ckpt})

@@ -94,10 +94,10 @@ def test_adam_losses_match_one_process(fit_runs):
     np.testing.assert_array_equal(two["adam.acc"], one["adam.acc"])
 
 
-def test_dropout_hint_kd_and_pruning_match_one_process(fit_runs):
+def test_dropout_hint_kd_pruning_and_regression_match_one_process(fit_runs):
     """Dropout drawn by global position: the same masks on 2 ranks."""
     one, two = fit_runs["one"][0], fit_runs["two"][0]
-    for name in ("kd-dropout-hint", "prune"):
+    for name in ("kd-dropout-hint", "prune", "mse"):
         np.testing.assert_allclose(two[f"{name}.losses"], one[f"{name}.losses"], rtol=1e-4)
         np.testing.assert_allclose(two[f"{name}.params"], one[f"{name}.params"], rtol=1e-3,
                                    atol=1e-5)
