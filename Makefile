@@ -28,11 +28,16 @@ demo: setup
 
 test: setup-test test-fortran test-python
 
-# The Fortran library on its own (no Python), and its test program.
+# The Fortran library on its own (no Python), and its test program; then the
+# MPI build (-Dmpi=true) and its tests (1-3 ranks under mpirun, the
+# examples/mpi_train run on 2).
 test-fortran:
 	@[ -f build/fortran/build.ninja ] || $(MESON) setup build/fortran -Dpython=false >/dev/null
 	$(MESON) compile -C build/fortran >/dev/null
 	$(MESON) test -C build/fortran --print-errorlogs
+	@[ -f build/fortran-mpi/build.ninja ] || $(MESON) setup build/fortran-mpi -Dpython=false -Dmpi=true >/dev/null
+	$(MESON) compile -C build/fortran-mpi test_mpi mpi_train >/dev/null
+	$(MESON) test -C build/fortran-mpi --no-rebuild --print-errorlogs --suite mpi
 
 test-python:
 	cd tests && $(TEST_ENV) ../$(TEST_PY) -m pytest -q -p no:cacheprovider .

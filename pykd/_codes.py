@@ -13,6 +13,7 @@ STATUS = {
     "ALLOC": 4,       # allocation failed
     "IO": 5,          # file could not be opened or read
     "FORMAT": 6,      # file is not a valid pykd model
+    "MPI": 7,         # an MPI call failed, or the ranks disagree (a rank failed, diverged)
 }
 OK = STATUS["OK"]
 ERR_ARG = STATUS["ARG"]
@@ -21,6 +22,7 @@ ERR_NONFINITE = STATUS["NONFINITE"]
 ERR_ALLOC = STATUS["ALLOC"]
 ERR_IO = STATUS["IO"]
 ERR_FORMAT = STATUS["FORMAT"]
+ERR_MPI = STATUS["MPI"]
 
 #: Activation codes (file field ``activation``; Fortran ``ACT_*``).
 ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "gelu": 4, "silu": 5}

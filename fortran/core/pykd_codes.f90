@@ -6,7 +6,7 @@ module pykd_codes
   implicit none
   private
   public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, &
-            PYKD_ERR_IO, PYKD_ERR_FORMAT
+            PYKD_ERR_IO, PYKD_ERR_FORMAT, PYKD_ERR_MPI
   public :: ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_SILU, ACT_MAX
   public :: LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD, LOSS_MAX
   public :: KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, KIND_LOW_RANK, KIND_CODEBOOK, &
@@ -25,6 +25,7 @@ module pykd_codes
   integer, parameter :: PYKD_ERR_ALLOC = 4     !! allocation failed
   integer, parameter :: PYKD_ERR_IO = 5        !! file could not be opened or read
   integer, parameter :: PYKD_ERR_FORMAT = 6    !! file is not a valid pykd model
+  integer, parameter :: PYKD_ERR_MPI = 7       !! an MPI call failed, or the ranks disagree (a rank failed, diverged)
 
   ! Activations (file field `activation`).
   integer, parameter :: ACT_IDENTITY = 0 !! y = z

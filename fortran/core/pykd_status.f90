@@ -8,11 +8,11 @@
 module pykd_status
   use iso_fortran_env, only: error_unit
   use pykd_codes, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, &
-                        PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT
+                        PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT, PYKD_ERR_MPI
   implicit none
   private
   public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, &
-            PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT, set_status
+            PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT, PYKD_ERR_MPI, set_status
 
 contains
 

@@ -4,9 +4,11 @@
 !! column-major with one sample per column, e.g. `x(features, n)`.
 !! Models trained in Python load with `pykd_load_model` and run with
 !! `pykd_predict` (see pykd_models and docs/fortran.md).
+!! The MPI build (meson -Dmpi=true, which defines PYKD_MPI) also exports the
+!! data-parallel training of pykd_parallel (docs/distributed.md).
 module pykd
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, &
-                         PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT
+                         PYKD_ERR_ALLOC, PYKD_ERR_IO, PYKD_ERR_FORMAT, PYKD_ERR_MPI
   use pykd_config, only: ACT_IDENTITY, ACT_RELU, ACT_TANH
   use pykd_dense, only: dense_forward, dense_backward
   use pykd_softmax, only: softmax, log_softmax
@@ -29,10 +31,13 @@ module pykd
                         NORM_SCALAR, QUANT_DYNAMIC, QUANT_STATIC, FORMAT_VERSION_MIN, FORMAT_VERSION, &
                         N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
                         COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, COL_P2, COL_P3, COL_P4
+#ifdef PYKD_MPI
+  use pykd_parallel, only: pykd_mpi_sum, pykd_mpi_checksum, pykd_mpi_train_step
+#endif
   implicit none
   private
   public :: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_LABEL, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, &
-            PYKD_ERR_IO, PYKD_ERR_FORMAT
+            PYKD_ERR_IO, PYKD_ERR_FORMAT, PYKD_ERR_MPI
   public :: ACT_IDENTITY, ACT_RELU, ACT_TANH
   public :: dense_forward, dense_backward, softmax, log_softmax, cross_entropy, kd_loss, regression_loss, &
             sgd_step, adam_step, magnitude_mask, quantize_weights, dequantize_weights, int8_matmul
@@ -47,4 +52,7 @@ module pykd
             NORM_SCALAR, QUANT_DYNAMIC, QUANT_STATIC, FORMAT_VERSION_MIN, FORMAT_VERSION, &
             N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
             COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, COL_P2, COL_P3, COL_P4
+#ifdef PYKD_MPI
+  public :: pykd_mpi_sum, pykd_mpi_checksum, pykd_mpi_train_step
+#endif
 end module pykd
