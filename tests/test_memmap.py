@@ -180,3 +180,17 @@ print(base, peak())
     # The mapped pages of the file itself count in RSS (31 MB, clean page
     # cache, reclaimable); a float32 copy would add 125 MB on top of them.
     assert top - base < 31_360_000 + 40_000_000, (base, top)
+
+
+def test_cli_bad_mapped_file_is_one_line_exit_2(tmp_path):
+    rng = np.random.default_rng(6)
+    X, y, Xt, yt = _data(rng, n=10, n_test=4)
+    d = _write_dir(tmp_path / "npy", X.astype(np.int16), y, Xt, yt)
+    r = subprocess.run([sys.executable, "-m", "pykd", "train-teacher", "--data", str(d),
+                        "--out", str(tmp_path / "t.pykd"), "--epochs", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"pykd train-teacher: error: {d}/X_train.npy: X_train must be uint8 (|u1) or float32 "
+        "(<f4) to be memory-mapped, got dtype int16 (<i2)"]
+    assert not (tmp_path / "t.pykd").exists()
