@@ -36,7 +36,15 @@ contains
     integer :: j
 
     if (act == ACT_IDENTITY) return
-    !$omp parallel do schedule(static) if(parallel: int(m, int64) * n >= PAR_MIN_WORK)
+    ! Small batches stay off OpenMP: even a region whose if() is false costs
+    ! a team start in libgomp (a few microseconds per call inside a time loop).
+    if (int(m, int64) * n < PAR_MIN_WORK) then
+      do j = 1, n
+        call act_column(act, m, y(:, j))
+      end do
+      return
+    end if
+    !$omp parallel do schedule(static)
     do j = 1, n
       call act_column(act, m, y(:, j))
     end do
@@ -50,7 +58,14 @@ contains
     real(real32), intent(inout) :: y(m, n)
     integer :: j
 
-    !$omp parallel do schedule(static) if(parallel: int(m, int64) * n >= PAR_MIN_WORK)
+    if (int(m, int64) * n < PAR_MIN_WORK) then   ! as in apply_activation
+      do j = 1, n
+        y(:, j) = y(:, j) + b
+        call act_column(act, m, y(:, j))
+      end do
+      return
+    end if
+    !$omp parallel do schedule(static)
     do j = 1, n
       y(:, j) = y(:, j) + b
       call act_column(act, m, y(:, j))

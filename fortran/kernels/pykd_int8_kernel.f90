@@ -103,16 +103,23 @@ contains
       return
     end if
     par = int(n_in, int64) * n_out * n >= PAR_MIN_MACS
+    if (.not. par) then
+      ! One range, no OpenMP region: even one whose if() is false costs a
+      ! team start in libgomp. Every sample and output is computed alike
+      ! whatever the split, so the bits are the same.
+      call part(0, n, 0, n_out)
+      return
+    end if
     if (n >= 2 * SAMPLES_PER_TASK) then
       n_tasks = (n + SAMPLES_PER_TASK - 1) / SAMPLES_PER_TASK
-      !$omp parallel do schedule(static) if(par)
+      !$omp parallel do schedule(static)
       do k = 0, n_tasks - 1
         call part(k * SAMPLES_PER_TASK, min((k + 1) * SAMPLES_PER_TASK, n), 0, n_out)
       end do
       !$omp end parallel do
     else
       ! One contiguous range of outputs per thread, a multiple of 16 wide.
-      !$omp parallel if(par) private(k, nt, chunk)
+      !$omp parallel private(k, nt, chunk)
       nt = 1; k = 0
       !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
       chunk = ((n_out + nt - 1) / nt + OUTPUTS_ALIGN - 1) / OUTPUTS_ALIGN * OUTPUTS_ALIGN

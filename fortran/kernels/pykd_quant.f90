@@ -244,17 +244,35 @@ contains
     real(real32), intent(out) :: sx(n)
     integer, intent(out) :: stat
     integer :: j, n_bad
-    real(real32) :: inv
 
     if (.not. (x_scale >= 0 .and. x_scale <= huge(x_scale)) .or. ldx < m) then
       stat = PYKD_ERR_ARG
       return
     end if
     n_bad = 0
-    !$omp parallel do schedule(static) private(inv) reduction(+:n_bad) &
-    !$omp& if(int(m, int64) * n >= PAR_MIN_WORK)
-    do j = 1, n
-      if (count_nonfinite(m, x(:, j)) > 0) n_bad = n_bad + 1
+    ! Small batches stay off OpenMP: even a region whose if() is false costs
+    ! a team start in libgomp (a few microseconds per call in a time loop).
+    if (int(m, int64) * n < PAR_MIN_WORK) then
+      do j = 1, n
+        if (column16(j)) n_bad = n_bad + 1
+      end do
+    else
+      !$omp parallel do schedule(static) reduction(+:n_bad)
+      do j = 1, n
+        if (column16(j)) n_bad = n_bad + 1
+      end do
+      !$omp end parallel do
+    end if
+    stat = merge(PYKD_OK, PYKD_ERR_NONFINITE, n_bad == 0)
+
+  contains
+
+    !> Column j of x16 and sx(j); true if x(:, j) holds NaN or inf.
+    logical function column16(j) result(bad)
+      integer, intent(in) :: j
+      real(real32) :: inv
+
+      bad = count_nonfinite(m, x(:, j)) > 0
       if (x_scale > 0) then
         sx(j) = x_scale
       else
@@ -263,9 +281,7 @@ contains
       inv = 1 / sx(j)
       x16(1:m, j) = int(min(max(rint_small(x(:, j) * inv), -real(QMAX, real32)), real(QMAX, real32)), int16)
       x16(m + 1:ldx, j) = 0
-    end do
-    !$omp end parallel do
-    stat = merge(PYKD_OK, PYKD_ERR_NONFINITE, n_bad == 0)
+    end function column16
   end subroutine quantize_columns16
 
   !> acc = qw qx, exactly, in int32. |acc| <= in * 128**2 must fit int32
