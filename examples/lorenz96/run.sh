@@ -49,8 +49,9 @@ if ! pkg-config --exists pykd 2>/dev/null; then
     elif "$PYTHON" -c "import mesonbuild" 2>/dev/null; then MESON="$PYTHON -m mesonbuild.mesonmain"
     else MESON=meson; fi
     echo "run.sh: building the pykd Fortran library into $work/prefix (meson -Dpython=false)"
-    $MESON setup "$work/lib" "$repo" -Dpython=false --prefix="$work/prefix" --libdir=lib >/dev/null
-    $MESON install -C "$work/lib" >/dev/null
+    log="$work/lib-build.log"
+    { $MESON setup "$work/lib" "$repo" -Dpython=false --prefix="$work/prefix" --libdir=lib &&
+      $MESON install -C "$work/lib"; } >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
   fi
   PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
   export PKG_CONFIG_PATH
