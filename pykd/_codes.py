@@ -26,8 +26,9 @@ ERR_MPI = STATUS["MPI"]
 
 #: Activation codes (file field ``activation``; Fortran ``ACT_*``).
 ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "gelu": 4, "silu": 5}
-#: Activations the fused training step can differentiate (from the layer output).
-TRAINABLE_ACTIVATIONS = ("identity", "relu", "tanh")
+#: Activations the fused training step can differentiate (all of them: gelu and
+#: silu from the pre-activation, the others from the layer output).
+TRAINABLE_ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid", "gelu", "silu")
 
 #: Loss codes of the fused training step (Fortran ``LOSS_*``): classification
 #: on int64 labels (ce, kd against teacher logits), or regression on float32

@@ -57,13 +57,35 @@ def dense(x, W, b, activation="identity"):
     return _act(y, activation)
 
 
-def dense_backward(dy, x, W, y, activation="identity", need_dx=True):
+def _act_grad(dy, y, z, activation):
+    """``dy * act'(z)`` for ``y = act(z)`` in float32: from y for relu, tanh and
+    sigmoid; gelu (exact) and silu from z."""
     if activation == "relu":
-        dz = dy * (y > 0)
-    elif activation == "tanh":
-        dz = dy * (1 - y * y)
-    else:
-        dz = dy
+        return dy * (y > 0)
+    if activation == "tanh":
+        return dy * (1 - y * y)
+    if activation == "sigmoid":
+        return dy * (y * (1 - y))
+    if activation == "gelu":
+        from scipy.special import erf
+        cdf = _F32(0.5) * (1 + erf(z * _SQRT1_2).astype(_F32, copy=False))
+        pdf = np.exp(_F32(-0.5) * z * z) * _F32(1 / np.sqrt(2 * np.pi))
+        return dy * (cdf + z * pdf)
+    if activation == "silu":
+        with np.errstate(over="ignore"):
+            s = _F32(1) / (_F32(1) + np.exp(-z))
+        return dy * (s * (1 + z * (1 - s)))
+    return dy
+
+
+def dense_backward(dy, x, W, y, activation="identity", need_dx=True, b=None):
+    """Gradients of ``y = act(x W + b)``; gelu and silu need ``b`` (their
+    derivative reads the pre-activation ``x W + b``, recomputed here)."""
+    z = None
+    if activation in ("gelu", "silu"):
+        z = x @ W
+        z += b
+    dz = _act_grad(dy, y, z, activation)
     dW = x.T @ dz
     db = dz.sum(axis=0)
     dx = dz @ W.T if need_dx else None

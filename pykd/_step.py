@@ -456,10 +456,10 @@ def _numpy_step(sizes, acts, params, grads, state1, state2, x, labels, cfg, step
             dc[...] = dr.sum(axis=0)
             dy = dy + dr @ R.T
             update(slice(slices[nl][0].start, slices[nl][1].stop))
-        W, _ = P[l - 1]
+        W, b = P[l - 1]
         dW, db = G[l - 1]
         dx, dW[...], db[...] = ref.dense_backward(dy, inputs[l - 1], W, outs[l - 1], acts[l - 1],
-                                                  need_dx=l > 1)
+                                                  need_dx=l > 1, b=b)
         update(slice(slices[l - 1][0].start, slices[l - 1][1].stop))
         if l > 1:
             dy = dx * drops[l - 2] if cfg.dropout > 0 else dx

@@ -101,10 +101,15 @@ def integer(name, value, low=None, high=2**62):
     return int(value)
 
 
+#: The activations of the dense kernels pykd.dense and pykd.dense_backward
+#: (pykd_dense fuses these three; the training step handles the others).
+_DENSE_ACTIVATIONS = ("identity", "relu", "tanh")
+
+
 def activation(value):
-    from ._codes import ACTIVATIONS, TRAINABLE_ACTIVATIONS
-    if value not in TRAINABLE_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {TRAINABLE_ACTIVATIONS}, got {value!r}")
+    from ._codes import ACTIVATIONS
+    if value not in _DENSE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_DENSE_ACTIVATIONS}, got {value!r}")
     return ACTIVATIONS[value]
 
 

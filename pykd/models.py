@@ -69,8 +69,9 @@ class MLP:
     sizes : sequence of int
         Layer widths from input to output, e.g. ``[784, 1200, 1200, 10]``.
     activations : sequence of str, optional
-        One per layer, from ``"identity"``, ``"relu"``, ``"tanh"`` (the
-        activations training can differentiate). Default:
+        One per layer, from ``"identity"``, ``"relu"``, ``"tanh"``,
+        ``"sigmoid"``, ``"gelu"`` (exact, erf) and ``"silu"`` (all of them
+        trainable). Default:
         relu on hidden layers, identity (logits) on the output layer.
     seed : int
         Seed of the initialisation: like PyTorch's ``nn.Linear`` default,
@@ -114,9 +115,7 @@ class MLP:
         for a in activations:
             if a not in _TRAINABLE:
                 raise ValueError(
-                    f"an MLP (trainable) takes the activations {list(_TRAINABLE)}, got {a!r}"
-                    + ("; use pykd.Model for inference with it" if a in _codes.ACTIVATIONS
-                       else ""))
+                    f"an MLP (trainable) takes the activations {list(_TRAINABLE)}, got {a!r}")
         self.activations = activations
         self.norm = norm
         self.out_norm = out_norm
@@ -764,8 +763,8 @@ class Model:
         uses it without a copy.
 
         The normalisations, metadata (so the task) and backend are carried.
-        Raises ValueError for an activation an MLP cannot train (other
-        than identity, relu and tanh).
+        Raises ValueError for an activation an MLP cannot train (one
+        outside :data:`pykd._codes.TRAINABLE_ACTIVATIONS`).
         """
         for k, layer in enumerate(self._layers, start=1):
             if layer.activation not in _TRAINABLE:

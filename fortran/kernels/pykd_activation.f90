@@ -15,7 +15,7 @@ module pykd_activation
   use pykd_codes, only: ACT_IDENTITY, ACT_RELU, ACT_TANH, ACT_SIGMOID, ACT_GELU, ACT_SILU, ACT_MAX
   implicit none
   private
-  public :: apply_activation, bias_activation, valid_activation
+  public :: apply_activation, bias_activation, valid_activation, activation_backward
 
   !> Elements per block of the transcendental activations (scratch on the stack).
   integer, parameter :: ACT_BLOCK = 256
@@ -130,5 +130,63 @@ contains
       end if
     end select
   end subroutine act_chunk
+
+  !> dy = dy * act'(z) in place, for y = act(z) of the forward pass: the
+  !! training step's derivative of sigmoid (from y: y (1 - y)), gelu (exact:
+  !! Phi(z) + z phi(z)) and silu (s (1 + z (1 - s)), s = sigmoid(z)); gelu
+  !! and silu read the pre-activation z, sigmoid does not. Other codes leave
+  !! dy unchanged (relu and tanh are fused in pykd_dense's act_grad). Each
+  !! element depends on that element alone, so the bits do not depend on
+  !! the thread count.
+  subroutine activation_backward(act, m, n, y, z, dy)
+    integer, intent(in) :: act, m, n
+    real(real32), intent(in) :: y(m, n), z(m, n)
+    real(real32), intent(inout) :: dy(m, n)
+    integer :: i0, j, k
+
+    if (act /= ACT_SIGMOID .and. act /= ACT_GELU .and. act /= ACT_SILU) return
+    !$omp parallel do schedule(static) private(i0, k) if(parallel: int(m, int64) * n >= PAR_MIN_WORK)
+    do j = 1, n
+      do i0 = 1, m, ACT_BLOCK
+        k = min(ACT_BLOCK, m - i0 + 1)
+        call grad_chunk(act, k, y(i0:i0 + k - 1, j), z(i0:i0 + k - 1, j), dy(i0:i0 + k - 1, j))
+      end do
+    end do
+    !$omp end parallel do
+  end subroutine activation_backward
+
+  !> activation_backward on k <= ACT_BLOCK elements; exp and erf one
+  !! element at a time for the reason given at act_chunk.
+  subroutine grad_chunk(act, k, y, z, dy)
+    integer, intent(in) :: act, k
+    real(real32), intent(in) :: y(k), z(k)
+    real(real32), intent(inout) :: dy(k)
+    real(real32), parameter :: RSQRT_2PI = 0.398942280401432677939946_real32
+    real(real32) :: e(ACT_BLOCK), s(ACT_BLOCK)
+    integer :: i
+
+    select case (act)
+    case (ACT_SIGMOID)
+      dy = dy * (y * (1 - y))
+    case (ACT_GELU)
+      !GCC$ novector
+      do i = 1, k
+        e(i) = erf(z(i) / sqrt(2.0_real32))
+      end do
+      !GCC$ novector
+      do i = 1, k
+        s(i) = exp(-0.5_real32 * z(i) * z(i))
+      end do
+      dy = dy * (0.5_real32 * (1 + e(:k)) + z * (RSQRT_2PI * s(:k)))
+    case (ACT_SILU)
+      ! sigmoid(z) as in act_chunk (no overflow for z << 0).
+      !GCC$ novector
+      do i = 1, k
+        e(i) = exp(-abs(z(i)))
+      end do
+      s(:k) = merge(1 / (1 + e(:k)), e(:k) / (1 + e(:k)), z >= 0)
+      dy = dy * (s(:k) * (1 + z * (1 - s(:k))))
+    end select
+  end subroutine grad_chunk
 
 end module pykd_activation

@@ -25,6 +25,8 @@ module pykd_mlp
   use pykd_blas, only: sgemm
   use pykd_config, only: PAR_MIN_WORK, ACT_IDENTITY, ACT_TANH
   use pykd_dense, only: dense_forward
+  use pykd_codes, only: ACT_SIGMOID, ACT_MAX
+  use pykd_activation, only: apply_activation, activation_backward
   use pykd_codes, only: LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD
   use pykd_loss, only: cross_entropy, kd_loss, regression_loss
   use pykd_optim, only: sgd_step, adam_step
@@ -146,16 +148,32 @@ contains
         ! Ping-pong between the two halves of the workspace.
         res(1:sizes(l + 1), 1:n) => buf(mod(l, 2) * half + 1:mod(l, 2) * half + int(sizes(l + 1), int64) * n)
       end if
-      call layer_forward(inp, w, b, acts(l), res, nt)
+      call act_forward(inp, w, b, acts(l), res, nt)
       inp => res
     end do
     call set_status(PYKD_OK, '', stat, errmsg)
   end subroutine mlp_forward
 
+  !> y = act(w x + b). sigmoid, gelu and silu go through pykd_activation
+  !! (the inference kernel), so a trained model's outputs have the bits of
+  !! its saved model's; pykd_dense fuses identity, relu and tanh only.
+  subroutine act_forward(x, w, b, act, y, nt)
+    real(real32), intent(in), contiguous :: x(:, :), w(:, :), b(:)
+    integer, intent(in) :: act, nt
+    real(real32), intent(out), contiguous :: y(:, :)
+
+    if (act <= ACT_TANH) then
+      call layer_forward(x, w, b, act, y, nt)
+    else
+      call layer_forward(x, w, b, ACT_IDENTITY, y, nt)
+      call apply_activation(act, size(y, 1), size(y, 2), y)
+    end if
+  end subroutine act_forward
+
   pure logical function valid_net(sizes, acts)
     integer, intent(in) :: sizes(:), acts(:)
     valid_net = size(sizes) >= 2 .and. size(sizes) <= 64 .and. size(acts) == size(sizes) - 1
-    if (valid_net) valid_net = all(sizes >= 1) .and. all(acts >= ACT_IDENTITY .and. acts <= ACT_TANH)
+    if (valid_net) valid_net = all(sizes >= 1) .and. all(acts >= ACT_IDENTITY .and. acts <= ACT_MAX)
   end function valid_net
 
   !> m(i) = 0 with probability p, else 1 / (1 - p); m(i) is a hash of
@@ -345,7 +363,7 @@ contains
     type(opt_args) :: opt
     real(real32), pointer, contiguous :: w(:, :), b(:), r(:, :), rw(:, :), dr(:, :)
     integer(int64) :: off_w(size(sizes)), off_r, pos, maxw, np, n_t
-    integer :: l, nl, n, k, j, st, ni, no, nt
+    integer :: l, nl, n, k, j, st, ni, no, nt, act
     real(real64) :: hint_sum
     real(real32) :: scale
     logical :: regress, distil
@@ -458,7 +476,7 @@ contains
     inp => x
     do l = 1, nl
       call layer_views(params, l, w, b)
-      call layer_forward(inp, w, b, acts(l), a(l)%p, nt)
+      call act_forward(inp, w, b, acts(l), a(l)%p, nt)
       inp => a(l)%p
       if (l < nl .and. cfg%dropout > 0) then
         call dropout_multipliers(m(l)%p, cfg%dropout, cfg%seed, step, l, first)
@@ -527,12 +545,17 @@ contains
         inp => a(l - 1)%p
         if (cfg%dropout > 0) inp => d(l - 1)%p
       end if
+      act = acts(l)
+      if (act > ACT_TANH) then
+        call new_act_grad()
+        act = ACT_IDENTITY
+      end if
       if (l > 1) then
         nxt(1:ni, 1:n) => g2
-        call layer_backward(cur, inp, a(l)%p, acts(l), off_w(l), params, grads, opt, z, nt, &
+        call layer_backward(cur, inp, a(l)%p, act, off_w(l), params, grads, opt, z, nt, &
                             state1, state2, dx=nxt, mask=mask)
       else
-        call layer_backward(cur, inp, a(l)%p, acts(l), off_w(l), params, grads, opt, z, nt, &
+        call layer_backward(cur, inp, a(l)%p, act, off_w(l), params, grads, opt, z, nt, &
                             state1, state2, mask=mask)
       end if
       if (l > 1) then
@@ -573,6 +596,21 @@ contains
       call sgemm('T', 'N', ns, n, int(n_t), 1.0_real32, rw, int(n_t), dr, int(n_t), 1.0_real32, cur, ns)
       call update(off_r + 1, off_r + n_t * ns + n_t)
     end subroutine hint_backward
+
+    !> cur = d loss / d z of layer l for sigmoid, gelu and silu (whose
+    !! derivative pykd_dense does not fuse). gelu and silu need z = w x + b:
+    !! it is recomputed (layer l is not updated yet, so these are the
+    !! forward's bits) into the dz buffer, which layer_backward overwrites
+    !! afterwards; keeping it from the forward would cost a layer's output
+    !! more workspace for every network.
+    subroutine new_act_grad()
+      real(real32), pointer, contiguous :: wl(:, :), bl(:)
+      if (acts(l) /= ACT_SIGMOID) then
+        call layer_views(params, l, wl, bl)
+        call layer_forward(inp, wl, bl, ACT_IDENTITY, z, nt)
+      end if
+      call activation_backward(acts(l), no, n, a(l)%p, z, cur)
+    end subroutine new_act_grad
 
     !> Optimizer step on params(lo:hi).
     subroutine update(lo, hi)
