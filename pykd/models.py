@@ -762,14 +762,9 @@ class Model:
         has the MLP layout (dense layers, in order, back to back) the MLP
         uses it without a copy.
 
-        The normalisations, metadata (so the task) and backend are carried.
-        Raises ValueError for an activation an MLP cannot train (one
-        outside :data:`pykd._codes.TRAINABLE_ACTIVATIONS`).
+        The normalisations, metadata (so the task) and backend are carried
+        (every activation trains: pykd._codes.TRAINABLE_ACTIVATIONS).
         """
-        for k, layer in enumerate(self._layers, start=1):
-            if layer.activation not in _TRAINABLE:
-                raise ValueError(f"layer {k} has activation {layer.activation!r}; an MLP takes "
-                                 f"only {list(_TRAINABLE)}")
         mlp = MLP(self.sizes, self.activations, seed=None, norm=self.norm,
                   out_norm=self.out_norm, metadata=self.metadata, backend=self.backend)
         ref = _mlp_table(self.sizes, self.activations)
