@@ -115,22 +115,6 @@ def test_fit_learns_and_round_trips(tmp_path, act):
     assert np.array_equal(back.forward(X).view(np.uint32), out.view(np.uint32))
 
 
-@pytest.mark.parametrize("act", NEW)
-def test_step_forward_is_the_inference_bits(act):
-    """mlp_forward (the training step's forward) gives the bits of the
-    inference network (pykd_activation), and both match float64."""
-    sizes = [9, 300, 7, 4]                           # 300: more than one block a column
-    model = MLP(sizes, [act, act, act], seed=5)
-    X = (np.random.default_rng(6).standard_normal((50, 9)) * 2).astype(F32)
-    net = model.forward(X)
-    step = _step.forward(sizes, model.activations, model.params, X)
-    assert np.array_equal(step.view(np.uint32), net.view(np.uint32))
-    h = X.astype(np.float64)
-    for (W, b), a in zip(model.layers, model.activations):
-        h = act64(h @ W.astype(np.float64) + b, a)
-    np.testing.assert_allclose(net, h, rtol=1e-4, atol=1e-5)
-
-
 CLI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "build", "fortran", "tests", "fortran", "predict_cli")
 

@@ -89,6 +89,13 @@ contains
     call mlp_forward(SIZES, [ACT_RELU, ACT_RELU, ACT_IDENTITY], params, xn, ref, stat=stat)
     call pykd_predict(m, x, logits, stat)
     call check(stat == PYKD_OK .and. all(logits == ref), 'relu model: predict = mlp_forward, bit for bit')
+    ! sigmoid, gelu and silu: mlp_forward (the training step's forward) runs
+    ! pykd_activation, the inference kernel, so a trained model predicts the same bits.
+    call pykd_model_from_params(SIZES, [ACT_GELU, ACT_SILU, ACT_SIGMOID], params, m, mean, std, stat=stat)
+    call mlp_forward(SIZES, [ACT_GELU, ACT_SILU, ACT_SIGMOID], params, xn, ref, stat=stat)
+    call pykd_predict(m, x, logits, stat)
+    call check(stat == PYKD_OK .and. all(logits == ref) .and. all(ref > 0 .and. ref < 1), &
+               'gelu/silu/sigmoid model: predict = mlp_forward, bit for bit')
     call m%free()
     call check(.not. m%ok .and. .not. allocated(m%table) .and. m%n_layers() == 0, 'free releases the model')
     call pykd_model_from_params(SIZES, ACTS, params(2:), m, stat=stat)
