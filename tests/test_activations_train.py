@@ -129,3 +129,28 @@ def test_trained_model_fortran_parity(tmp_path):
     model.save(tmp_path / "m.pykd")
     got, _ = run_fortran(tmp_path, tmp_path / "m.pykd", X)
     assert same_bits(got, model.forward(X))
+
+
+@pytest.mark.parametrize("act", NEW)
+def test_split_step_equals_one_call_bit_for_bit(act):
+    """mlp_gradient + mlp_apply_update (data parallelism) give the fused
+    step's bits with the new activations too; shards add up to the batch."""
+    sizes, acts = [13, 17, 11, 5], [act] * 3
+    pb = problem(20, sizes, 24)
+    cfg = TrainConfig(dropout=0.2, seed=3)
+    one, _, _ = run(sizes, acts, pb, cfg, "fortran", steps=2)
+    p = pb["p"].copy()
+    g, s1, s2 = (np.zeros_like(p) for _ in range(3))
+    ws = Workspace(sizes, 24)
+    for st in (1, 2):
+        _step.gradient_step(sizes, acts, p, g, pb["x"], pb["y"], cfg, st, ws)
+        _step.apply_update(p, g, s1, s2, cfg, st)
+    assert np.array_equal(p, one)
+    whole, half = np.zeros_like(p), np.zeros_like(p)
+    _step.gradient_step(sizes, acts, p, whole, pb["x"], pb["y"], cfg, 3, ws)
+    for lo, hi in ((0, 10), (10, 24)):
+        part = np.zeros_like(p)
+        _step.gradient_step(sizes, acts, p, part, pb["x"][lo:hi], pb["y"][lo:hi], cfg, 3, ws,
+                            n_global=24, first=lo)
+        half += part
+    np.testing.assert_allclose(half, whole, atol=1e-7, rtol=1e-5)
