@@ -1362,10 +1362,7 @@ def cmd_evaluate(args, ctx):
     entry["split"] = args.split
     entry["eval_seconds"] = seconds
     ctx.models.append(entry)
-    kinds = sorted({layer["kind"] for layer in entry["layers"]})
-    print(f"{args.model}: {'-'.join(map(str, model.sizes))} ({', '.join(kinds)}), "
-          f"{model.parameters:,} parameters, {model.nonzeros:,} non-zero weights "
-          f"({_fmt_bytes(entry['bytes_on_disk'])} on disk)")
+    _print_model_line(args.model, model, entry)
     print(f"  {args.split} accuracy {_pct(ev['accuracy'])}, loss {ev['loss']:.4f} "
           f"({_plural(ev['n'], 'image')}, {seconds:.2f} s)")
     if ev["agreement"] is not None:
@@ -1378,6 +1375,14 @@ def cmd_evaluate(args, ctx):
         for i, row in enumerate(conf):
             print(f"  {i:>3} " + "".join(f"{v:>{width}}" for v in row))
     return _finish(ctx)
+
+
+def _print_model_line(path, model, entry):
+    """The first line `pykd evaluate` prints about a model: sizes, kinds, counts, bytes."""
+    kinds = sorted({layer["kind"] for layer in entry["layers"]})
+    print(f"{path}: {'-'.join(map(str, model.sizes))} ({', '.join(kinds)}), "
+          f"{model.parameters:,} parameters, {model.nonzeros:,} non-zero weights "
+          f"({_fmt_bytes(entry['bytes_on_disk'])} on disk)")
 
 
 def _evaluate_regression(args, ctx, ds, model, X, y):
@@ -1399,10 +1404,7 @@ def _evaluate_regression(args, ctx, ds, model, X, y):
         entry["teacher"] = {"path": args.teacher,
                             **{f"test_{k}": tev[k] for k in REGRESSION_METRICS if k in tev}}
     ctx.models.append(entry)
-    kinds = sorted({layer["kind"] for layer in entry["layers"]})
-    print(f"{args.model}: {'-'.join(map(str, model.sizes))} ({', '.join(kinds)}), "
-          f"{model.parameters:,} parameters, {model.nonzeros:,} non-zero weights "
-          f"({_fmt_bytes(entry['bytes_on_disk'])} on disk)")
+    _print_model_line(args.model, model, entry)
     print(f"  {args.split} RMSE {_num(ev['rmse'])}, R^2 {_num(ev['r2'], '.4f')} "
           f"({_plural(ev['n'], 'row')}, {_plural(model.n_outputs, 'output')}, "
           f"{seconds:.2f} s; overall: the mean over outputs)")
