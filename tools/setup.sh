@@ -61,6 +61,9 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv --system-site-packages "$venv"
 fi
 py="$venv/bin/python"
+# meson-python looks for meson and ninja on PATH: run from the venv even when
+# this script is called directly rather than through make.
+export PATH="$PWD/$venv/bin:$PATH"
 # Build requirements (pyproject.toml) and test/run requirements; onnx and
 # onnxruntime for the ONNX export and the inference benchmark and their tests
 # (they run in CI); auditwheel for `make wheel` and its test; matplotlib for
