@@ -472,8 +472,8 @@ subroutine network_forward_fast(table, f32, i8, i32, norm, norm_kinds, x, upto, 
   call impl(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, stat, bad_layer)
 end subroutine network_forward_fast
 
-! The CPU path of the codebook layer's product in this process (portable or
-! avx2; PYKD_CODEBOOK_PATH forces one the CPU has).
+! The CPU path of the codebook layer's product in this process (portable, avx2
+! or avx512; PYKD_CODEBOOK_PATH forces one the CPU has).
 subroutine codebook_path(name)
   use pykd_codebook_kernel, only: codebook_path_name
   implicit none

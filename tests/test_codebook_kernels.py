@@ -21,7 +21,7 @@ from pykd.models import Model
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kinds_helpers import act64  # noqa: E402
 
-PATHS = ("portable", "avx2")
+PATHS = ("portable", "avx2", "avx512")
 F32 = np.float32
 
 # (n_in, n_out, batches): odd sizes for the tails of every tile (8 and 64
@@ -42,7 +42,7 @@ SHAPES = [
     (1100, 1900, (1, 3)),
 ]
 # (bits, n_codes): full tables and tables with unused (NaN) entries.
-CODES = [(1, 2), (2, 3), (2, 4), (4, 11), (4, 16), (8, 200), (8, 256)]
+CODES = [(1, 2), (2, 3), (2, 4), (4, 11), (4, 16), (8, 20), (8, 32), (8, 50), (8, 64), (8, 200), (8, 256)]
 ACTS = ("relu", "identity", "tanh")
 
 
@@ -212,16 +212,27 @@ def test_a_corrupt_index_is_an_error_not_nan():
     """An index >= n_codes in the model's buffer (the table's NaN pad in the
     kernel) is the corrupt-data error; a NaN input with valid indices is NaN."""
     rng = np.random.default_rng(3)
-    for bits, n_codes in ((2, 3), (4, 11), (8, 200)):
+    for bits, n_codes in ((2, 3), (4, 11), (8, 20), (8, 32), (8, 50), (8, 200)):
         model = Model([_layer(rng, 40, 24, n_codes, "relu")])
         X = rng.standard_normal((3, 40)).astype(F32)
         X[1, 7] = np.nan
         y = model.forward(X)
         assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
         off = int(model.table[0, 6])
-        model.i8[off + 17] = np.int8(-1)          # every field of the byte = 2**bits - 1
-        with pytest.raises(ValueError, match="corrupt layer data"):
-            model.forward(X[:1])
+        # 255: every field of the byte = 2**bits - 1. At 8 bits also a byte
+        # just past the codes, and bytes that the avx512 path's 32- and
+        # 64-entry lookups (vpermt2ps) would wrap onto a valid centroid.
+        bad = [255] if bits < 8 else [v for v in (255, n_codes, 32 + n_codes % 32,
+                                               64 + n_codes % 64, 128) if v >= n_codes]
+        for v in bad:
+            for at in (17, model.layers[0].packed.size - 1):
+                keep = model.i8[off + at]
+                model.i8[off + at] = np.uint8(v).view(np.int8)
+                for rows in (X[:1], X[:3], np.repeat(X[:1], 9, axis=0)):
+                    with pytest.raises(ValueError, match="corrupt layer data"):
+                        model.forward(rows)
+                model.i8[off + at] = keep
+        assert np.isfinite(model.forward(X[[0, 2]])).all()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 !> The codebook layer's product on the CPU's fastest path, chosen at run time
-!! (fortran/kernels/pykd_codebook_simd.c): portable or avx2. Every path,
+!! (fortran/kernels/pykd_codebook_simd.c): portable, avx2 or avx512. Every path,
 !! batch size and thread count gives the same bits (one fused multiply-add
 !! per weight, in input order, on every path); PYKD_CODEBOOK_PATH forces one.
 module pykd_codebook_kernel

@@ -19,8 +19,9 @@
  * reads out of bounds; the caller looks for bad indices only when the
  * returned flag says an output before the activation was NaN.
  *
- * Paths: portable (plain C, any CPU, aarch64 included) and avx2 (AVX2 +
- * FMA). PYKD_CODEBOOK_PATH=portable|avx2 forces one when the CPU has it.
+ * Paths: portable (plain C, any CPU, aarch64 included), avx2 (AVX2 + FMA)
+ * and avx512 (F, BW, DQ, VL; described at its code below).
+ * PYKD_CODEBOOK_PATH=portable|avx2|avx512 forces one when the CPU has it.
  *
  * avx2 decodes 8 weights into a register: 1 bit: vpsllvd moves each bit to
  * the sign and vblendvps picks centroid 0 or 1; 2 bits: vpsrlvd and one
@@ -50,15 +51,19 @@
 #define PYKD_X86 1
 #endif
 
-enum { P_PORTABLE = 0, P_AVX2 = 1, P_COUNT = 2 };
-static const char *const path_names[P_COUNT] = {"portable", "avx2"};
+enum { P_PORTABLE = 0, P_AVX2 = 1, P_AVX512 = 2, P_COUNT = 3 };
+static const char *const path_names[P_COUNT] = {"portable", "avx2", "avx512"};
 
 static int cpu_has(int p)
 {
     if (p == P_PORTABLE) return 1;
 #ifdef PYKD_X86
     __builtin_cpu_init();
-    if (p == P_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+    if (p == P_AVX2) return 1;
+    if (p == P_AVX512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 #endif
     return 0;
 }
@@ -79,7 +84,7 @@ void pykd_cb_path_name(char *name, int len)
 
 /* One layer's read-only data. */
 typedef struct {
-    int bits, n_in, n_out, relu;
+    int bits, n_codes, n_in, n_out, relu;
     const uint8_t *packed;
     int64_t nbytes;
     const float *tab; /* 2^bits entries */
@@ -536,6 +541,482 @@ static TGT int panel_range(const cb_layer *L, const float *x, ptrdiff_t ldx, int
     }
     return nan;
 }
+
+/* ---- avx512 (F, BW, DQ, VL) ----------------------------------------------- */
+
+/* The same sums as avx2 (one fma per weight, inputs in turn), on 16 lanes:
+ * - 16 weights in input-row order ("natural"): 1 bit: the 16 bits are the
+ *   blend mask; 2 bits: vpsrlvd + vpermps on a 16-entry table whose entry
+ *   k is centroid k & 3; 4 bits: 8 bytes doubled, vpmovzxbd, vpsrlvd,
+ *   vpermps on the 16 centroids; 8 bits: vpmovzxbd and vpermt2ps on 32
+ *   table entries (n_codes <= 32, e.g. 5-bit codebooks, stored as 8 bits),
+ *   two vpermt2ps and a blend on bit 5 (<= 64), else vgatherdps.
+ * - 4 bits, small batches ("raw"): one 64-byte load is 128 weights; lane d
+ *   of (raw >> 4 m) holds weight 8 d + m in its low nibble, which is all
+ *   vpermps reads: one shift and one vpermps per 16 weights. The outputs
+ *   stay in that order until the end.
+ * vpermt2ps reads 5 index bits (6 with the blend): a byte >= 32 (>= 64)
+ * would wrap onto a valid centroid, so the bytes read are OR-ed together
+ * and such a byte makes the call report NaN (the caller then finds the
+ * bad index, as for the table's NaN entries). */
+
+#define TGT5 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")))
+#define INL5 static inline __attribute__((always_inline, target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl")))
+
+/* Kinds of decode: bits, and for 8 bits how the table is read. */
+enum { K1 = 1, K2 = 2, K4 = 4, K8_32 = 8, K8_64 = 9, K8_G = 10 };
+#define SPAN5 128  /* bytes a row segment may read: 128 weights at 8 bits */
+#define JB5 32     /* panel: outputs (two vectors); KC x JB5 floats = 32 KiB */
+
+typedef struct {
+    __m512 t0, t1, t2, t3;
+    __m512i sr2, sr4;
+    const float *tab;
+} cb5_regs;
+
+INL5 int kind_of(const cb_layer *L)
+{
+    if (L->bits < 8) return L->bits;
+    return L->n_codes <= 32 ? K8_32 : L->n_codes <= 64 ? K8_64 : K8_G;
+}
+
+INL5 void make5(const cb_layer *L, cb5_regs *R)
+{
+    const float *t = L->tab;
+    int sr2[16], sr4[16];
+    for (int d = 0; d < 16; d++) { sr2[d] = 2 * d; sr4[d] = 4 * (d & 1); }
+    R->sr2 = _mm512_loadu_si512(sr2);
+    R->sr4 = _mm512_loadu_si512(sr4);
+    R->tab = t;
+    R->t0 = R->t1 = R->t2 = R->t3 = _mm512_setzero_ps();
+    if (L->bits == 1) {
+        R->t0 = _mm512_set1_ps(t[0]);
+        R->t1 = _mm512_set1_ps(t[1]);
+    } else if (L->bits == 2) {
+        float q[16];
+        for (int k = 0; k < 16; k++) q[k] = t[k & 3];
+        R->t0 = _mm512_loadu_ps(q);
+    } else {   /* 4 bits: 16 entries; 8 bits: the first 64 (tab has 256) */
+        R->t0 = _mm512_loadu_ps(t);
+        if (L->bits == 8) {
+            R->t1 = _mm512_loadu_ps(t + 16);
+            R->t2 = _mm512_loadu_ps(t + 32);
+            R->t3 = _mm512_loadu_ps(t + 48);
+        }
+    }
+}
+
+/* n bytes at p (0 if n <= 0), the rest of the 64 zero; masked-out bytes are
+ * never touched, so nothing past the stream is read. */
+INL5 __m512i load_upto(const uint8_t *p, int64_t n)
+{
+    if (n <= 0) return _mm512_setzero_si512();
+    __mmask64 m = n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1);
+    return _mm512_maskz_loadu_epi8(m, p);
+}
+
+/* The packed bits of the row segment from element e on, starting at bit 0
+ * of the returned pointer; SPAN5 bytes may be read there (for bits < 8,
+ * the first 124 hold the stream's bits). tmp: the caller's 128 bytes. */
+INL5 const uint8_t *row_bits5(const cb_layer *L, int64_t e, uint8_t *tmp)
+{
+    int64_t t = e * L->bits, B = t >> 3;
+    int sh = (int)(t & 7);
+    const uint8_t *p = L->packed + B;
+    if (!sh && B + SPAN5 <= L->nbytes) return p;
+    int64_t left = L->nbytes - B;
+    __m512i a0 = load_upto(p, left), a1 = load_upto(p + 64, left - 64);
+    if (sh) { /* dword d = (dword d >> sh) | (dword d + 1 << (32 - sh)) */
+        __m128i cr = _mm_cvtsi32_si128(sh), cl = _mm_cvtsi32_si128(32 - sh);
+        __m512i n0 = _mm512_alignr_epi32(a1, a0, 1), n1 = _mm512_alignr_epi32(a1, a1, 1);
+        a0 = _mm512_or_si512(_mm512_srl_epi32(a0, cr), _mm512_sll_epi32(n0, cl));
+        a1 = _mm512_or_si512(_mm512_srl_epi32(a1, cr), _mm512_sll_epi32(n1, cl));
+    }
+    _mm512_storeu_si512(tmp, a0);
+    _mm512_storeu_si512(tmp + 64, a1);
+    return tmp;
+}
+
+/* Table lookup of 16 indices (8 bits: the low byte of each lane, for K8_G;
+ * the low 5 or 6 bits for K8_32, K8_64). */
+INL5 __m512 look8(const int K, const cb5_regs *R, __m512i idx)
+{
+    if (K == K8_32) return _mm512_permutex2var_ps(R->t0, idx, R->t1);
+    if (K == K8_64) {
+        __mmask16 hi = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+        return _mm512_mask_blend_ps(hi, _mm512_permutex2var_ps(R->t0, idx, R->t1),
+                                    _mm512_permutex2var_ps(R->t2, idx, R->t3));
+    }
+    return _mm512_i32gather_ps(idx, R->tab, 4);
+}
+
+/* Weights 16 g .. 16 g + 15 of a realigned segment p; *orb collects the
+ * 8-bit indices read (see above). */
+INL5 __m512 decode16(const int K, const cb5_regs *R, const uint8_t *p, int g, __m128i *orb)
+{
+    if (K == K1) {
+        uint16_t m;
+        memcpy(&m, p + 2 * g, sizeof m);
+        return _mm512_mask_blend_ps((__mmask16)m, R->t0, R->t1);
+    }
+    if (K == K2) {
+        __m512i idx = _mm512_srlv_epi32(_mm512_set1_epi32(load32(p + 4 * g)), R->sr2);
+        return _mm512_permutexvar_ps(idx, R->t0);
+    }
+    if (K == K4) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)(p + 8 * g));
+        __m512i idx = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), R->sr4);
+        return _mm512_permutexvar_ps(idx, R->t0);
+    }
+    __m128i b = _mm_loadu_si128((const __m128i *)(p + 16 * g));
+    if (K != K8_G) *orb = _mm_or_si128(*orb, b);
+    return look8(K, R, _mm512_cvtepu8_epi32(b));
+}
+
+/* 1 if an 8-bit index read would wrap in vpermt2ps. */
+INL5 int wrapped(const int K, __m128i orb)
+{
+    if (K == K8_32) return !_mm_testz_si128(orb, _mm_set1_epi8((char)0xE0));
+    if (K == K8_64) return !_mm_testz_si128(orb, _mm_set1_epi8((char)0xC0));
+    return 0;
+}
+
+/* y = act(v + b) on lanes < r (r <= 16); returns 1 if a valid v + b is NaN. */
+INL5 int finish16(__m512 v, const float *b, int r, int relu, float *y)
+{
+    __mmask16 m = r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1);
+    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b));
+    int nan = (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & m) != 0;
+    if (relu) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                     _mm512_setzero_ps());
+    _mm512_mask_storeu_ps(y, m, v);
+    return nan;
+}
+
+/* nj <= 8 vectors (16 nj outputs from j, r of them stored) x NS samples,
+ * natural order; nj NS <= 16 accumulators. */
+INL5 int nat_tile(const int K, const int NS, const cb_layer *L, const cb5_regs *R, int nj, int j,
+                  int r, const float *x, ptrdiff_t ldx, float *y)
+{
+    __m512 acc[8][4];
+    uint8_t tmp[SPAN5] __attribute__((aligned(64)));
+    __m128i orb = _mm_setzero_si128();
+    #pragma GCC unroll 16
+    for (int c = 0; c < 8; c++)
+        #pragma GCC unroll 16
+        for (int s = 0; s < NS; s++) acc[c][s] = _mm512_setzero_ps();
+    int64_t e = j;
+    for (int i = 0; i < L->n_in; i++, e += L->n_out) {
+        const uint8_t *p = row_bits5(L, e, tmp);
+        __m512 xs[4];
+        #pragma GCC unroll 16
+        for (int s = 0; s < NS; s++) xs[s] = _mm512_set1_ps(x[s * ldx + i]);
+        #pragma GCC unroll 16
+        for (int c = 0; c < 8; c++) {
+            if (c < nj) {
+                __m512 w = decode16(K, R, p, c, &orb);
+                #pragma GCC unroll 16
+                for (int s = 0; s < NS; s++) acc[c][s] = _mm512_fmadd_ps(w, xs[s], acc[c][s]);
+            }
+        }
+    }
+    int nan = wrapped(K, orb);
+    #pragma GCC unroll 16
+    for (int s = 0; s < NS; s++)
+        #pragma GCC unroll 16
+        for (int c = 0; c < 8; c++) {
+            int rr = r - 16 * c;
+            if (c < nj && rr > 0)
+                nan |= finish16(acc[c][s], L->b + j + 16 * c, rr, L->relu,
+                                y + (ptrdiff_t)s * L->n_out + j + 16 * c);
+        }
+    return nan;
+}
+
+/* 4 bits, 128 outputs from j (r <= 128 stored) x NS <= 2 samples, raw
+ * order: acc[m] lane d is output 8 d + m. */
+INL5 int raw4_tile(const int NS, const cb_layer *L, const cb5_regs *R, int j, int r,
+                   const float *x, ptrdiff_t ldx, float *y)
+{
+    __m512 acc[8][2];
+    uint8_t tmp[SPAN5] __attribute__((aligned(64)));
+    #pragma GCC unroll 16
+    for (int m = 0; m < 8; m++)
+        #pragma GCC unroll 4
+        for (int s = 0; s < NS; s++) acc[m][s] = _mm512_setzero_ps();
+    int64_t e = j;
+    for (int i = 0; i < L->n_in; i++, e += L->n_out) {
+        __m512i raw = _mm512_loadu_si512(row_bits5(L, e, tmp));
+        __m512 xs[2];
+        #pragma GCC unroll 4
+        for (int s = 0; s < NS; s++) xs[s] = _mm512_set1_ps(x[s * ldx + i]);
+        #pragma GCC unroll 16
+        for (int m = 0; m < 8; m++) {
+            __m512 w = _mm512_permutexvar_ps(m ? _mm512_srli_epi32(raw, 4 * m) : raw, R->t0);
+            #pragma GCC unroll 4
+            for (int s = 0; s < NS; s++) acc[m][s] = _mm512_fmadd_ps(w, xs[s], acc[m][s]);
+        }
+    }
+    int nan = 0;
+    for (int s = 0; s < NS; s++) {
+        float a[8][16] __attribute__((aligned(64))), o[128] __attribute__((aligned(64)));
+        #pragma GCC unroll 16
+        for (int m = 0; m < 8; m++) _mm512_store_ps(a[m], acc[m][s]);
+        for (int k = 0; k < 128; k++) o[k] = a[k & 7][k >> 3];
+        for (int c = 0; 16 * c < r; c++)
+            nan |= finish16(_mm512_load_ps(o + 16 * c), L->b + j + 16 * c, r - 16 * c, L->relu,
+                            y + (ptrdiff_t)s * L->n_out + j + 16 * c);
+    }
+    return nan;
+}
+
+/* 8 bits (K8_32, K8_64), 64 outputs from j (r <= 64 stored) x NS <= 4
+ * samples, raw order: lane d of (raw >> 8 m) holds weight 4 d + m in its
+ * low byte, all that vpermt2ps reads; acc[m] lane d is output 4 d + m. */
+INL5 int raw8_tile(const int K, const int NS, const cb_layer *L, const cb5_regs *R, int j, int r,
+                   const float *x, ptrdiff_t ldx, float *y)
+{
+    __m512 acc[4][4];
+    uint8_t tmp[SPAN5] __attribute__((aligned(64)));
+    __m512i orv = _mm512_setzero_si512();
+    #pragma GCC unroll 16
+    for (int m = 0; m < 4; m++)
+        #pragma GCC unroll 4
+        for (int s = 0; s < NS; s++) acc[m][s] = _mm512_setzero_ps();
+    int64_t e = j;
+    for (int i = 0; i < L->n_in; i++, e += L->n_out) {
+        __m512i raw = _mm512_loadu_si512(row_bits5(L, e, tmp));
+        orv = _mm512_or_si512(orv, raw);
+        __m512 xs[4];
+        #pragma GCC unroll 4
+        for (int s = 0; s < NS; s++) xs[s] = _mm512_set1_ps(x[s * ldx + i]);
+        #pragma GCC unroll 4
+        for (int m = 0; m < 4; m++) {
+            __m512 w = look8(K, R, m ? _mm512_srli_epi32(raw, 8 * m) : raw);
+            #pragma GCC unroll 4
+            for (int s = 0; s < NS; s++) acc[m][s] = _mm512_fmadd_ps(w, xs[s], acc[m][s]);
+        }
+    }
+    __m128i orb = _mm_or_si128(_mm_or_si128(_mm512_extracti32x4_epi32(orv, 0), _mm512_extracti32x4_epi32(orv, 1)),
+                               _mm_or_si128(_mm512_extracti32x4_epi32(orv, 2), _mm512_extracti32x4_epi32(orv, 3)));
+    int nan = wrapped(K, orb);
+    for (int s = 0; s < NS; s++) {
+        float a[4][16] __attribute__((aligned(64))), o[64] __attribute__((aligned(64)));
+        #pragma GCC unroll 4
+        for (int m = 0; m < 4; m++) _mm512_store_ps(a[m], acc[m][s]);
+        for (int k = 0; k < 64; k++) o[k] = a[k & 3][k >> 2];
+        for (int c = 0; 16 * c < r; c++)
+            nan |= finish16(_mm512_load_ps(o + 16 * c), L->b + j + 16 * c, r - 16 * c, L->relu,
+                            y + (ptrdiff_t)s * L->n_out + j + 16 * c);
+    }
+    return nan;
+}
+
+#define DEFINE_RAW8(K, NS)                                                                      \
+    static TGT5 int raw8_##K##_##NS(const cb_layer *L, const cb5_regs *R, int nj, int j, int r, \
+                                    const float *x, ptrdiff_t ldx, float *y)                   \
+    {                                                                                          \
+        (void)nj;                                                                              \
+        return raw8_tile(K, NS, L, R, j, r, x, ldx, y);                                        \
+    }
+DEFINE_RAW8(K8_32, 1) DEFINE_RAW8(K8_32, 2) DEFINE_RAW8(K8_32, 3) DEFINE_RAW8(K8_32, 4)
+DEFINE_RAW8(K8_64, 1) DEFINE_RAW8(K8_64, 2) DEFINE_RAW8(K8_64, 3) DEFINE_RAW8(K8_64, 4)
+
+#define DEFINE_NAT(K, NS)                                                                       \
+    static TGT5 int nat_##K##_##NS(const cb_layer *L, const cb5_regs *R, int nj, int j, int r, \
+                                   const float *x, ptrdiff_t ldx, float *y)                   \
+    {                                                                                         \
+        return nat_tile(K, NS, L, R, nj, j, r, x, ldx, y);                                    \
+    }
+#define DEFINE_NAT4(K) DEFINE_NAT(K, 1) DEFINE_NAT(K, 2) DEFINE_NAT(K, 3) DEFINE_NAT(K, 4)
+DEFINE_NAT4(K1)
+DEFINE_NAT4(K2)
+DEFINE_NAT4(K4)
+DEFINE_NAT4(K8_32)
+DEFINE_NAT4(K8_64)
+DEFINE_NAT4(K8_G)
+
+static TGT5 int raw4_1(const cb_layer *L, const cb5_regs *R, int j, int r, const float *x,
+                       ptrdiff_t ldx, float *y)
+{
+    return raw4_tile(1, L, R, j, r, x, ldx, y);
+}
+static TGT5 int raw4_2(const cb_layer *L, const cb5_regs *R, int j, int r, const float *x,
+                       ptrdiff_t ldx, float *y)
+{
+    return raw4_tile(2, L, R, j, r, x, ldx, y);
+}
+
+typedef int (*nat_fn)(const cb_layer *, const cb5_regs *, int, int, int, const float *,
+                      ptrdiff_t, float *);
+
+static nat_fn nat_for(int K, int ns)
+{
+    static const nat_fn t[6][4] = {
+        {nat_K1_1, nat_K1_2, nat_K1_3, nat_K1_4},         {nat_K2_1, nat_K2_2, nat_K2_3, nat_K2_4},
+        {nat_K4_1, nat_K4_2, nat_K4_3, nat_K4_4},         {nat_K8_32_1, nat_K8_32_2, nat_K8_32_3, nat_K8_32_4},
+        {nat_K8_64_1, nat_K8_64_2, nat_K8_64_3, nat_K8_64_4}, {nat_K8_G_1, nat_K8_G_2, nat_K8_G_3, nat_K8_G_4}};
+    int row = K == K1 ? 0 : K == K2 ? 1 : K == K4 ? 2 : K == K8_32 ? 3 : K == K8_64 ? 4 : 5;
+    return t[row][ns - 1];
+}
+
+static TGT5 int reg5_range(const cb_layer *L, const float *x, ptrdiff_t ldx, int s0, int s1,
+                           int j0, int j1, float *y)
+{
+    cb5_regs R;
+    make5(L, &R);
+    int K = kind_of(L), nan = 0;
+    for (int s = s0; s < s1; s += SMALL_N) {
+        int ns = s1 - s < SMALL_N ? s1 - s : SMALL_N;
+        int njmax = 16 / ns < 8 ? 16 / ns : 8;
+        const float *xs = x + (ptrdiff_t)s * ldx;
+        float *ys = y + (ptrdiff_t)s * L->n_out;
+        nat_fn f = nat_for(K, ns);
+        for (int j = j0; j < j1;) {
+            int left = j1 - j;
+            if ((K == K8_32 || K == K8_64) && left > 32) {   /* more than half a raw block */
+                static const nat_fn r8[2][4] = {
+                    {raw8_K8_32_1, raw8_K8_32_2, raw8_K8_32_3, raw8_K8_32_4},
+                    {raw8_K8_64_1, raw8_K8_64_2, raw8_K8_64_3, raw8_K8_64_4}};
+                int r = left < 64 ? left : 64;
+                nan |= r8[K == K8_64][ns - 1](L, &R, 4, j, r, xs, ldx, ys);
+                j += r;
+            } else if (K == K4 && ns <= 2 && left > 64) {   /* more than half a raw block */
+                int r = left < 128 ? left : 128;
+                nan |= ns == 1 ? raw4_1(L, &R, j, r, xs, ldx, ys) : raw4_2(L, &R, j, r, xs, ldx, ys);
+                j += r;
+            } else {
+                int r = left < 16 * njmax ? left : 16 * njmax;
+                nan |= f(L, &R, (r + 15) / 16, j, r, xs, ldx, ys);
+                j += r;
+            }
+        }
+    }
+    return nan;
+}
+
+/* D(k, 0 .. JB5) = W[k0 + k, j .. j + JB5) for k < kc, columns past r 0. */
+INL5 int decode_panel5(const int K, const cb_layer *L, const cb5_regs *R, int k0, int kc, int j,
+                       int r, float *D)
+{
+    uint8_t tmp[SPAN5] __attribute__((aligned(64)));
+    __m128i orb = _mm_setzero_si128();
+    __mmask16 m0 = r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1);
+    __mmask16 m1 = r >= 32 ? (__mmask16)0xFFFF : r <= 16 ? 0 : (__mmask16)((1u << (r - 16)) - 1);
+    for (int k = 0; k < kc; k++) {
+        const uint8_t *p = row_bits5(L, (int64_t)(k0 + k) * L->n_out + j, tmp);
+        float *d = D + (ptrdiff_t)k * JB5;
+        _mm512_store_ps(d, _mm512_maskz_mov_ps(m0, decode16(K, R, p, 0, &orb)));
+        _mm512_store_ps(d + 16, m1 ? _mm512_maskz_mov_ps(m1, decode16(K, R, p, 1, &orb))
+                                   : _mm512_setzero_ps());
+    }
+    return wrapped(K, orb);
+}
+
+#define DEFINE_PANEL5(K)                                                                       \
+    static TGT5 int decode_panel5_##K(const cb_layer *L, const cb5_regs *R, int k0, int kc,   \
+                                      int j, int r, float *D)                                 \
+    {                                                                                         \
+        return decode_panel5(K, L, R, k0, kc, j, r, D);                                       \
+    }
+DEFINE_PANEL5(K1)
+DEFINE_PANEL5(K2)
+DEFINE_PANEL5(K4)
+DEFINE_PANEL5(K8_32)
+DEFINE_PANEL5(K8_64)
+DEFINE_PANEL5(K8_G)
+
+/* 32 outputs (r valid) x S samples over kc panel rows: as micro, on two
+ * 16-lane vectors. */
+INL5 int micro5(const int NV, const int S, const float *D, int kc, const float *xp, ptrdiff_t ldx,
+                float *y, ptrdiff_t ldy, int r, int first, int last, const float *b, int relu)
+{
+    __m512 a0[MS], a1[MS];
+    int r0 = r < 16 ? r : 16, r1 = r < 16 ? 0 : r - 16;
+    __mmask16 m0 = (__mmask16)((1u << r0) - 1), m1 = (__mmask16)((1u << r1) - 1);
+    #pragma GCC unroll 16
+    for (int s = 0; s < S; s++) {
+        if (first) {
+            a0[s] = a1[s] = _mm512_setzero_ps();
+        } else {
+            a0[s] = _mm512_maskz_loadu_ps(m0, y + s * ldy);
+            a1[s] = NV == 2 ? _mm512_maskz_loadu_ps(m1, y + s * ldy + 16) : a0[s];
+        }
+    }
+    for (int k = 0; k < kc; k++) {
+        __m512 w0 = _mm512_load_ps(D + k * JB5), w1 = NV == 2 ? _mm512_load_ps(D + k * JB5 + 16) : w0;
+        #pragma GCC unroll 16
+        for (int s = 0; s < S; s++) {
+            __m512 xb = _mm512_set1_ps(xp[s * ldx + k]);
+            a0[s] = _mm512_fmadd_ps(w0, xb, a0[s]);
+            if (NV == 2) a1[s] = _mm512_fmadd_ps(w1, xb, a1[s]);
+        }
+    }
+    int nan = 0;
+    #pragma GCC unroll 16
+    for (int s = 0; s < S; s++) {
+        float *ys = y + s * ldy;
+        if (last) {
+            nan |= finish16(a0[s], b, r0, relu, ys);
+            if (NV == 2 && r1 > 0) nan |= finish16(a1[s], b + 16, r1, relu, ys + 16);
+        } else {
+            _mm512_mask_storeu_ps(ys, m0, a0[s]);
+            if (NV == 2) _mm512_mask_storeu_ps(ys + 16, m1, a1[s]);
+        }
+    }
+    return nan;
+}
+
+/* Narrow panels (r <= 16 outputs) run one vector per sample. */
+#define MICRO5_CASE(S)                                                                \
+    case S:                                                                           \
+        return r > 16 ? micro5(2, S, D, kc, xp, ldx, y, ldy, r, first, last, b, relu) \
+                      : micro5(1, S, D, kc, xp, ldx, y, ldy, r, first, last, b, relu);
+static TGT5 int micro5_s(int S, const float *D, int kc, const float *xp, ptrdiff_t ldx, float *y,
+                         ptrdiff_t ldy, int r, int first, int last, const float *b, int relu)
+{
+    switch (S) {
+    MICRO5_CASE(1) MICRO5_CASE(2) MICRO5_CASE(3) MICRO5_CASE(4) MICRO5_CASE(5)
+    MICRO5_CASE(MS)
+    default: return 0;
+    }
+}
+
+/* x is read in place (the broadcasts of S samples: S sequential streams),
+ * not packed as on the avx2 path: packing cost more than the product on
+ * narrow layers (200 x 10). */
+static TGT5 int panel5_range(const cb_layer *L, const float *x, ptrdiff_t ldx, int s0, int s1,
+                             int j0, int j1, float *y, int kcmax)
+{
+    float D[KC * JB5] __attribute__((aligned(64)));
+    cb5_regs R;
+    make5(L, &R);
+    int K = kind_of(L), nan = 0;
+    if (kcmax > KC) kcmax = KC;
+    for (int k0 = 0; k0 < L->n_in; k0 += kcmax) {
+        int kc = L->n_in - k0 < kcmax ? L->n_in - k0 : kcmax;
+        int first = k0 == 0, last = k0 + kc == L->n_in;
+        for (int jb = j0; jb < j1; jb += JB5) {
+            int r = j1 - jb < JB5 ? j1 - jb : JB5;
+            switch (K) {
+            case K1: nan |= decode_panel5_K1(L, &R, k0, kc, jb, r, D); break;
+            case K2: nan |= decode_panel5_K2(L, &R, k0, kc, jb, r, D); break;
+            case K4: nan |= decode_panel5_K4(L, &R, k0, kc, jb, r, D); break;
+            case K8_32: nan |= decode_panel5_K8_32(L, &R, k0, kc, jb, r, D); break;
+            case K8_64: nan |= decode_panel5_K8_64(L, &R, k0, kc, jb, r, D); break;
+            default: nan |= decode_panel5_K8_G(L, &R, k0, kc, jb, r, D); break;
+            }
+            for (int s = s0; s < s1; s += MS) {
+                int S = s1 - s < MS ? s1 - s : MS;
+                nan |= micro5_s(S, D, kc, x + (ptrdiff_t)s * ldx + k0, ldx,
+                                y + (ptrdiff_t)s * L->n_out + jb, L->n_out, r, first, last,
+                                L->b + jb, L->relu);
+            }
+        }
+    }
+    return nan;
+}
+
 #endif
 
 /* The product, bias and (with relu != 0) relu for samples [s0, s1) and
@@ -554,9 +1035,13 @@ int pykd_cb_product(int path, int bits, int n_codes, int n_in, int n_out, const 
     float tab[256] __attribute__((aligned(32)));
     int nt = 1 << bits;
     for (int c = 0; c < nt; c++) tab[c] = c < n_codes ? centroids[c] : NAN;
-    cb_layer L = {bits, n_in, n_out, relu, packed, nbytes, tab, b};
+    cb_layer L = {bits, n_codes, n_in, n_out, relu, packed, nbytes, tab, b};
     if (s1 <= s0 || j1 <= j0) return 0;
 #ifdef PYKD_X86
+    if (path == P_AVX512) {
+        if (s1 - s0 <= SMALL_N) return reg5_range(&L, x, ldx, s0, s1, j0, j1, y);
+        return panel5_range(&L, x, ldx, s0, s1, j0, j1, y, kc);
+    }
     if (path == P_AVX2) {
         if (s1 - s0 <= SMALL_N) return reg_range(&L, x, ldx, s0, s1, j0, j1, y);
         return panel_range(&L, x, ldx, s0, s1, j0, j1, y, kc, work);
