@@ -482,6 +482,16 @@ subroutine codebook_path(name)
   name = codebook_path_name()
 end subroutine codebook_path
 
+! The CPU path of the sparse layers' C helpers in this process (portable,
+! avx2 or avx512; PYKD_SPARSE_PATH forces one the CPU has).
+subroutine sparse_path(name)
+  use pykd_sparse_kernel, only: sparse_path_name
+  implicit none
+  character(len=16), intent(out) :: name
+  !f2py threadsafe
+  name = sparse_path_name()
+end subroutine sparse_path
+
 ! pykd.int8_gemm and pykd.int8_matmul on the int8 layer's kernel
 ! (pykd_int8_kernel: run-time CPU path, threads): qx widened to int16 rows
 ! (an even count, the last one zero when n_in is odd), as the layer does.

@@ -84,14 +84,17 @@ np.savez(sys.argv[2], **out)
 """
 
 
-def run(tmp_path, kernel, threads):
+def run(tmp_path, kernel, threads, cpu_path=None):
     """{key: output} of every layer and batch with PYKD_SPARSE_KERNEL=kernel
-    (None: the layer's own choice) and OMP_NUM_THREADS=threads."""
-    env = {k: v for k, v in os.environ.items() if k != "PYKD_SPARSE_KERNEL"}
+    (None: the layer's own choice), OMP_NUM_THREADS=threads and
+    PYKD_SPARSE_PATH=cpu_path (None: the CPU's best)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYKD_SPARSE_KERNEL", "PYKD_SPARSE_PATH")}
     env["OMP_NUM_THREADS"] = str(threads)
     if kernel:
         env["PYKD_SPARSE_KERNEL"] = kernel
-    path = tmp_path / f"{kernel}-{threads}.npz"
+    if cpu_path:
+        env["PYKD_SPARSE_PATH"] = cpu_path
+    path = tmp_path / f"{kernel}-{threads}-{cpu_path}.npz"
     subprocess.run([sys.executable, "-c", CHILD, HERE, str(path)], env=env, check=True,
                    timeout=600, cwd=str(tmp_path))
     with np.load(path) as z:
@@ -101,7 +104,38 @@ def run(tmp_path, kernel, threads):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sparse")
-    return {(k, t): run(tmp, k, t) for k in ("scatter", "panel", "dense", None) for t in (1, 2)}
+    got = {(k, t): run(tmp, k, t) for k in ("scatter", "panel", "dense", None) for t in (1, 2)}
+    for p in CPU_PATHS:   # the C helpers' paths (pattern check, scatter, transposes)
+        got[("scatter", p)] = run(tmp, "scatter", 1, p)
+        got[("panel", p)] = run(tmp, "panel", 1, p)
+    return got
+
+
+CPU_PATHS = ("portable", "avx2", "avx512")
+
+
+def test_every_cpu_path_gives_the_same_bits(results):
+    """PYKD_SPARSE_PATH: each path this CPU runs, and the forced portable one."""
+    from pykd import _fkernels as fk
+    best = fk.sparse_path().decode().strip()
+    assert best in CPU_PATHS
+    ran = []
+    for p in CPU_PATHS:
+        env = dict(os.environ, PYKD_SPARSE_PATH=p)
+        name = subprocess.run([sys.executable, "-c", "import pykd._fkernels as f; "
+                               "print(f.sparse_path().decode().strip())"], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        if name != p:
+            continue
+        ran.append(p)
+        for k in ("scatter", "panel"):
+            base = results[(k, 1)]
+            for key, y in results[(k, p)].items():
+                assert np.array_equal(y, base[key], equal_nan=True), (p, k, key)
+                ok = np.isfinite(y)
+                assert (y[ok].view(np.uint32) == base[key][ok].view(np.uint32)).all(), (p, k, key)
+    assert "portable" in ran and best in ran
+    print("sparse paths tested:", ran)
 
 
 def reference(layer, X):
@@ -240,6 +274,20 @@ def test_a_corrupted_pattern_is_an_error_not_a_stray_write(damage, n):
         layer.codes[0] = 3
     with pytest.raises(ValueError, match="layer 1"):
         m.forward(X)
+
+
+def test_a_corrupted_pattern_is_an_error_on_the_portable_path():
+    """The same damages, in a child with PYKD_SPARSE_PATH=portable."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import pytest, test_sparse_kernels as t\n"
+            "for d in ('decreasing index', 'index >= n_out', 'negative index',\n"
+            "          'indptr not monotone', 'code >= n_codes'):\n"
+            "    for n in (1, 40):\n"
+            "        t.test_a_corrupted_pattern_is_an_error_not_a_stray_write(d, n)\n"
+            "import pykd._fkernels as f; print(f.sparse_path().decode().strip())\n")
+    env = dict(os.environ, PYKD_SPARSE_PATH="portable")
+    out = subprocess.run([sys.executable, "-c", code, HERE], env=env, check=True,
+                         capture_output=True, text=True, timeout=300).stdout.strip()
+    assert out == "portable"
 
 
 def test_benchmark_script_runs_quick(tmp_path):

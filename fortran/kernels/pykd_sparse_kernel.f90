@@ -27,7 +27,7 @@
 !! or more (tests, benchmarks); one sample always takes SCATTER.
 module pykd_sparse_kernel
   use iso_fortran_env, only: int8, int32, int64, real32
-  use iso_c_binding, only: c_int, c_float
+  use iso_c_binding, only: c_int, c_int8_t, c_int32_t, c_int64_t, c_float, c_char
   use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
   use pykd_activation, only: bias_activation
   use pykd_layer_util, only: nonfinite_count, gemm_nn
@@ -35,7 +35,7 @@ module pykd_sparse_kernel
   implicit none
   private
   public :: SPARSE_SCATTER, SPARSE_PANEL, SPARSE_DENSE, sparse_kernel_for, sparse_kernel_name, &
-            sparse_workspace_words, sparse_pattern_ok, sparse_forward
+            sparse_workspace_words, sparse_pattern_ok, sparse_forward, sparse_path_name
 
   integer, parameter :: SPARSE_SCATTER = 1, SPARSE_PANEL = 2, SPARSE_DENSE = 3
 
@@ -70,6 +70,32 @@ module pykd_sparse_kernel
   integer, save :: forced = -1
 
   interface
+    !> 1 if the CSR pattern is valid (pykd_sparse_simd.c; avx512: 16
+    !! indices per test).
+    pure integer(c_int) function c_pattern_ok(n_in, n_out, nnz, indptr, indices) &
+        bind(c, name='pykd_sp_pattern_ok')
+      import :: c_int, c_int32_t, c_int64_t
+      integer(c_int), value :: n_in, n_out
+      integer(c_int64_t), value :: nnz
+      integer(c_int32_t), intent(in) :: indptr(*), indices(*)
+    end function c_pattern_ok
+    !> y += x(i) W(i, :) over the rows with x(i) /= 0, y zeroed by the
+    !! caller; W from values or centroids(codes + 1) (use_codes /= 0).
+    subroutine c_scatter(n_in, indptr, indices, values, codes, centroids, use_codes, x, y) &
+        bind(c, name='pykd_sp_scatter')
+      import :: c_int, c_int8_t, c_int32_t, c_float
+      integer(c_int), value :: n_in, use_codes
+      integer(c_int32_t), intent(in) :: indptr(*), indices(*)
+      real(c_float), intent(in) :: values(*), centroids(*), x(*)
+      integer(c_int8_t), intent(in) :: codes(*)
+      real(c_float), intent(inout) :: y(*)
+    end subroutine c_scatter
+    !> The name of the path the C helpers run on.
+    subroutine c_path_name(name, len) bind(c, name='pykd_sp_path_name')
+      import :: c_char, c_int
+      character(kind=c_char), intent(out) :: name(*)
+      integer(c_int), value :: len
+    end subroutine c_path_name
     !> b(j, i) = a(i, j), i <= rows, j <= cols (pykd_sparse_simd.c: 8 x 8
     !! AVX2 tiles when the CPU has AVX2; only data moves, so the same bits).
     subroutine c_transpose(a, lda, b, ldb, rows, cols) bind(c, name='pykd_sp_transpose')
@@ -172,38 +198,23 @@ contains
   !> A CSR pattern (0-based indptr(n_in + 1), indices(nnz)) is valid:
   !! indptr(1) = 0, non-decreasing, indptr(n_in + 1) = nnz, indices in
   !! [0, n_out) and strictly increasing within a row. The same test as
-  !! pykd_layer_util's csr_ok, written as counts that vectorize: it runs
-  !! before every product, so that a table built in memory with a bad
-  !! index gives a status instead of a stray write.
+  !! pykd_layer_util's csr_ok, in pykd_sparse_simd.c: it runs before every
+  !! product, so that a table built in memory with a bad index gives a
+  !! status instead of a stray write.
   pure logical function sparse_pattern_ok(n_in, n_out, nnz, indptr, indices) result(ok)
     integer, intent(in) :: n_in, n_out
     integer(int64), intent(in) :: nnz
     integer(int32), intent(in) :: indptr(n_in + 1), indices(nnz)
-    integer(int32) :: lo, hi, bad
-    integer :: i, k
-
-    ok = indptr(1) == 0 .and. indptr(n_in + 1) == nnz
-    if (.not. ok) return
-    ok = count(indptr(2:) < indptr(:n_in)) == 0
-    if (.not. ok .or. nnz == 0) return
-    ! One pass: the range, and the neighbours that do not increase.
-    lo = indices(1); hi = indices(1); bad = 0
-    do k = 2, int(nnz)
-      lo = min(lo, indices(k))
-      hi = max(hi, indices(k))
-      bad = bad + merge(1_int32, 0_int32, indices(k) <= indices(k - 1))
-    end do
-    ok = lo >= 0 .and. hi < n_out
-    if (.not. ok) return
-    ! Less the neighbours where a (non-empty) row starts.
-    do i = 2, n_in
-      k = indptr(i) + 1
-      if (k >= 2 .and. k <= indptr(i + 1)) then
-        if (indices(k) <= indices(k - 1)) bad = bad - 1
-      end if
-    end do
-    ok = bad == 0
+    ok = c_pattern_ok(n_in, n_out, nnz, indptr, indices) /= 0
   end function sparse_pattern_ok
+
+  !> The name of the path pykd_sparse_simd.c runs on in this process.
+  function sparse_path_name() result(name)
+    character(len=16) :: name
+    character(kind=c_char) :: buf(16)
+    call c_path_name(buf, 16_c_int)   ! blank-padded by the C side
+    name = transfer(buf, name)
+  end function sparse_path_name
 
   !> y = act(W^T x + b) on the chosen kernel, for a valid pattern
   !! (sparse_pattern_ok). The entry values are `values` (use_codes false)
@@ -250,33 +261,14 @@ contains
     integer(int8), intent(in) :: codes(*)
     logical, intent(in) :: use_codes
     real(real32), intent(out) :: y(n_out)
-    real(real32) :: xi
-    integer :: i, k, c
 
     y = 0
     if (nonfinite_count(int(n_in, int64), x) > 0) then
-      y = ieee_value(xi, ieee_quiet_nan)
+      y = ieee_value(0.0_real32, ieee_quiet_nan)
       return
     end if
-    if (use_codes) then
-      do i = 1, n_in
-        xi = x(i)
-        if (xi == 0) cycle
-        do k = indptr(i) + 1, indptr(i + 1)
-          c = indices(k) + 1
-          y(c) = y(c) + xi * centroids(iand(int(codes(k)), 255) + 1)
-        end do
-      end do
-    else
-      do i = 1, n_in
-        xi = x(i)
-        if (xi == 0) cycle
-        do k = indptr(i) + 1, indptr(i + 1)
-          c = indices(k) + 1
-          y(c) = y(c) + xi * values(k)
-        end do
-      end do
-    end if
+    call c_scatter(n_in, indptr, indices, values, codes, centroids, merge(1_c_int, 0_c_int, use_codes), &
+                   x, y)
   end subroutine scatter_sample
 
   !> PANEL: blocks of SPMM_BLOCK samples over threads (static, each sample
