@@ -23,6 +23,7 @@ module pykd
                          pykd_save_model, pykd_free, pykd_model_from_params, pykd_model_from_arrays, &
                          pykd_quantize_model
   use pykd_network, only: network_forward, network_workspace_words
+  use pykd_int8_kernel, only: int8_pack, int8_packed_words
   use pykd_layer, only: pykd_layer_t
   use pykd_layer_factory, only: new_layer
   use pykd_activation, only: apply_activation
@@ -47,6 +48,7 @@ module pykd
   public :: pykd_model, pykd_workspace, pykd_load_model, pykd_predict, pykd_save_model, &
             pykd_free, pykd_model_from_params, pykd_model_from_arrays, pykd_quantize_model
   public :: network_forward, network_workspace_words, pykd_layer_t, new_layer, apply_activation
+  public :: int8_pack, int8_packed_words
   public :: ACT_SIGMOID, ACT_GELU, ACT_SILU, KIND_DENSE, KIND_DENSE_INT8, KIND_SPARSE_CSR, &
             KIND_LOW_RANK, KIND_CODEBOOK, KIND_SPARSE_CODEBOOK, NORM_NONE, NORM_PER_FEATURE, &
             NORM_SCALAR, QUANT_DYNAMIC, QUANT_STATIC, FORMAT_VERSION_MIN, FORMAT_VERSION, &

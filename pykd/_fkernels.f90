@@ -493,60 +493,66 @@ subroutine sparse_path(name)
 end subroutine sparse_path
 
 ! pykd.int8_gemm and pykd.int8_matmul on the int8 layer's kernel
-! (pykd_int8_kernel: run-time CPU path, threads): qx widened to int16 rows
-! (an even count, the last one zero when n_in is odd), as the layer does.
+! (pykd_int8_kernel: run-time CPU path, threads): qw packed per call as a
+! model packs it once (int8_pack), qx as u = qx + 128 bytes (int8_gemm) or
+! x quantized per sample by the kernel (int8_matmul), as the layer does.
 ! n_in > MAX_IN could overflow the int32 sums: PYKD_ERR_ARG.
 subroutine int8_gemm_fast(qw, qx, acc, n_out, n_in, n, stat)
-  use iso_c_binding, only: c_int, c_int16_t, c_int32_t
+  use iso_c_binding, only: c_int, c_int8_t, c_int32_t
+  use iso_fortran_env, only: int64
   use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC, PYKD_ERR_ARG
   use pykd_quant, only: MAX_IN
-  use pykd_int8_kernel, only: int8_gemm_product
+  use pykd_int8_kernel, only: int8_gemm_product, int8_pack, int8_packed_words, int8_ldu
   implicit none
   integer(c_int), intent(in) :: n_out, n_in, n
   integer(1), intent(in) :: qw(n_out, n_in), qx(n_in, n)
   integer(c_int32_t), intent(inout) :: acc(n_out, n)
   integer(c_int), intent(out) :: stat
-  integer(c_int16_t), allocatable :: x16(:, :)
-  integer :: ldx, ierr
+  integer(c_int8_t), allocatable :: u(:, :)
+  integer(c_int32_t), allocatable :: packed(:)
+  integer :: ldu, ierr
   !f2py threadsafe
   !f2py intent(hide) :: n_out, n_in, n
   stat = PYKD_ERR_ARG
   if (n_in > MAX_IN) return
-  ldx = n_in + mod(n_in, 2)
-  allocate (x16(ldx, n), stat=ierr)
+  ldu = int(int8_ldu(int(n_in, int64)))
+  allocate (u(ldu, n), packed(int8_packed_words(int(n_in, int64), int(n_out, int64))), stat=ierr)
   stat = merge(PYKD_OK, PYKD_ERR_ALLOC, ierr == 0)
   if (ierr /= 0) return
-  x16(1:n_in, :) = qx
-  x16(ldx, :) = merge(x16(ldx, :), 0_c_int16_t, ldx == n_in)
-  call int8_gemm_product(n_in, n_out, n, ldx, qw, x16, acc)
+  call int8_pack(n_in, n_out, qw, packed)
+  u(1:n_in, :) = ieor(qx, -127_c_int8_t - 1_c_int8_t)     ! the bits of qx + 128 as unsigned bytes
+  u(n_in + 1:ldu, :) = -127_c_int8_t - 1_c_int8_t   ! 128: qx = 0
+  call int8_gemm_product(n_in, n_out, n, packed, u, acc)
 end subroutine int8_gemm_fast
 
 ! scale_w: one scale (n_scale = 1) or one per output; another size is PYKD_ERR_ARG.
 subroutine int8_matmul_fast(x, qw, scale_w, b, y, n_in, n_out, n, n_scale, stat)
-  use iso_c_binding, only: c_float, c_int, c_int16_t
-  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC, PYKD_ERR_ARG
-  use pykd_quant, only: quantize_columns16, MAX_IN
-  use pykd_int8_kernel, only: int8_dense_product
+  use iso_c_binding, only: c_float, c_int, c_int8_t, c_int32_t
+  use iso_fortran_env, only: int64
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ALLOC, PYKD_ERR_ARG, PYKD_ERR_NONFINITE
+  use pykd_quant, only: MAX_IN
+  use pykd_int8_kernel, only: int8_dense_forward, int8_pack, int8_packed_words, int8_ldu
   implicit none
   integer(c_int), intent(in) :: n_in, n_out, n, n_scale
   real(c_float), intent(in) :: x(n_in, n), scale_w(n_scale), b(n_out)
   integer(1), intent(in) :: qw(n_out, n_in)
   real(c_float), intent(inout) :: y(n_out, n)
   integer(c_int), intent(out) :: stat
-  integer(c_int16_t), allocatable :: x16(:, :)
+  integer(c_int8_t), allocatable :: u(:)
+  integer(c_int32_t), allocatable :: packed(:)
   real(c_float), allocatable :: sx(:), scale(:)
-  integer :: ldx, ierr
+  integer :: ierr, n_bad
   !f2py threadsafe
   !f2py intent(hide) :: n_in, n_out, n, n_scale
   stat = PYKD_ERR_ARG
   if ((n_scale /= 1 .and. n_scale /= n_out) .or. n_in > MAX_IN) return
-  ldx = n_in + mod(n_in, 2)
-  allocate (x16(ldx, n), sx(n), scale(n_out), stat=ierr)
+  allocate (u(int8_ldu(int(n_in, int64)) * n), sx(n), scale(n_out), &
+            packed(int8_packed_words(int(n_in, int64), int(n_out, int64))), stat=ierr)
   stat = merge(PYKD_OK, PYKD_ERR_ALLOC, ierr == 0)
   if (ierr /= 0) return
   scale = scale_w(1)                       ! one scale per tensor ...
   if (n_scale == n_out) scale = scale_w    ! ... or per output
-  call quantize_columns16(n_in, ldx, n, x, 0.0_c_float, x16, sx, stat)
-  if (stat /= PYKD_OK) return
-  call int8_dense_product(n_in, n_out, n, ldx, qw, x16, scale, sx, b, 0, y)
+  call int8_pack(n_in, n_out, qw, packed)
+  call int8_dense_forward(n_in, n_out, n, packed, x, 0.0_c_float, scale, b, 0, u, sx, y, n_bad)
+  if (n_bad > 0) stat = PYKD_ERR_NONFINITE
 end subroutine int8_matmul_fast

@@ -224,6 +224,22 @@ def int8_matmul(x, q, scale, b=None):
 
 # --- the layer kinds (docs/model.md); arguments already validated ---------
 
+def int8_packed(q):
+    """The int8 kernel's packed copy of ``q`` (n_in, n_out) int8, as int32
+    words (fortran/kernels/pykd_int8_simd.c, docs/model.md): 16 G column
+    sums ``128 * q.sum(axis=0)`` (0 past n_out), then for each group g of 16
+    outputs and each quad k of 4 inputs the 64 bytes ``q[4k + t, 16g + jj]``
+    at byte ``4 jj + t`` (0 past n_in or n_out); G = ceil(n_out / 16)."""
+    n_in, n_out = q.shape
+    G, NQ = -(-n_out // 16), -(-n_in // 4)
+    qp = np.zeros((4 * NQ, 16 * G), np.int8)
+    qp[:n_in, :n_out] = q
+    csum = np.zeros(16 * G, np.int32)
+    csum[:n_out] = 128 * q.sum(axis=0, dtype=np.int64)
+    w = qp.reshape(NQ, 4, G, 16).transpose(2, 0, 3, 1)       # (g, k, jj, t)
+    return np.concatenate([csum, np.ascontiguousarray(w).reshape(-1).view("<i4")]).astype(np.int32)
+
+
 def dense_int8(x, q, scale, b, activation="identity", x_scale=None):
     """int8 layer: ``qx = clamp(rint(x * (1/sx)), -127, 127)`` with one
     ``sx = max|x_s| / 127`` per sample (dynamic, ``x_scale`` None) or the

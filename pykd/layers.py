@@ -282,6 +282,8 @@ class DenseInt8(Layer):
     kind = "dense_int8"
     f32_items = ("scale", "b", "_xs")
     i8_items = ("q",)
+    #: The kernel's packed copy of q (derived, never saved: docs/model.md).
+    i32_items = ("_packed",)
 
     def __init__(self, q, scale, b, activation="identity", x_scale=None):
         _arr("q", q, np.int8, 2)
@@ -305,6 +307,7 @@ class DenseInt8(Layer):
             if not (np.isfinite(xs) and xs > 0):
                 raise ValueError(f"x_scale must be finite and > 0 in float32, got {x_scale!r}")
         self.q, self.scale, self.b = q, scale, b
+        self._packed = ref.int8_packed(q)
         self._xs = np.array([xs], _F32)
         self.activation = _activation(activation)
         self._static = x_scale is not None
@@ -321,6 +324,11 @@ class DenseInt8(Layer):
 
     def kind_params(self):
         return (_codes.QUANT_MODES[self.quant], 0, 0, 0)
+
+    def repack(self):
+        """Rebuild the kernel's packed copy of ``q`` (in place, so a model
+        holding the layer sees it): call it after changing ``q`` in place."""
+        self._packed[...] = ref.int8_packed(self.q)
 
     def to_dense(self):
         return self.q.astype(_F32) * self.scale

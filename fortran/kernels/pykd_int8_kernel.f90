@@ -1,19 +1,24 @@
-!> The int8 layer's product on the CPU's fastest exact path, chosen at run
+!> The int8 layer's kernel on the CPU's fastest exact path, chosen at run
 !! time (fortran/kernels/pykd_int8_simd.c): portable, avx2, avxvnni or
 !! avx512vnni. Every path gives the same bits; PYKD_INT8_PATH forces one.
+!!
+!! The weights are pre-packed once per model (int8_pack: 4 inputs x 16
+!! outputs per 64 bytes, plus the column sums of the +128 offset trick);
+!! the activations are quantized per call into u = qx + 128 (bytes).
 module pykd_int8_kernel
-  use iso_c_binding, only: c_int, c_int8_t, c_int16_t, c_int32_t, c_float, c_char
+  use iso_c_binding, only: c_int, c_int8_t, c_int32_t, c_int64_t, c_float, c_char
   use iso_fortran_env, only: int64
   !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num
   implicit none
   private
-  public :: int8_dense_product, int8_gemm_product, int8_path_name
+  public :: int8_dense_forward, int8_gemm_product, int8_pack, int8_packed_words, int8_ldu, &
+            int8_path_name
 
   !> Multiply-adds below which the product stays on one thread.
   integer(int64), parameter :: PAR_MIN_MACS = 100000
-  !> Samples per unit of work given to a thread (large batches); a thread's
-  !! range of outputs (small batches) is a multiple of OUTPUTS_ALIGN.
-  integer, parameter :: SAMPLES_PER_TASK = 4, OUTPUTS_ALIGN = 16
+  !> Batches from this size split their samples between the threads;
+  !! smaller ones (but not one sample) split the output groups.
+  integer, parameter :: SPLIT_SAMPLES_MIN = 8
 
   interface
     integer(c_int) function c_path() bind(c, name='pykd_i8_path')
@@ -24,21 +29,40 @@ module pykd_int8_kernel
       character(kind=c_char), intent(out) :: name(*)
       integer(c_int), value :: len
     end subroutine c_path_name
-    subroutine c_dense(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y) &
-        bind(c, name='pykd_i8_dense')
-      import :: c_int, c_int8_t, c_int16_t, c_float
-      integer(c_int), value :: path, n_out, n_in, ldx, s0, s1, j0, j1, act
+    integer(c_int64_t) function c_packed_words(n_out, n_in) bind(c, name='pykd_i8_packed_words')
+      import :: c_int, c_int64_t
+      integer(c_int), value :: n_out, n_in
+    end function c_packed_words
+    subroutine c_pack(n_out, n_in, q, packed) bind(c, name='pykd_i8_pack')
+      import :: c_int, c_int8_t, c_int32_t
+      integer(c_int), value :: n_out, n_in
       integer(c_int8_t), intent(in) :: q(*)
-      integer(c_int16_t), intent(in) :: x(*)
+      integer(c_int32_t), intent(out) :: packed(*)
+    end subroutine c_pack
+    integer(c_int) function c_quantize(path, n_in, ldu, x, s0, s1, x_scale, u, sx) &
+        bind(c, name='pykd_i8_quantize')
+      import :: c_int, c_int8_t, c_float
+      integer(c_int), value :: path, n_in, ldu, s0, s1
+      real(c_float), intent(in) :: x(*)
+      real(c_float), value :: x_scale
+      integer(c_int8_t), intent(inout) :: u(*)
+      real(c_float), intent(inout) :: sx(*)
+    end function c_quantize
+    subroutine c_dense(path, n_out, n_in, packed, u, ldu, s0, s1, g0, g1, scale, sx, b, act, y) &
+        bind(c, name='pykd_i8_dense')
+      import :: c_int, c_int8_t, c_int32_t, c_float
+      integer(c_int), value :: path, n_out, n_in, ldu, s0, s1, g0, g1, act
+      integer(c_int32_t), intent(in) :: packed(*)
+      integer(c_int8_t), intent(in) :: u(*)
       real(c_float), intent(in) :: scale(*), sx(*), b(*)
       real(c_float), intent(inout) :: y(*)
     end subroutine c_dense
-    subroutine c_gemm(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, acc) &
+    subroutine c_gemm(path, n_out, n_in, packed, u, ldu, s0, s1, g0, g1, acc) &
         bind(c, name='pykd_i8_gemm')
-      import :: c_int, c_int8_t, c_int16_t, c_int32_t
-      integer(c_int), value :: path, n_out, n_in, ldx, s0, s1, j0, j1
-      integer(c_int8_t), intent(in) :: q(*)
-      integer(c_int16_t), intent(in) :: x(*)
+      import :: c_int, c_int8_t, c_int32_t
+      integer(c_int), value :: path, n_out, n_in, ldu, s0, s1, g0, g1
+      integer(c_int32_t), intent(in) :: packed(*)
+      integer(c_int8_t), intent(in) :: u(*)
       integer(c_int32_t), intent(inout) :: acc(*)
     end subroutine c_gemm
   end interface
@@ -53,91 +77,99 @@ contains
     name = transfer(buf, name)
   end function int8_path_name
 
-  !> y(j, s) = real(sum_i q(j, i) x(i, s)) * (scale(j) * sx(s)) + b(j), the
-  !! sum exact in int32, then relu if act is ACT_RELU (other codes: none
-  !! here, the caller applies them). x is the quantized batch as int16,
-  !! x(ldx, n), ldx even, x(n_in + 1, :) = 0 when n_in is odd.
-  subroutine int8_dense_product(n_in, n_out, n, ldx, q, x, scale, sx, b, act, y)
-    integer, intent(in) :: n_in, n_out, n, ldx, act
+  !> int32 words of the packed copy of an (n_out, n_in) q: 16 ceil(n_out / 16)
+  !! (1 + ceil(n_in / 4)); 0 for sizes below 1.
+  pure integer(int64) function int8_packed_words(n_in, n_out)
+    integer(int64), intent(in) :: n_in, n_out
+    int8_packed_words = 0
+    if (n_in >= 1 .and. n_out >= 1) &
+      int8_packed_words = 16 * ((n_out + 15) / 16) * (1 + (n_in + 3) / 4)
+  end function int8_packed_words
+
+  !> Bytes per sample of the quantized batch u: n_in rounded up to 4.
+  pure integer(int64) function int8_ldu(n_in)
+    integer(int64), intent(in) :: n_in
+    int8_ldu = (n_in + 3) / 4 * 4
+  end function int8_ldu
+
+  !> packed = the kernel's layout of q (pykd_int8_simd.c), int8_packed_words.
+  subroutine int8_pack(n_in, n_out, q, packed)
+    integer, intent(in) :: n_in, n_out
     integer(c_int8_t), intent(in) :: q(n_out, n_in)
-    integer(c_int16_t), intent(in) :: x(ldx, n)
-    real(c_float), intent(in) :: scale(n_out), sx(n), b(n_out)
-    real(c_float), intent(inout) :: y(n_out, n)
-    integer(c_int32_t) :: none(1)
+    integer(c_int32_t), intent(out) :: packed(*)
+    if (c_packed_words(n_out, n_in) /= int8_packed_words(int(n_in, int64), int(n_out, int64))) return
+    call c_pack(n_out, n_in, q, packed)
+  end subroutine int8_pack
 
-    call split(.false., n_in, n_out, n, ldx, q, x, scale, sx, b, act, y, none)
-  end subroutine int8_dense_product
-
-  !> acc(j, s) = sum_i q(j, i) x(i, s), exact in int32, for any int8 q and
-  !! x (as int16, laid out as for int8_dense_product): pykd.int8_gemm.
-  subroutine int8_gemm_product(n_in, n_out, n, ldx, q, x, acc)
-    integer, intent(in) :: n_in, n_out, n, ldx
-    integer(c_int8_t), intent(in) :: q(n_out, n_in)
-    integer(c_int16_t), intent(in) :: x(ldx, n)
-    integer(c_int32_t), intent(inout) :: acc(n_out, n)
-    real(c_float) :: none(1)
-
-    call split(.true., n_in, n_out, n, ldx, q, x, none, none, none, 0, none, acc)
-  end subroutine int8_gemm_product
-
-  !> The threads' split of either product. Threads take blocks of samples,
-  !! or of outputs for a small batch; integer sums make the split invisible
-  !! in the bits. One sample stays on the calling thread: waking the team
-  !! cost more than it saved at the student's sizes and gave the 1 ms p99
-  !! (docs/performance.md).
-  subroutine split(want_raw, n_in, n_out, n, ldx, q, x, scale, sx, b, act, y, raw)
-    logical, intent(in) :: want_raw
-    integer, intent(in) :: n_in, n_out, n, ldx, act
-    integer(c_int8_t), intent(in) :: q(*)
-    integer(c_int16_t), intent(in) :: x(*)
-    real(c_float), intent(in) :: scale(*), sx(*), b(*)
-    real(c_float), intent(inout) :: y(*)
-    integer(c_int32_t), intent(inout) :: raw(*)
-    integer(c_int) :: path
-    integer :: k, n_tasks, nt, chunk
-    logical :: par
+  !> y(j, s) = real(sum_i q(j, i) qx(i, s)) * (scale(j) * sx(s)) + b(j), then
+  !! relu if act is ACT_RELU (other codes: the caller applies them); qx and
+  !! sx are x quantized with x_scale (static, > 0) or per sample (0). u and
+  !! sx are the caller's scratch: u(int8_ldu(n_in), n) bytes, sx(n).
+  !! n_bad: samples holding NaN or inf (y is then meaningless there).
+  subroutine int8_dense_forward(n_in, n_out, n, packed, x, x_scale, scale, b, act, u, sx, y, n_bad)
+    integer, intent(in) :: n_in, n_out, n, act
+    integer(c_int32_t), intent(in) :: packed(*)
+    real(c_float), intent(in) :: x(n_in, n), x_scale, scale(n_out), b(n_out)
+    integer(c_int8_t), intent(inout) :: u(*)
+    real(c_float), intent(inout) :: sx(n), y(n_out, n)
+    integer, intent(out) :: n_bad
+    integer(c_int) :: path, ldu, ng
+    integer :: k, nt, s0, s1, g0, g1
 
     path = c_path()
-    if (n == 1) then
-      call part(0, 1, 0, n_out)
-      return
-    end if
-    par = int(n_in, int64) * n_out * n >= PAR_MIN_MACS
-    if (.not. par) then
-      ! One range, no OpenMP region: even one whose if() is false costs a
-      ! team start in libgomp. Every sample and output is computed alike
-      ! whatever the split, so the bits are the same.
-      call part(0, n, 0, n_out)
-      return
-    end if
-    if (n >= 2 * SAMPLES_PER_TASK) then
-      n_tasks = (n + SAMPLES_PER_TASK - 1) / SAMPLES_PER_TASK
-      !$omp parallel do schedule(static)
-      do k = 0, n_tasks - 1
-        call part(k * SAMPLES_PER_TASK, min((k + 1) * SAMPLES_PER_TASK, n), 0, n_out)
-      end do
-      !$omp end parallel do
-    else
-      ! One contiguous range of outputs per thread, a multiple of 16 wide.
-      !$omp parallel private(k, nt, chunk)
+    ldu = int(int8_ldu(int(n_in, int64)))
+    ng = (n_out + 15) / 16
+    n_bad = 0
+    if (n == 1 .or. int(n_in, int64) * n_out * n < PAR_MIN_MACS) then
+      ! No OpenMP region: even one whose if() is false costs a team start.
+      n_bad = c_quantize(path, n_in, ldu, x, 0, n, x_scale, u, sx)
+      call c_dense(path, n_out, n_in, packed, u, ldu, 0, n, 0, ng, scale, sx, b, act, y)
+    else if (n >= SPLIT_SAMPLES_MIN) then
+      ! Each thread quantizes and multiplies its own samples (inside an
+      ! active parallel region this one is inactive: one thread does all).
+      !$omp parallel private(k, nt, s0, s1) reduction(+:n_bad)
       nt = 1; k = 0
       !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
-      chunk = ((n_out + nt - 1) / nt + OUTPUTS_ALIGN - 1) / OUTPUTS_ALIGN * OUTPUTS_ALIGN
-      if (k * chunk < n_out) call part(0, n, k * chunk, min((k + 1) * chunk, n_out))
+      s0 = int(int(k, int64) * n / nt); s1 = int(int(k + 1, int64) * n / nt)
+      if (s1 > s0) then
+        n_bad = c_quantize(path, n_in, ldu, x, s0, s1, x_scale, u, sx)
+        call c_dense(path, n_out, n_in, packed, u, ldu, s0, s1, 0, ng, scale, sx, b, act, y)
+      end if
+      !$omp end parallel
+    else
+      n_bad = c_quantize(path, n_in, ldu, x, 0, n, x_scale, u, sx)
+      !$omp parallel private(k, nt, g0, g1)
+      nt = 1; k = 0
+      !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
+      g0 = k * ng / nt; g1 = (k + 1) * ng / nt
+      if (g1 > g0) call c_dense(path, n_out, n_in, packed, u, ldu, 0, n, g0, g1, scale, sx, b, act, y)
       !$omp end parallel
     end if
+  end subroutine int8_dense_forward
 
-  contains
+  !> acc(j, s) = sum_i q(j, i) qx(i, s), exact in int32, for any int8 q and
+  !! qx given as u(int8_ldu(n_in), n) = qx + 128 (pykd.int8_gemm).
+  subroutine int8_gemm_product(n_in, n_out, n, packed, u, acc)
+    integer, intent(in) :: n_in, n_out, n
+    integer(c_int32_t), intent(in) :: packed(*)
+    integer(c_int8_t), intent(in) :: u(*)
+    integer(c_int32_t), intent(inout) :: acc(n_out, n)
+    integer(c_int) :: path, ldu, ng
+    integer :: k, nt, s0, s1
 
-    subroutine part(s0, s1, j0, j1)
-      integer, intent(in) :: s0, s1, j0, j1
-      if (want_raw) then
-        call c_gemm(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, raw)
-      else
-        call c_dense(path, n_out, n_in, q, x, ldx, s0, s1, j0, j1, scale, sx, b, act, y)
-      end if
-    end subroutine part
-
-  end subroutine split
+    path = c_path()
+    ldu = int(int8_ldu(int(n_in, int64)))
+    ng = (n_out + 15) / 16
+    if (n == 1 .or. int(n_in, int64) * n_out * n < PAR_MIN_MACS) then
+      call c_gemm(path, n_out, n_in, packed, u, ldu, 0, n, 0, ng, acc)
+      return
+    end if
+    !$omp parallel private(k, nt, s0, s1)
+    nt = 1; k = 0
+    !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
+    s0 = int(int(k, int64) * n / nt); s1 = int(int(k + 1, int64) * n / nt)
+    if (s1 > s0) call c_gemm(path, n_out, n_in, packed, u, ldu, s0, s1, 0, ng, acc)
+    !$omp end parallel
+  end subroutine int8_gemm_product
 
 end module pykd_int8_kernel

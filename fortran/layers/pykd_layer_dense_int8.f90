@@ -3,21 +3,23 @@
 !! exact int32 sums, y = act(float(sum) * (scale * sx) + b).
 !!
 !! Slices (docs/model.md): f32 = [scale (n_out), b (n_out), x_scale (1)],
-!! i8 = q (n_in, n_out) C order = q(n_out, n_in); p1 = quant mode.
+!! i8 = q (n_in, n_out) C order = q(n_out, n_in); i32 = the kernel's packed
+!! copy of q (int8_pack; derived, never saved, rebuilt at load and checked
+!! by check); p1 = quant mode.
 !! Payload v2: quant u32, q i8[n_in n_out], scale f32[n_out], x_scale
 !! f32[quant], b f32[n_out]. v1: q, scale, b (dynamic).
 module pykd_layer_dense_int8
-  use iso_fortran_env, only: int8, int16, int32, int64, real32
+  use iso_fortran_env, only: int8, int32, int64, real32
   use iso_c_binding, only: c_loc, c_f_pointer
   use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
   use pykd_codes, only: N_FIELDS, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
-                        COL_I8_OFF, COL_I8_LEN, COL_I32_LEN, COL_P1, QUANT_DYNAMIC, QUANT_STATIC, &
+                        COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, QUANT_DYNAMIC, QUANT_STATIC, &
                         ACT_IDENTITY, ACT_RELU
-  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT, PYKD_ERR_NONFINITE
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC
   use pykd_layer, only: pykd_layer_t
   use pykd_activation, only: apply_activation
-  use pykd_quant, only: quantize_columns16, MAX_IN
-  use pykd_int8_kernel, only: int8_dense_product
+  use pykd_quant, only: MAX_IN
+  use pykd_int8_kernel, only: int8_dense_forward, int8_pack, int8_packed_words, int8_ldu
   use pykd_bytes, only: get_u32, get_f32, put_u32, put_f32, put_bytes, str
   use pykd_layer_util, only: take, read_count, sizes_ok, row_expect, nonfinite_count, negative_count
   implicit none
@@ -44,18 +46,13 @@ contains
     s = 'dense_int8'
   end function int8_name
 
-  !> work = [sx f32 (n) | x16 int16 (ldx, n)], ldx = n_in rounded up to even.
+  !> work = [sx f32 (n) | u bytes (ldu, n)], u = the quantized batch + 128,
+  !! ldu = n_in rounded up to 4 (int8_ldu).
   pure integer(int64) function int8_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
-    int8_workspace = n + (ldx_of(row(COL_N_IN)) * n + 1) / 2
+    int8_workspace = n + (int8_ldu(row(COL_N_IN)) * n + 3) / 4
   end function int8_workspace
-
-  !> Rows of the int16 batch: even, so the product reads inputs in pairs.
-  pure integer(int64) function ldx_of(n_in)
-    integer(int64), intent(in) :: n_in
-    ldx_of = n_in + mod(n_in, 2_int64)
-  end function ldx_of
 
   subroutine int8_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
@@ -67,41 +64,41 @@ contains
     real(real32), intent(out) :: y(row(COL_N_OUT), n)
     real(real32), intent(inout), target :: work(*)
     integer, intent(out) :: stat
-    integer(int16), pointer, contiguous :: x16(:, :)
-    integer(int64) :: off, n_out, ldx
+    integer(int8), pointer, contiguous :: u(:)
+    integer(int64) :: off, n_out
 
-    n_out = row(COL_N_OUT); off = row(COL_F32_OFF); ldx = ldx_of(row(COL_N_IN))
-    call c_f_pointer(c_loc(work(n + 1)), x16, [ldx, int(n, int64)])
-    call int8_run(int(row(COL_N_IN)), int(n_out), n, int(ldx), int(row(COL_P1)), &
-                  i8(row(COL_I8_OFF) + 1), f32(off + 1), f32(off + n_out + 1), &
-                  f32(off + 2 * n_out + 1), int(row(COL_ACT)), x, x16, work, y, stat)
+    n_out = row(COL_N_OUT); off = row(COL_F32_OFF)
+    call c_f_pointer(c_loc(work(n + 1)), u, [int8_ldu(row(COL_N_IN)) * n])
+    call int8_run(int(row(COL_N_IN)), int(n_out), n, int(row(COL_P1)), i32(row(COL_I32_OFF) + 1), &
+                  f32(off + 1), f32(off + n_out + 1), f32(off + 2 * n_out + 1), int(row(COL_ACT)), &
+                  x, u, work, y, stat)
     ! relu is fused into the product's rescale; identity needs nothing.
     if (stat == PYKD_OK .and. row(COL_ACT) /= ACT_RELU .and. row(COL_ACT) /= ACT_IDENTITY) &
       call apply_activation(int(row(COL_ACT)), int(n_out), n, y)
   end subroutine int8_forward
 
-  !> Quantize x (to int16), the exact int32 product, the rescale and bias.
-  !! On a non-finite input y is NaN and stat PYKD_ERR_NONFINITE (PYKD_ERR_ARG
-  !! for a static x_scale that is not finite and > 0).
-  subroutine int8_run(n_in, n_out, n, ldx, mode, q, scale, b, x_scale, act, x, x16, sx, y, stat)
-    integer, intent(in) :: n_in, n_out, n, ldx, mode, act
-    integer(int8), intent(in) :: q(n_out, n_in)
+  !> The fused kernel: quantize x, the exact int32 product on the packed
+  !! weights, the rescale, bias and relu. On a non-finite input y is NaN and
+  !! stat PYKD_ERR_NONFINITE (PYKD_ERR_ARG for a static x_scale that is not
+  !! finite and > 0).
+  subroutine int8_run(n_in, n_out, n, mode, packed, scale, b, x_scale, act, x, u, sx, y, stat)
+    integer, intent(in) :: n_in, n_out, n, mode, act
+    integer(int32), intent(in) :: packed(*)
     real(real32), intent(in) :: scale(n_out), b(n_out), x_scale, x(n_in, n)
-    integer(int16), intent(out) :: x16(ldx, n)
-    real(real32), intent(out) :: sx(n), y(n_out, n)
+    integer(int8), intent(inout) :: u(*)
+    real(real32), intent(inout) :: sx(n), y(n_out, n)
     integer, intent(out) :: stat
+    integer :: n_bad
 
-    if (mode == QUANT_STATIC .and. .not. x_scale > 0) then
+    stat = PYKD_OK
+    if (mode == QUANT_STATIC .and. .not. (x_scale > 0 .and. x_scale <= huge(x_scale))) then
       stat = PYKD_ERR_ARG
     else
-      call quantize_columns16(n_in, ldx, n, x, merge(x_scale, 0.0_real32, mode == QUANT_STATIC), &
-                              x16, sx, stat)
+      call int8_dense_forward(n_in, n_out, n, packed, x, merge(x_scale, 0.0_real32, mode == QUANT_STATIC), &
+                        scale, b, act, u, sx, y, n_bad)
+      if (n_bad > 0) stat = PYKD_ERR_NONFINITE
     end if
-    if (stat /= PYKD_OK) then
-      y = ieee_value(1.0_real32, ieee_quiet_nan)
-      return
-    end if
-    call int8_dense_product(n_in, n_out, n, ldx, q, x16, scale, sx, b, act, y)
+    if (stat /= PYKD_OK) y = ieee_value(1.0_real32, ieee_quiet_nan)
   end subroutine int8_run
 
   subroutine int8_scan(version, buf, pos, limit, row, stat, msg)
@@ -137,7 +134,7 @@ contains
     if (.not. take(need, 2 * n_out + quant, 4, pos, limit, 'scale, x_scale and b', msg)) return
     row(COL_F32_LEN) = 2 * n_out + 1
     row(COL_I8_LEN) = nw
-    row(COL_I32_LEN) = 0
+    row(COL_I32_LEN) = int8_packed_words(row(COL_N_IN), n_out)
     row(COL_P1:) = 0
     row(COL_P1) = quant
     pos = pos + need
@@ -171,6 +168,9 @@ contains
     call get_f32(buf, pos, f32(off + n_out + 1), n_out)
     pos = pos + 4 * n_out
     call int8_values_ok(row, f32, i8, PYKD_ERR_FORMAT, stat, msg)
+    ! The packed copy is derived from q: built here, never read from the file.
+    if (stat == PYKD_OK) call int8_pack(int(row(COL_N_IN)), int(n_out), i8(oq + 1), &
+                                        i32(row(COL_I32_OFF) + 1))
   end subroutine int8_load
 
   integer(int64) function int8_bytes(row, f32, i8, i32)
@@ -207,7 +207,35 @@ contains
     character(len=*), intent(inout) :: msg
     call int8_check_row(row, stat, msg)
     if (stat == PYKD_OK) call int8_values_ok(row, f32, i8, PYKD_ERR_ARG, stat, msg)
+    if (stat == PYKD_OK) call packed_ok(row, i8, i32, stat, msg)
   end subroutine int8_check
+
+  !> The i32 slice is the packed copy of q (a stale copy would give wrong
+  !! results silently). Its size is the row's, checked by check_row.
+  subroutine packed_ok(row, i8, i32, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int32), allocatable :: want(:)
+    integer(int64) :: o32, nw
+    integer :: ierr
+
+    o32 = row(COL_I32_OFF); nw = row(COL_I32_LEN)
+    allocate (want(nw), stat=ierr)
+    if (ierr /= 0) then
+      stat = PYKD_ERR_ALLOC
+      msg = 'cannot allocate '//str(4 * nw)//' bytes to check the packed weights'
+      return
+    end if
+    call int8_pack(int(row(COL_N_IN)), int(row(COL_N_OUT)), i8(row(COL_I8_OFF) + 1), want)
+    stat = PYKD_OK
+    if (any(i32(o32 + 1:o32 + nw) /= want)) then
+      stat = PYKD_ERR_ARG
+      msg = 'the i32 slice is not the packed copy of q (repack after changing q)'
+    end if
+  end subroutine packed_ok
 
   pure subroutine int8_check_row(row, stat, msg)
     integer(int64), intent(in) :: row(N_FIELDS)
@@ -227,7 +255,8 @@ contains
       msg = 'unknown quant mode p1 = '//str(row(COL_P1))
       return
     end if
-    call row_expect(row, 2 * row(COL_N_OUT) + 1, row(COL_N_IN) * row(COL_N_OUT), 0_int64, &
+    call row_expect(row, 2 * row(COL_N_OUT) + 1, row(COL_N_IN) * row(COL_N_OUT), &
+                    int8_packed_words(row(COL_N_IN), row(COL_N_OUT)), &
                     [row(COL_P1), 0_int64, 0_int64, 0_int64], ok, msg)
     if (ok) stat = PYKD_OK
   end subroutine int8_check_row

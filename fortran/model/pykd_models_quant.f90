@@ -1,5 +1,6 @@
 !> Quantizing a model: every layer becomes a dense_int8 layer.
 submodule (pykd_models) pykd_models_quant
+  use pykd_int8_kernel, only: int8_pack, int8_packed_words
   implicit none
 
 contains
@@ -22,7 +23,8 @@ contains
     integer(int64), allocatable :: table(:, :)
     real(real32), allocatable :: f32(:), x_scale(:)
     integer(int8), allocatable :: i8(:)
-    integer(int64) :: nf, ni, n_in, n_out
+    integer(int32), allocatable :: i32(:)
+    integer(int64) :: nf, ni, n32, n_in, n_out
     integer :: l, nl, ierr, code
     character(len=MSG_LEN) :: msg
 
@@ -47,36 +49,42 @@ contains
         return
       end if
     end if
-    ! The int8 layout: f32 = scale, b, x_scale; i8 = q (n_in, n_out); no i32.
+    ! The int8 layout: f32 = scale, b, x_scale; i8 = q (n_in, n_out); i32 =
+    ! the kernel's packed copy of q.
     allocate (table(N_FIELDS, nl))
     table = 0
-    nf = 0; ni = 0
+    nf = 0; ni = 0; n32 = 0
     do l = 1, nl
       n_in = model%table(COL_N_IN, l); n_out = model%table(COL_N_OUT, l)
       table(COL_KIND:COL_N_OUT, l) = [int(KIND_DENSE_INT8, int64), model%table(COL_ACT, l), n_in, n_out]
-      table(COL_F32_OFF:COL_I8_LEN, l) = [nf, 2 * n_out + 1, ni, n_in * n_out]
+      table(COL_F32_OFF:COL_I32_LEN, l) = [nf, 2 * n_out + 1, ni, n_in * n_out, &
+                                           n32, int8_packed_words(n_in, n_out)]
       table(COL_P1, l) = merge(QUANT_STATIC, QUANT_DYNAMIC, present(calibration))
       nf = nf + 2 * n_out + 1
       ni = ni + n_in * n_out
+      n32 = n32 + table(COL_I32_LEN, l)
     end do
-    allocate (f32(max(nf, 1_int64)), i8(max(ni, 1_int64)), stat=ierr)
+    allocate (f32(max(nf, 1_int64)), i8(max(ni, 1_int64)), i32(max(n32, 1_int64)), stat=ierr)
     if (ierr /= 0) then
-      call fail(PYKD_ERR_ALLOC, 'cannot allocate '//str(4 * nf + ni)//' bytes')
+      call fail(PYKD_ERR_ALLOC, 'cannot allocate '//str(4 * nf + ni + 4 * n32)//' bytes')
       return
     end if
     f32 = 0
     i8 = 0
+    i32 = 0
     do l = 1, nl
       call convert_layer(model, l, table(:, l), x_scale(l), f32, i8, code, msg)
       if (code /= PYKD_OK) then
         call fail(code, 'layer '//str(int(l, int64))//': '//msg)
         return
       end if
+      call int8_pack(int(table(COL_N_IN, l)), int(table(COL_N_OUT, l)), i8(table(COL_I8_OFF, l) + 1), &
+                     i32(table(COL_I32_OFF, l) + 1))
     end do
     call move_alloc(table, model%table)
     call move_alloc(f32, model%f32)
     call move_alloc(i8, model%i8)
-    model%i32 = [0_int32]
+    call move_alloc(i32, model%i32)
     call set_status(PYKD_OK, '', stat, errmsg)
 
   contains

@@ -261,6 +261,7 @@ class _Int8T(_Trainer):
     def sync(self, p):
         q, scale = kernels.quantize_int8(p["W"], per_channel=True)
         self.layer.q[...] = q
+        self.layer.repack()                       # the kernel's packed copy of q
         self.layer.scale[...] = scale
         self.layer.b[...] = p["b"]
         self.use(p)

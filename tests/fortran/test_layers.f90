@@ -12,7 +12,7 @@ program test_layers
   use pykd_activation, only: apply_activation
   use pykd_network, only: network_forward, network_workspace_words
   use pykd_bytes, only: put_u32, get_u32, str
-  use pykd_int8_kernel, only: int8_path_name
+  use pykd_int8_kernel, only: int8_path_name, int8_pack, int8_packed_words
   use test_harness, only: check, finish
   use test_files, only: uniforms
   implicit none
@@ -122,6 +122,19 @@ contains
     if (.not. allocated(c%i8)) allocate (c%i8(max(ni8, 1_int64)), source=0_int8)
     if (.not. allocated(c%i32)) allocate (c%i32(max(ni32, 1_int64)), source=0_int32)
   end subroutine finish_case
+
+  !> The lengths of a dense_int8 case, and its i32 slice: the kernel's
+  !! packed copy of q (derived from c%i8, as the loader builds it).
+  subroutine finish_int8(c, n_in, n_out)
+    type(case_t), intent(inout) :: c
+    integer, intent(in) :: n_in, n_out
+    integer(int64) :: nw
+    nw = int8_packed_words(int(n_in, int64), int(n_out, int64))
+    if (allocated(c%i32)) deallocate (c%i32)
+    allocate (c%i32(nw))
+    call finish_case(c, int(2 * n_out + 1, int64), int(n_in * n_out, int64), nw)
+    call int8_pack(n_in, n_out, c%i8, c%i32)
+  end subroutine finish_int8
 
   function make_dense(n_in, n_out, act) result(c)
     integer, intent(in) :: n_in, n_out, act
@@ -356,7 +369,7 @@ contains
       c%f32 = [rnd(int(n_out, int64), 0.01) + 0.011, rnd(int(n_out, int64), 0.5), &
                merge(0.03, 0.0, mode == QUANT_STATIC)]
       c%row(COL_P1) = mode
-      call finish_case(c, int(2 * n_out + 1, int64), int(n_in * n_out, int64), 0_int64)
+      call finish_int8(c, n_in, n_out)
       x = reshape(rnd(int(n_in * n, int64), 3.0), [n_in, n])
       x(:, min(2, n)) = 0
       do j = 1, n
@@ -486,7 +499,7 @@ contains
     c%i8 = int(irnd(int(n_in * n_out, int64), 255_int64) - 127, int8)
     c%f32 = [abs(rnd(int(n_out, int64), 0.1)), rnd(int(n_out, int64), 0.5), merge(0.25, 0.0, mode == QUANT_STATIC)]
     c%row(COL_P1) = mode
-    call finish_case(c, int(2 * n_out + 1, int64), int(n_in * n_out, int64), 0_int64)
+    call finish_int8(c, n_in, n_out)
   end function int8_case
 
   ! ---------------------------------------------------------------- corrupt

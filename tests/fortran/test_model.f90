@@ -419,6 +419,7 @@ contains
     real(real64) :: w1(3, 4), w2(3, 3), w3(2, 3), w4(2, 2), h(4)
     real(real32) :: x(4, 8), got(2, 8), ref(2, 8), u(3, 2), v(2, 3), c3(3), c4(3), h4(2, 8)
     integer(int8) :: q(2, 2)
+    integer(int32), allocatable :: packed(:)
     integer :: stat, j, k
     character(len=512) :: msg
 
@@ -452,14 +453,23 @@ contains
     ! 5. dense_int8 2 -> 2, static input scale 1/32: scale, b, x_scale; q (n_in, n_out) row-major,
     !    which is Fortran's q(n_out, n_in).
     q = reshape([integer(int8) :: 10, -20, 127, -127], [2, 2])
-    t(:, 5) = [integer(int64) :: KIND_DENSE_INT8, ACT_IDENTITY, 2, 2, 34, 5, 5, 4, 17, 0, QUANT_STATIC, 0, 0, 0]
+    !    Its i32 slice is the kernel's packed copy of q (int8_pack, int8_packed_words = 32).
+    t(:, 5) = [integer(int64) :: KIND_DENSE_INT8, ACT_IDENTITY, 2, 2, 34, 5, 5, 4, 17, 32, QUANT_STATIC, 0, 0, 0]
     f32 = [f32, [0.5, 0.25, 1.0, -2.0, 0.03125]]
     i8 = [i8, reshape(q, [4])]
+    allocate (packed(int8_packed_words(2_int64, 2_int64)))
+    call int8_pack(2, 2, q, packed)
+    i32 = [i32, packed]
 
     call pykd_model_from_arrays(t, f32, i8, i32, m, norm=[0.5_real32, 2.0_real32], &
                                 norm_kinds=[NORM_SCALAR, NORM_NONE], metadata='{"kinds": 5}', stat=stat, errmsg=msg)
     call check(stat == PYKD_OK .and. m%n_layers() == 5 .and. m%layer_kind(4) == 'sparse_codebook', &
                'a model of every kind from its arrays: '//trim(msg))
+    i32(size(i32) - 3) = i32(size(i32) - 3) + 1
+    call pykd_model_from_arrays(t, f32, i8, i32, r, stat=stat, errmsg=msg)
+    call check(stat == PYKD_ERR_ARG .and. index(msg, 'packed copy of q') > 0, &
+               'a dense_int8 i32 slice that is not the packed copy of q is rejected: '//trim(msg))
+    i32(size(i32) - 3) = i32(size(i32) - 3) - 1
     x = reshape(real([(mod(7 * j, 17) - 8, j = 1, 32)], real32) / 4, [4, 8])
     do j = 1, 8
       h = (x(:, j) - 0.5) / 2
@@ -483,7 +493,8 @@ contains
     ! Quantized: every layer dense_int8, q and scale those of its dense W.
     call pykd_quantize_model(r, stat, msg)
     call check(stat == PYKD_OK .and. all([(r%layer_kind(k) == 'dense_int8', k = 1, 5)]) .and. &
-               size(r%i32) == 1, 'quantize: every kind becomes dense_int8: '//trim(msg))
+               size(r%i32) == 5 * 32 .and. all(r%table(COL_I32_LEN, :) == 32), &
+               'quantize: every kind becomes dense_int8 (i32: the packed copies of q): '//trim(msg))
     call check(int8_of(r, 1, real(w1, real32)) .and. int8_of(r, 2, real(w2, real32)) .and. &
                int8_of(r, 3, real(w3, real32)) .and. int8_of(r, 4, real(w4, real32)) .and. &
                all(r%i8(r%table(COL_I8_OFF, 5) + 1:) == reshape(q, [4])), &
