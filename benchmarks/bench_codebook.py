@@ -1,14 +1,16 @@
-"""Codebook layers (1, 2, 4, 8 bits) against the dense float32 layers they replace.
+"""Codebook layers (1, 2, 4, 5, 8 bits) against the dense float32 layers they replace.
 
-    python benchmarks/bench_codebook.py [--quick] [--threads 1 2] [--out-dir DIR]
+    python benchmarks/bench_codebook.py [--quick] [--threads 1 2] [--paths avx2 avx512]
+                                        [--out-dir DIR]
 
 The 784-200-200-10 student (random weights, ReLU): ``Model.forward`` of the
-dense float32 model and of the same weights clustered to 2, 4, 16 and 256
-centroids (1, 2, 4, 8 bits), and the 784x200 first layer alone, at batch 1
-and 256. All candidates alternate in one process per thread count
-(OMP_NUM_THREADS set before pykd loads; the dense layer's BLAS is the
-extension's OpenBLAS, named in the output), medians over the rounds. The
-codebook path is the one this CPU runs (PYKD_CODEBOOK_PATH forces one).
+dense float32 model and of the same weights clustered to 2, 4, 16, 32 and
+256 centroids (1, 2, 4, 5 and 8 bits; 5-bit codes are stored as 8-bit
+indices), and the 784x200 first layer alone, at batch 1 and 256. All
+candidates alternate in one process per thread count and CPU path
+(OMP_NUM_THREADS and PYKD_CODEBOOK_PATH set before pykd loads; the dense
+layer's BLAS is the extension's OpenBLAS, named in the output), medians
+over the rounds. Without --paths, the path this CPU picks.
 
 Writes ``codebook-full.{md,json}`` (``codebook-quick.*`` with --quick) into
 --out-dir (default: this directory). --quick takes a minute; the full run
@@ -25,14 +27,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-BITS = (1, 2, 4, 8)
+N_CODES = (2, 4, 16, 32, 256)   # 1, 2, 4, 5, 8 bits
 SIZES = [784, 200, 200, 10]
 ACTS = ["relu", "relu", "identity"]
 
 
-def clustered(W, bits):
-    """W's entries replaced by the nearest of 2**bits quantiles: (centroids, codes)."""
-    n = 1 << bits
+def clustered(W, n):
+    """W's entries replaced by the nearest of n quantiles: (centroids, codes)."""
     cents = np.quantile(W, (np.arange(n) + 0.5) / n).astype(np.float32)
     mids = (cents[1:] + cents[:-1]) / 2
     return cents, np.searchsorted(mids, W).astype(np.uint8)
@@ -45,12 +46,12 @@ def _models():
     mlp = pykd.MLP(SIZES, ACTS, seed=0)
     dense = mlp.to_model()
     out = {"dense": dense}
-    for bits in BITS:
+    for n_codes in N_CODES:
         layers = []
         for layer in dense.layers:
-            cents, codes = clustered(layer.W, bits)
+            cents, codes = clustered(layer.W, n_codes)
             layers.append(Codebook(cents, codes, layer.b.copy(), layer.activation))
-        out[f"codebook {bits}-bit"] = pykd.Model(layers)
+        out[f"codebook {int(n_codes - 1).bit_length()}-bit"] = pykd.Model(layers)
     return out
 
 
@@ -98,6 +99,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--paths", nargs="+", default=[None],
+                    help="PYKD_CODEBOOK_PATH values to run (default: the CPU's choice)")
     ap.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -106,11 +109,15 @@ def main():
         return
     info = harness.machine_info()
     runs = {}
-    for nt in args.threads:
-        env = dict(os.environ, OMP_NUM_THREADS=str(nt))
-        cmd = [sys.executable, __file__, "--child"] + (["--quick"] if args.quick else [])
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        runs[nt] = json.loads(out.strip().splitlines()[-1])
+    for path in args.paths:
+        for nt in args.threads:
+            env = dict(os.environ, OMP_NUM_THREADS=str(nt))
+            env.pop("PYKD_CODEBOOK_PATH", None)
+            if path:
+                env["PYKD_CODEBOOK_PATH"] = path
+            cmd = [sys.executable, __file__, "--child"] + (["--quick"] if args.quick else [])
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+            runs[(nt, path)] = json.loads(out.strip().splitlines()[-1])
     with open("/proc/loadavg", encoding="ascii") as fh:
         load_after = fh.read().split()[:3]
     mode = "quick" if args.quick else "full"
@@ -130,7 +137,7 @@ def main():
               ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in first["bytes"].items()), ""]
     header = ["threads", "path", "what", "batch", "model", "median", "q1-q3", "ratio to dense"]
     rows = []
-    for nt, r in runs.items():
+    for (nt, _), r in runs.items():
         dense = {(x["what"], x["batch"]): x["median_us"] for x in r["rows"] if x["model"] == "dense"}
         for x in r["rows"]:
             d = dense[x["what"], x["batch"]]
@@ -143,7 +150,8 @@ def main():
     base = os.path.join(args.out_dir, f"codebook-{mode}")
     harness.write_markdown(base + ".md", text)
     harness.write_json(base + ".json", {"machine": info, "load_after": load_after,
-                                        "runs": {str(k): v for k, v in runs.items()}})
+                                        "runs": {f"{k[0]} {k[1] or 'auto'}": v
+                                                 for k, v in runs.items()}})
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def variants(student, X_cal):
         ("sparse_csr 90%", pykd.sparsify(p90)),
         ("low_rank energy 0.9", pykd.low_rank(student, energy=0.9)),
         ("codebook 4-bit", pykd.cluster(student, bits=4, seed=0)),
+        ("codebook 5-bit (8-bit indices)", pykd.cluster(student, bits=5, seed=0)),
         ("sparse 90% + codebook 5-bit", pykd.cluster(pykd.sparsify(p90), bits=5, seed=0)),
     ]
     return out

@@ -52,19 +52,20 @@ module pykd_sparse_kernel
   integer(int64), parameter :: DENSE_PANEL_WORDS = 262144
 
   !> The crossover, measured with benchmarks/bench_sparse.py (table in
-  !! docs/performance.md, "Sparse layers"; Zen 3, 1 thread, random
+  !! docs/performance.md, "Sparse layers"; AMD EPYC Zen 5, 1 thread, random
   !! patterns, half the inputs 0): from BAND_BATCH(k) samples, DENSE when the
-  !! density nnz / (n_in n_out) is at least BAND_DENSITY(k), and always when
-  !! n_out < NARROW_OUT from BAND_BATCH(2) samples (the panel's transposes
-  !! of x then cost more than the whole dense product: 200 x 10 was faster
-  !! dense at every sparsity); else PANEL (SCATTER for one sample). At batch
-  !! 8 the dense panel's decoding (n_in n_out words per call) is paid by few
-  !! samples, so PANEL wins down to ~55% sparsity; at 256, down to ~75-80%.
+  !! density nnz / (n_in n_out) is at least BAND_DENSITY(k), and when
+  !! n_out < NARROW_OUT from BAND_BATCH(2) samples; else PANEL (SCATTER for
+  !! one sample). At batch 8 PANEL beat the dense decode at every measured
+  !! sparsity (from 50%); from 64 samples the two met between 50% and 70%.
+  !! On Zen 3 the dense decode won from 75% sparsity at 256 and always on
+  !! 200 x 10 from 64 samples (NARROW_OUT was 32); on Zen 5 PANEL was as fast
+  !! or faster on 200 x 10 from 70%, so there is no narrow rule now.
   !! One sample always takes SCATTER: decoding W to use sgemv costs more
   !! than sgemv (below ~85% sparsity the dense kind is then faster).
   integer, parameter :: BAND_BATCH(3) = [8, 64, 256]
-  real, parameter :: BAND_DENSITY(3) = [0.45, 0.35, 0.25]
-  integer, parameter :: NARROW_OUT = 32
+  real, parameter :: BAND_DENSITY(3) = [0.55, 0.4, 0.4]
+  integer, parameter :: NARROW_OUT = 0
 
   !> The forced kernel (PYKD_SPARSE_KERNEL): -1 not read yet, 0 none.
   integer, save :: forced = -1
