@@ -8,7 +8,7 @@
 module pykd_int8_kernel
   use iso_c_binding, only: c_int, c_int8_t, c_int32_t, c_int64_t, c_float, c_char
   use iso_fortran_env, only: int64
-  !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num
+  !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num, omp_get_max_threads, omp_in_parallel
   implicit none
   private
   public :: int8_dense_forward, int8_gemm_product, int8_pack, int8_packed_words, int8_ldu, &
@@ -101,6 +101,18 @@ contains
     call c_pack(n_out, n_in, q, packed)
   end subroutine int8_pack
 
+  !> Whether a product is worth a team of threads: not for one sample or a
+  !! small product (waking the team costs more than it saves, and one
+  !! sample stays on the calling thread: no 1 ms p99 from a descheduled
+  !! thread), not with one thread, and not inside a parallel region (the
+  !! network may run each thread on its own samples; a nested region would
+  !! be inactive but still cost a team start).
+  logical function use_team(n, n_in, n_out)
+    integer, intent(in) :: n, n_in, n_out
+    use_team = n > 1 .and. int(n_in, int64) * n_out * n >= PAR_MIN_MACS
+    !$ if (use_team) use_team = omp_get_max_threads() > 1 .and. .not. omp_in_parallel()
+  end function use_team
+
   !> y(j, s) = real(sum_i q(j, i) qx(i, s)) * (scale(j) * sx(s)) + b(j), then
   !! relu if act is ACT_RELU (other codes: the caller applies them); qx and
   !! sx are x quantized with x_scale (static, > 0) or per sample (0). u and
@@ -120,8 +132,8 @@ contains
     ldu = int(int8_ldu(int(n_in, int64)))
     ng = (n_out + 15) / 16
     n_bad = 0
-    if (n == 1 .or. int(n_in, int64) * n_out * n < PAR_MIN_MACS) then
-      ! No OpenMP region: even one whose if() is false costs a team start.
+    if (.not. use_team(n, n_in, n_out)) then
+      ! No OpenMP region: even an inactive one costs a team start in libgomp.
       n_bad = c_quantize(path, n_in, ldu, x, 0, n, x_scale, u, sx)
       call c_dense(path, n_out, n_in, packed, u, ldu, 0, n, 0, ng, scale, sx, b, act, y)
     else if (n >= SPLIT_SAMPLES_MIN) then
@@ -160,7 +172,7 @@ contains
     path = c_path()
     ldu = int(int8_ldu(int(n_in, int64)))
     ng = (n_out + 15) / 16
-    if (n == 1 .or. int(n_in, int64) * n_out * n < PAR_MIN_MACS) then
+    if (.not. use_team(n, n_in, n_out)) then
       call c_gemm(path, n_out, n_in, packed, u, ldu, 0, n, 0, ng, acc)
       return
     end if

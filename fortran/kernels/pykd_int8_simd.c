@@ -154,36 +154,37 @@ static int quantize_portable(int n_in, int ldx, const float *x, float x_scale, u
 static __attribute__((target(T512))) int quantize_512(int n_in, int ldx, const float *x,
                                                       float x_scale, uint8_t *u, float *sx)
 {
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), expo = _mm512_set1_epi32(0x7f800000);
-    __m512i amax = _mm512_setzero_si512();
-    __mmask16 bad = 0;
-    for (int i = 0; i < n_in; i += 16) {
-        __mmask16 m = n_in - i >= 16 ? 0xffff : (__mmask16)((1u << (n_in - i)) - 1);
-        __m512i v = _mm512_and_si512(_mm512_maskz_loadu_epi32(m, x + i), absmask);
-        bad |= _mm512_mask_cmpge_epi32_mask(m, v, expo);
-        amax = _mm512_max_epi32(amax, v);     /* finite x >= 0: integer order = float order */
+    /* max of the magnitudes' bit patterns: for finite x the integer order is
+     * the float order, and NaN or inf have the largest patterns. */
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0;
+    int i = 0;
+    for (; i + 32 <= n_in; i += 32) {
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_loadu_si512(x + i), absmask));
+        m1 = _mm512_max_epu32(m1, _mm512_and_si512(_mm512_loadu_si512(x + i + 16), absmask));
     }
+    for (; i < n_in; i += 16) {
+        __mmask16 m = n_in - i >= 16 ? 0xffff : (__mmask16)((1u << (n_in - i)) - 1);
+        m0 = _mm512_max_epu32(m0, _mm512_and_si512(_mm512_maskz_loadu_epi32(m, x + i), absmask));
+    }
+    uint32_t bits = _mm512_reduce_max_epu32(_mm512_max_epu32(m0, m1));
     float a;
-    int32_t ai = _mm512_reduce_max_epi32(amax);
-    memcpy(&a, &ai, sizeof a);
+    memcpy(&a, &bits, sizeof a);
     float s = x_scale > 0 ? x_scale : scale_of(a);
     const __m512 inv = _mm512_set1_ps(1.0f / s), lo = _mm512_set1_ps(-QMAX),
                  hi = _mm512_set1_ps(QMAX);
-    const __m512i off = _mm512_set1_epi32(128);
+    const __m128i off = _mm_set1_epi8((char)0x80);
     *sx = s;
-    for (int i = 0; i < ldx; i += 16) {
-        __mmask16 m = n_in - i >= 16 ? 0xffff : n_in <= i ? 0 : (__mmask16)((1u << (n_in - i)) - 1);
-        __mmask16 mw = ldx - i >= 16 ? 0xffff : (__mmask16)((1u << (ldx - i)) - 1);
-        __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv);
-        v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-        __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(v), off);   /* MXCSR: half to even */
-        __m128i b8 = _mm512_cvtepi32_epi8(r);   /* register form: vpmovdb to memory is slow on Zen */
-        if (mw == 0xffff)
-            _mm_storeu_si128((__m128i *)(u + i), b8);
-        else
-            _mm_mask_storeu_epi8(u + i, mw, b8);        /* padding: 0 * inv -> 128 */
+#define QV(v) _mm_xor_si128(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(                    \
+                  _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), lo), hi))), off)
+    for (i = 0; i + 16 <= n_in; i += 16)      /* MXCSR rounding: half to even */
+        _mm_storeu_si128((__m128i *)(u + i), QV(_mm512_loadu_ps(x + i)));
+    if (i < ldx) {   /* the tail and the padding (0 * inv -> 128) */
+        __mmask16 m = (__mmask16)((1u << (n_in - i)) - 1), mw = (__mmask16)((1u << (ldx - i)) - 1);
+        _mm_mask_storeu_epi8(u + i, mw, QV(_mm512_maskz_loadu_ps(m, x + i)));
     }
-    return bad != 0;
+#undef QV
+    return bits >= 0x7f800000u;
 }
 
 __attribute__((target("avx2"))) static int quantize_256(int n_in, int ldx, const float *x,
@@ -285,12 +286,14 @@ static void portable_range(int n_in, const int32_t *packed, const uint8_t *u, in
         const uint8_t *us = u + (ptrdiff_t)s * ldx;
         for (int g = g0; g < g1; g++) {
             uint32_t acc[16] = {0};   /* unsigned: wraps modulo 2**32, as the SIMD paths */
-            const uint8_t *wg = w + g * NQ * 64;
-            for (int64_t k = 0; k < NQ; k++)
-                for (int jj = 0; jj < 16; jj++)
-                    for (int t = 0; t < 4; t++)
-                        acc[jj] += (uint32_t)((int32_t)(int8_t)wg[k * 64 + jj * 4 + t] *
-                                              (int32_t)us[4 * k + t]);
+            const int8_t *wg = (const int8_t *)w + g * NQ * 64;
+            for (int64_t k = 0; k < NQ; k++) {
+                const int8_t *wk = wg + 64 * k;
+                int32_t u0 = us[4 * k], u1 = us[4 * k + 1], u2 = us[4 * k + 2], u3 = us[4 * k + 3];
+                for (int jj = 0; jj < 16; jj++)   /* |4 products| < 2**17: no overflow */
+                    acc[jj] += (uint32_t)(wk[4 * jj] * u0 + wk[4 * jj + 1] * u1 +
+                                          wk[4 * jj + 2] * u2 + wk[4 * jj + 3] * u3);
+            }
             for (int jj = 0; jj < 16 && 16 * g + jj < o->n_out; jj++) {
                 int j = 16 * g + jj;
                 int32_t a = (int32_t)(acc[jj] - (uint32_t)packed[j]);
