@@ -15,7 +15,7 @@ TEST_ENV := PYKD_TEST_BUILD=$(CURDIR)/build/py-test/site
 MESON := $(PY) -m mesonbuild.mesonmain
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup setup-test demo test test-fortran test-python fuzz bench bench-quick wheel test-wheel docs clean
+.PHONY: setup setup-test demo test test-fortran test-python fuzz bench-deps bench bench-quick wheel test-wheel docs clean
 
 setup:
 	@bash tools/setup.sh release
@@ -50,14 +50,21 @@ fuzz: setup-test test-fortran
 	cd tests && $(TEST_ENV) PYKD_FUZZ_SCALE=$(PYKD_FUZZ_SCALE) ../$(TEST_PY) -m pytest -q -p no:cacheprovider \
 		test_fuzz_models.py test_fuzz_files.py test_fortran_fuzz.py
 
-# Benchmarks (never fail on timing). matplotlib draws the plots; onnx and
-# onnxruntime are the inference benchmark's peers.
-bench: setup
+# Benchmarks (never fail on timing). matplotlib draws the plots; onnx,
+# onnxruntime and PyTorch are the inference benchmark's peers. PyTorch: its
+# CPU build only (torch==$(TORCH_CPU), a local wheel here), never the
+# multi-GB CUDA build a bare `pip install torch` would pull; without it the
+# benchmark reports PyTorch as absent.
+TORCH_CPU := 2.13.0+cpu
+bench-deps: setup
 	$(PY) -m pip install -q --disable-pip-version-check matplotlib onnx onnxruntime
+	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check \
+		"torch==$(TORCH_CPU)" || echo "torch $(TORCH_CPU) not installable here: PyTorch left out"
+
+bench: bench-deps
 	$(PY) benchmarks/run_all.py
 
-bench-quick: setup
-	$(PY) -m pip install -q --disable-pip-version-check matplotlib onnx onnxruntime
+bench-quick: bench-deps
 	$(PY) benchmarks/run_all.py --quick --out build/bench-quick
 
 # A repaired wheel: built for any x86-64 (simd=baseline), OpenBLAS (its

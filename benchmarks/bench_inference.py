@@ -36,10 +36,30 @@ candidate in turn (harness.Workers, a 0.3 s pause when the candidate
 changes) makes one untimed call and then K calls, each timed on its own;
 the median and p99 are over all those calls. The cold first call is the
 first ``forward`` of a freshly spawned process right after loading the file
-(median of ``--cold`` fresh processes, one at a time). Ratios are medians
-over ONNX Runtime float32's and over pykd float32's. Timing never fails the
-run. Writes ``DIR/bench-inference.md``, ``.json`` and ``.png`` (latency
-against bytes on disk; matplotlib when importable).
+(median of ``--cold`` fresh processes, one at a time, at the largest thread
+count). Ratios are medians over ONNX Runtime float32's and over pykd
+float32's. Timing never fails the run.
+
+Each worker starts as a user's fresh process of that library would: with
+the threading variables the benchmark process started with (pykd's import
+sets GOMP_SPINCOUNT or OMP_WAIT_POLICY in ``os.environ``; the NumPy, ONNX
+Runtime and PyTorch workers must not inherit it), and without
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (a sandbox's pin: OPENBLAS_CORETYPE=
+Haswell gives NumPy's and pykd's OpenBLAS AVX2 kernels on an AVX-512 CPU);
+``--keep-blas-env`` keeps them. Each worker reports the pools it runs on.
+
+How far to trust a number: every timed block records the run-queue wait of
+its worker's threads (/proc schedstat: runnable, but another task had the
+core), and from batch 64 on each call's; the tables show the wait per call
+and the p99 over the calls that did not wait. On 2 cores, a second
+process's thread turns a 2-thread call into one scheduler time slice
+(4 ms at HZ=250), more for a BLAS whose threads spin on sched_yield.
+
+The report ends with the machine limits (pykd.dense's sgemm at the
+batch-256 shapes, in pykd float32's worker) and the issue-11 targets table.
+Writes ``DIR/bench-inference.md``, ``.json`` and ``.png`` (latency against
+bytes on disk, median with a bar to p99, open marker: cold first call;
+matplotlib when importable).
 """
 from __future__ import annotations
 
@@ -58,11 +78,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 BATCHES = (1, 256)
+REFERENCES = ("pykd float32", "ORT float32")   # the ratios' denominators
+PER_CALL_WAIT_BATCH = 64   # from this batch on, each call's run-queue wait is recorded
 FLOAT_TOL = 1e-4         # of max |reference logit|, for the float kinds
 INT8_AGREEMENT = 0.99    # argmax agreement with the float32 model, for the int8 kinds
 OPSET = 17
-# calls per timed block, per batch size (full mode; --quick halves them)
-BLOCK_CALLS = {1: 200, 256: 30}
+# calls per timed block, per batch size (full mode, and --quick)
+BLOCK_CALLS = {1: 300, 256: 50}
+QUICK_CALLS = {1: 100, 256: 15}
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8",
              "amx_tile", "asimd", "asimddp", "sve")
 
@@ -446,6 +469,82 @@ def _spec(workdir, label):
     return specs[label]
 
 
+def _pools():
+    """The BLAS/OpenMP pools threadpoolctl sees in this process."""
+    if harness._tpc is None:
+        return None
+    return [{k: (os.path.basename(str(p.get(k))) if k == "filepath" else p.get(k))
+             for k in ("user_api", "internal_api", "version", "num_threads", "architecture",
+                       "threading_layer", "filepath")}
+            for p in harness._tpc.threadpool_info()]
+
+
+def backend_info(spec, threads):
+    """What a candidate's worker runs on: its thread pools (kernels each
+    OpenBLAS picked, thread counts), the threading variables it started
+    with, and its library's own build facts (PyTorch's BLAS and CPU
+    capability, ONNX Runtime's device)."""
+    info = {"pools": _pools(), "env": harness.thread_env(), "pid": os.getpid()}
+    be = spec["backend"]
+    if be == "pykd":
+        try:
+            from pykd import _build_config as bc
+            info["pykd_simd"] = getattr(bc, "simd", None)
+        except ImportError:
+            pass
+    elif be == "ort":
+        import onnxruntime as ort
+        info["ort"] = {"version": ort.__version__, "device": ort.get_device(),
+                       "intra_op_threads": threads, "inter_op_threads": 1}
+    elif be == "torch":
+        import torch
+        show = torch.__config__.show()
+
+        def grab(pattern):
+            import re
+            m = re.search(pattern, show)
+            return m.group(1).strip() if m else None
+        info["torch"] = {
+            "version": torch.__version__, "cuda": torch.version.cuda,
+            "build": "CPU" if not torch.version.cuda else f"CUDA {torch.version.cuda}",
+            "blas": grab(r"BLAS_INFO=(\w+)"),
+            "mkl": grab(r"Math Kernel Library Version ([\d.]+)"),
+            "onednn": grab(r"MKL-DNN (v[\d.]+)"),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "quantized_engine": torch.backends.quantized.engine,
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+    return info
+
+
+# the batch-256 layer shapes of the 784-200-200-10 student, (batch, in, out)
+DENSE_SHAPES = ((256, 784, 200), (256, 200, 200), (256, 200, 10))
+
+
+def measure_dense_limits(threads, shapes=DENSE_SHAPES, calls=40):
+    """sgemm throughput of one ``pykd.dense`` layer (bias, identity) at each
+    shape, in this worker (its BLAS, its threads): the median of ``calls``
+    calls timed one by one. Returns [{"shape", "median_s", "gflops"}]."""
+    import pykd
+    rng = np.random.default_rng(0)
+    out = []
+    for m, k, n in shapes:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        W = rng.standard_normal((k, n), dtype=np.float32)
+        b = np.zeros(n, np.float32)
+        y = np.empty((m, n), np.float32)
+        for _ in range(5):
+            pykd.dense(x, W, b, out=y)
+        ts = np.empty(calls)
+        for i in range(calls):
+            t0 = time.perf_counter()
+            pykd.dense(x, W, b, out=y)
+            ts[i] = time.perf_counter() - t0
+        med = float(np.median(ts))
+        out.append({"shape": [m, k, n], "median_s": med, "gflops": 2.0 * m * k * n / med / 1e9,
+                    "threads": threads})
+    return out
+
+
 def worker_factory(backend, workdir, n_threads, block_calls, check_dir):
     """A timing worker (harness.Workers) of one candidate (``backend`` is its
     label): loads its file, writes its logits on the check rows to
@@ -462,7 +561,13 @@ def worker_factory(backend, workdir, n_threads, block_calls, check_dir):
             batched(forward, X).astype(np.float32))
     perf = time.perf_counter
 
+    info = backend_info(spec, n_threads)
+
     def get(name):
+        if name == "info":
+            return lambda: info
+        if name == "sgemm":
+            return lambda: measure_dense_limits(n_threads)
         if not name.startswith("lat"):
             raise KeyError(name)
         batch = int(name[3:])
@@ -470,15 +575,37 @@ def worker_factory(backend, workdir, n_threads, block_calls, check_dir):
         k = int(block_calls[str(batch)])
         buf = np.empty(k, np.float64)
         fh = open(os.path.join(check_dir, f"lat-{spec['slug']}-{batch}.f64"), "ab")
+        sh = open(os.path.join(check_dir, f"sched-{spec['slug']}-{batch}.f64"), "ab")
+        sched, cpu_time = harness.sched_times, time.process_time
+        # per call, the run-queue wait of the worker's threads: reading it
+        # (~15 us between calls) is cheap only next to a long call
+        per_call = batch >= PER_CALL_WAIT_BATCH and sched() is not None
+        waits = np.zeros(k, np.float64)
+        wh = open(os.path.join(check_dir, f"wait-{spec['slug']}-{batch}.f64"), "ab") \
+            if per_call else None
 
         def block():
             forward(x)              # wakes sleeping pool threads; not a steady-state call
+            s0, c0, w0 = sched(), cpu_time(), perf()
             for i in range(k):
+                if per_call:
+                    q0 = sched()[1]
                 t0 = perf()
                 forward(x)
                 buf[i] = perf() - t0
+                if per_call:
+                    waits[i] = (sched()[1] - q0) * 1e-9
+            w1, c1, s1 = perf(), cpu_time(), sched()
             fh.write(buf.tobytes())
             fh.flush()
+            if wh is not None:
+                wh.write(waits.tobytes())
+                wh.flush()
+            # per block: wall, CPU of all this process's threads, and their
+            # run-queue wait (runnable, but another task had the core), s
+            wait = (s1[1] - s0[1]) * 1e-9 if s0 and s1 else np.nan
+            sh.write(np.array([w1 - w0, c1 - c0, wait, k], np.float64).tobytes())
+            sh.flush()
         return block
     return get
 
@@ -518,25 +645,30 @@ def check_candidates(specs, workdir, check_dir):
 
 
 def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
-                cold_batches=BATCHES, settle=harness.SETTLE, log=print):
+                cold_batches=BATCHES, settle=harness.SETTLE, env=None, limits=True,
+                log=print):
     """Check and time every candidate at ``threads`` threads (``settle``
     seconds of pause before a sample when the candidate changes; cold
-    first calls at ``cold_batches``, ``cold_reps`` fresh processes each).
+    first calls at ``cold_batches``, ``cold_reps`` fresh processes each;
+    workers start with the environment changes ``env``, see
+    harness.worker_environment). ``limits``: also measure pykd.dense's
+    sgemm rate at the batch-256 shapes in pykd float32's worker.
 
     Returns ``(rows, block)``: one row per candidate and batch, and the
-    block's machine load (busy fraction before it, steal during it)."""
+    block's facts (machine load before and after, steal, each worker's
+    pools, the sgemm limits)."""
     block = {"threads": threads, "busy_before": harness.cpu_busy_fraction(),
-             "loadavg_before": _loadavg()}
+             "loadavg_before": _loadavg(), "env": env}
     by = {s["label"]: s for s in specs}
     labels = list(by)
     tdir = os.path.join(workdir, f"t{threads}")
     os.makedirs(tdir, exist_ok=True)
     for f in os.listdir(tdir):
         os.remove(os.path.join(tdir, f))
-    errors, lat = {}, {}
+    errors, lat, others, winfo = {}, {}, {}, {}
     cpu0 = harness.cpu_times()
     t0 = time.perf_counter()
-    with harness.Workers(worker_factory, labels, threads=threads, workdir=workdir,
+    with harness.Workers(worker_factory, labels, threads=threads, env=env, workdir=workdir,
                          n_threads=threads, check_dir=tdir,
                          block_calls={str(k): v for k, v in block_calls.items()}) as w:
         for lb, msg in w.errors.items():
@@ -545,20 +677,40 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
         for lb, c in checks.items():
             if not c["ok"]:
                 errors[lb] = "check failed: " + c["why"]
+        for lb in w.backends:
+            try:
+                winfo[lb] = w.call(lb, "info")
+            except RuntimeError as exc:
+                winfo[lb] = {"error": str(exc)}
         timed = [lb for lb in w.backends if lb not in errors]
         log(f"  [{threads} thr] {len(timed)} of {len(labels)} candidates pass the check; "
             "timing")
         for batch in BATCHES:
-            _, errs = w.time({lb: (lb, f"lat{batch}") for lb in timed}, repeats=rounds,
-                             warmup=1, min_time=0.0, settle=settle, warm=0)
+            stats, errs = w.time({lb: (lb, f"lat{batch}") for lb in timed}, repeats=rounds,
+                                 warmup=1, min_time=0.0, settle=settle, warm=0)
             for lb, msg in errs.items():
                 errors.setdefault(lb, f"timing failed: {msg}")
             for lb in timed:
                 p = os.path.join(tdir, f"lat-{by[lb]['slug']}-{batch}.f64")
                 if os.path.exists(p):
                     lat[(lb, batch)] = np.fromfile(p, np.float64)
+                q = os.path.join(tdir, f"sched-{by[lb]['slug']}-{batch}.f64")
+                if os.path.exists(q):
+                    lat[(lb, batch, "sched")] = np.fromfile(q, np.float64).reshape(-1, 4)
+                q = os.path.join(tdir, f"wait-{by[lb]['slug']}-{batch}.f64")
+                if os.path.exists(q):
+                    lat[(lb, batch, "wait")] = np.fromfile(q, np.float64)
+                if lb in stats:
+                    others[(lb, batch)] = stats[lb].get("others_cpu")
+        if limits and "pykd float32" in timed:
+            time.sleep(settle)
+            try:
+                block["dense_limits"] = w.call("pykd float32", "sgemm")
+            except RuntimeError as exc:
+                block["dense_limits_error"] = str(exc)
     block["steal"] = harness.steal_fraction(cpu0, harness.cpu_times())
     block["timing_s"] = time.perf_counter() - t0
+    block["workers"] = winfo
     cold = {}
     t0 = time.perf_counter()
     cpu0 = harness.cpu_times()
@@ -569,8 +721,9 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
             got = []
             for rep in range(cold_reps):
                 out = os.path.join(tdir, f"cold-{by[lb]['slug']}-{batch}-{rep}.json")
-                with harness.Workers(cold_factory, [lb], threads=threads, workdir=workdir,
-                                     n_threads=threads, batch=batch, out=out) as cw:
+                with harness.Workers(cold_factory, [lb], threads=threads, env=env,
+                                     workdir=workdir, n_threads=threads, batch=batch,
+                                     out=out) as cw:
                     if cw.errors:
                         errors.setdefault(lb, f"cold start failed: {cw.errors[lb]}")
                         break
@@ -587,11 +740,14 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
         for batch in BATCHES:
             row = {"threads": threads, "batch": batch, "label": lb, "backend": s["backend"],
                    "kinds": s.get("kinds"), "bytes": s["bytes"], "check": checks.get(lb),
-                   "error": errors.get(lb)}
+                   "error": errors.get(lb), "blas": blas_summary(s["backend"], winfo.get(lb))}
             a = lat.get((lb, batch))
             if a is not None and a.size and lb not in errors:
                 row.update(median_s=float(np.median(a)), p99_s=float(np.percentile(a, 99)),
                            mean_s=float(a.mean()), min_s=float(a.min()), n_calls=int(a.size))
+                row.update(sched_summary(lat.get((lb, batch, "sched"))))
+                row.update(undisturbed(a, lat.get((lb, batch, "wait"))))
+                row["others_cpu"] = others.get((lb, batch))
             c = cold.get((lb, batch))
             if c:
                 row["cold_first_s"] = float(np.median([v["first_s"] for v in c]))
@@ -600,6 +756,60 @@ def run_threads(specs, workdir, threads, *, rounds, block_calls, cold_reps,
             rows.append(row)
     add_ratios(rows)
     return rows, block
+
+
+def sched_summary(sched):
+    """Per-call CPU time and run-queue wait of a candidate's timed blocks
+    (rows of [wall, cpu, wait, calls] in seconds): ``cpu_per_call_s`` (all
+    threads of its worker), ``wait_per_call_s`` (time its runnable threads
+    waited for a core: another process, or a thread of its own, had it) and
+    ``wait_frac`` (that wait over the blocks' wall time)."""
+    if sched is None or not len(sched):
+        return {}
+    wall, cpu, wait, calls = np.nansum(sched, axis=0)
+    if calls <= 0 or wall <= 0:
+        return {}
+    return {"cpu_per_call_s": float(cpu / calls), "wait_per_call_s": float(wait / calls),
+            "wait_frac": float(wait / wall)}
+
+
+def undisturbed(lat, waits, floor=20e-6):
+    """The calls whose threads did not wait for a core (run-queue wait below
+    ``floor`` seconds or 5% of the median): ``p99_undisturbed_s``, their
+    ``median_undisturbed_s`` and ``n_disturbed``, the count of the others.
+    Nothing when there is no per-call wait (small batches)."""
+    if waits is None or lat is None or waits.size != lat.size or not lat.size:
+        return {}
+    ok = waits < max(floor, 0.05 * float(np.median(lat)))
+    out = {"n_disturbed": int((~ok).sum())}
+    if ok.any():
+        out.update(p99_undisturbed_s=float(np.percentile(lat[ok], 99)),
+                   median_undisturbed_s=float(np.median(lat[ok])))
+    return out
+
+
+def blas_summary(backend, info):
+    """One short phrase: which kernels a candidate's worker ran on, e.g.
+    "OpenBLAS 0.3.21 openmp Cooperlake x2" or "MKL 2024.2 + oneDNN v3.12.0
+    (AVX512) x2"."""
+    if not info or "error" in (info or {}):
+        return "?"
+    if backend == "ort":
+        o = info.get("ort") or {}
+        return f"MLAS (ORT {o.get('version')}) intra-op x{o.get('intra_op_threads')}"
+    if backend == "torch":
+        t = info.get("torch") or {}
+        return (f"{(t.get('blas') or '?').upper()} {t.get('mkl') or ''} + oneDNN "
+                f"{t.get('onednn')} ({t.get('capability')}) x{t.get('threads')}").replace("  ", " ")
+    pools = info.get("pools") or []
+    blas = [p for p in pools if p.get("user_api") == "blas"]
+    if backend == "pykd":    # pykd's own BLAS, not NumPy's wheel copy
+        blas = [p for p in blas if "scipy_openblas" not in str(p.get("filepath"))] or blas
+    out = []
+    for p in blas:
+        out.append(f"OpenBLAS {p.get('version')} {p.get('threading_layer')} "
+                   f"{p.get('architecture')} x{p.get('num_threads')}")
+    return "; ".join(out) or "?"
 
 
 def _loadavg():
@@ -625,26 +835,25 @@ def add_ratios(rows):
 # output
 # --------------------------------------------------------------------------
 
-def machine_summary(info):
-    """One line: CPU, the SIMD flags that matter here, BLAS."""
+def machine_summary(info, blocks=()):
+    """One line: CPU (name, core), the SIMD flags that matter here, and the
+    kernels each backend ran on in its worker (``blocks``' worker facts)."""
     flags = info.get("cpu_flags") or {}
     on = [f for f in CPU_FLAGS if flags.get(f)]
     off = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
            if not flags.get(f)]
-    blas = []
-    for p in info.get("threadpools") or []:
-        if p.get("user_api") != "blas":
-            continue
-        path = str(p.get("filepath"))
-        who = ("NumPy" if "numpy.libs" in path else "SciPy" if "scipy" in path
-               else "pykd" if "openmp" in path or "pykd" in path else os.path.basename(path))
-        blas.append(f"{who}: {p.get('internal_api')} {p.get('version')} "
-                    f"({p.get('threading_layer') or '-'}, {p.get('architecture')})")
     build = info.get("pykd_build") or {}
-    return (f"CPU {info.get('cpu_model')}, {info.get('logical_cores')} logical cores; "
+    seen = {}
+    for blk in blocks:
+        for lb, wi in (blk.get("workers") or {}).items():
+            who = lb.split()[0]   # pykd, numpy, ORT, torch
+            seen.setdefault(who, blas_summary({"ORT": "ort", "torch": "torch",
+                                               "numpy": "numpy"}.get(who, "pykd"), wi))
+    kernels = "; ".join(f"{k}: {v}" for k, v in seen.items()) or "?"
+    return (f"CPU {harness.cpu_name(info)}, {info.get('logical_cores')} logical cores; "
             f"flags: {' '.join(on) or '-'}; absent: {' '.join(off) or '-'}; "
-            f"BLAS {'; '.join(blas) or '?'}; ONNX Runtime: its own MLAS kernels; "
-            f"pykd built with simd={build.get('simd', '?')}")
+            f"kernels in each worker ({blocks[-1]['threads'] if blocks else '?'} threads) "
+            f"{kernels}; pykd built with simd={build.get('simd', '?')}")
 
 
 def _us(s):
@@ -655,16 +864,122 @@ def _x(v):
     return "-" if v is None else f"{v:.2f}x"
 
 
+# (target, candidate, reference, batch, limit, strict): met when the
+# candidate's median over the reference's is <= limit (< limit if strict)
+TARGETS = (
+    ("float32 b1 <= 0.5x ORT f32", "pykd float32", "ORT float32", 1, 0.5, False),
+    ("float32 b256 <= 1.0x ORT f32", "pykd float32", "ORT float32", 256, 1.0, False),
+    ("int8 b1 <= 0.5x ORT int8", "pykd int8 dynamic", "ORT int8 dynamic", 1, 0.5, False),
+    ("int8 b1 <= 0.5x ORT int8", "pykd int8 static", "ORT int8 dynamic", 1, 0.5, False),
+    ("int8 b1 <= pykd f32", "pykd int8 dynamic", "pykd float32", 1, 1.0, False),
+    ("int8 b1 <= pykd f32", "pykd int8 static", "pykd float32", 1, 1.0, False),
+    ("int8 b256 <= 0.5x pykd f32", "pykd int8 dynamic", "pykd float32", 256, 0.5, False),
+    ("int8 b256 <= 0.5x pykd f32", "pykd int8 static", "pykd float32", 256, 0.5, False),
+    ("int8 b256 <= 0.5x ORT int8", "pykd int8 dynamic", "ORT int8 dynamic", 256, 0.5, False),
+    ("int8 b256 <= 0.5x ORT int8", "pykd int8 static", "ORT int8 dynamic", 256, 0.5, False),
+    ("low_rank faster than dense, b1", "pykd low_rank e0.9", "pykd float32", 1, 1.0, True),
+    ("low_rank faster than dense, b256", "pykd low_rank e0.9", "pykd float32", 256, 1.0, True),
+    ("codebook faster than dense, b1", "pykd codebook 4-bit", "pykd float32", 1, 1.0, True),
+    ("codebook faster than dense, b256", "pykd codebook 4-bit", "pykd float32", 256, 1.0,
+     True),
+    ("sparse_csr 90% >= 3x faster than its dense, b1", "pykd sparse_csr 90%",
+     "pykd pruned 90% dense", 1, 1 / 3, False),
+)
+DISTURBED = 0.05   # run-queue wait over wall time above which a timing is flagged
+
+
+def targets(rows, target_list=TARGETS):
+    """[{target, threads, candidate, reference, batch, ratio, limit, met,
+    disturbed}] for every target and thread count in ``rows``; ``met`` is
+    None when either median is missing."""
+    by = {(r["threads"], r["batch"], r["label"]): r for r in rows}
+    out = []
+    for th in sorted({r["threads"] for r in rows}):
+        for name, cand, ref, batch, limit, strict in target_list:
+            a, b = by.get((th, batch, cand), {}), by.get((th, batch, ref), {})
+            ma, mb = a.get("median_s"), b.get("median_s")
+            ratio = ma / mb if ma and mb else None
+            met = None if ratio is None else (ratio < limit if strict else ratio <= limit)
+            waits = [r.get("wait_frac") for r in (a, b) if r.get("wait_frac") is not None]
+            out.append({"target": name, "threads": th, "candidate": cand, "reference": ref,
+                        "batch": batch, "candidate_s": ma, "reference_s": mb, "ratio": ratio,
+                        "limit": limit, "met": met,
+                        "disturbed": bool(waits) and max(waits) > DISTURBED})
+    return out
+
+
+def targets_table(rows):
+    """The "Targets (issue 11)" Markdown table."""
+    table = []
+    for t in targets(rows):
+        met = "-" if t["met"] is None else ("met" if t["met"] else "**not met**")
+        if t["disturbed"]:
+            met += " (disturbed)"
+        table.append([t["target"], t["threads"], t["candidate"], t["reference"],
+                      _us(t["candidate_s"]), _us(t["reference_s"]),
+                      "-" if t["ratio"] is None else f"{t['ratio']:.2f}x",
+                      f"{t['limit']:.2f}x", met])
+    return harness.markdown_table(["target", "threads", "candidate", "reference", "cand. us",
+                                   "ref. us", "ratio", "limit", "result"], table)
+
+
+def limits_table(blocks):
+    """Markdown lines: pykd.dense's sgemm rate at the batch-256 shapes, per
+    thread count, and the sum of the three layers' times (a floor for a
+    float32 forward at batch 256 on this BLAS)."""
+    lines = []
+    rows = []
+    for blk in blocks:
+        lim = blk.get("dense_limits")
+        if not lim:
+            continue
+        for d in lim:
+            m, k, n = d["shape"]
+            rows.append([blk["threads"], f"{m}x{k} @ {k}x{n}", _us(d["median_s"]),
+                         f"{d['gflops']:.0f}"])
+        rows.append([blk["threads"], "sum of the 3 layers", _us(sum(d["median_s"] for d in lim)),
+                     f"{sum(2.0 * d['shape'][0] * d['shape'][1] * d['shape'][2] for d in lim) / sum(d['median_s'] for d in lim) / 1e9:.0f}"])
+    if rows:
+        lines += ["### Machine limits (same run)", "",
+                  "sgemm through `pykd.dense` (one layer, bias, no activation) at the "
+                  "student's batch-256 shapes, in pykd float32's worker (its BLAS and thread "
+                  "count), median of 40 calls:", "",
+                  harness.markdown_table(["threads", "shape", "median us", "GFLOP/s"], rows), ""]
+    return lines
+
+
+def backends_table(blocks):
+    """Markdown: per thread count, each candidate's kernels as its worker
+    saw them (threadpoolctl, the library's own build facts)."""
+    lines = ["### Each candidate's kernels and threads (seen in its worker)", ""]
+    table = []
+    for blk in blocks:
+        for lb, wi in (blk.get("workers") or {}).items():
+            be = {"ORT": "ort", "torch": "torch", "numpy": "numpy"}.get(lb.split()[0], "pykd")
+            env = {k: v for k, v in ((wi or {}).get("env") or {}).items() if v is not None}
+            table.append([blk["threads"], lb, blas_summary(be, wi),
+                          ", ".join(f"{k}={v}" for k, v in env.items()) or "-"])
+    return lines + [harness.markdown_table(["threads", "candidate", "kernels, threads",
+                                            "threading env"], table), ""]
+
+
 def tables(result):
-    """The Markdown report: machine, then one table per threads and batch."""
+    """The Markdown report: machine, one table per threads and batch, the
+    backends, the machine limits, the targets."""
     info = result["machine"]
-    summary = machine_summary(info)
+    blocks = result["blocks"]
+    summary = machine_summary(info, blocks)
     vers = ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+    env = (result.get("config") or {}).get("worker_env") or {}
     lines = ["## Inference: every pykd kind against ONNX Runtime, NumPy and PyTorch", "",
              f"Model: `{result['model']}` ({result['model_sizes']}); inputs: Fashion-MNIST "
              f"test rows; mode: {result['mode']}.", "",
              "```", harness.format_machine_info(info), "```", "",
-             f"{vers}.", ""]
+             f"{vers}.", "",
+             "Workers' environment: as the benchmark process started (what an import such as "
+             "pykd's set since is undone)" +
+             ("; " + ", ".join(f"{k} {'unset' if v is None else '=' + v}" for k, v in env.items())
+              if env else "") + ".", ""]
     for name, why in result["absent"].items():
         lines.append(f"- **{name} absent**: {why}")
     lines += ["", "Each candidate in a worker process of its own; candidates alternate in "
@@ -672,21 +987,27 @@ def tables(result):
               "call and then a block of calls timed one by one. `median`/`p99` over all those "
               "calls; `cold` is the first `forward` of a fresh process after loading the file "
               "(median of fresh processes); `load` the load time; ratios are medians over "
-              "ONNX Runtime float32's and pykd float32's (below 1: faster). `agree` is the "
+              "ONNX Runtime float32's and pykd float32's (below 1: faster). `wait` is the time "
+              "per call the worker's runnable threads waited for a core (another process had "
+              "it), from /proc schedstat, with its share of the timed wall time: above "
+              f"{DISTURBED:.0%} the timing is disturbed. From batch {PER_CALL_WAIT_BATCH} on "
+              "each call's wait is recorded too: `p99 undisturbed` is the p99 over the calls "
+              "that did not wait for a core (their count in brackets). `agree` is the "
               "argmax agreement with the float32 model on the test set, `max diff` the "
               "largest logit difference to the NumPy float64 reference of the candidate's own "
               "weights.", ""]
     headers = ["candidate", "kinds", "bytes on disk", "median us", "p99 us", "cold us",
-               "load ms", "/ORT f32", "/pykd f32", "calls", "agree %", "max diff", "check"]
-    for blk in result["blocks"]:
+               "load ms", "/ORT f32", "/pykd f32", "wait us (%)", "p99 undisturbed (calls)",
+               "calls", "agree %", "max diff", "check"]
+    for blk in blocks:
         th = blk["threads"]
         for batch in BATCHES:
             busy, steal = blk.get("busy_before"), blk.get("steal")
             lines += [f"### {th} thread{'s' if th != 1 else ''}, batch {batch}", "",
                       f"{summary}; threads {th} (BLAS/OpenMP pools via threadpoolctl, ORT "
-                      f"intra-op {th}, inter-op 1). Machine load: CPUs "
-                      f"{'?' if busy is None else f'{busy:.0%}'} busy before the block, steal "
-                      f"{'?' if steal is None else f'{steal:.1%}'} during it, 1-min load "
+                      f"intra-op {th}, inter-op 1, torch.set_num_threads({th})). Machine load: "
+                      f"CPUs {'?' if busy is None else f'{busy:.0%}'} busy before the block, "
+                      f"steal {'?' if steal is None else f'{steal:.1%}'} during it, 1-min load "
                       f"average {blk.get('loadavg_before')} before and "
                       f"{blk.get('loadavg_after')} after.", ""]
             table = []
@@ -694,15 +1015,28 @@ def tables(result):
                 if r["threads"] != th or r["batch"] != batch:
                     continue
                 c = r.get("check") or {}
+                wait = ("-" if r.get("wait_per_call_s") is None else
+                        f"{_us(r['wait_per_call_s'])} ({100 * r['wait_frac']:.0f}%)")
                 table.append([
                     r["label"], ",".join(r.get("kinds") or []) or r["backend"], r["bytes"],
                     _us(r.get("median_s")), _us(r.get("p99_s")), _us(r.get("cold_first_s")),
                     "-" if r.get("load_s") is None else f"{r['load_s'] * 1e3:.1f}",
-                    _x(r.get("vs_ort_f32")), _x(r.get("vs_pykd_f32")), r.get("n_calls", "-"),
+                    _x(r.get("vs_ort_f32")), _x(r.get("vs_pykd_f32")), wait,
+                    "-" if r.get("n_disturbed") is None else
+                    f"{_us(r.get('p99_undisturbed_s'))} ({r['n_calls'] - r['n_disturbed']})",
+                    r.get("n_calls", "-"),
                     "-" if c.get("agreement") is None else f"{100 * c['agreement']:.2f}",
                     "-" if c.get("max_abs_diff") is None else f"{c['max_abs_diff']:.1e}",
                     "ok" if not r.get("error") else f"FAILED: {r['error']}"])
             lines += [harness.markdown_table(headers, table), ""]
+    lines += backends_table(blocks)
+    lines += limits_table(blocks)
+    lines += ["### Targets (issue 11)", "",
+              "Whole 784-200-200-10 model, medians of the same run; ratio = candidate's time "
+              "over the reference's (the sparse target: sparse_csr over the same pruned "
+              "weights run dense). `disturbed`: one of the two waited for a core more than "
+              f"{DISTURBED:.0%} of its timed time.", "",
+              targets_table(result["rows"]), ""]
     return "\n".join(lines)
 
 
@@ -734,6 +1068,9 @@ def plot(result, path):
                 ax.errorbar([r["bytes"]], [med], yerr=[[0], [max(p99 - med, 0)]],
                             fmt=markers[k % len(markers)], color=cmap(k % 20), ms=8,
                             capsize=3, elinewidth=0.8, alpha=0.9, label=r["label"])
+                if r.get("cold_first_s") is not None:   # open marker: the cold first call
+                    ax.plot([r["bytes"]], [r["cold_first_s"] * 1e6], markers[k % len(markers)],
+                            mfc="none", mec=cmap(k % 20), ms=8, alpha=0.9)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -744,12 +1081,14 @@ def plot(result, path):
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel("bytes on disk")
-            ax.set_ylabel("latency per call, us (median; bar to p99)")
+            ax.set_ylabel("latency per call, us (filled: median, bar to p99; "
+                          "open: cold first call)", fontsize=8)
             ax.set_title(f"batch {batch}, {th} thread{'s' if th != 1 else ''}")
             ax.grid(True, which="both", alpha=0.3)
     handles, labs = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labs, loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle("\n".join(textwrap.wrap(machine_summary(result["machine"]), 180)), fontsize=8)
+    fig.suptitle("\n".join(textwrap.wrap(machine_summary(result["machine"], result["blocks"]),
+                                        180)), fontsize=8)
     fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -765,6 +1104,10 @@ def versions():
             out[name] = getattr(mod, "__version__", "?")
         except Exception:
             out[name] = "absent"
+            continue
+        if name == "torch":
+            cuda = getattr(getattr(mod, "version", None), "cuda", None)
+            out[name] += " (CPU build)" if not cuda else f" (CUDA {cuda} build, run on the CPU)"
     return out
 
 
@@ -782,9 +1125,11 @@ def load_student(path, epochs, ds):
 
 
 def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, cold_reps,
-        workdir, mode, cold_batches=BATCHES, log=print):
+        workdir, mode, cold_batches=BATCHES, keep_blas_env=False, only=None, log=print):
     """Prepare every candidate, then check and time them at each thread
-    count. Returns the result dict (rows, blocks, machine, ...)."""
+    count (``only``: the labels containing one of these strings, plus the
+    two references). Returns the result dict (rows, blocks, machine, ...)."""
+    env = harness.worker_environment(keep_blas_env)
     info = harness.machine_info()
     flags = harness._cpuinfo().get("flags", set())
     info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
@@ -796,12 +1141,18 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
         info["pykd_build"] = None
     t0 = time.perf_counter()
     specs, absent = prepare(student, X_cal, X_check, workdir)
+    if only:
+        keep = set(REFERENCES)
+        specs = [s for s in specs if s["label"] in keep or any(o in s["label"] for o in only)]
     log(f"prepared {len(specs)} candidates in {time.perf_counter() - t0:.1f} s"
-        + "".join(f"; {k} absent" for k in absent))
+        + "".join(f"; {k} absent" for k in absent)
+        + f"; workers' environment changes: {env or 'none'}")
     rows, blocks = [], []
     for th in threads:
+        # cold starts at the largest thread count only (each is a fresh process)
         r, b = run_threads(specs, workdir, th, rounds=rounds, block_calls=block_calls,
-                           cold_reps=cold_reps, cold_batches=cold_batches, log=log)
+                           cold_reps=cold_reps if th == max(threads) else 0,
+                           cold_batches=cold_batches, env=env, log=log)
         rows += r
         blocks.append(b)
         if b.get("busy_before") is not None and b["busy_before"] > 0.3:
@@ -813,7 +1164,8 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
     sizes = getattr(student, "sizes", None)
     return {"model": model_name, "model_sizes": "-".join(map(str, sizes)) if sizes else "?",
             "mode": mode, "machine": info, "versions": versions(), "absent": absent,
-            "config": {"threads": threads, "rounds": rounds,
+            "config": {"threads": threads, "rounds": rounds, "worker_env": env,
+                       "keep_blas_env": keep_blas_env,
                        "block_calls": {str(k): v for k, v in block_calls.items()},
                        "cold_reps": cold_reps, "cold_batches": list(cold_batches),
                        "settle_s": harness.SETTLE,
@@ -830,10 +1182,15 @@ def main(argv=None):
                     help="2 threads only, fewer rounds and calls, one cold start at batch 1 "
                          "only: about a minute")
     ap.add_argument("--threads", help="comma list (default 1,2; --quick: 2)")
-    ap.add_argument("--rounds", type=int, help="timed rounds per batch size (default 10, "
+    ap.add_argument("--rounds", type=int, help="timed rounds per batch size (default 6, "
                                                "quick 3)")
-    ap.add_argument("--cold", type=int, help="fresh processes per cold first call "
-                                             "(default 3, quick 1)")
+    ap.add_argument("--cold", type=int, help="fresh processes per cold first call, at the "
+                                             "largest thread count (default 2, quick 1)")
+    ap.add_argument("--keep-blas-env", action="store_true",
+                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the workers (by default "
+                         "they are dropped: each BLAS picks its kernels for this CPU)")
+    ap.add_argument("--only", help="comma list: time only the candidates whose label contains "
+                                   "one of these (plus pykd float32 and ORT float32)")
     ap.add_argument("--out", default=".", help="directory for bench-inference.md/.json/.png")
     ap.add_argument("--json", help="JSON path (default OUT/bench-inference.json)")
     ap.add_argument("--markdown", help="Markdown path (default OUT/bench-inference.md)")
@@ -842,10 +1199,9 @@ def main(argv=None):
     from pykd.data import load_dataset
     threads = ([int(s) for s in a.threads.split(",")] if a.threads
                else [2] if a.quick else [1, 2])
-    rounds = a.rounds or (3 if a.quick else 10)
-    cold_reps = a.cold if a.cold is not None else (1 if a.quick else 3)
-    block_calls = ({k: max(10, v // 2) for k, v in BLOCK_CALLS.items()} if a.quick
-                   else dict(BLOCK_CALLS))
+    rounds = a.rounds or (3 if a.quick else 6)
+    cold_reps = a.cold if a.cold is not None else (1 if a.quick else 2)
+    block_calls = dict(QUICK_CALLS if a.quick else BLOCK_CALLS)
     t0 = time.perf_counter()
     ds = load_dataset()
     student, name = load_student(a.model, a.epochs, ds)
@@ -855,6 +1211,8 @@ def main(argv=None):
                      rounds=rounds, block_calls=block_calls, cold_reps=cold_reps,
                      cold_batches=(1,) if a.quick else BATCHES,
                      workdir=work, mode="quick" if a.quick else "full",
+                     keep_blas_env=a.keep_blas_env,
+                     only=a.only.split(",") if a.only else None,
                      log=lambda s: print(s, flush=True))
     result["wall_s"] = time.perf_counter() - t0
     md = tables(result) + f"\n(wall time {result['wall_s']:.0f} s)\n"

@@ -45,6 +45,11 @@ __all__ = [
     "capture_stderr_fd",
     "cpu_times",
     "steal_fraction",
+    "sched_times",
+    "environment",
+    "initial_environ",
+    "worker_environment",
+    "cpu_name",
 ]
 
 _perf = time.perf_counter
@@ -227,7 +232,9 @@ def _worker_loop(conn, factory, kwargs, threads):
             if name not in funcs:
                 funcs[name] = get(name)
             f = funcs[name]
-            if op == "calibrate":
+            if op == "call":
+                conn.send(("ok", f()))
+            elif op == "calibrate":
                 _, _, warmup, min_time, max_inner = msg
                 for _ in range(warmup):
                     f()
@@ -271,24 +278,29 @@ class Workers:
     Thread pools are limited to ``threads`` (threadpoolctl, and PyTorch's
     own setting when the factory imported it).
 
+    ``env`` (optional) maps environment variables to the value the workers
+    start with, None to unset one (see :func:`worker_environment`).
+
     Use as a context manager; :meth:`time` has the interface and the result
     of :func:`time_alternating`.
     """
 
     def __init__(self, factory, backends: Sequence[str], threads: int | None = None,
-                 **kwargs):
+                 env: Mapping[str, str | None] | None = None, **kwargs):
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
         self.procs: dict = {}
         self.conns: dict = {}
         self.errors: dict[str, str] = {}
-        for be in backends:
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_loop, args=(child, factory, dict(kwargs, backend=be),
-                                                       threads), daemon=True)
-            p.start()
-            child.close()
-            self.procs[be], self.conns[be] = p, parent
+        with environment(env):
+            for be in backends:
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker_loop,
+                                args=(child, factory, dict(kwargs, backend=be), threads),
+                                daemon=True)
+                p.start()
+                child.close()
+                self.procs[be], self.conns[be] = p, parent
         for be in backends:
             status, val = self._recv(be)
             if status != "ok":
@@ -298,6 +310,16 @@ class Workers:
     @property
     def backends(self) -> list[str]:
         return list(self.conns)
+
+    def call(self, backend: str, name: str):
+        """Call ``get(name)()`` once in ``backend``'s worker; its (picklable)
+        result. Raises RuntimeError with the worker's message on failure."""
+        if backend not in self.conns:
+            raise RuntimeError(self.errors.get(backend, f"no worker for backend {backend!r}"))
+        status, val = self._ask(backend, "call", name)
+        if status != "ok":
+            raise RuntimeError(str(val))
+        return val
 
     def _recv(self, be):
         try:
@@ -371,6 +393,7 @@ class Workers:
         labels = list(inner)
         order = _sample_order(labels, inner, est, repeats, max_time, blocked)
         samples: dict[str, list[float]] = {k: [] for k in labels}
+        others: dict[str, list[float]] = {k: [0.0, 0.0] for k in labels}
         prev = None
         for label in order:
             if label in errors:
@@ -379,19 +402,106 @@ class Workers:
             if settle > 0 and label != prev:
                 time.sleep(settle)
             prev = label
+            idle = [self.procs[b].pid for b in self.procs if b != be]
+            c0, t0 = _processes_cpu_ns(idle), _perf()
             status, val = self._ask(be, "sample", name, inner[label], int(warm))
+            t1, c1 = _perf(), _processes_cpu_ns(idle)
             if status != "ok":
                 errors[label] = str(val)
                 continue
             samples[label].append(val)
+            others[label][0] += (c1 - c0) * 1e-9
+            others[label][1] += t1 - t0
         out: dict[str, dict] = {}
         for label in labels:
             if label in errors or not samples[label]:
                 continue
             s = _stats(samples[label])
             s["inner"] = inner[label]
+            # CPU the other (idle) workers used while this one was timed,
+            # over the samples' wall time: should be ~0
+            s["others_cpu"] = others[label][0] / others[label][1] if others[label][1] else None
             out[label] = s
         return out, errors
+
+
+def _processes_cpu_ns(pids) -> int:
+    """CPU time (ns) used so far by all threads of the processes ``pids``
+    (/proc/PID/task/*/schedstat; 0 where unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as fh:
+                    total += int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str | None] | None):
+    """Set (value) or unset (None) environment variables inside the block,
+    e.g. around starting processes that must inherit them; restored after."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    try:
+        for k, v in (env or {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def initial_environ() -> dict[str, str] | None:
+    """The environment this process started with (/proc/self/environ), before
+    any import changed ``os.environ`` (pykd sets GOMP_SPINCOUNT or
+    OMP_WAIT_POLICY on import); None where it is not readable."""
+    try:
+        with open("/proc/self/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    out = {}
+    for item in raw.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep:
+            out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
+    return out
+
+
+# Set outside the project (e.g. by a CI or sandbox) to pin OpenBLAS's kernels
+# and cache sizes; a user's process on this CPU has neither.
+BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def worker_environment(keep_blas_overrides: bool = False) -> dict[str, str | None]:
+    """The environment changes that make a worker start as a user's fresh
+    process would: every threading variable (ENV_VARS) as the benchmark
+    process itself started with it (undoing what an import such as pykd's
+    set since), and, unless ``keep_blas_overrides``, without the OpenBLAS
+    kernel/cache overrides (BLAS_OVERRIDES), so each BLAS picks its kernels
+    for this CPU."""
+    start = initial_environ()
+    env: dict[str, str | None] = {}
+    if start is not None:
+        for k in ENV_VARS:
+            if os.environ.get(k) != start.get(k):
+                env[k] = start.get(k)
+    if not keep_blas_overrides:
+        for k in BLAS_OVERRIDES:
+            env[k] = None
+    return env
 
 
 class _Captured:
@@ -521,7 +631,44 @@ def _cpuinfo() -> dict:
     m = re.search(r"^cpu MHz\s*:\s*(.+)$", text, re.M)
     if m:
         info["mhz"] = m.group(1).strip()
+    for key, pat in (("vendor", r"^vendor_id\s*:\s*(\S+)"), ("family", r"^cpu family\s*:\s*(\d+)"),
+                     ("model_id", r"^model\s*:\s*(\d+)")):
+        m = re.search(pat, text, re.M)
+        if m:
+            info[key] = int(m.group(1)) if key != "vendor" else m.group(1)
     return info
+
+
+# (family, first model, last model) -> core; a short list of server parts
+_AMD_CORES = ((23, 0x00, 0x2f, "Zen/Zen+"), (23, 0x30, 0xff, "Zen 2"),
+              (25, 0x00, 0x0f, "Zen 3"), (25, 0x10, 0x1f, "Zen 4"), (25, 0x20, 0x5f, "Zen 3"),
+              (25, 0x60, 0xaf, "Zen 4"), (26, 0x00, 0xff, "Zen 5"))
+_INTEL_CORES = {0x55: "Skylake-SP/Cascade Lake", 0x6a: "Ice Lake-SP", 0x6c: "Ice Lake-SP",
+                0x8f: "Sapphire Rapids", 0xcf: "Emerald Rapids", 0xad: "Granite Rapids",
+                0xae: "Granite Rapids", 0xaf: "Sierra Forest"}
+
+
+def cpu_core(vendor, family, model) -> str | None:
+    """The core's name (e.g. "Zen 5") from the CPUID family and model, for
+    the x86 server parts this project meets; None when unknown."""
+    if vendor == "AuthenticAMD" and family is not None and model is not None:
+        for fam, lo, hi, name in _AMD_CORES:
+            if family == fam and lo <= model <= hi:
+                return name
+    if vendor == "GenuineIntel" and family == 6:
+        return _INTEL_CORES.get(model)
+    return None
+
+
+def cpu_name(info: Mapping) -> str:
+    """"AMD EPYC (Zen 5, family 26 model 2)": the model name /proc/cpuinfo
+    gives (a VM may hide the part number) with the core that its family
+    and model identify."""
+    fam, mod = info.get("cpu_family"), info.get("cpu_model_id")
+    core = cpu_core(info.get("cpu_vendor"), fam, mod)
+    ident = ", ".join(x for x in (core, None if fam is None else f"family {fam} model {mod}")
+                      if x)
+    return f"{info.get('cpu_model')}" + (f" ({ident})" if ident else "")
 
 
 def _gfortran_version() -> str | None:
@@ -537,7 +684,7 @@ def _gfortran_version() -> str | None:
 
 
 ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
-            "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
+            "OPENBLAS_L2_SIZE", "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
             "OMP_PROC_BIND", "MKL_NUM_THREADS")
 
 
@@ -585,12 +732,37 @@ def steal_fraction(before, after) -> float | None:
     return (after[1] - before[1]) / (after[0] - before[0])
 
 
+def sched_times() -> tuple[int, int] | None:
+    """(CPU time, run-queue wait) in nanoseconds so far, summed over this
+    process's live threads (/proc/self/task/*/schedstat; Linux with
+    schedstats, else None). The wait is time a thread was runnable but
+    another task had its core: over a timed block it says how much of the
+    block other processes (or this one's own extra threads) took from it."""
+    run = wait = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", encoding="ascii") as fh:
+                v = fh.read().split()
+            run += int(v[0])
+            wait += int(v[1])
+        except (OSError, ValueError, IndexError):
+            continue   # a thread that ended meanwhile
+    return run, wait
+
+
 def machine_info() -> dict:
     cpu = _cpuinfo()
     flags = cpu["flags"]
     info: dict = {
         "cpu_model": cpu["model"],
         "cpu_mhz": cpu.get("mhz"),
+        "cpu_vendor": cpu.get("vendor"),
+        "cpu_family": cpu.get("family"),
+        "cpu_model_id": cpu.get("model_id"),
         "avx2": "avx2" in flags,
         "fma": "fma" in flags,
         "avx512f": "avx512f" in flags,
@@ -627,7 +799,7 @@ def machine_info() -> dict:
 
 def format_machine_info(info: Mapping) -> str:
     lines = [
-        f"CPU: {info.get('cpu_model')}  cores={info.get('logical_cores')} "
+        f"CPU: {cpu_name(info)}  cores={info.get('logical_cores')} "
         f"avx2={info.get('avx2')} fma={info.get('fma')} avx512f={info.get('avx512f')}",
         f"Python {info.get('python')}  NumPy {info.get('numpy')}  "
         f"gfortran: {info.get('gfortran') or 'not found'}",

@@ -69,3 +69,64 @@ def test_a_crashing_worker_is_an_error_not_a_hang():
                                repeats=2, warmup=0, min_time=0.0)
         assert "died" in errors["crash"] or "gone" in errors["crash"]
         assert "fine" in stats
+
+
+def env_factory(backend):
+    """A worker that reports an environment variable as it started."""
+    def get(name):
+        return lambda: os.environ.get(name)
+    return get
+
+
+def test_workers_start_with_the_given_environment(monkeypatch):
+    monkeypatch.setenv("PYKD_BENCH_GONE", "1")
+    monkeypatch.delenv("PYKD_BENCH_SET", raising=False)
+    with harness.Workers(env_factory, ["a"], env={"PYKD_BENCH_GONE": None,
+                                                  "PYKD_BENCH_SET": "yes"}) as w:
+        assert w.call("a", "PYKD_BENCH_GONE") is None
+        assert w.call("a", "PYKD_BENCH_SET") == "yes"
+    # the parent's environment is restored
+    assert os.environ["PYKD_BENCH_GONE"] == "1" and "PYKD_BENCH_SET" not in os.environ
+
+
+def test_worker_environment_undoes_imports_and_drops_blas_overrides(monkeypatch):
+    """Synthetic start environment: the user set OMP_NUM_THREADS; an import
+    then set GOMP_SPINCOUNT and changed OMP_NUM_THREADS; the session pins
+    OpenBLAS's kernels."""
+    start = {"OMP_NUM_THREADS": "2", "OPENBLAS_CORETYPE": "Haswell", "PATH": "/bin"}
+    monkeypatch.setattr(harness, "initial_environ", lambda: dict(start))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env = harness.worker_environment()
+    assert env["OMP_NUM_THREADS"] == "2" and env["GOMP_SPINCOUNT"] is None
+    assert env["OPENBLAS_CORETYPE"] is None and env["OPENBLAS_L2_SIZE"] is None
+    assert "OMP_WAIT_POLICY" not in env and "PATH" not in env
+    kept = harness.worker_environment(keep_blas_overrides=True)
+    assert "OPENBLAS_CORETYPE" not in kept and kept["GOMP_SPINCOUNT"] is None
+
+
+def test_initial_environ_and_sched_times_read_proc():
+    start = harness.initial_environ()
+    if start is None:          # not Linux
+        return
+    assert start.get("PATH") == os.environ.get("PATH") or "PATH" in start
+    st = harness.sched_times()
+    assert st is None or (st[0] > 0 and st[1] >= 0)
+    assert harness._processes_cpu_ns([os.getpid()]) > 0
+    assert harness._processes_cpu_ns([-1]) == 0
+
+
+def test_cpu_core_names():
+    assert harness.cpu_core("AuthenticAMD", 26, 2) == "Zen 5"
+    assert harness.cpu_core("AuthenticAMD", 25, 0x01) == "Zen 3"
+    assert harness.cpu_core("AuthenticAMD", 25, 0x11) == "Zen 4"
+    assert harness.cpu_core("AuthenticAMD", 23, 0x31) == "Zen 2"
+    assert harness.cpu_core("GenuineIntel", 6, 0x8f) == "Sapphire Rapids"
+    assert harness.cpu_core("GenuineIntel", 6, 0x01) is None
+    assert harness.cpu_core(None, None, None) is None
+    info = {"cpu_model": "AMD EPYC", "cpu_vendor": "AuthenticAMD", "cpu_family": 26,
+            "cpu_model_id": 2}
+    assert harness.cpu_name(info) == "AMD EPYC (Zen 5, family 26 model 2)"
+    assert harness.cpu_name({"cpu_model": "aarch64"}) == "aarch64"

@@ -187,3 +187,107 @@ def test_cold_factory_times_load_and_first_call(prepared, tmp_path):
     assert set(got) == {"load_s", "first_s"} and got["load_s"] > 0 and got["first_s"] > 0
     with pytest.raises(KeyError, match="no candidate 'nope'"):
         bi.cold_factory("nope", work, 1, 1, str(out))
+
+
+# ---- the tables' logic on synthetic numbers (no timing) -------------------
+
+def _row(label, batch, median, threads=2, **extra):
+    return dict({"threads": threads, "batch": batch, "label": label, "backend": "pykd",
+                 "kinds": ["dense"], "bytes": 1000, "median_s": median, "p99_s": 2 * median,
+                 "n_calls": 10, "check": {"ok": True}}, **extra)
+
+
+def synthetic_rows():
+    us = 1e-6
+    rows = [_row("pykd float32", 1, 10 * us), _row("pykd float32", 256, 600 * us),
+            _row("ORT float32", 1, 16 * us), _row("ORT float32", 256, 400 * us),
+            _row("pykd int8 dynamic", 1, 5 * us), _row("pykd int8 dynamic", 256, 350 * us),
+            _row("ORT int8 dynamic", 1, 12 * us), _row("ORT int8 dynamic", 256, 200 * us),
+            _row("pykd low_rank e0.9", 1, 10 * us), _row("pykd low_rank e0.9", 256, 300 * us),
+            _row("pykd pruned 90% dense", 1, 12 * us), _row("pykd sparse_csr 90%", 1, 4 * us,
+                                                            wait_frac=0.2)]
+    bi.add_ratios(rows)
+    return rows
+
+
+def test_targets_ratios_and_verdicts():
+    got = {(t["target"], t["candidate"]): t for t in bi.targets(synthetic_rows())}
+    t = got[("float32 b1 <= 0.5x ORT f32", "pykd float32")]
+    assert t["ratio"] == pytest.approx(10 / 16) and t["met"] is False
+    t = got[("float32 b256 <= 1.0x ORT f32", "pykd float32")]
+    assert t["ratio"] == pytest.approx(1.5) and t["met"] is False
+    assert got[("int8 b1 <= 0.5x ORT int8", "pykd int8 dynamic")]["met"] is True   # 5/12
+    assert got[("int8 b1 <= pykd f32", "pykd int8 dynamic")]["met"] is True
+    assert got[("int8 b256 <= 0.5x pykd f32", "pykd int8 dynamic")]["met"] is False  # 350/600
+    assert got[("int8 b256 <= 0.5x ORT int8", "pykd int8 dynamic")]["ratio"] == \
+        pytest.approx(1.75)
+    # "faster than": strictly below 1; equal is not met
+    assert got[("low_rank faster than dense, b1", "pykd low_rank e0.9")]["met"] is False
+    assert got[("low_rank faster than dense, b256", "pykd low_rank e0.9")]["met"] is True
+    sp = got[("sparse_csr 90% >= 3x faster than its dense, b1", "pykd sparse_csr 90%")]
+    assert sp["ratio"] == pytest.approx(1 / 3) and sp["met"] is True and sp["disturbed"]
+    # a candidate that was not timed: no verdict
+    assert got[("int8 b1 <= 0.5x ORT int8", "pykd int8 static")]["met"] is None
+    assert got[("codebook faster than dense, b1", "pykd codebook 4-bit")]["ratio"] is None
+    assert {t["threads"] for t in bi.targets(synthetic_rows())} == {2}
+
+
+def test_report_ends_with_the_targets_table():
+    rows = synthetic_rows()
+    block = {"threads": 2, "workers": {
+        "pykd float32": {"pools": [{"user_api": "blas", "internal_api": "openblas",
+                                    "version": "0.3.21", "num_threads": 2,
+                                    "architecture": "Cooperlake", "threading_layer": "openmp",
+                                    "filepath": "libopenblasp-r0.3.21.so"},
+                                   {"user_api": "blas", "internal_api": "openblas",
+                                    "version": "0.3.31", "num_threads": 2,
+                                    "architecture": "SkylakeX", "threading_layer": "pthreads",
+                                    "filepath": "libscipy_openblas64_.so"}],
+                         "env": {"GOMP_SPINCOUNT": "10000"}},
+        "ORT float32": {"ort": {"version": "1.32.0", "intra_op_threads": 2}, "env": {}}},
+        "dense_limits": [{"shape": [256, 784, 200], "median_s": 200e-6, "gflops": 401.4},
+                         {"shape": [256, 200, 10], "median_s": 10e-6, "gflops": 102.4}]}
+    result = {"model": "tiny", "model_sizes": "48-24-24-4", "mode": "test",
+              "machine": {"cpu_model": "AMD EPYC", "cpu_vendor": "AuthenticAMD",
+                          "cpu_family": 26, "cpu_model_id": 2, "cpu_flags": {"avx2": True}},
+              "versions": {"numpy": "2"}, "absent": {}, "blocks": [block], "rows": rows,
+              "config": {"worker_env": {"OPENBLAS_CORETYPE": None}}}
+    md = bi.tables(result)
+    assert "AMD EPYC (Zen 5, family 26 model 2)" in md
+    assert "OPENBLAS_CORETYPE unset" in md
+    assert "OpenBLAS 0.3.21 openmp Cooperlake x2" in md     # pykd's BLAS, not NumPy's copy
+    assert "MLAS (ORT 1.32.0) intra-op x2" in md
+    assert "| 2 | 256x784 @ 784x200 | 200 | 401 |" in md
+    assert "| 2 | sum of the 3 layers | 210 |" in md
+    tail = md[md.rindex("### "):]
+    assert tail.startswith("### Targets (issue 11)")
+    assert "| float32 b1 <= 0.5x ORT f32 | 2 | pykd float32 | ORT float32 | 10.0 | 16.0 | " \
+        "0.62x | 0.50x | **not met** |" in tail
+    assert "| 0.33x | 0.33x | met (disturbed) |" in tail
+
+
+def test_wait_summaries():
+    lat = np.array([1.0, 1.0, 1.1, 5.0]) * 1e-3
+    waits = np.array([0.0, 1e-6, 0.0, 4e-3])
+    u = bi.undisturbed(lat, waits)
+    assert u["n_disturbed"] == 1 and u["p99_undisturbed_s"] < 1.2e-3
+    assert u["median_undisturbed_s"] == pytest.approx(1e-3)
+    assert bi.undisturbed(lat, None) == {} and bi.undisturbed(lat, waits[:2]) == {}
+    s = bi.sched_summary(np.array([[0.010, 0.018, 0.001, 10], [0.010, 0.020, 0.003, 10]]))
+    assert s["cpu_per_call_s"] == pytest.approx(0.038 / 20)
+    assert s["wait_per_call_s"] == pytest.approx(0.004 / 20)
+    assert s["wait_frac"] == pytest.approx(0.2)
+    assert bi.sched_summary(None) == {}
+
+
+def test_blas_summary_names_each_backends_kernels():
+    torch_info = {"torch": {"blas": "mkl", "mkl": "2024.2", "onednn": "v3.12.0",
+                            "capability": "AVX512", "threads": 2}}
+    assert bi.blas_summary("torch", torch_info) == "MKL 2024.2 + oneDNN v3.12.0 (AVX512) x2"
+    numpy_info = {"pools": [{"user_api": "blas", "version": "0.3.31", "threading_layer":
+                             "pthreads", "architecture": "SkylakeX", "num_threads": 1,
+                             "filepath": "libscipy_openblas64_.so"},
+                            {"user_api": "openmp", "filepath": "libgomp.so"}]}
+    assert bi.blas_summary("numpy", numpy_info) == "OpenBLAS 0.3.31 pthreads SkylakeX x1"
+    assert bi.blas_summary("pykd", None) == "?"
+    assert bi.blas_summary("pykd", {"error": "gone"}) == "?"
