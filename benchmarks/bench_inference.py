@@ -1051,7 +1051,7 @@ def plot(result, path):
     except Exception as exc:
         return f"no plot: matplotlib not importable ({exc})"
     ths = [b["threads"] for b in result["blocks"]]
-    fig, axes = plt.subplots(len(ths), len(BATCHES), figsize=(12, 4.6 * len(ths)),
+    fig, axes = plt.subplots(len(ths), len(BATCHES), figsize=(13, 4.6 * len(ths) + 1.6),
                              squeeze=False)
     labels = list(dict.fromkeys(r["label"] for r in result["rows"]))
     markers = "oDs^vP*Xhd<>p8H"
@@ -1081,15 +1081,17 @@ def plot(result, path):
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel("bytes on disk")
-            ax.set_ylabel("latency per call, us (filled: median, bar to p99; "
-                          "open: cold first call)", fontsize=8)
+            ax.set_ylabel("latency per call, us")
             ax.set_title(f"batch {batch}, {th} thread{'s' if th != 1 else ''}")
             ax.grid(True, which="both", alpha=0.3)
     handles, labs = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labs, loc="lower center", ncol=4, fontsize=8)
+    fig.legend(handles, labs, loc="lower center", ncol=5, fontsize=8,
+               title="filled marker: median, bar up to p99; open marker: cold first call "
+                     "(fresh process)", title_fontsize=8)
     fig.suptitle("\n".join(textwrap.wrap(machine_summary(result["machine"], result["blocks"]),
                                         180)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
+    bottom = 1.5 / fig.get_figheight()     # room for the legend
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.5 / fig.get_figheight()))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
