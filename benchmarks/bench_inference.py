@@ -923,6 +923,22 @@ def targets_table(rows):
                                    "ref. us", "ratio", "limit", "result"], table)
 
 
+def int8_peak():
+    """(zmm, ymm) int8 multiply-add peak of one core in GMAC/s, register-only
+    vpdpbusd (benchmarks/int8_peak.c via bench_int8), or None (no C
+    compiler, no VNNI)."""
+    try:
+        import bench_int8
+        peak = bench_int8._peak()
+    except Exception:
+        return None
+    return peak if peak and max(peak) > 0 else None
+
+
+# multiply-adds of one batch-256 forward of the student
+STUDENT_MACS_B256 = sum(m * k * n for m, k, n in DENSE_SHAPES)
+
+
 def limits_table(blocks):
     """Markdown lines: pykd.dense's sgemm rate at the batch-256 shapes, per
     thread count, and the sum of the three layers' times (a floor for a
@@ -945,6 +961,17 @@ def limits_table(blocks):
                   "student's batch-256 shapes, in pykd float32's worker (its BLAS and thread "
                   "count), median of 40 calls:", "",
                   harness.markdown_table(["threads", "shape", "median us", "GFLOP/s"], rows), ""]
+    for blk in blocks:
+        pk = blk.get("int8_peak_gmacs")
+        if pk:
+            th = max(b["threads"] for b in blocks)
+            best = max(pk.values())
+            floor = STUDENT_MACS_B256 / (best * 1e9 * th)
+            lines += [f"int8 peak of one core (register-only vpdpbusd, benchmarks/int8_peak.c): "
+                      f"zmm {pk['zmm']:.0f} GMAC/s, ymm {pk['ymm']:.0f} GMAC/s; the student's "
+                      f"{STUDENT_MACS_B256 / 1e6:.1f} M multiply-adds at batch 256 take at "
+                      f"least {_us(floor)} us on {th} core{'s' if th != 1 else ''} at that "
+                      "peak.", ""]
     return lines
 
 
@@ -1127,7 +1154,8 @@ def load_student(path, epochs, ds):
 
 
 def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, cold_reps,
-        workdir, mode, cold_batches=BATCHES, keep_blas_env=False, only=None, log=print):
+        workdir, mode, cold_batches=BATCHES, keep_blas_env=False, only=None, limits=True,
+        log=print):
     """Prepare every candidate, then check and time them at each thread
     count (``only``: the labels containing one of these strings, plus the
     two references). Returns the result dict (rows, blocks, machine, ...)."""
@@ -1154,7 +1182,7 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
         # cold starts at the largest thread count only (each is a fresh process)
         r, b = run_threads(specs, workdir, th, rounds=rounds, block_calls=block_calls,
                            cold_reps=cold_reps if th == max(threads) else 0,
-                           cold_batches=cold_batches, env=env, log=log)
+                           cold_batches=cold_batches, env=env, limits=limits, log=log)
         rows += r
         blocks.append(b)
         if b.get("busy_before") is not None and b["busy_before"] > 0.3:
@@ -1164,6 +1192,9 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
             log(f"WARNING: the hypervisor took {b['steal']:.0%} of the CPU time (steal) "
                 f"during the {th}-thread block")
     sizes = getattr(student, "sizes", None)
+    peak = int8_peak() if limits else None
+    if peak:
+        blocks[-1]["int8_peak_gmacs"] = {"zmm": peak[0], "ymm": peak[1]}
     return {"model": model_name, "model_sizes": "-".join(map(str, sizes)) if sizes else "?",
             "mode": mode, "machine": info, "versions": versions(), "absent": absent,
             "config": {"threads": threads, "rounds": rounds, "worker_env": env,

@@ -246,7 +246,8 @@ def test_report_ends_with_the_targets_table():
                          "env": {"GOMP_SPINCOUNT": "10000"}},
         "ORT float32": {"ort": {"version": "1.32.0", "intra_op_threads": 2}, "env": {}}},
         "dense_limits": [{"shape": [256, 784, 200], "median_s": 200e-6, "gflops": 401.4},
-                         {"shape": [256, 200, 10], "median_s": 10e-6, "gflops": 102.4}]}
+                         {"shape": [256, 200, 10], "median_s": 10e-6, "gflops": 102.4}],
+        "int8_peak_gmacs": {"zmm": 509.0, "ymm": 254.5}}
     result = {"model": "tiny", "model_sizes": "48-24-24-4", "mode": "test",
               "machine": {"cpu_model": "AMD EPYC", "cpu_vendor": "AuthenticAMD",
                           "cpu_family": 26, "cpu_model_id": 2, "cpu_flags": {"avx2": True}},
@@ -259,6 +260,8 @@ def test_report_ends_with_the_targets_table():
     assert "MLAS (ORT 1.32.0) intra-op x2" in md
     assert "| 2 | 256x784 @ 784x200 | 200 | 401 |" in md
     assert "| 2 | sum of the 3 layers | 210 |" in md
+    # 50.9 M multiply-adds over 2 cores x 509 GMAC/s
+    assert "zmm 509 GMAC/s" in md and "at least 50.0 us on 2 cores" in md
     tail = md[md.rindex("### "):]
     assert tail.startswith("### Targets (issue 11)")
     assert "| float32 b1 <= 0.5x ORT f32 | 2 | pykd float32 | ORT float32 | 10.0 | 16.0 | " \
