@@ -465,6 +465,7 @@ contains
                                 norm_kinds=[NORM_SCALAR, NORM_NONE], metadata='{"kinds": 5}', stat=stat, errmsg=msg)
     call check(stat == PYKD_OK .and. m%n_layers() == 5 .and. m%layer_kind(4) == 'sparse_codebook', &
                'a model of every kind from its arrays: '//trim(msg))
+    call check_kinds_in_parallel(m)
     i32(size(i32) - 3) = i32(size(i32) - 3) + 1
     call pykd_model_from_arrays(t, f32, i8, i32, r, stat=stat, errmsg=msg)
     call check(stat == PYKD_ERR_ARG .and. index(msg, 'packed copy of q') > 0, &
@@ -504,6 +505,46 @@ contains
       call expect_arg(k, t, f32, i8, i32)
     end do
   end subroutine test_every_kind
+
+  !> The kinds' kernels called single-threaded inside an OpenMP region (each
+  !! thread its own workspace, as a network run per thread on a slice of
+  !! samples calls them): the bits of the same chunks run one after another,
+  !! for chunks of 1, 7 and 64 samples (scatter, panel and dense-decode
+  !! sparse kernels; register and panel codebook kernels).
+  subroutine check_kinds_in_parallel(m)
+    type(pykd_model), intent(in) :: m
+    integer, parameter :: N = 448
+    integer, parameter :: CHUNKS(3) = [1, 7, 64]
+    type(pykd_workspace), allocatable :: ws(:)
+    real(real32), allocatable :: x(:, :), ref(:, :), par(:, :)
+    integer :: nt, k, c, ch, tid, st, n_bad
+    character(len=8) :: cs
+
+    allocate (x(4, N), ref(2, N), par(2, N))
+    x = reshape(uniforms(size(x), 31_int64, 2.0), shape(x))
+    nt = 1
+    !$ nt = max(2, omp_get_max_threads())
+    allocate (ws(0:nt - 1))
+    do k = 1, size(CHUNKS)
+      ch = CHUNKS(k)
+      do c = 1, N, ch
+        call pykd_predict(m, x(:, c:c + ch - 1), ref(:, c:c + ch - 1), st, work=ws(0))
+      end do
+      par = 0
+      n_bad = 0
+      !$omp parallel do num_threads(nt) schedule(dynamic) private(tid, st) reduction(+:n_bad)
+      do c = 1, N, ch
+        tid = 0
+        !$ tid = omp_get_thread_num()
+        call pykd_predict(m, x(:, c:c + ch - 1), par(:, c:c + ch - 1), st, work=ws(tid))
+        if (st /= PYKD_OK) n_bad = n_bad + 1
+      end do
+      !$omp end parallel do
+      write (cs, '(i0)') ch
+      call check(n_bad == 0 .and. all(par == ref), 'every kind in an OpenMP loop, chunks of '// &
+                 trim(cs)//': the bits of the same chunks run serially')
+    end do
+  end subroutine check_kinds_in_parallel
 
   !> Layer l of m is dense_int8 with q and scale = quantize_weights(w).
   logical function int8_of(m, l, w)
