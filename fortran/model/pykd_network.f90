@@ -8,6 +8,8 @@
 !! one model at once, each with its own `work`.
 module pykd_network
   use iso_fortran_env, only: int8, int32, int64, real32
+  use iso_c_binding, only: c_int
+  !$ use omp_lib, only: omp_get_max_threads, omp_get_num_threads, omp_get_thread_num, omp_in_parallel
   use pykd_codes, only: N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, &
                         COL_F32_LEN, COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, &
                         NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR
@@ -21,26 +23,50 @@ module pykd_network
   private
   public :: network_forward, network_workspace_words
 
+  !> From this many samples a batch is split across the OpenMP team, each
+  !! thread running every layer on its slice (team_size); below, the layers
+  !! run one after the other on the whole batch. Measured in
+  !! docs/performance.md ("Batch 256: one parallel region").
+  integer, parameter :: TEAM_MIN_BATCH = 16
+  !> Samples per thread at least, when split.
+  integer, parameter :: TEAM_MIN_SLICE = 8
+
+  interface
+    integer(c_int) function blas_team_safe() bind(c, name='pykd_blas_team_safe')
+      import :: c_int
+    end function blas_team_safe
+  end interface
+
 contains
 
   !> Words of `work` that network_forward needs for n samples and this
-  !! `upto` (0: all layers). Not pure: it asks each layer's kind, and the
-  !! factory's polymorphic intent(out) argument cannot be pure. A table that
-  !! network_forward would reject gives a size that is merely large enough
-  !! for the checks to run.
+  !! `upto` (0: all layers), on one thread or split across the team that
+  !! team_size(n) gives now (enough for any smaller team too). Not pure: it
+  !! asks each layer's kind, and the factory's polymorphic intent(out)
+  !! argument cannot be pure. A table that network_forward would reject
+  !! gives a size that is merely large enough for the checks to run.
   integer(int64) function network_workspace_words(table, n, upto) result(words)
     integer(int64), intent(in) :: table(:, :)   !! (N_FIELDS, n_layers)
     integer, intent(in) :: n, upto
-    integer(int64) :: h_a, h_b, s
-    integer :: k, nl, st
-    class(pykd_layer_t), allocatable :: layer
+    integer :: nl
 
     words = 0
     nl = size(table, 2)
     if (size(table, 1) /= N_FIELDS .or. nl < 1 .or. n < 0) return
     if (upto >= 1 .and. upto <= nl) nl = upto
-    ! Hidden outputs ping-pong between two regions A and B; the normalised
-    ! input sits in B (layer 1 writes A). The last layer writes y.
+    words = max(slice_words(table, n, nl), team_words(table, n, nl, team_size(n)))
+  end function network_workspace_words
+
+  !> Words one thread needs to run layers 1..nl on n samples. Hidden
+  !! outputs ping-pong between two regions A and B; the normalised input
+  !! sits in B (layer 1 writes A). The last layer writes y.
+  integer(int64) function slice_words(table, n, nl) result(words)
+    integer(int64), intent(in) :: table(:, :)
+    integer, intent(in) :: n, nl
+    integer(int64) :: h_a, h_b, s
+    integer :: k, st
+    class(pykd_layer_t), allocatable :: layer
+
     h_a = 0
     do k = 1, nl - 1
       h_a = max(h_a, table(COL_N_OUT, k))
@@ -52,12 +78,44 @@ contains
       if (st == PYKD_OK) s = max(s, layer%workspace_words(table(:, k), n))
     end do
     words = (max(h_a, 0_int64) + max(h_b, 0_int64)) * n + s
-  end function network_workspace_words
+  end function slice_words
+
+  !> Words for nt threads, each on its own slice of at most ceil(n / nt)
+  !! samples with a region of team_stride words (0 for nt <= 1).
+  integer(int64) function team_words(table, n, nl, nt) result(words)
+    integer(int64), intent(in) :: table(:, :)
+    integer, intent(in) :: n, nl, nt
+    words = 0
+    if (nt > 1) words = nt * team_stride(table, n, nl, nt)
+  end function team_words
+
+  !> One thread's region in a team's workspace: whole cache lines, so the
+  !! threads never write the same line.
+  integer(int64) function team_stride(table, n, nl, nt) result(words)
+    integer(int64), intent(in) :: table(:, :)
+    integer, intent(in) :: n, nl, nt
+    words = (slice_words(table, (n + nt - 1) / nt, nl) + 15) / 16 * 16
+  end function team_stride
+
+  !> Threads that split a batch of n samples, each running the whole
+  !! network on its slice with single-threaded products (1: the layers run
+  !! one after the other on the whole batch, each product threaded by the
+  !! BLAS). Needs a BLAS that runs calls made in a parallel region on the
+  !! calling thread (pykd_blas_team_safe). Depends on n and the thread
+  !! count only, so the bits do too (docs/performance.md).
+  integer function team_size(n) result(nt)
+    integer, intent(in) :: n
+    nt = 1
+    !$ if (n >= TEAM_MIN_BATCH .and. blas_team_safe() /= 0) &
+    !$   nt = max(1, min(omp_get_max_threads(), n / TEAM_MIN_SLICE))
+  end function team_size
 
   !> y = the model's output for x (upto = 0: all layers, then the output
   !! normalisation undone: y * std + mean), or layer upto's output
   !! (upto >= 1, no output normalisation). The input normalisation, if
-  !! any, is applied first: (x - mean) / std.
+  !! any, is applied first: (x - mean) / std. From TEAM_MIN_BATCH samples
+  !! the batch is split across the OpenMP team (team_size), unless the
+  !! caller is already in a parallel region.
   !! stat: PYKD_OK; PYKD_ERR_ARG for a bad table, buffer or size (checked
   !! before anything runs); or a layer's status (PYKD_ERR_NONFINITE from an
   !! int8 layer given NaN/inf). bad_layer: the failing layer (from 1), or 0.
@@ -69,59 +127,119 @@ contains
     integer(int32), intent(in), contiguous :: i32(:)
     real(real32), intent(in), contiguous :: norm(:)         !! [in_mean, in_std, out_mean, out_std]
     integer, intent(in) :: norm_kinds(2)                    !! NORM_* of input and output
-    real(real32), intent(in), contiguous, target :: x(:, :) !! (n_features, n)
+    real(real32), intent(in), contiguous :: x(:, :)         !! (n_features, n)
     integer, intent(in) :: upto
-    real(real32), intent(inout), contiguous, target :: y(:, :)  !! (n_out of layer upto or last, n)
-    real(real32), intent(inout), contiguous, target :: work(:)  !! network_workspace_words
+    real(real32), intent(inout), contiguous :: y(:, :)      !! (n_out of layer upto or last, n)
+    real(real32), intent(inout), contiguous :: work(:)      !! network_workspace_words
     integer, intent(out) :: stat, bad_layer
     character(len=*), intent(out), optional :: errmsg
     character(len=MSG_LEN) :: msg
     class(pykd_layer_t), allocatable :: layer
-    real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
-    integer(int64) :: a0, b0, s0, k_in
-    integer :: k, nl, n, st
+    integer(int64) :: stride
+    integer :: nl, n, nt, st, t, me, team, j0, j1
+    integer, allocatable :: sts(:), bads(:)
 
+    n = size(x, 2)
+    nl = size(table, 2)
+    if (upto >= 1 .and. upto <= nl) nl = upto
+    nt = team_size(n)
+    !$ if (omp_in_parallel()) nt = 1
     call check_network(table, size(f32, kind=int64), size(i8, kind=int64), size(i32, kind=int64), &
-                       size(norm, kind=int64), norm_kinds, x, upto, y, size(work, kind=int64), &
+                       size(norm, kind=int64), norm_kinds, x, upto, y, size(work, kind=int64), nt, &
                        stat, bad_layer, msg)
     if (present(errmsg)) errmsg = msg
     if (stat /= PYKD_OK) return
-    n = size(x, 2)
-    nl = size(table, 2)
-    if (upto >= 1) nl = upto
     if (n == 0) return
-    call regions(table, n, nl, a0, b0, s0)
+    if (nt == 1) then
+      call run_slice(table, f32, i8, i32, norm, norm_kinds, size(x, 1), size(y, 1), n, x, nl, &
+                     upto, y, work, stat, bad_layer)
+    else
+      stride = team_stride(table, n, nl, nt)
+      allocate (sts(nt), bads(nt))
+      sts = PYKD_OK; bads = 0
+      ! Slices are fixed by n and nt; a smaller team than asked (a thread
+      ! limit) runs several slices per thread, with the same bits.
+      !$omp parallel num_threads(nt) private(t, me, team, j0, j1)
+      me = 0; team = 1
+      !$ me = omp_get_thread_num(); team = omp_get_num_threads()
+      do t = me, nt - 1, team
+        j0 = slice_end(n, nt, t); j1 = slice_end(n, nt, t + 1)
+        call run_slice(table, f32, i8, i32, norm, norm_kinds, size(x, 1), size(y, 1), j1 - j0, &
+                       x(:, j0 + 1:j1), nl, upto, y(:, j0 + 1:j1), &
+                       work(t * stride + 1:(t + 1) * stride), sts(t + 1), bads(t + 1))
+      end do
+      !$omp end parallel
+      ! What one thread would report: the first layer that failed.
+      do t = 1, nt
+        if (sts(t) /= PYKD_OK .and. (stat == PYKD_OK .or. bads(t) < bad_layer)) then
+          stat = sts(t); bad_layer = bads(t)
+        end if
+      end do
+    end if
+    if (stat /= PYKD_OK .and. present(errmsg)) then
+      call new_layer(table(COL_KIND, bad_layer), layer, st)
+      errmsg = 'layer '//str(int(bad_layer, int64))//' ('//layer%name()//'): '// &
+               trim(merge('input contains NaN or infinite values', &
+                          'corrupt layer data (a value or index)', stat == PYKD_ERR_NONFINITE))
+    end if
+  end subroutine network_forward
+
+  !> Samples 1 .. slice_end(n, nt, t) belong to slices 0 .. t-1 of nt.
+  pure integer function slice_end(n, nt, t)
+    integer, intent(in) :: n, nt, t
+    slice_end = int(int(n, int64) * t / nt)
+  end function slice_end
+
+  !> Layers 1..nl on m samples on this thread: the checked arguments of
+  !! network_forward (explicit shapes: a team passes contiguous column
+  !! sections, which are not copied). stat and bad_layer as there.
+  subroutine run_slice(table, f32, i8, i32, norm, norm_kinds, m_in, m_out, m, x, nl, upto, y, &
+                       work, stat, bad_layer)
+    integer(int64), intent(in) :: table(:, :)
+    real(real32), intent(in) :: f32(:), norm(:)
+    integer(int8), intent(in) :: i8(:)
+    integer(int32), intent(in) :: i32(:)
+    integer, intent(in) :: norm_kinds(2), m_in, m_out, m, nl, upto
+    real(real32), intent(in), target :: x(m_in, m)
+    real(real32), intent(inout), target :: y(m_out, m)
+    real(real32), intent(inout), target :: work(*)
+    integer, intent(out) :: stat, bad_layer
+    class(pykd_layer_t), allocatable :: layer
+    real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
+    integer(int64) :: a0, b0, s0, k_in
+    integer :: k, st
+
+    stat = PYKD_OK
+    bad_layer = 0
+    if (m == 0) return
+    call regions(table, m, nl, a0, b0, s0)
     k_in = norm_len(norm_kinds(1), table(COL_N_IN, 1))
     cur => x
     if (norm_kinds(1) /= NORM_NONE) then
-      cur(1:size(x, 1), 1:n) => work(b0 + 1:b0 + size(x, kind=int64))
-      call normalise(size(x, 1), n, int(k_in), x, norm(1:k_in), norm(k_in + 1:2 * k_in), cur)
+      cur(1:m_in, 1:m) => work(b0 + 1:b0 + int(m_in, int64) * m)
+      call normalise(m_in, m, int(k_in), x, norm(1:k_in), norm(k_in + 1:2 * k_in), cur)
     end if
     do k = 1, nl
       if (k == nl) then
         nxt => y
       else if (mod(k, 2) == 1) then
-        nxt(1:table(COL_N_OUT, k), 1:n) => work(a0 + 1:a0 + table(COL_N_OUT, k) * n)
+        nxt(1:table(COL_N_OUT, k), 1:m) => work(a0 + 1:a0 + table(COL_N_OUT, k) * m)
       else
-        nxt(1:table(COL_N_OUT, k), 1:n) => work(b0 + 1:b0 + table(COL_N_OUT, k) * n)
+        nxt(1:table(COL_N_OUT, k), 1:m) => work(b0 + 1:b0 + table(COL_N_OUT, k) * m)
       end if
       call new_layer(table(COL_KIND, k), layer, st)
-      call layer%forward(table(:, k), f32, i8, i32, n, cur, nxt, work(s0 + 1:), stat)
+      call layer%forward(table(:, k), f32, i8, i32, m, cur, nxt, work(s0 + 1), stat)
       if (stat /= PYKD_OK) then
         bad_layer = k
-        if (present(errmsg)) errmsg = 'layer '//str(int(k, int64))//' ('//layer%name()//'): '// &
-                                      trim(merge('input contains NaN or infinite values', &
-                                                 'corrupt layer data (a value or index)', &
-                                                 stat == PYKD_ERR_NONFINITE))
         return
       end if
       cur => nxt
     end do
     if (upto == 0 .and. norm_kinds(2) /= NORM_NONE) then
-      call denormalise(size(y, 1), n, int(norm_len(norm_kinds(2), int(size(y, 1), int64))), &
+      call denormalise(m_out, m, int(norm_len(norm_kinds(2), int(m_out, int64))), &
                        norm(2 * k_in + 1:), y)
     end if
-  end subroutine network_forward
+  end subroutine run_slice
 
   !> Offsets of the regions A, B and the layer scratch in `work`, as sized by
   !! network_workspace_words.
@@ -220,10 +338,10 @@ contains
   !> Everything network_forward relies on, checked cheaply (no weight is
   !! read): sizes, codes, the chain, slices inside their buffers, norm and
   !! workspace sizes. stat PYKD_ERR_ARG with bad_layer and msg on failure.
-  subroutine check_network(table, nf32, ni8, ni32, nnorm, norm_kinds, x, upto, y, nwork, &
+  subroutine check_network(table, nf32, ni8, ni32, nnorm, norm_kinds, x, upto, y, nwork, nt, &
                            stat, bad_layer, msg)
     integer(int64), intent(in) :: table(:, :), nf32, ni8, ni32, nnorm, nwork
-    integer, intent(in) :: norm_kinds(2), upto
+    integer, intent(in) :: norm_kinds(2), upto, nt   !! nt: the team that will run
     real(real32), intent(in) :: x(:, :), y(:, :)
     integer, intent(out) :: stat, bad_layer
     character(len=*), intent(out) :: msg
@@ -277,7 +395,8 @@ contains
             ') and y ('//str(size(y, 1, kind=int64))//', '//str(size(y, 2, kind=int64))//')'
       return
     end if
-    need = network_workspace_words(table, size(x, 2), upto)
+    need = slice_words(table, size(x, 2), nl)
+    if (nt > 1) need = team_words(table, size(x, 2), nl, nt)
     if (nwork < need) then
       msg = 'work has '//str(nwork)//' words, network_workspace_words gives '//str(need)
       return
