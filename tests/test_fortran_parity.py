@@ -45,6 +45,15 @@ N = 300
 
 def _threads_env(threads):
     env = dict(os.environ)
+    # The driver runs the OpenBLAS build the extension runs (its OpenMP build
+    # when the extension found one): from 16 samples network_forward splits
+    # the batch across the OpenMP team only with a BLAS that runs calls made
+    # in a parallel region on the calling thread, so Debian's default
+    # pthreads build, which the Fortran-only build links, gives other bits.
+    from pykd import _build_config
+    if _build_config.blas_openmp_dir:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (_build_config.blas_openmp_dir, env.get("LD_LIBRARY_PATH")) if p)
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     return env

@@ -223,7 +223,11 @@ def test_the_layer_picks_the_kernel_of_the_recorded_crossover(results):
 
 
 def test_bad_samples_leave_the_others_alone(results):
-    """The rows without NaN/inf equal the same rows computed without the bad ones."""
+    """The rows without NaN/inf equal the same rows computed without the bad
+    ones (on one thread, as the results: from 16 samples the network splits
+    the batch across the threads, and the dense kernel's bits depend on the
+    size of the product)."""
+    from threadpoolctl import threadpool_limits
     for name, layer in layers():
         if f"{name}|64" not in results[(None, 1)]:
             continue
@@ -231,7 +235,9 @@ def test_bad_samples_leave_the_others_alone(results):
         X = inputs(layer.n_in, 64, 0)
         good = np.isfinite(X).all(axis=1)
         clean = np.where(good[:, None], X, 0).astype(F32)
-        assert np.array_equal(m.forward(clean)[good], results[(None, 1)][f"{name}|64"][good]), name
+        with threadpool_limits(limits=1):
+            got = m.forward(clean)
+        assert np.array_equal(got[good], results[(None, 1)][f"{name}|64"][good]), name
 
 
 def test_workspace_grows_with_the_batch():

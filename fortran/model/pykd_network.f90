@@ -114,8 +114,8 @@ contains
   !! normalisation undone: y * std + mean), or layer upto's output
   !! (upto >= 1, no output normalisation). The input normalisation, if
   !! any, is applied first: (x - mean) / std. From TEAM_MIN_BATCH samples
-  !! the batch is split across the OpenMP team (team_size), unless the
-  !! caller is already in a parallel region.
+  !! the batch is cut into team_size slices, run by the OpenMP team (or one
+  !! after another when the caller is already in a parallel region).
   !! stat: PYKD_OK; PYKD_ERR_ARG for a bad table, buffer or size (checked
   !! before anything runs); or a layer's status (PYKD_ERR_NONFINITE from an
   !! int8 layer given NaN/inf). bad_layer: the failing layer (from 1), or 0.
@@ -137,13 +137,13 @@ contains
     class(pykd_layer_t), allocatable :: layer
     integer(int64) :: stride
     integer :: nl, n, nt, st, t, me, team, j0, j1
+    logical :: inner
     integer, allocatable :: sts(:), bads(:)
 
     n = size(x, 2)
     nl = size(table, 2)
     if (upto >= 1 .and. upto <= nl) nl = upto
     nt = team_size(n)
-    !$ if (omp_in_parallel()) nt = 1
     call check_network(table, size(f32, kind=int64), size(i8, kind=int64), size(i32, kind=int64), &
                        size(norm, kind=int64), norm_kinds, x, upto, y, size(work, kind=int64), nt, &
                        stat, bad_layer, msg)
@@ -157,9 +157,13 @@ contains
       stride = team_stride(table, n, nl, nt)
       allocate (sts(nt), bads(nt))
       sts = PYKD_OK; bads = 0
-      ! Slices are fixed by n and nt; a smaller team than asked (a thread
-      ! limit) runs several slices per thread, with the same bits.
-      !$omp parallel num_threads(nt) private(t, me, team, j0, j1)
+      ! The slices are fixed by n and nt. Called inside a parallel region
+      ! (an OpenMP loop of predictions), or granted a smaller team, a thread
+      ! runs several slices one after another: the same products, the same
+      ! bits (the BLAS runs single-threaded inside a parallel region).
+      inner = .false.
+      !$ inner = omp_in_parallel()
+      !$omp parallel num_threads(nt) private(t, me, team, j0, j1) if(.not. inner)
       me = 0; team = 1
       !$ me = omp_get_thread_num(); team = omp_get_num_threads()
       do t = me, nt - 1, team
