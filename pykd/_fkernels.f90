@@ -449,6 +449,16 @@ subroutine int8_path(name)
   name = int8_path_name()
 end subroutine int8_path
 
+! The CPU path of the dense layer's one-sample product in this process
+! (portable, avx2 or avx512; PYKD_DENSE_PATH forces one the CPU has).
+subroutine dense_path(name)
+  use pykd_layer_dense, only: dense_path_name
+  implicit none
+  character(len=16), intent(out) :: name
+  !f2py threadsafe
+  name = dense_path_name()
+end subroutine dense_path
+
 ! network_forward without errmsg: f2py pads and strips a character(512)
 ! result one byte at a time, twice (~5000 instructions, more than the rest of
 ! the wrapper). Model.forward calls this one and, only on a failure, the

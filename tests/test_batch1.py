@@ -5,7 +5,8 @@ per-thread workspace (pykd/models.py).
 * One sample: each output is summed in input order, one float32 multiply and
   one add per term, so a NumPy float32 loop over the inputs is the same bits
   (identity and relu exactly; other activations within an ulp of NumPy's).
-* The avx2 and the forced portable path give the same bits.
+* Every path this CPU has (avx512, avx2) and the forced portable path give
+  the same bits.
 * The lean path (one C-contiguous float32 chunk) gives the same bits as the
   full path, keeps every check, and two Python threads on one model keep
   separate workspaces and get the bits of one thread.
@@ -24,9 +25,11 @@ from pykd.models import Model
 
 F32 = np.float32
 # (n_in, n_out): whole 64-output blocks, every vector count 1..7, a tail of
-# fewer than 8 outputs, fewer outputs than one vector, the student's shapes.
+# fewer than 8 outputs, fewer outputs than one vector, the student's shapes;
+# for avx512: whole and masked 16-lane vectors, one 256-output pass exactly,
+# two or more passes with a masked tail.
 SHAPES = [(784, 200), (200, 10), (37, 203), (5, 7), (64, 64), (3, 129), (1, 1), (130, 57),
-          (9, 120)]
+          (9, 120), (6, 15), (13, 17), (20, 256), (11, 300), (7, 513), (4, 241)]
 
 
 def sequential(W, b, x, act):
@@ -85,28 +88,48 @@ PROBE = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[1])
 from test_batch1 import SHAPES, _layer
+from pykd import _fkernels
 from pykd.models import Model
 out = []
 for k, (n_in, n_out) in enumerate(SHAPES):
-    W, b, layer = _layer(n_in, n_out, "relu", seed=k)
-    x = np.random.default_rng(k).standard_normal((1, n_in)).astype(np.float32)
-    out.append(Model([layer]).forward(x)[0])
+    for act in ("relu", "identity"):
+        W, b, layer = _layer(n_in, n_out, act, seed=k)
+        x = np.random.default_rng(k).standard_normal((1, n_in)).astype(np.float32)
+        x[0, ::5] = 0                 # relu'd inputs: zeros in the sums
+        out.append(Model([layer]).forward(x)[0])
 np.save(sys.argv[2], np.concatenate(out))
+print(_fkernels.dense_path().decode().strip())
 """
+PATHS = ("portable", "avx2", "avx512")
 
 
-def test_portable_path_gives_the_same_bits(tmp_path):
-    results = []
-    for path in (None, "portable"):
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return set(next(line for line in f if line.startswith("flags")).split()[2:])
+    except (OSError, StopIteration):
+        return set()
+
+
+def test_every_path_gives_the_same_bits(tmp_path):
+    results, ran = {}, {}
+    for path in PATHS:
         env = dict(os.environ)
-        env.pop("PYKD_DENSE_PATH", None)
-        if path:
-            env["PYKD_DENSE_PATH"] = path
+        env["PYKD_DENSE_PATH"] = path
         out = tmp_path / f"{path}.npy"
-        subprocess.run([sys.executable, "-c", PROBE, os.path.dirname(__file__), str(out)],
-                       env=env, check=True, timeout=300, cwd=tmp_path)
-        results.append(np.load(out))
-    assert same_bits(results[0], results[1])
+        res = subprocess.run([sys.executable, "-c", PROBE, os.path.dirname(__file__), str(out)],
+                             env=env, check=True, timeout=300, cwd=tmp_path,
+                             capture_output=True, text=True)
+        ran[path] = res.stdout.split()[-1]
+        results[path] = np.load(out)
+    assert ran["portable"] == "portable"
+    flags = _cpu_flags()
+    if "avx2" in flags:
+        assert ran["avx2"] == "avx2"
+    if "avx512f" in flags:
+        assert ran["avx512"] == "avx512"
+    for path in PATHS[1:]:
+        assert same_bits(results[path], results["portable"]), (path, ran[path])
 
 
 def _student(seed=0):

@@ -12,10 +12,10 @@ module pykd_layer_dense
   use pykd_bytes, only: get_f32, put_f32
   use pykd_layer_util, only: take, sizes_ok, row_expect, nonfinite_count, gemm_nn
   use pykd_codes, only: ACT_IDENTITY, ACT_RELU
-  use iso_c_binding, only: c_int, c_float
+  use iso_c_binding, only: c_int, c_float, c_char
   implicit none
   private
-  public :: dense_layer_t, dense_rows, one_sample_product
+  public :: dense_layer_t, dense_rows, one_sample_product, dense_path_name
 
   interface
     !> fortran/kernels/pykd_dense_simd.c: y(j0+1:j1) of one sample, bias and
@@ -26,6 +26,11 @@ module pykd_layer_dense
       real(c_float), intent(in) :: w(*), x(*), b(*)
       real(c_float), intent(inout) :: y(*)
     end subroutine c_gemv
+    subroutine c_path_name(name, len) bind(c, name='pykd_f32_path_name')
+      import :: c_char, c_int
+      character(kind=c_char), intent(out) :: name(*)
+      integer(c_int), value :: len
+    end subroutine c_path_name
     subroutine c_gemv_nobias(n_out, n_in, w, x, j0, j1, y) bind(c, name='pykd_f32_gemv_nobias')
       import :: c_int, c_float
       integer(c_int), value :: n_out, n_in, j0, j1
@@ -48,6 +53,15 @@ module pykd_layer_dense
   end type dense_layer_t
 
 contains
+
+  !> The CPU path of the one-sample product in this process (portable, avx2
+  !! or avx512; PYKD_DENSE_PATH forces one the CPU has).
+  function dense_path_name() result(name)
+    character(len=16) :: name
+    character(kind=c_char) :: buf(16)
+    call c_path_name(buf, 16_c_int)   ! blank-padded by the C side
+    name = transfer(buf, name)
+  end function dense_path_name
 
   pure function dense_name() result(s)
     character(len=:), allocatable :: s
