@@ -24,6 +24,7 @@ from pykd.layers import SparseCodebook, SparseCSR
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_SRC = os.path.join(os.path.dirname(HERE), "fortran", "kernels", "pykd_sparse_kernel.f90")
+NETWORK_SRC = os.path.join(os.path.dirname(HERE), "fortran", "model", "pykd_network.f90")
 F32 = np.float32
 BATCHES = (1, 2, 7, 8, 9, 15, 16, 17, 33, 64, 65, 256)
 # (n_in, n_out, density, activation): 8-bit, 16-bit (300 outputs) and
@@ -205,20 +206,37 @@ def test_scatter_and_panel_give_the_same_bits_at_any_batch_and_thread_count(resu
         assert np.array_equal(rows, results[("panel", 1)][f"{name}|17"], equal_nan=True), name
 
 
+def team_slices(n, threads):
+    """The rows each thread of network_forward runs (its TEAM_MIN_BATCH and
+    TEAM_MIN_SLICE): from 16 samples the batch is cut into slices, and the
+    layer picks its kernel for the slice it is given."""
+    from pykd import _build_config
+    src = open(NETWORK_SRC, encoding="utf-8").read()
+    tmin = int(re.search(r"TEAM_MIN_BATCH = (\d+)", src).group(1))
+    smin = int(re.search(r"TEAM_MIN_SLICE = (\d+)", src).group(1))
+    nt = 1
+    if n >= tmin and _build_config.blas_openmp_dir:   # a BLAS that runs inside a team
+        nt = max(1, min(threads, n // smin))
+    return [(n * t // nt, n * (t + 1) // nt) for t in range(nt)]
+
+
 def test_the_layer_picks_the_kernel_of_the_recorded_crossover(results):
     """The layer's own choice gives the bits of the kernel the recorded
-    crossover names (panel and scatter: the same bits), at 1 and 2 threads."""
+    crossover names for the samples it is given (panel and scatter: the same
+    bits), at 1 and 2 threads."""
     seen = set()
     for name, layer in layers():
         for key in results[(None, 1)]:
             if not key.startswith(name + "|"):
                 continue
             n = int(key.split("|")[1])
-            want = chosen_kernel(layer.n_in, layer.n_out, layer.nnz, n)
-            seen.add(want)
             for t in (1, 2):
-                assert np.array_equal(results[(None, t)][key], results[(want, t)][key],
-                                      equal_nan=True), (key, want, t)
+                for r0, r1 in team_slices(n, t):
+                    want = chosen_kernel(layer.n_in, layer.n_out, layer.nnz, r1 - r0)
+                    seen.add(want)
+                    assert np.array_equal(results[(None, t)][key][r0:r1],
+                                          results[(want, t)][key][r0:r1],
+                                          equal_nan=True), (key, want, t, r0)
     assert seen == {"scatter", "panel", "dense"}
 
 
