@@ -127,13 +127,16 @@ static inline float scale_of(float amax)
 static int quantize_portable(int n_in, int ldx, const float *x, float x_scale, uint8_t *u,
                              float *sx)
 {
-    int bad = 0;
-    float amax = 0;
+    uint32_t bits = 0;   /* the bit-pattern max of |x|: NaN and inf are the largest */
     for (int i = 0; i < n_in; i++) {
-        float a = x[i] < 0 ? -x[i] : x[i];
-        bad |= !(a <= FLT_MAX);
-        amax = a > amax ? a : amax;
+        uint32_t v;
+        memcpy(&v, x + i, sizeof v);
+        v &= 0x7fffffffu;
+        bits = v > bits ? v : bits;
     }
+    float amax;
+    memcpy(&amax, &bits, sizeof amax);
+    int bad = bits >= 0x7f800000u;
     float s = x_scale > 0 ? x_scale : scale_of(amax);
     float inv = 1.0f / s;
     *sx = s;
@@ -190,28 +193,24 @@ static __attribute__((target(T512))) int quantize_512(int n_in, int ldx, const f
 __attribute__((target("avx2"))) static int quantize_256(int n_in, int ldx, const float *x,
                                                         float x_scale, uint8_t *u, float *sx)
 {
-    const __m256i absmask = _mm256_set1_epi32(0x7fffffff), expo = _mm256_set1_epi32(0x7f7fffff);
-    __m256i amax = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
+    const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+    __m256i m0 = _mm256_setzero_si256(), m1 = m0;
     int i = 0;
-    for (; i + 8 <= n_in; i += 8) {
-        __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), absmask);
-        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(v, expo));
-        amax = _mm256_max_epi32(amax, v);
+    for (; i + 16 <= n_in; i += 16) {   /* the bit-pattern max, as quantize_512 */
+        m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), absmask));
+        m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i + 8)), absmask));
     }
-    int32_t lanes[8];
-    _mm256_storeu_si256((__m256i *)lanes, amax);
-    int b = !_mm256_testz_si256(bad, bad);
-    float a = 0;
-    for (int k = 0; k < 8; k++) {
-        float f;
-        memcpy(&f, &lanes[k], sizeof f);
-        a = f > a ? f : a;
-    }
+    uint32_t lanes[8], bits = 0;
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_max_epu32(m0, m1));
+    for (int k = 0; k < 8; k++) bits = lanes[k] > bits ? lanes[k] : bits;
     for (; i < n_in; i++) {
-        float f = x[i] < 0 ? -x[i] : x[i];
-        b |= !(f <= FLT_MAX);
-        a = f > a ? f : a;
+        uint32_t v;
+        memcpy(&v, x + i, sizeof v);
+        v &= 0x7fffffffu;
+        bits = v > bits ? v : bits;
     }
+    float a;
+    memcpy(&a, &bits, sizeof a);
     float s = x_scale > 0 ? x_scale : scale_of(a);
     float inv1 = 1.0f / s;
     const __m256 inv = _mm256_set1_ps(inv1), lo = _mm256_set1_ps(-QMAX), hi = _mm256_set1_ps(QMAX);
@@ -232,7 +231,7 @@ __attribute__((target("avx2"))) static int quantize_256(int n_in, int ldx, const
         u[i] = (uint8_t)((int)v + 128);
     }
     memset(u + n_in, 128, (size_t)(ldx - n_in));
-    return b;
+    return bits >= 0x7f800000u;
 }
 #endif
 
