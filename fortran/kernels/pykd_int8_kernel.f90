@@ -126,7 +126,7 @@ contains
     real(c_float), intent(inout) :: sx(n), y(n_out, n)
     integer, intent(out) :: n_bad
     integer(c_int) :: path, ldu, ng
-    integer :: k, nt, s0, s1, g0, g1
+    integer :: k, nt, s0, s1, g0, g1, chunk
 
     path = c_path()
     ldu = int(int8_ldu(int(n_in, int64)))
@@ -137,17 +137,17 @@ contains
       n_bad = c_quantize(path, n_in, ldu, x, 0, n, x_scale, u, sx)
       call c_dense(path, n_out, n_in, packed, u, ldu, 0, n, 0, ng, scale, sx, b, act, y)
     else if (n >= SPLIT_SAMPLES_MIN) then
-      ! Each thread quantizes and multiplies its own samples (inside an
-      ! active parallel region this one is inactive: one thread does all).
-      !$omp parallel private(k, nt, s0, s1) reduction(+:n_bad)
-      nt = 1; k = 0
-      !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
-      s0 = int(int(k, int64) * n / nt); s1 = int(int(k + 1, int64) * n / nt)
-      if (s1 > s0) then
-        n_bad = c_quantize(path, n_in, ldu, x, s0, s1, x_scale, u, sx)
+      ! Chunks of samples, each quantized and multiplied by the thread that
+      ! takes it (its bytes of u stay in L1). Dynamic: on a shared machine
+      ! a descheduled thread's chunks go to the other one.
+      chunk = chunk_of(n)
+      !$omp parallel do schedule(dynamic, 1) private(s0, s1) reduction(+:n_bad)
+      do k = 0, (n - 1) / chunk
+        s0 = k * chunk; s1 = min(n, s0 + chunk)
+        n_bad = n_bad + c_quantize(path, n_in, ldu, x, s0, s1, x_scale, u, sx)
         call c_dense(path, n_out, n_in, packed, u, ldu, s0, s1, 0, ng, scale, sx, b, act, y)
-      end if
-      !$omp end parallel
+      end do
+      !$omp end parallel do
     else
       n_bad = c_quantize(path, n_in, ldu, x, 0, n, x_scale, u, sx)
       !$omp parallel private(k, nt, g0, g1)
@@ -167,7 +167,7 @@ contains
     integer(c_int8_t), intent(in) :: u(*)
     integer(c_int32_t), intent(inout) :: acc(n_out, n)
     integer(c_int) :: path, ldu, ng
-    integer :: k, nt, s0, s1
+    integer :: k, s0, s1, chunk
 
     path = c_path()
     ldu = int(int8_ldu(int(n_in, int64)))
@@ -176,12 +176,20 @@ contains
       call c_gemm(path, n_out, n_in, packed, u, ldu, 0, n, 0, ng, acc)
       return
     end if
-    !$omp parallel private(k, nt, s0, s1)
-    nt = 1; k = 0
-    !$ nt = omp_get_num_threads(); k = omp_get_thread_num()
-    s0 = int(int(k, int64) * n / nt); s1 = int(int(k + 1, int64) * n / nt)
-    if (s1 > s0) call c_gemm(path, n_out, n_in, packed, u, ldu, s0, s1, 0, ng, acc)
-    !$omp end parallel
+    chunk = chunk_of(n)
+    !$omp parallel do schedule(dynamic, 1) private(s0, s1)
+    do k = 0, (n - 1) / chunk
+      s0 = k * chunk; s1 = min(n, s0 + chunk)
+      call c_gemm(path, n_out, n_in, packed, u, ldu, s0, s1, 0, ng, acc)
+    end do
+    !$omp end parallel do
   end subroutine int8_gemm_product
+
+  !> Samples per chunk of a split batch: 24 (two 12-sample tiles), or a
+  !! quarter of a small batch.
+  pure integer function chunk_of(n)
+    integer, intent(in) :: n
+    chunk_of = min(24, (n + 3) / 4)
+  end function chunk_of
 
 end module pykd_int8_kernel
