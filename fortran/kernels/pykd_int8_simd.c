@@ -241,6 +241,7 @@ int pykd_i8_quantize(int path, int n_in, int ldx, const float *x, int s0, int s1
                      uint8_t *u, float *sx)
 {
     int bad = 0;
+    (void)path;   /* one path without SIMD */
     for (int s = s0; s < s1; s++) {
         const float *xs = x + (ptrdiff_t)s * n_in;
         uint8_t *us = u + (ptrdiff_t)s * ldx;
