@@ -484,7 +484,9 @@ def backend_info(spec, threads):
     OpenBLAS picked, thread counts), the threading variables it started
     with, and its library's own build facts (PyTorch's BLAS and CPU
     capability, ONNX Runtime's device)."""
-    info = {"pools": _pools(), "env": harness.thread_env(), "pid": os.getpid()}
+    info = {"pools": _pools(), "env": harness.thread_env(), "pid": os.getpid(),
+            # a peer's worker must not have pykd in it (nor a pykd worker torch)
+            "loaded": sorted(m for m in ("pykd", "torch", "onnxruntime") if m in sys.modules)}
     be = spec["backend"]
     if be == "pykd":
         try:
@@ -985,9 +987,10 @@ def backends_table(blocks):
             be = {"ORT": "ort", "torch": "torch", "numpy": "numpy"}.get(lb.split()[0], "pykd")
             env = {k: v for k, v in ((wi or {}).get("env") or {}).items() if v is not None}
             table.append([blk["threads"], lb, blas_summary(be, wi),
-                          ", ".join(f"{k}={v}" for k, v in env.items()) or "-"])
+                          ", ".join(f"{k}={v}" for k, v in env.items()) or "-",
+                          ", ".join((wi or {}).get("loaded") or []) or "-"])
     return lines + [harness.markdown_table(["threads", "candidate", "kernels, threads",
-                                            "threading env"], table), ""]
+                                            "threading env", "libraries loaded"], table), ""]
 
 
 def tables(result):

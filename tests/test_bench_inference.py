@@ -294,3 +294,25 @@ def test_blas_summary_names_each_backends_kernels():
     assert bi.blas_summary("numpy", numpy_info) == "OpenBLAS 0.3.31 pthreads SkylakeX x1"
     assert bi.blas_summary("pykd", None) == "?"
     assert bi.blas_summary("pykd", {"error": "gone"}) == "?"
+
+
+def test_a_peers_worker_runs_without_pykd(prepared, tmp_path, monkeypatch):
+    """The NumPy peer's worker is the script a user would write: numpy only.
+    pykd, imported in this (the parent) process, sets GOMP_SPINCOUNT in
+    os.environ; the worker starts without it and without an OpenBLAS kernel
+    pin, and loads neither pykd nor PyTorch."""
+    _, _, work, specs, _ = prepared
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    env = bi.harness.worker_environment()
+    assert env["OPENBLAS_CORETYPE"] is None
+    labels = ["numpy float32", "pykd float32"]
+    with bi.harness.Workers(bi.worker_factory, labels, threads=1, env=env, workdir=work,
+                            n_threads=1, check_dir=str(tmp_path),
+                            block_calls={"1": 2, "256": 2}) as w:
+        assert w.errors == {}
+        np_info, pykd_info = w.call("numpy float32", "info"), w.call("pykd float32", "info")
+    assert np_info["loaded"] == [] and "pykd" in pykd_info["loaded"]
+    assert np_info["env"]["OPENBLAS_CORETYPE"] is None
+    assert np_info["env"]["GOMP_SPINCOUNT"] == bi.harness.initial_environ().get("GOMP_SPINCOUNT")
+    if bi.harness._tpc is not None:
+        assert bi.blas_summary("numpy", np_info).startswith("OpenBLAS")
