@@ -13,15 +13,21 @@ Candidates, each in a worker process of its own, alternating, medians:
   * pykd     -- pykd's Fortran step (pykd._step.train_step, as fit calls it);
   * torch    -- torch.nn + torch.optim.Adam, when importable;
   * plain    -- a plain NumPy script (x @ W, np.maximum, the Adam formulas);
-  * blas:<name> -- the sgemm calls of one step (the exact shapes and
-    transposes pykd makes), through ctypes, for each BLAS found: pykd's own
-    OpenBLAS (the library file the extension loads) and Debian's BLIS (the
-    OpenMP build; --blis names its folder).
+  * blas:<name> -- the sgemm calls of the same steps (the exact shapes and
+    transposes pykd makes), run natively by benchmarks/train_floor.c (built
+    into build/bench/ with cc, called through ctypes once per step), for
+    each BLAS found: pykd's own OpenBLAS (the library file the extension
+    loads) and Debian's BLIS (the OpenMP build; --blis names its folder).
+    Each product runs in the faster of two modes, measured in the worker:
+    one threaded call, or one single-threaded call per thread on its share
+    of C (as pykd's step splits); a barrier after each product.
 
-The floor of an epoch is the sum of the products' time at the best BLAS
-measured here and the time to move the bytes Adam must move (read p, m, v
-and write them back: 24 bytes a parameter, the gradient left in cache) at
-the copy bandwidth measured here. Never fails on timing.
+The floor of an epoch is the sum of the products' time on the faster BLAS
+and the time to move the bytes Adam must move (read p, m, v and write them
+back: 24 bytes a parameter, the gradient left in cache) at the copy
+bandwidth measured here; the elementwise passes work on activations that
+stay in cache (64 x 1200 floats is 300 KiB) and add no memory bytes. Never
+fails on timing.
 """
 import argparse
 import ctypes
@@ -82,24 +88,12 @@ def pykd_blas_path():
 
 
 class Sgemm:
-    """Fortran sgemm_ of a shared library, on preallocated operands."""
+    """A BLAS library's name and version (OpenBLAS or BLIS), read through ctypes."""
 
-    def __init__(self, path, threads):
+    def __init__(self, path):
+        self.path = path
         self.lib = ctypes.CDLL(path)
-        self.fn = self.lib.sgemm_
-        self.fn.restype = None
-        self.set_threads(threads)
         self.version = self._version()
-
-    def set_threads(self, threads):
-        """The library's thread count for every caller in the process (None:
-        leave it)."""
-        if threads is None:
-            return
-        if hasattr(self.lib, "bli_thread_set_num_threads"):
-            self.lib.bli_thread_set_num_threads(ctypes.c_long(threads))
-        elif hasattr(self.lib, "openblas_set_num_threads"):
-            self.lib.openblas_set_num_threads(ctypes.c_int(threads))
 
     def _version(self):
         if hasattr(self.lib, "openblas_get_config"):
@@ -110,60 +104,94 @@ class Sgemm:
             return "BLIS " + self.lib.bli_info_get_version_str().decode()
         return "unknown"
 
-    def plan(self, calls, halves=False):
-        """A zero-argument callable making the calls (operands allocated once).
 
-        halves: as pykd's training step does, each call is split in two
-        (rows of C, or its columns for dW = dz x^T) and two Python threads
-        run one half each, single-threaded, through the whole list (ctypes
-        releases the GIL); the threads join once per list. Call
-        set_threads(1) first."""
-        rng = np.random.default_rng(0)
-        one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        parts = [[], []] if halves else [[]]
-        keep = []
-        for ta, tb, m, n, k in calls:
-            a = rng.standard_normal(m * k, dtype=np.float32)
-            b = rng.standard_normal(k * n, dtype=np.float32)
-            c = np.zeros(m * n, np.float32)
-            keep += [a, b, c]
-            lda, ldb = (m if ta == "N" else k), (k if tb == "N" else n)
-            for h, part in enumerate(parts):
-                off_a = off_b = off_c = 0
-                mh, nh = m, n
-                if halves and ta == "N" and tb == "T":  # columns of C
-                    j0 = min(n, (n // 2 + 15) // 16 * 16) * h
-                    nh = min(n, (n // 2 + 15) // 16 * 16) if h == 0 else n - j0
-                    off_b, off_c = j0, j0 * m
-                elif halves:  # rows of C
-                    i0 = min(m, (m // 2 + 15) // 16 * 16) * h
-                    mh = min(m, (m // 2 + 15) // 16 * 16) if h == 0 else m - i0
-                    off_a, off_c = (i0 if ta == "N" else i0 * lda), i0
-                if mh == 0 or nh == 0:
-                    continue
-                ints = [ctypes.c_int(v) for v in (mh, nh, k, lda, ldb, m)]
-                part.append((ctypes.c_char(ta.encode()), ctypes.c_char(tb.encode()), ints,
-                             ctypes.c_void_p(a.ctypes.data + 4 * off_a),
-                             ctypes.c_void_p(b.ctypes.data + 4 * off_b),
-                             ctypes.c_void_p(c.ctypes.data + 4 * off_c)))
-        fn, ref = self.fn, ctypes.byref
+FLOOR_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_floor.c")
+FLOOR_DIR = os.path.join(harness.REPO, "build", "bench")
 
-        def run_part(part):
-            for ta, tb, (m, n, k, lda, ldb, ldc), a, b, c in part:
-                fn(ref(ta), ref(tb), ref(m), ref(n), ref(k), ref(one), a, ref(lda),
-                   b, ref(ldb), ref(zero), c, ref(ldc), ctypes.c_size_t(1), ctypes.c_size_t(1))
-        if not halves:
-            def run():
-                run_part(parts[0])
-        else:
-            import concurrent.futures
-            pool = concurrent.futures.ThreadPoolExecutor(2)
 
-            def run():
-                list(pool.map(run_part, parts))
-            run._pool = pool
-        run._keep = keep
+def floor_library():
+    """benchmarks/train_floor.c built into build/bench/ (rebuilt when the
+    source is newer); its path. Raises RuntimeError without a C compiler."""
+    so = os.path.join(FLOOR_DIR, "libtrain_floor.so")
+    if os.path.exists(so) and os.path.getmtime(so) >= os.path.getmtime(FLOOR_SRC):
+        return so
+    import shutil
+    import subprocess
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc) to build benchmarks/train_floor.c")
+    os.makedirs(FLOOR_DIR, exist_ok=True)
+    tmp = f"{so}.{os.getpid()}.tmp"
+    r = subprocess.run([cc, "-O2", "-fopenmp", "-shared", "-fPIC", FLOOR_SRC, "-o", tmp, "-ldl"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building train_floor.c failed: {r.stderr.strip()}")
+    os.replace(tmp, so)
+    return so
+
+
+class NativeProducts:
+    """The products of a step on one BLAS library, run natively
+    (benchmarks/train_floor.c): each product in the faster of two modes,
+    measured here -- one threaded call, or `threads` OpenMP threads each
+    making a single-threaded call on its share (as pykd's step splits)."""
+
+    MODES = ("threaded", "split")
+
+    def __init__(self, floor_so, blas_path, threads):
+        self.tf = ctypes.CDLL(floor_so)
+        tf = self.tf
+        tf.tf_open.restype = ctypes.c_void_p
+        tf.tf_open.argtypes = [ctypes.c_char_p]
+        tf.tf_plan_new.restype = ctypes.c_void_p
+        tf.tf_plan_new.argtypes = [ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.POINTER(ctypes.c_int), ctypes.c_int]
+        tf.tf_time.restype = ctypes.c_double
+        tf.tf_time.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        tf.tf_set_mode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        tf.tf_run.argtypes = [ctypes.c_void_p]
+        tf.tf_operand.restype = ctypes.POINTER(ctypes.c_float)
+        tf.tf_operand.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self.lib = tf.tf_open(blas_path.encode())
+        if not self.lib:
+            raise RuntimeError(f"{blas_path}: cannot load it or it has no sgemm_")
+        blas = ctypes.CDLL(blas_path)  # the same library
+        if hasattr(blas, "bli_init"):
+            # before threadpoolctl asks its architecture: with BLIS_ARCH_TYPE
+            # set, that query aborts the process on an uninitialised BLIS
+            blas.bli_init()
+        self.threads = threads
+
+    def plan(self, calls, modes=None, rounds=3, reps=3):
+        """A zero-argument callable running `calls` [(transa, transb, m, n, k)]
+        once. modes: one per call (0 threaded, 1 split); default: the faster
+        of the two for each call, over `rounds` alternating rounds of `reps`
+        calls each (kept in run.modes)."""
+        spec = (ctypes.c_int * (5 * len(calls)))(
+            *[v for ta, tb, m, n, k in calls for v in (ord(ta), ord(tb), m, n, k)])
+        plan = self.tf.tf_plan_new(self.lib, len(calls), spec, self.threads)
+        if not plan:
+            raise MemoryError("train_floor: cannot allocate the operands")
+        if modes is None:
+            modes = []
+            for i in range(len(calls)):
+                best = [min(self.tf.tf_time(plan, i, mode, reps) for _ in range(rounds))
+                        for mode in (0, 1)]
+                modes.append(0 if best[0] <= best[1] else 1)
+        for i, mode in enumerate(modes):
+            self.tf.tf_set_mode(plan, i, mode)
+        tf = self.tf
+
+        def run():
+            tf.tf_run(plan)
+        run.modes, run.plan = list(modes), plan
         return run
+
+    def operand(self, run, calls, i, which):
+        """Operand `which` (0 A, 1 B, 2 C) of call i, as a flat NumPy view."""
+        ta, tb, m, n, k = calls[i]
+        size = (m * k, k * n, m * n)[which]
+        return np.ctypeslib.as_array(self.tf.tf_operand(run.plan, i, which), (size,))
 
 
 # --------------------------------------------------------------------------
@@ -342,30 +370,106 @@ def soft_labels(backend, data, rows):
     return g
 
 
-def worker_factory(backend, blis_dir, nthreads):
+def phase_products(kind, sizes, batch):
+    """The products a phase's BLAS candidates time: one training step's, or
+    one batch's forward for soft labels."""
+    if kind == "soft":
+        return [("N", "N", b, batch, a) for a, b in zip(sizes[:-1], sizes[1:])]
+    return step_products(sizes, batch)
+
+
+def worker_factory(backend, blis_dir, nthreads, floor_so):
     """In a timing worker: name = (kind, sizes, batch, steps or rows)."""
     data = make_data()
     blas = {}
-    halves = backend.endswith("-halves")
     if backend.startswith("blas:"):
-        lib = backend[5:].replace("-halves", "")
+        lib = backend[5:]
         path = pykd_blas_path() if lib == "openblas" else os.path.join(blis_dir, "libblis.so.4")
-        blas["s"] = Sgemm(path, 1 if halves else nthreads)
+        blas["s"] = NativeProducts(floor_so, path, nthreads)
 
     def get(name):
         kind, sizes, batch, count = name
         if backend.startswith("blas:"):
-            if halves:
-                blas["s"].set_threads(1)  # after the worker's thread limits
-            return blas["s"].plan(step_products(sizes, batch) if kind == "epoch"
-                                  else [("N", "N", b, batch, a)
-                                        for a, b in zip(sizes[:-1], sizes[1:])], halves)
+            # as many steps (or batches) as the loops' sample runs
+            run = blas["s"].plan(phase_products(kind, sizes, batch))
+            reps = range(count if kind != "soft" else -(-count // batch))
+
+            def products():
+                for _ in reps:
+                    run()
+            products.modes = run.modes
+            return products
         if kind == "soft":
             return soft_labels(backend, data, count)
         loop = LOOPS[backend](sizes, kind == "kd", batch, data)
         loop.run(2)  # warm: first-touch of the buffers, thread pools up
         return lambda: loop.run(count)
     return get
+
+
+def cpu_line():
+    """The CPU as the tables name it: model, family/model numbers, the vector
+    extensions that matter here, cores and cache sizes (from /proc and /sys)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            text = fh.read().split("\n\n")[0]
+    except OSError:
+        return "CPU: unknown"
+    field = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    field = {k.strip(): v.strip() for k, v in field.items()}
+    flags = set(field.get("flags", "").split())
+    ext = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"),
+                                   ("AVX512-VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
+                                   ("AMX", "amx_tile")) if flag in flags]
+    if "amx_tile" not in flags:
+        ext.append("no AMX")
+    caches = []
+    for idx, name in (("index2", "L2 (per core)"), ("index3", "L3")):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/{idx}/size", encoding="ascii") as fh:
+                caches.append(f"{name} {fh.read().strip()}")
+        except OSError:
+            pass
+    return (f"CPU: {field.get('model name', '?')} (family {field.get('cpu family', '?')} "
+            f"model {field.get('model', '?')}), {os.cpu_count()} cores, {', '.join(ext)}; "
+            f"{', '.join(caches)}")
+
+
+def blis_arch(path):
+    """The kernel set BLIS picks in a fresh process (its name), or None."""
+    import subprocess
+    code = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.bli_init(); "
+            "lib.bli_arch_string.restype = ctypes.c_char_p; "
+            "print(lib.bli_arch_string(lib.bli_arch_query_id()).decode())")
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() or None
+
+
+def choose_blis_arch(path):
+    """Debian's BLIS 0.9.0 knows no kernels for newer CPUs (AMD Zen 5 among
+    them) and falls back to 'generic', its reference code (about 1/6 of its
+    AVX-512 kernels here). Then this sets BLIS_ARCH_TYPE for the run's
+    workers -- skx (AVX-512) or haswell (AVX2), which run on any CPU with
+    those extensions; BLIS 0.9 reads the number of its arch_t value, 0 and
+    3 -- unless the user set it. Returns the note to print."""
+    if os.environ.get("BLIS_ARCH_TYPE"):
+        return f"arch {blis_arch(path)} (BLIS_ARCH_TYPE={os.environ['BLIS_ARCH_TYPE']}, set by the user)"
+    arch = blis_arch(path)
+    if arch != "generic":
+        return f"arch {arch}"
+    flags = harness._cpuinfo()["flags"]
+    want = "skx" if "avx512f" in flags else "haswell" if "avx2" in flags else None
+    if want is None:
+        return "arch generic"
+    os.environ["BLIS_ARCH_TYPE"] = {"skx": "0", "haswell": "3"}[want]
+    got = blis_arch(path)
+    if got != want:  # another BLIS version numbers its kernels otherwise
+        del os.environ["BLIS_ARCH_TYPE"]
+        return "arch generic"
+    return (f"arch {got}: BLIS_ARCH_TYPE={os.environ['BLIS_ARCH_TYPE']} set by this benchmark "
+            "(this BLIS picked 'generic', its reference code, on this CPU)")
 
 
 def find_blis(arg):
@@ -391,9 +495,8 @@ def phase_plan(fraction, quick):
 
 
 def blas_names(blis_dir):
-    """Threaded BLAS, and two threads running single-threaded halves (-halves)."""
-    libs = ["openblas"] + (["blis"] if blis_dir else [])
-    return [f"blas:{lib}{h}" for lib in libs for h in ("", "-halves")]
+    """The BLAS candidates: pykd's OpenBLAS, and BLIS when found."""
+    return ["blas:openblas"] + (["blas:blis"] if blis_dir else [])
 
 
 def time_phase(workers, cands, repeats):
@@ -414,25 +517,26 @@ def measure(threads, fraction, repeats, quick, blis_dir):
     backends = loops + blas_names(blis_dir)
     bw = harness.measure_copy_bandwidth()["gbps"]
     rows = []
+    try:
+        floor_so = floor_library()
+    except RuntimeError as exc:
+        print(f"WARNING: no floor: {exc}", file=sys.stderr)
+        floor_so, backends = None, loops
     with harness.Workers(worker_factory, backends, threads=threads, blis_dir=blis_dir,
-                         nthreads=threads) as w:
+                         nthreads=threads, floor_so=floor_so) as w:
         for be, msg in w.errors.items():
             print(f"WARNING: worker {be} failed to start: {msg}", file=sys.stderr)
         for label, kind, sizes, batch, count, scale in phase_plan(fraction, quick):
             t0 = time.perf_counter()
-            cands = {be: (be, (kind, sizes, batch, count)) for be in loops}
-            # The BLAS candidates time one step's products (or one batch's
-            # forward for soft labels); a phase is `steps` of them.
-            steps = count if kind != "soft" else -(-count // batch)
-            for be in blas_names(blis_dir):
-                cands[be] = (be, ("epoch" if kind != "soft" else "soft", sizes, batch, 1))
+            # The BLAS candidates run the products of as many steps (or
+            # soft-label batches) as the loops do in a sample.
+            cands = {be: (be, (kind, sizes, batch, count)) for be in backends
+                     if be in w.backends}
             r = time_phase(w, cands, repeats)
-            med = {be: st["median"] * (scale if be in loops else scale * steps)
-                   for be, st in r.items()}
+            med = {be: st["median"] * scale for be, st in r.items()}
             spread = {be: (st["min"] / st["median"], st["max"] / st["median"])
                       for be, st in r.items()}
-            calls = (step_products(sizes, batch) if kind != "soft"
-                     else [("N", "N", b, batch, a) for a, b in zip(sizes[:-1], sizes[1:])])
+            calls = phase_products(kind, sizes, batch)
             n_calls = (-(-N_TRAIN // batch))
             flops = product_flops(calls) * n_calls
             blas_t = {be: t for be, t in med.items() if be.startswith("blas:")}
@@ -530,10 +634,13 @@ def main(argv=None):
     blis_dir = find_blis(a.blis)
     info = harness.machine_info()
     info["pykd_blas"] = pykd_blas_path()
-    info["pykd_blas_config"] = Sgemm(info["pykd_blas"], a.threads).version
+    info["pykd_blas_config"] = Sgemm(info["pykd_blas"]).version
     if blis_dir:
-        info["blis"] = Sgemm(os.path.join(blis_dir, "libblis.so.4"), a.threads).version
+        blis_so = os.path.join(blis_dir, "libblis.so.4")
+        info["blis"] = f"{Sgemm(blis_so).version}, {choose_blis_arch(blis_so)}"
+    info["cpu_line"] = cpu_line()
     print(harness.format_machine_info(info))
+    print(info["cpu_line"])
     print(f"pykd's BLAS: {info['pykd_blas']} ({info['pykd_blas_config']})")
     print(f"BLIS: {info.get('blis', 'not found (apt-get install libblis4-openmp, or --blis DIR)')}")
     busy = harness.cpu_busy_fraction()
@@ -556,7 +663,7 @@ def main(argv=None):
                                     "targets": judged})
     if a.markdown:
         harness.write_markdown(a.markdown, "```\n" + harness.format_machine_info(info) +
-                               f"\npykd's BLAS: {info['pykd_blas']} ({info['pykd_blas_config']})"
+                               f"\n{info['cpu_line']}\npykd's BLAS: {info['pykd_blas']} ({info['pykd_blas_config']})"
                                f"\nBLIS: {info.get('blis', 'not found')}\n```\n\n" +
                                harness.markdown_table(head, body) + "\n\n" + note +
                                "\n\nTargets:\n\n" + "".join(f"- {v}\n" for v in judged))

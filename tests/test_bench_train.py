@@ -1,6 +1,7 @@
 """The floor of benchmarks/bench_train.py: its list of a step's products
-counts the FLOPs bench_pipeline counts, and its sgemm plans (one call, or
-two threads running halves) compute the products they claim to time."""
+counts the FLOPs bench_pipeline counts, and its native sgemm plans (one
+threaded call, or each thread its share) compute the products they claim
+to time."""
 import os
 import sys
 
@@ -19,20 +20,34 @@ def test_step_products_count_the_epoch_flops(sizes):
     assert per_step * 1000 == pytest.approx(bench_pipeline.epoch_flops(list(sizes), 64000))
 
 
-@pytest.mark.parametrize("halves", [False, True])
-def test_sgemm_plans_compute_the_products(halves):
-    # threads=None: setting them would change pykd's BLAS for the rest of
-    # this process (and the bits of later tests).
-    blas = bench_train.Sgemm(bench_train.pykd_blas_path(), None)
+@pytest.mark.parametrize("mode", [0, 1])
+def test_native_products_compute_the_products(mode):
+    try:
+        so = bench_train.floor_library()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    # The library restores pykd's BLAS thread count after every run, so the
+    # bits of later tests in this process do not change.
+    blas = bench_train.NativeProducts(so, bench_train.pykd_blas_path(), 2)
     calls = bench_train.step_products((40, 70, 33, 6), 50)
-    run = blas.plan(calls, halves)
+    run = blas.plan(calls, modes=[mode] * len(calls))
     run()
-    ops = run._keep
     for i, (ta, tb, m, n, k) in enumerate(calls):
-        a, b, c = ops[3 * i:3 * i + 3]
+        a, b, c = (blas.operand(run, calls, i, w) for w in range(3))
         A = a.reshape(k, m).T if ta == "N" else a.reshape(m, k).T   # column-major
         B = b.reshape(n, k).T if tb == "N" else b.reshape(k, n).T
         A = A if ta == "N" else A.T
         B = B if tb == "N" else B.T
         want = (A.astype(np.float64) @ B).T.ravel()  # C column-major
         np.testing.assert_allclose(c, want, rtol=1e-4, atol=1e-3)
+
+
+def test_native_products_choose_a_mode_per_product():
+    try:
+        so = bench_train.floor_library()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    blas = bench_train.NativeProducts(so, bench_train.pykd_blas_path(), 2)
+    calls = bench_train.step_products((40, 70, 33, 6), 50)
+    run = blas.plan(calls, rounds=1, reps=1)
+    assert len(run.modes) == len(calls) and set(run.modes) <= {0, 1}
