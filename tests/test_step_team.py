@@ -15,10 +15,11 @@ import threadpoolctl
 from pykd import _step
 from pykd._step import TrainConfig, Workspace, train_step
 
-# (sizes, acts, batch): uneven blocks; a 1100-wide layer (48-column dW tiles).
+# (sizes, acts, batch): uneven blocks; a 1000 -> 1100 layer (1 MiB dW tiles of
+# 224 columns: three per thread on 2 threads, five on 1).
 NETS = {
     "uneven": ([50, 97, 33, 7], ["relu", "tanh", "identity"], 700),
-    "wide": ([200, 1100, 40, 5], ["relu", "relu", "identity"], 64),
+    "wide": ([1000, 1100, 40, 5], ["relu", "relu", "identity"], 64),
 }
 CFGS = {
     "ce-adam": (TrainConfig(), False),
@@ -63,8 +64,12 @@ def test_split_step_matches_numpy_twin(net, case):
     np.testing.assert_allclose(gf, gn, atol=2e-6, rtol=2e-4)
     np.testing.assert_allclose(sf, sn, atol=2e-6, rtol=2e-4)
     # Adam moves a weight whose gradient is near 0 by up to lr (1e-3) a
-    # step, the sign set by rounding noise: allow 5% of one step.
-    np.testing.assert_allclose(pf, pn, atol=5e-5, rtol=5e-5)
+    # step, the sign set by rounding noise: allow 5% of one step, and for
+    # a few in a million weights (2 of the wide net's 1.1M here) up to the
+    # 3 steps' lr.
+    off = np.abs(pf - pn) > 5e-5 + 5e-5 * np.abs(pn)
+    assert off.mean() < 1e-5, f"{off.sum()} of {off.size} parameters differ"
+    np.testing.assert_allclose(pf, pn, atol=3 * 1e-3)
     assert np.abs(pf - p0).max() > 1e-4  # it did train
 
 
