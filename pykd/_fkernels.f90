@@ -502,6 +502,16 @@ subroutine sparse_path(name)
   name = sparse_path_name()
 end subroutine sparse_path
 
+! The CPU path of Adam's update in this process (portable, avx2 or avx512;
+! PYKD_OPTIM_PATH forces one the CPU has).
+subroutine optim_path(name)
+  use pykd_optim, only: optim_path_name
+  implicit none
+  character(len=16), intent(out) :: name
+  !f2py threadsafe
+  name = optim_path_name()
+end subroutine optim_path
+
 ! pykd.int8_gemm and pykd.int8_matmul on the int8 layer's kernel
 ! (pykd_int8_kernel: run-time CPU path, threads): qw packed per call as a
 ! model packs it once (int8_pack), qx as u = qx + 128 bytes (int8_gemm) or

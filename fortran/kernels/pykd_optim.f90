@@ -9,9 +9,27 @@ module pykd_optim
   use iso_fortran_env, only: real32, real64, int8, int32, int64
   use pykd_config, only: PAR_MIN_OPT
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, set_status
+  use iso_c_binding, only: c_int, c_int64_t, c_float, c_char
+  !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num, omp_in_parallel
   implicit none
   private
-  public :: sgd_step, adam_step
+  public :: sgd_step, adam_step, optim_path_name
+
+  interface
+    !> fortran/kernels/pykd_optim_simd.c: Adam on p(1:n), on this thread.
+    subroutine c_adam(n, p, g, m, v, step, inv, b1, b2, eps, wd) bind(c, name='pykd_adam_plain')
+      import :: c_int64_t, c_float
+      integer(c_int64_t), value :: n
+      real(c_float), intent(inout) :: p(*), m(*), v(*)
+      real(c_float), intent(in) :: g(*)
+      real(c_float), value :: step, inv, b1, b2, eps, wd
+    end subroutine c_adam
+    subroutine c_path_name(name, len) bind(c, name='pykd_optim_path_name')
+      import :: c_char, c_int
+      character(kind=c_char), intent(out) :: name(*)
+      integer(c_int), value :: len
+    end subroutine c_path_name
+  end interface
 
 contains
 
@@ -129,23 +147,53 @@ contains
     !$omp end parallel do simd
   end subroutine sgd_masked
 
+  !> Each thread's share of the buffer goes to pykd_optim_simd.c (a CPU
+  !! path chosen at run time: AVX-512, AVX2 or portable, the same bits as
+  !! the Fortran loop of adam_masked). Small buffers, and calls from inside
+  !! a parallel region, stay off OpenMP: even a region whose if() is false
+  !! starts a team in libgomp.
   subroutine adam_plain(n, p, g, m, v, step_size, inv_sqrt_bc2, beta1, beta2, eps, weight_decay)
     integer(int64), intent(in) :: n
     real(real32), intent(inout) :: p(n), m(n), v(n)
     real(real32), intent(in) :: g(n), step_size, inv_sqrt_bc2, beta1, beta2, eps, weight_decay
-    integer(int64) :: i
-    real(real32) :: gi, one_b1, one_b2
+    integer(int64) :: lo, hi
+    logical :: serial
 
-    one_b1 = 1 - beta1; one_b2 = 1 - beta2
-    !$omp parallel do simd schedule(static) private(gi) if(parallel: n >= PAR_MIN_OPT)
-    do i = 1, n
-      gi = g(i) + weight_decay * p(i)
-      m(i) = beta1 * m(i) + one_b1 * gi
-      v(i) = beta2 * v(i) + one_b2 * gi * gi
-      p(i) = p(i) - step_size * m(i) / (sqrt(v(i)) * inv_sqrt_bc2 + eps)
-    end do
-    !$omp end parallel do simd
+    serial = n < PAR_MIN_OPT
+    !$ serial = serial .or. omp_in_parallel()  ! a tile of the training step
+    if (serial) then
+      call c_adam(n, p, g, m, v, step_size, inv_sqrt_bc2, beta1, beta2, eps, weight_decay)
+      return
+    end if
+    !$omp parallel private(lo, hi)
+    call my_share(n, lo, hi)
+    if (hi >= lo) call c_adam(hi - lo + 1, p(lo), g(lo), m(lo), v(lo), step_size, inv_sqrt_bc2, &
+                              beta1, beta2, eps, weight_decay)
+    !$omp end parallel
   end subroutine adam_plain
+
+  !> This thread's share lo:hi of 1:n, in whole 64-byte lines (hi < lo: none),
+  !! as schedule(static) would cut it.
+  subroutine my_share(n, lo, hi)
+    integer(int64), intent(in) :: n
+    integer(int64), intent(out) :: lo, hi
+    integer(int64) :: lines, per, extra, me, nth
+
+    nth = 1; me = 0
+    !$ nth = omp_get_num_threads(); me = omp_get_thread_num()
+    lines = (n + 15) / 16
+    per = lines / nth; extra = mod(lines, nth)
+    lo = (me * per + min(me, extra)) * 16 + 1
+    hi = min(n, lo - 1 + (per + merge(1_int64, 0_int64, me < extra)) * 16)
+  end subroutine my_share
+
+  !> The name of Adam's CPU path in this process (pykd_optim_simd.c).
+  function optim_path_name() result(name)
+    character(len=16) :: name
+    character(kind=c_char) :: buf(16)
+    call c_path_name(buf, 16_c_int)   ! blank-padded by the C side
+    name = transfer(buf, name)
+  end function optim_path_name
 
   subroutine adam_masked(n, p, g, m, v, step_size, inv_sqrt_bc2, beta1, beta2, eps, weight_decay, &
                          mask)
