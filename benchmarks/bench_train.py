@@ -612,6 +612,14 @@ def verdicts(rows):
     if s and "torch" in s["seconds"]:
         r = s["seconds"]["torch"] / s["seconds"]["pykd"]
         judge("KD student epoch >= 3x faster than PyTorch", r >= 3, f"{r:.2f}x")
+    if t and t["best_blas"]:
+        blas = {be[5:]: v for be, v in t["seconds"].items() if be.startswith("blas:")}
+        out.append("BLAS (chosen by this measurement, never switched silently): pykd links "
+                   "OpenBLAS; the teacher's batch-64 products took " +
+                   ", ".join(f"{harness.format_seconds(v)} on {k}" for k, v in blas.items()) +
+                   f" -> fastest: {t['best_blas'][5:]}" +
+                   ("" if t["best_blas"] == "blas:openblas" else
+                    " (faster than the library pykd links: the floor uses it)"))
     if soft and soft["best_blas"]:
         r = soft["seconds"][soft["best_blas"]] / soft["seconds"]["pykd"]
         judge("soft labels >= 80% of sgemm at their shapes", r >= 0.8,
