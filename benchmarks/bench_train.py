@@ -93,6 +93,10 @@ class Sgemm:
     def __init__(self, path):
         self.path = path
         self.lib = ctypes.CDLL(path)
+        if hasattr(self.lib, "bli_init"):
+            # before threadpoolctl asks its architecture: with BLIS_ARCH_TYPE
+            # set, that query aborts the process on an uninitialised BLIS
+            self.lib.bli_init()
         self.version = self._version()
 
     def _version(self):
@@ -645,7 +649,9 @@ def main(argv=None):
     info["pykd_blas_config"] = Sgemm(info["pykd_blas"]).version
     if blis_dir:
         blis_so = os.path.join(blis_dir, "libblis.so.4")
+        had = "BLIS_ARCH_TYPE" in os.environ
         info["blis"] = f"{Sgemm(blis_so).version}, {choose_blis_arch(blis_so)}"
+        info["blis_arch_forced"] = not had and "BLIS_ARCH_TYPE" in os.environ
     info["cpu_line"] = cpu_line()
     print(harness.format_machine_info(info))
     print(info["cpu_line"])
@@ -654,7 +660,11 @@ def main(argv=None):
     busy = harness.cpu_busy_fraction()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    rows = measure(a.threads, fraction, repeats, a.quick, blis_dir)
+    try:
+        rows = measure(a.threads, fraction, repeats, a.quick, blis_dir)
+    finally:
+        if info.get("blis_arch_forced"):   # the caller's environment as it was
+            os.environ.pop("BLIS_ARCH_TYPE", None)
     load1 = os.getloadavg()
     head, body = table(rows)
     print(harness.text_table(head, body))
