@@ -145,10 +145,13 @@ def main():
               f"ymm {peak[1]:.0f} GMAC/s")
     for nt, r in results:
         g = r["layer_gmacs"]
-        ref = "" if not peak else \
-            f" = {g / (nt * (peak[0] if r['path'] == 'avx512vnni' else peak[1])):.0%} of the " \
-            f"{'zmm' if r['path'] == 'avx512vnni' else 'ymm'} peak x {nt}" \
-            if r["path"] in ("avx512vnni", "avxvnni") else ""
+        ref = ""
+        if peak and r["path"] in ("avx512vnni", "avxvnni"):
+            reg = "zmm" if r["path"] == "avx512vnni" else "ymm"
+            frac = g / (nt * peak[0 if reg == "zmm" else 1])
+            ref = f" = {frac:.0%} of the {reg} peak x {nt}"
+            if frac > 1:   # the probe and the kernel saw different loads
+                ref += " (above the peak: the probe ran on a busier machine; rerun quiet)"
         print(f"int8 784x200 layer (quantize + product + rescale), batch 256, {nt} thread(s), "
               f"{r['path']}: {g:.1f} GMAC/s{ref}")
 
