@@ -572,7 +572,7 @@ def format_row(r):
 
 
 def table(rows):
-    head = ["phase", "pykd", "GFLOP/s", "% of best sgemm", "floor", "pykd/floor",
+    head = ["phase", "pykd", "GFLOP/s", "% of ceiling (best sgemm here)", "floor", "pykd/floor",
             "PyTorch", "PyTorch/pykd", "plain NumPy", "plain/pykd"]
     for be in rows[0]["seconds"]:
         if be.startswith("blas:"):
@@ -657,6 +657,12 @@ def main(argv=None):
     print(info["cpu_line"])
     print(f"pykd's BLAS: {info['pykd_blas']} ({info['pykd_blas_config']})")
     print(f"BLIS: {info.get('blis', 'not found (apt-get install libblis4-openmp, or --blis DIR)')}")
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    if forced:
+        # the sessions' environment here sets Haswell: OpenBLAS's AVX2 kernels
+        # on an AVX-512 CPU, about half of its sgemm throughput
+        print(f"WARNING: OPENBLAS_CORETYPE={forced} forces OpenBLAS's kernels for every "
+              "candidate; unset it to measure this CPU's own", file=sys.stderr)
     busy = harness.cpu_busy_fraction()
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -670,7 +676,9 @@ def main(argv=None):
     print(harness.text_table(head, body))
     note = (f"threads {a.threads}; epochs timed on {fraction:.0%} of an epoch and scaled; "
             f"copy bandwidth {rows[0]['copy_gbps']:.1f} GB/s; CPU busy before "
-            f"{'?' if busy is None else f'{busy:.0%}'}; load average {load0[0]:.1f} before, "
+            f"{'?' if busy is None else f'{busy:.0%}'}; "
+            f"{f'OPENBLAS_CORETYPE={forced} (forced kernels); ' if forced else ''}"
+            f"load average {load0[0]:.1f} before, "
             f"{load1[0]:.1f} after; {time.perf_counter() - t0:.0f} s")
     print(note)
     judged = verdicts(rows)
