@@ -5,7 +5,7 @@
 module pykd_codebook_kernel
   use iso_c_binding, only: c_int, c_int8_t, c_int64_t, c_float, c_char
   use iso_fortran_env, only: int64
-  !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num
+  !$ use omp_lib, only: omp_get_num_threads, omp_get_thread_num, omp_get_max_threads, omp_in_parallel
   implicit none
   private
   public :: codebook_product, codebook_path_name, codebook_workspace_words
@@ -85,7 +85,17 @@ contains
     path = c_path()
     r = merge(1_c_int, 0_c_int, relu)
     par = int(n_in, int64) * n_out * n >= merge(PAR_MIN_MACS_SMALL, PAR_MIN_MACS, n <= SMALL_BATCH)
+    !$ par = par .and. omp_get_max_threads() > 1 .and. .not. omp_in_parallel()   ! a nested region would be inactive
     nan = 0
+    if (.not. par) then
+      ! No OpenMP region at all: libgomp builds a team even for a region
+      ! whose if() is false (~1500 instructions, a third of a small layer's
+      ! batch-1 product).
+      nan = c_product(path, bits, n_codes, n_in, n_out, packed, nbytes, centroids, b, r, x, n_in, &
+                      0, n, 0, n_out, y, PANEL_ROWS, work)
+      any_nan = nan /= 0
+      return
+    end if
     !$omp parallel if(par) private(k, nt, chunk, lo, hi) reduction(max: nan)
     nt = 1; k = 0
     !$ nt = omp_get_num_threads(); k = omp_get_thread_num()

@@ -31,7 +31,7 @@ module pykd_sparse_kernel
   use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
   use pykd_activation, only: bias_activation
   use pykd_layer_util, only: nonfinite_count, gemm_nn
-  !$ use omp_lib, only: omp_get_max_threads, omp_get_thread_num
+  !$ use omp_lib, only: omp_get_max_threads, omp_get_thread_num, omp_in_parallel
   implicit none
   private
   public :: SPARSE_SCATTER, SPARSE_PANEL, SPARSE_DENSE, sparse_kernel_for, sparse_kernel_name, &
@@ -286,9 +286,24 @@ contains
     real(real32), intent(inout), target :: work(*)
     integer :: p, n_panels, slot, nt, s0
     integer(int64) :: w0, sw
+    logical :: serial
 
     n_panels = (n + SPMM_BLOCK - 1) / SPMM_BLOCK
     sw = slot_words(n_in, n_out)
+    ! No OpenMP region for a small product (libgomp builds a team even when
+    ! if() is false) or inside another region (a nested one is inactive).
+    serial = nnz * n < PAR_MIN_MACS
+    !$ serial = serial .or. omp_in_parallel() .or. omp_get_max_threads() == 1
+    if (serial) then
+      do p = 1, n_panels
+        s0 = (p - 1) * SPMM_BLOCK
+        call panel_block(n_in, n_out, min(SPMM_BLOCK, n - s0), nnz, indptr, indices, values, codes, &
+                         centroids, use_codes, act, b, x(1, s0 + 1), y(1, s0 + 1), work(1), &
+                         work(SPMM_BLOCK * int(n_in, int64) + 1), &
+                         work((SPMM_BLOCK + 1) * int(n_in, int64) + 1))
+      end do
+      return
+    end if
     nt = 1
     !$ nt = min(omp_get_max_threads(), panel_slots(n))
     !$omp parallel do schedule(static) num_threads(nt) private(slot, s0, w0) &
