@@ -44,6 +44,7 @@ _F32 = np.float32
 _F32_DTYPE = np.dtype(np.float32)
 #: Cached workspace sizes per model: beyond this many batch sizes the cache is cleared.
 _WORDS_CACHE = 64
+_OK = _codes.OK
 
 
 def _check_sizes(sizes):
@@ -663,12 +664,17 @@ class Model:
                 and X.flags.c_contiguous and (backend or self.backend) == "fortran"):
             n = X.shape[0]
             out = np.empty((n, self._n_outputs), np.float32)
-            stat, _ = _network_fast()(self._table_f, self.f32, self.i8, self.i32,
-                                      self._norm_buf, self._norm_kinds, X.T, 0, out.T,
-                                      self._work(n, 0))
-            if stat == _codes.OK:
+            try:                       # this thread's workspace for n rows, if known
+                work = self._tls.fast[n]
+            except (AttributeError, KeyError):
+                work = self._fast_work(n)
+            stat, _ = (_fast or _network_fast())(self._table_f, self.f32, self.i8, self.i32,
+                                                 self._norm_buf, self._norm_kinds, X.T, 0,
+                                                 out.T, work)
+            if stat == _OK:
                 return out
             self._words.clear()        # e.g. the table was changed: size the workspace anew
+            self._tls.fast = {}
         backend, upto, batch_size = self._check_forward(X, upto, batch_size, backend)
         n = X.shape[0]
         out = np.empty((n, self._layers[upto - 1].n_out), np.float32)
@@ -713,6 +719,18 @@ class Model:
         work = getattr(self._tls, "work", None)
         if work is None or work.shape[0] < words:
             work = self._tls.work = np.empty(words, np.float32)
+        return work
+
+    def _fast_work(self, n):
+        """_work(n, 0), remembered per thread by n for the lean path (a dict
+        lookup instead of a method call, a tuple key and a size check: about
+        an eighth of a tiny model's call). Cleared when a call fails, e.g.
+        after a table change or a larger thread count needs more words."""
+        work = self._work(n, 0)
+        fast = self._tls.__dict__.setdefault("fast", {})
+        if len(fast) >= _WORDS_CACHE:
+            fast.clear()
+        fast[n] = work
         return work
 
     __call__ = forward
