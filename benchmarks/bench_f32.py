@@ -114,6 +114,9 @@ def main():
     if not args.no_peers:
         backends += ["numpy", "ort"]
     print(f"load average before: {os.getloadavg()}")
+    # OPENBLAS_CORETYPE=Haswell halves OpenBLAS's sgemm on an AVX-512 CPU
+    print("env:", {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                                                  "OMP_NUM_THREADS", "OMP_WAIT_POLICY")})
     with tempfile.TemporaryDirectory() as wd:
         _prepare(wd)
         with harness.Workers(factory, backends, threads=args.threads, workdir=wd,
