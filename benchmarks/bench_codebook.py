@@ -102,6 +102,10 @@ def main():
     ap.add_argument("--paths", nargs="+", default=[None],
                     help="PYKD_CODEBOOK_PATH values to run (default: the CPU's choice)")
     ap.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--keep-blas-env", action="store_true",
+                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the children (by default "
+                         "they are dropped, so the dense layers' OpenBLAS picks its kernels for "
+                         "this CPU)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -113,6 +117,9 @@ def main():
         for nt in args.threads:
             env = dict(os.environ, OMP_NUM_THREADS=str(nt))
             env.pop("PYKD_CODEBOOK_PATH", None)
+            if not args.keep_blas_env:   # a sandbox's pin (Haswell kernels on an AVX-512 CPU)
+                env.pop("OPENBLAS_CORETYPE", None)
+                env.pop("OPENBLAS_L2_SIZE", None)
             if path:
                 env["PYKD_CODEBOOK_PATH"] = path
             cmd = [sys.executable, __file__, "--child"] + (["--quick"] if args.quick else [])

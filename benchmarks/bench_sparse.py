@@ -155,6 +155,9 @@ def time_alternating(funcs, repeats, min_time, warmup=2):
 def _run_child(mode, threads, args):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     env.pop("PYKD_SPARSE_KERNEL", None)
+    if not args.keep_blas_env:   # a sandbox's pin (e.g. Haswell kernels on an AVX-512 CPU)
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
     if mode != "auto":
         env["PYKD_SPARSE_KERNEL"] = mode
     cmd = [sys.executable, os.path.abspath(__file__), "--child",
@@ -216,6 +219,9 @@ def main():
     ap.add_argument("--out", default=None, help="OUT.json and OUT.md (default: no files)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--min-time", type=float, default=None)
+    ap.add_argument("--keep-blas-env", action="store_true",
+                    help="keep OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE in the children (by default "
+                         "they are dropped, so OpenBLAS picks its kernels for this CPU)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--grid", default=None, help=argparse.SUPPRESS)

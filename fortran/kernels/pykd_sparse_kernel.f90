@@ -52,20 +52,19 @@ module pykd_sparse_kernel
   integer(int64), parameter :: DENSE_PANEL_WORDS = 262144
 
   !> The crossover, measured with benchmarks/bench_sparse.py (table in
-  !! docs/performance.md, "Sparse layers"; AMD EPYC Zen 5, 1 thread, random
-  !! patterns, half the inputs 0): from BAND_BATCH(k) samples, DENSE when the
-  !! density nnz / (n_in n_out) is at least BAND_DENSITY(k), and when
-  !! n_out < NARROW_OUT from BAND_BATCH(2) samples; else PANEL (SCATTER for
-  !! one sample). At batch 8 PANEL beat the dense decode at every measured
-  !! sparsity (from 50%); from 64 samples the two met between 50% and 70%.
-  !! On Zen 3 the dense decode won from 75% sparsity at 256 and always on
-  !! 200 x 10 from 64 samples (NARROW_OUT was 32); on Zen 5 PANEL was as fast
-  !! or faster on 200 x 10 from 70%, so there is no narrow rule now.
+  !! docs/performance.md, "Sparse layers on Zen 5"; AMD EPYC Zen 5, 1
+  !! thread, OpenBLAS with its own AVX-512 kernels, random patterns, half
+  !! the inputs 0): from BAND_BATCH(k) samples, DENSE when the density
+  !! nnz / (n_in n_out) is at least BAND_DENSITY(k), and always when n_out <
+  !! NARROW_OUT from BAND_BATCH(2) samples (200 x 10 was as fast or faster
+  !! on the dense decode up to 90% sparsity); else PANEL (SCATTER for one
+  !! sample). At batch 8 PANEL won from ~55% sparsity, at 64 from ~75%, at
+  !! 256 from ~80%.
   !! One sample always takes SCATTER: decoding W to use sgemv costs more
-  !! than sgemv (below ~85% sparsity the dense kind is then faster).
+  !! than sgemv (below ~95% sparsity the dense kind is then faster).
   integer, parameter :: BAND_BATCH(3) = [8, 64, 256]
-  real, parameter :: BAND_DENSITY(3) = [0.55, 0.4, 0.4]
-  integer, parameter :: NARROW_OUT = 0
+  real, parameter :: BAND_DENSITY(3) = [0.45, 0.25, 0.2]
+  integer, parameter :: NARROW_OUT = 32
 
   !> The forced kernel (PYKD_SPARSE_KERNEL): -1 not read yet, 0 none.
   integer, save :: forced = -1
