@@ -304,8 +304,11 @@ class DenseInt8(Layer):
                     x_scale, (float, int, np.floating, np.integer)) or np.ndim(x_scale):
                 raise TypeError(f"x_scale must be None or a number > 0, got {x_scale!r}")
             xs = _F32(x_scale)
-            if not (np.isfinite(xs) and xs > 0):
-                raise ValueError(f"x_scale must be finite and > 0 in float32, got {x_scale!r}")
+            # A subnormal scale has an infinite reciprocal: zero inputs would
+            # quantize to NaN. Calibration never gives one (_input_scale).
+            if not (np.isfinite(xs) and xs >= np.finfo(_F32).tiny):
+                raise ValueError("x_scale must be finite and at least the smallest normal "
+                                 f"float32 ({np.finfo(_F32).tiny}), got {x_scale!r}")
         self.q, self.scale, self.b = q, scale, b
         self._packed = ref.int8_packed(q)
         self._xs = np.array([xs], _F32)

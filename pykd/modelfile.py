@@ -231,8 +231,9 @@ def _write_dense_int8(layer, what):
     x_scale = layer.get("x_scale")
     if x_scale is not None:
         x_scale = _f32_scalar(x_scale, f"{what}: x_scale")
-        if not (np.isfinite(x_scale) and x_scale > 0):
-            raise ValueError(f"{what}: x_scale must be finite and > 0, got {x_scale}")
+        if not (np.isfinite(x_scale) and x_scale >= np.finfo(_F32).tiny):
+            raise ValueError(f"{what}: x_scale must be finite and at least the smallest "
+                             f"normal float32, got {x_scale}")
     if n_in > MAX_INT8_INPUTS:
         raise ValueError(f"{what}: n_in = {n_in} is more than {MAX_INT8_INPUTS} (int32 sums)")
     if (q == -128).any():
@@ -862,8 +863,9 @@ def _read_dense_int8(p: _Parser, k, layer, n_in, n_out):
     x_scale = None
     if static:
         x_scale = p.array("<f4", 1, f"layer {k}: x_scale", finite=True)[0]
-        if not x_scale > 0:
-            raise ModelFormatError(f"layer {k}: x_scale must be > 0, got {x_scale}")
+        if not x_scale >= np.finfo(np.float32).tiny:
+            raise ModelFormatError(f"layer {k}: x_scale must be at least the smallest normal "
+                                   f"float32, got {x_scale}")
     layer.update(q=q, scale=scale, b=p.array("<f4", n_out, f"layer {k}: b", finite=True),
                  x_scale=x_scale)
 

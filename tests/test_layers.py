@@ -153,6 +153,8 @@ def test_bad_inputs_are_clear_errors():
         DenseInt8(q, np.array([1, -1], F32), b)
     with pytest.raises(ValueError, match="x_scale"):
         DenseInt8(q, np.ones(2, F32), b, x_scale=0.0)
+    with pytest.raises(ValueError, match="smallest normal"):   # 1/x_scale would be inf
+        DenseInt8(q, np.ones(2, F32), b, x_scale=1e-40)
     with pytest.raises(TypeError, match="q must have dtype int8"):
         DenseInt8(q.astype(np.int16), np.ones(2, F32), b)
     ip = np.array([0, 1, 1, 2], np.int32)

@@ -91,7 +91,7 @@ contains
     integer :: n_bad
 
     stat = PYKD_OK
-    if (mode == QUANT_STATIC .and. .not. (x_scale > 0 .and. x_scale <= huge(x_scale))) then
+    if (mode == QUANT_STATIC .and. .not. (x_scale >= tiny(x_scale) .and. x_scale <= huge(x_scale))) then
       stat = PYKD_ERR_ARG
     else
       call int8_dense_forward(n_in, n_out, n, packed, x, merge(x_scale, 0.0_real32, mode == QUANT_STATIC), &
@@ -282,8 +282,10 @@ contains
       msg = 'scale contains NaN or infinite values'
     else if (negative_count(n_out, f32(off + 1)) > 0) then
       msg = 'scale contains negative values'
-    else if (row(COL_P1) == QUANT_STATIC .and. .not. (xs > 0 .and. xs <= huge(xs))) then
-      msg = 'x_scale = '//trim(real_str(xs))//' (static quantization needs a finite x_scale > 0)'
+    else if (row(COL_P1) == QUANT_STATIC .and. .not. (xs >= tiny(xs) .and. xs <= huge(xs))) then
+      ! A subnormal x_scale has an infinite reciprocal (zero inputs -> NaN).
+      msg = 'x_scale = '//trim(real_str(xs))//' (static quantization needs a finite x_scale '// &
+            'of at least the smallest normal float32)'
     else if (row(COL_P1) == QUANT_DYNAMIC .and. xs /= 0) then
       msg = 'x_scale must be 0 for dynamic quantization'
     else if (nonfinite_count(n_out, f32(off + n_out + 1)) > 0) then

@@ -543,6 +543,8 @@ contains
     call expect_format(c, b2, 'q = -128')
     b2 = buf; b2(size(b2) - 4 * 4 - 3:size(b2) - 4 * 4) = 0   ! x_scale = 0
     call expect_format(c, b2, 'static x_scale = 0')
+    b2 = buf; b2(size(b2) - 4 * 4 - 3:size(b2) - 4 * 4) = transfer(1_int32, 0_int8, 4)
+    call expect_format(c, b2, 'static x_scale subnormal (infinite reciprocal)')
     c%row(COL_N_IN) = 131072
     call expect_format(c, buf, 'n_in = 131072 > MAX_IN')
 
