@@ -20,10 +20,10 @@ from . import (DEMO, QUICK, CLIError, _add_classes, _add_common, _add_kd, _cfg_j
 ORDER = 90
 #: The compression table: fine-tuning epochs and learning rate, and the
 #: issue's targets (accuracy loss in points, file size against the student).
-#: Pruning fine-tunes with the fused training step (batch 64, 4 epochs); the
+#: Pruning fine-tunes with the fused training step (batch 64, 8 epochs); the
 #: other kinds with the layer-by-layer NumPy trainer, at batch 256 for speed
 #: (1 epoch). Learning rates tuned on Fashion-MNIST students.
-COMPRESS = {"epochs": 4, "lr": 3e-4, "batch_size": 64,
+COMPRESS = {"epochs": 8, "lr": 3e-4, "batch_size": 64,
             "trainer_epochs": 1, "trainer_lr": 1e-4, "trainer_batch_size": 256,
             "sparsity": 0.9, "bits": 5, "calibrate": 1000}
 
