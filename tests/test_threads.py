@@ -90,3 +90,56 @@ def test_source_tree_without_a_build_imports_with_numpy_backend():
         pytest.skip("this source tree holds a build")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0.5", "ImportError", "True"]
+
+
+LIMITED = r"""
+import numpy as np
+import pykd
+rng = np.random.default_rng(0)
+x = rng.random((256, 784), dtype=np.float32)
+W = rng.random((784, 200), dtype=np.float32)
+b = rng.random(200, dtype=np.float32)
+y = pykd.dense(x, W, b, "relu")
+ref = np.maximum(x.astype(np.float64) @ W + b, 0)
+assert np.abs(y - ref).max() <= 1e-4 * np.abs(ref).max(), "dense"
+m = pykd.MLP([784, 200, 200, 10]); m.init(0)
+M = m.to_model()
+out = M.forward(x)
+assert np.allclose(out, M.forward(x, backend="numpy"), rtol=1e-4, atol=1e-4), "forward"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("limit", ["1", "2"])
+def test_omp_thread_limit_below_the_thread_count_does_not_hang(limit):
+    """OMP_THREAD_LIMIT (common on batch systems) below OMP_NUM_THREADS: the
+    products and the network run, with the right answer. OpenBLAS 0.3.21's
+    OpenMP build hung in the first sgemm until the library capped its count."""
+    env = dict(os.environ, OMP_THREAD_LIMIT=limit, OMP_NUM_THREADS="4")
+    out = subprocess.run([sys.executable, "-c", LIMITED], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+THREADED = r"""
+import threading
+import numpy as np
+import pykd
+x = np.ones((256, 784), np.float32)
+m = pykd.MLP([784, 200, 200, 10]); m.init(0)
+M = m.to_model()
+ref = M.forward(x, backend="numpy")
+res = []
+t = threading.Thread(target=lambda: res.append(M.forward(x)))
+t.start(); t.join()
+assert np.allclose(res[0], ref, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_omp_thread_limit_in_a_python_thread():
+    """The cap holds in threads other than the one that loaded the library."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="2", OMP_NUM_THREADS="4")
+    out = subprocess.run([sys.executable, "-c", THREADED], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

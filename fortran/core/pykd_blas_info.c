@@ -17,3 +17,33 @@ int pykd_blas_team_safe(void)
     if (openblas_get_parallel) return openblas_get_parallel() != 1;
     return 1;
 }
+
+/* OpenBLAS's OpenMP build sizes its team from omp_get_max_threads() and not
+ * from OMP_THREAD_LIMIT: with a limit below OMP_NUM_THREADS (or the core
+ * count) a product waited forever for threads the runtime never starts
+ * (OpenBLAS 0.3.21: OMP_THREAD_LIMIT=1 or 2 with OMP_NUM_THREADS=4 hung in
+ * the first sgemm). A team can never be larger than the limit anyway, so
+ * when the library loads the OpenMP thread count is capped at the limit, and
+ * OpenBLAS's own count with it. Weak symbols: any BLAS, with or without
+ * OpenMP, links. */
+extern int openblas_get_num_threads(void) __attribute__((weak));
+extern void openblas_set_num_threads(int) __attribute__((weak));
+extern int omp_get_thread_limit(void) __attribute__((weak));
+extern int omp_get_max_threads(void) __attribute__((weak));
+extern void omp_set_num_threads(int) __attribute__((weak));
+
+static void cap_threads(void)
+{
+    if (!omp_get_thread_limit || !omp_get_max_threads || !omp_set_num_threads) return;
+    int limit = omp_get_thread_limit();
+    if (limit < 1) return;
+    if (omp_get_max_threads() > limit) omp_set_num_threads(limit);
+    if (openblas_get_parallel && openblas_get_parallel() == 2 && openblas_get_num_threads &&
+        openblas_set_num_threads && openblas_get_num_threads() > limit)
+        openblas_set_num_threads(limit);
+}
+
+__attribute__((constructor)) static void cap_threads_at_load(void)
+{
+    cap_threads();
+}
