@@ -1,5 +1,8 @@
 """Random layers of every kind, and float64 references, for the layer-kind tests."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -112,3 +115,17 @@ def assert_close(a, b, rel=1e-5):
     assert a.shape == b.shape
     err = np.abs(a - b).max() if a.size else 0.0
     assert err <= rel * max(1.0, np.abs(b).max()), f"max error {err}, scale {np.abs(b).max()}"
+
+
+def run_on_path(script, var, path, tmp_path, threads=None, timeout=600):
+    """Run the test file ``script`` as a fresh process with ``var=path`` (a
+    PYKD_*_PATH variable; libraries read it once per process) and, if given,
+    OMP_NUM_THREADS=threads. Its ``__main__`` saves ``out.npz`` into the
+    folder it is given; returns those arrays."""
+    d = tmp_path / (path + ("" if threads is None else f"-{threads}threads"))
+    d.mkdir()
+    env = dict(os.environ, **{var: path})
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    subprocess.run([sys.executable, script, str(d)], env=env, check=True, timeout=timeout)
+    return dict(np.load(d / "out.npz"))

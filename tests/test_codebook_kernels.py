@@ -19,7 +19,7 @@ from pykd.layers import Codebook
 from pykd.models import Model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kinds_helpers import act64  # noqa: E402
+from kinds_helpers import act64, run_on_path  # noqa: E402
 
 PATHS = ("portable", "avx2", "avx512")
 F32 = np.float32
@@ -102,11 +102,7 @@ def _child(outdir):
 
 
 def _run(path, tmp_path, threads):
-    d = tmp_path / f"{path}-{threads}threads"
-    d.mkdir()
-    env = dict(os.environ, PYKD_CODEBOOK_PATH=path, OMP_NUM_THREADS=str(threads))
-    subprocess.run([sys.executable, __file__, str(d)], env=env, check=True, timeout=900)
-    return dict(np.load(d / "out.npz"))
+    return run_on_path(__file__, "PYKD_CODEBOOK_PATH", path, tmp_path, threads, timeout=900)
 
 
 @pytest.fixture(scope="module")

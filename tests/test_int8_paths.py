@@ -16,6 +16,9 @@ import pykd
 from pykd.layers import DenseInt8
 from pykd.models import Model
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kinds_helpers import run_on_path  # noqa: E402
+
 PATHS = ("portable", "avx2", "avxvnni", "avx512vnni")
 
 # (n_in, n_out, batches): n_in and n_out off every multiple of 2/4/16/32/64,
@@ -96,13 +99,7 @@ def _child(outdir):
 
 
 def _run(path, tmp_path, threads=None):
-    d = tmp_path / (path + ("" if threads is None else f"-{threads}threads"))
-    d.mkdir()
-    env = dict(os.environ, PYKD_INT8_PATH=path)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    subprocess.run([sys.executable, __file__, str(d)], env=env, check=True, timeout=600)
-    return dict(np.load(d / "out.npz"))
+    return run_on_path(__file__, "PYKD_INT8_PATH", path, tmp_path, threads)
 
 
 @pytest.fixture(scope="module")

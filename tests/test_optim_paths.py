@@ -12,6 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kinds_helpers import run_on_path  # noqa: E402
+
 PATHS = ("portable", "avx2", "avx512")
 # sizes around the vector widths and the 16-float shares, and one large
 # enough for the OpenMP split (PAR_MIN_OPT = 32768)
@@ -63,11 +66,7 @@ def _child(outdir):
 
 
 def _run(path, tmp_path, threads):
-    d = tmp_path / f"{path}-{threads}threads"
-    d.mkdir()
-    env = dict(os.environ, PYKD_OPTIM_PATH=path, OMP_NUM_THREADS=str(threads))
-    subprocess.run([sys.executable, __file__, str(d)], env=env, check=True, timeout=600)
-    return dict(np.load(d / "out.npz"))
+    return run_on_path(__file__, "PYKD_OPTIM_PATH", path, tmp_path, threads)
 
 
 @pytest.fixture(scope="module")

@@ -95,27 +95,7 @@ static int64_t adam_avx2(int64_t n, float *p, const float *g, float *m, float *v
 }
 
 __attribute__((target("avx512f")))
-static inline void adam16(float *p, const float *g, float *m, float *v, __mmask16 k,
-                          const adam_consts *c)
-{
-    const __m512 wd = _mm512_set1_ps(c->wd), b1 = _mm512_set1_ps(c->b1),
-                 b2 = _mm512_set1_ps(c->b2), ob1 = _mm512_set1_ps(c->one_b1),
-                 ob2 = _mm512_set1_ps(c->one_b2), st = _mm512_set1_ps(c->step),
-                 inv = _mm512_set1_ps(c->inv), eps = _mm512_set1_ps(c->eps);
-    __m512 pi = _mm512_maskz_loadu_ps(k, p);
-    __m512 gi = _mm512_add_ps(_mm512_maskz_loadu_ps(k, g), _mm512_mul_ps(wd, pi));
-    __m512 mi = _mm512_add_ps(_mm512_mul_ps(b1, _mm512_maskz_loadu_ps(k, m)),
-                              _mm512_mul_ps(ob1, gi));
-    __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, _mm512_maskz_loadu_ps(k, v)),
-                              _mm512_mul_ps(_mm512_mul_ps(ob2, gi), gi));
-    __m512 den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv), eps);
-    _mm512_mask_storeu_ps(m, k, mi);
-    _mm512_mask_storeu_ps(v, k, vi);
-    _mm512_mask_storeu_ps(p, k, _mm512_sub_ps(pi, _mm512_div_ps(_mm512_mul_ps(st, mi), den)));
-}
-
-__attribute__((target("avx512f")))
-static void adam_avx512(int64_t n, float *p, const float *g, float *m, float *v,
+static int64_t adam_avx512(int64_t n, float *p, const float *g, float *m, float *v,
                         const adam_consts *c)
 {
     const __m512 wd = _mm512_set1_ps(c->wd), b1 = _mm512_set1_ps(c->b1),
@@ -136,9 +116,7 @@ static void adam_avx512(int64_t n, float *p, const float *g, float *m, float *v,
         _mm512_storeu_ps(v + i, vi);
         _mm512_storeu_ps(p + i, _mm512_sub_ps(pi, _mm512_div_ps(_mm512_mul_ps(st, mi), den)));
     }
-    /* the tail through a mask: lanes past n are neither read nor written */
-    if (i < n)
-        adam16(p + i, g + i, m + i, v + i, (__mmask16)((1u << (n - i)) - 1), c);
+    return i; /* the tail is the portable loop's (the same bits) */
 }
 #endif
 
@@ -153,8 +131,8 @@ void pykd_adam_plain(int64_t n, float *p, const float *g, float *m, float *v, fl
 #ifdef PYKD_X86
     switch (pykd_optim_path()) {
     case P_AVX512:
-        adam_avx512(n, p, g, m, v, &c);
-        return;
+        done = adam_avx512(n, p, g, m, v, &c);
+        break;
     case P_AVX2:
         done = adam_avx2(n, p, g, m, v, &c);
         break;
