@@ -24,7 +24,8 @@ from . import io as _io
 from ._validate import plural
 
 __all__ = ["DEFAULT_DATA_DIR", "TASKS", "Dataset", "DatasetError", "IntegerTargetsWarning",
-           "ScaledImages", "load_dataset", "read_csv", "read_idx", "take_rows"]
+           "ScaledImages", "load_dataset", "read_csv", "read_csv_features", "read_idx",
+           "take_rows"]
 
 #: The tasks a dataset can be: integer class labels, or float targets.
 TASKS = ("classification", "regression")
@@ -666,23 +667,42 @@ def read_csv(path: str | os.PathLike, target_columns) -> tuple:
         that is NaN, infinite or beyond float32, an unknown target column,
         no feature column left, or a file that is not UTF-8 text.
     """
-    name = os.fsdecode(os.fspath(path))
     targets = list(target_columns)
+
+    def check(names, name):
+        missing = [t for t in targets if t not in names]
+        if missing or not targets:
+            which = (f"target column {', '.join(map(repr, missing))} is not in the header"
+                     if missing else "no target columns given")
+            raise DatasetError(f"{name}: {which}; the columns are: {', '.join(names)}")
+        dup = sorted({t for t in targets if targets.count(t) > 1})
+        if dup:
+            raise DatasetError(f"{name}: target column {dup[0]!r} is named twice")
+        if len(targets) == len(names):
+            raise DatasetError(f"{name}: every column is a target; no feature column is "
+                               "left")
+    A, names = _read_csv_table(path, check)
+    t_idx = [names.index(t) for t in targets]
+    f_idx = [j for j in range(len(names)) if j not in set(t_idx)]
+    X = np.ascontiguousarray(A[:, f_idx], dtype=np.float32)
+    y = np.ascontiguousarray(A[:, t_idx])
+    if (np.mod(y, 1) == 0).all() and np.abs(y).max() < 2**53 \
+            and _written_as_integers(path, t_idx):
+        y = y.astype(np.int64)
+    return X, y, tuple(names[j] for j in f_idx), tuple(targets)
+
+
+def _read_csv_table(path, check_header=None):
+    """The numbers of a CSV file (float64, finite, within float32) and its
+    header names; ``check_header(names, name)`` runs before the data is
+    scanned, so a wrong header fails before anything is read."""
+    name = os.fsdecode(os.fspath(path))
     with _io.open_regular(path, "CSV file", DatasetError) as raw:
         f = io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)
         try:
             names = _csv_names(f.readline(), name)
-            missing = [t for t in targets if t not in names]
-            if missing or not targets:
-                which = (f"target column {', '.join(map(repr, missing))} is not in the header"
-                         if missing else "no target columns given")
-                raise DatasetError(f"{name}: {which}; the columns are: {', '.join(names)}")
-            dup = sorted({t for t in targets if targets.count(t) > 1})
-            if dup:
-                raise DatasetError(f"{name}: target column {dup[0]!r} is named twice")
-            if len(targets) == len(names):
-                raise DatasetError(f"{name}: every column is a target; no feature column is "
-                                   "left")
+            if check_header is not None:
+                check_header(names, name)
             n, blank = _csv_scan(f, name, len(names))
             if n == 0:
                 raise DatasetError(f"{name}: no data rows (only the header)")
@@ -705,14 +725,63 @@ def read_csv(path: str | os.PathLike, target_columns) -> tuple:
         why = "is not a finite number" if bad[r, j] else "is beyond float32"
         raise DatasetError(f"{name}: line {_csv_line_of_row(r, blank)}, column {j + 1} "
                            f"({names[j]!r}): {float(A[r, j])!r} {why}")
-    t_idx = [names.index(t) for t in targets]
-    f_idx = [j for j in range(len(names)) if j not in set(t_idx)]
-    X = np.ascontiguousarray(A[:, f_idx], dtype=np.float32)
-    y = np.ascontiguousarray(A[:, t_idx])
-    if (np.mod(y, 1) == 0).all() and np.abs(y).max() < 2**53 \
-            and _written_as_integers(path, t_idx):
-        y = y.astype(np.int64)
-    return X, y, tuple(names[j] for j in f_idx), tuple(targets)
+    return A, names
+
+
+def read_csv_features(path: str | os.PathLike, features=None, n_features=None) -> tuple:
+    """Read the inputs of a model from a CSV file (a header row, then one row
+    per sample), for prediction.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The CSV file, in the format of :func:`read_csv`.
+    features : sequence of str, optional
+        The feature columns by header name, in the model's order (a model
+        trained from a CSV file records them in ``metadata['config']
+        ['features']``). Other columns (the targets, say) are ignored. Without
+        names every column is a feature.
+    n_features : int, optional
+        The number of features the model takes; checked against the file.
+
+    Returns
+    -------
+    X : ndarray of float32, shape (n, n_features)
+        The text's numbers rounded to float32, as :func:`read_csv` does.
+    ignored : tuple of str
+        The header names that were not used.
+
+    Raises
+    ------
+    DatasetError
+        The errors of :func:`read_csv`; a named feature missing from the
+        header; a column count that is not ``n_features``.
+    """
+    want = None if features is None else [str(c) for c in features]
+    if want is not None and n_features is not None and len(want) != n_features:
+        raise ValueError(f"features names {len(want)} columns but n_features is "
+                         f"{n_features}")
+
+    def check(names, name):
+        if want is None:
+            if n_features is not None and len(names) != n_features:
+                raise DatasetError(f"{name}: {plural(len(names), 'column')} but the model "
+                                   f"takes {plural(n_features, 'feature')} (the columns "
+                                   f"are: {', '.join(names)})")
+            return
+        missing = [c for c in want if c not in names]
+        if missing:
+            raise DatasetError(f"{name}: the model's feature column"
+                               f"{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(map(repr, missing[:10]))}"
+                               f"{' ...' if len(missing) > 10 else ''} "
+                               f"{'are' if len(missing) > 1 else 'is'} not in the header; "
+                               f"the columns are: {', '.join(names)}")
+    A, names = _read_csv_table(path, check)
+    cols = list(range(len(names))) if want is None else [names.index(c) for c in want]
+    X = np.ascontiguousarray(A[:, cols], dtype=np.float32)
+    used = set(cols)
+    return X, tuple(c for j, c in enumerate(names) if j not in used)
 
 
 def _split(arrays: dict, fraction: float, seed: int, source: str) -> dict:

@@ -348,3 +348,83 @@ def test_classification_configuration_reruns(capsys, tmp_path):
                           load_model(tmp_path / "b.pykd").params)
     code, out, _ = run(["demo", "--help"], capsys)
     assert code == 0 and "--task" not in out and "--target-columns" not in out
+
+
+def _csv_floats(path):
+    """A CSV file as the csv module reads it: the header and float32 values."""
+    names, A = _csv_table(path)
+    return names, A.astype(np.float32)
+
+
+def test_predict_csv_in_and_out(trained, capsys, tmp_path):
+    """predict takes the CSV the model was trained on: the feature columns by
+    name (the targets between them ignored), and writes a CSV whose header is
+    the target names and whose values read back as the model's float32
+    outputs, bit for bit."""
+    d, _ = trained
+    t = load_model(d / "t.pykd")
+    _, A = _csv_table(d / "reg.csv")
+    X = A[:, [0, 2, 3]].astype(np.float32)
+    code, out, err = run(["predict", "--model", d / "t.pykd", "--data", d / "reg.csv",
+                          "--out", tmp_path / "p.csv"], capsys)
+    assert code == 0, err
+    assert "ignored 2 columns the model does not take: u, v" in out
+    names, P = _csv_floats(tmp_path / "p.csv")
+    assert names == TARGETS
+    assert np.array_equal(P, t.forward(X))
+    # columns in another order, targets dropped: the same outputs
+    cols = ["c", "a", "b"]
+    B = np.c_[A[:, 3], A[:, 0], A[:, 2]]
+    (tmp_path / "x.csv").write_text(",".join(cols) + "\n" + "\n".join(
+        ",".join(f"{x:.6f}" for x in r) for r in B) + "\n")
+    code, out, err = run(["predict", "--model", d / "t.pykd", "--data", tmp_path / "x.csv",
+                          "--out", tmp_path / "p2.npy"], capsys)
+    assert code == 0, err
+    assert "ignored" not in out
+    assert np.array_equal(np.load(tmp_path / "p2.npy"), t.forward(X))
+
+
+def test_predict_csv_errors(trained, capsys, tmp_path):
+    d, _ = trained
+    (tmp_path / "few.csv").write_text("a,b,u\n0.1,0.2,0.3\n")
+    code, _, err = run(["predict", "--model", d / "t.pykd", "--data", tmp_path / "few.csv",
+                        "--out", tmp_path / "p.csv"], capsys)
+    assert code != 0
+    assert "feature column 'c' is not in the header" in err and "a, b, u" in err
+    assert not (tmp_path / "p.csv").exists()
+    (tmp_path / "bad.csv").write_text("a,b,c\n0.1,x,0.3\n")
+    code, _, err = run(["predict", "--model", d / "t.pykd", "--data", tmp_path / "bad.csv",
+                        "--out", tmp_path / "p.csv"], capsys)
+    assert code != 0 and "line 2, column 2 ('b'): 'x' is not a number" in err
+
+
+def test_predict_csv_without_feature_names(capsys, tmp_path):
+    """A model that records no column names (trained from an .npz) takes every
+    CSV column as a feature, in the file's order, and checks their count;
+    --labels writes one 'label' column of integers."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((60, 3)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", X_train=X, y_train=y, X_test=X[:10], y_test=y[:10])
+    code, _, err = run(["train-teacher", "--data", tmp_path / "d.npz", "--hidden", "4",
+                        "--epochs", "2", "--quiet", "--out", tmp_path / "m.pykd"], capsys)
+    assert code == 0, err
+    m = load_model(tmp_path / "m.pykd")
+    text = "p,q,r\n" + "\n".join(",".join(f"{v:.6f}" for v in r) for r in X) + "\n"
+    (tmp_path / "x.csv").write_text(text)
+    X6 = np.array([[float(f"{v:.6f}") for v in r] for r in X], np.float32)
+    code, _, err = run(["predict", "--model", tmp_path / "m.pykd", "--data",
+                        tmp_path / "x.csv", "--out", tmp_path / "l.csv", "--labels"], capsys)
+    assert code == 0, err
+    rows = (tmp_path / "l.csv").read_text().split("\n")
+    assert rows[0] == "label"
+    assert [int(r) for r in rows[1:] if r] == list(m.predict(X6))
+    code, _, err = run(["predict", "--model", tmp_path / "m.pykd", "--data",
+                        tmp_path / "x.csv", "--out", tmp_path / "o.csv"], capsys)
+    assert code == 0, err
+    names, P = _csv_floats(tmp_path / "o.csv")
+    assert names == ["output_0", "output_1"] and np.array_equal(P, m.forward(X6))
+    (tmp_path / "w.csv").write_text("p,q\n1,2\n")
+    code, _, err = run(["predict", "--model", tmp_path / "m.pykd", "--data",
+                        tmp_path / "w.csv", "--out", tmp_path / "o2.csv"], capsys)
+    assert code != 0 and "2 columns but the model takes 3 features" in err

@@ -13,9 +13,10 @@ from .. import _codes
 from .. import io as _io
 from ..exchange.onnx import ExchangeError
 from ..models import _argmax_finite, load_model
+from ..io import atomic_write
 from . import _plural
 from . import (CLIError, _add_common, _check_outputs, _finish, _fmt_bytes, _input_file,
-               _model_task, _nan_to_none, _pos_int, _save_npy, _writing)
+               _meta_dict, _model_task, _nan_to_none, _pos_int, _save_npy, _writing)
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 70
@@ -80,16 +81,22 @@ def register(sub):
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser(
-        "predict", help="a model's outputs for an .npy of inputs",
+        "predict", help="a model's outputs for an .npy or .csv of inputs",
         description="Batch inference: the model's outputs (logits, or physical units with an "
                     "output normalisation) for every row of X, written atomically as a float32 "
-                    ".npy of shape (n, n_outputs). X is an .npy of shape (n, n_features): "
+                    ".npy of shape (n, n_outputs), or as CSV when --out ends in .csv. X is an "
+                    ".npy of shape (n, n_features): "
                     f"{', '.join(EXACT_DTYPES)} as they are; {', '.join(CHECKED_DTYPES)} only "
                     "when every value is exactly a float32 (checked; otherwise convert it "
-                    "yourself). Raw inputs: the model applies its own normalisation.")
+                    "yourself); or a .csv file with a header row: a model trained from CSV "
+                    "takes its feature columns by name (other columns, such as the targets, "
+                    "are ignored), any other model takes every column. Raw inputs: the model "
+                    "applies its own normalisation.")
     p.add_argument("--model", required=True, metavar="MODEL", help="the pykd model file")
-    p.add_argument("--data", required=True, metavar="X.npy", help="inputs (n, n_features)")
-    p.add_argument("--out", required=True, metavar="Y.npy", help="output file")
+    p.add_argument("--data", required=True, metavar="X.npy|X.csv",
+                   help="inputs (n, n_features): .npy, or .csv with a header row")
+    p.add_argument("--out", required=True, metavar="Y.npy|Y.csv",
+                   help="output file: .npy, or .csv (a header row, then one row per input)")
     p.add_argument("--batch-size", type=_pos_int, default=1024,
                    help="rows per call of the model (default: 1024)")
     p.add_argument("--labels", action="store_true",
@@ -261,17 +268,8 @@ def cmd_predict(args, ctx):
         raise CLIError(f"--labels has no effect on a regression model ({args.model}): it "
                        "predicts values, not classes; drop --labels for its outputs in "
                        "physical units")
-    try:
-        X = _io.load_npy(args.data, dtype_kinds="biuf", ndim=2, what="inputs")
-    except _io.ArrayFileError as e:
-        raise CLIError(str(e)) from None
-    if X.shape[1] != model.n_features:
-        raise CLIError(f"{args.data}: X has {_plural(X.shape[1], 'column')} but the model "
-                       f"{args.model} "
-                       f"takes {_plural(model.n_features, 'feature')}")
-    X = _exact_inputs(X, args.data)
-    if X.dtype == np.bool_:
-        X = X.view(np.uint8)
+    X = (_csv_inputs(args.data, model) if _is_csv(args.data)
+         else _npy_inputs(args.data, model, args.model))
     t = time.perf_counter()
     try:
         Y = model.forward(X, batch_size=args.batch_size)
@@ -280,7 +278,10 @@ def cmd_predict(args, ctx):
     except ValueError as e:
         raise CLIError(f"{args.data}: {e}") from None
     seconds = time.perf_counter() - t
-    _save_npy(args.out, Y, "predictions file")
+    if _is_csv(args.out):
+        _save_csv(args.out, Y, _output_names(model, Y, args.labels))
+    else:
+        _save_npy(args.out, Y, "predictions file")
     what = "labels" if args.labels else ("outputs, physical units" if _model_task(model) ==
                                          "regression" else "outputs")
     print(f"predict: {_plural(X.shape[0], 'row')} -> {args.out} ({what}, shape {Y.shape}, "
@@ -288,6 +289,64 @@ def cmd_predict(args, ctx):
           f"{seconds:.2f} s")
     return _finish(ctx, {"predict": {"model": args.model, "data": args.data, "out": args.out,
                                      "shape": list(Y.shape), "seconds": seconds}})
+
+
+def _is_csv(path):
+    return os.fspath(path).lower().endswith(".csv")
+
+
+def _npy_inputs(path, model, model_path):
+    try:
+        X = _io.load_npy(path, dtype_kinds="biuf", ndim=2, what="inputs")
+    except _io.ArrayFileError as e:
+        raise CLIError(str(e)) from None
+    if X.shape[1] != model.n_features:
+        raise CLIError(f"{path}: X has {_plural(X.shape[1], 'column')} but the model "
+                       f"{model_path} takes {_plural(model.n_features, 'feature')}")
+    X = _exact_inputs(X, path)
+    return X.view(np.uint8) if X.dtype == np.bool_ else X
+
+
+def _config_names(model, key, count):
+    """Column names a model trained from CSV records (``config[key]``), if
+    they are a list of ``count`` distinct strings."""
+    names = _meta_dict(model, "config").get(key)
+    ok = (isinstance(names, list) and len(names) == count and len(set(names)) == count
+          and all(isinstance(c, str) and c and "," not in c for c in names))
+    return names if ok else None
+
+
+def _csv_inputs(path, model):
+    from ..data import DatasetError, read_csv_features
+    names = _config_names(model, "features", model.n_features)
+    try:
+        X, ignored = read_csv_features(path, names, model.n_features)
+    except DatasetError as e:
+        raise CLIError(str(e)) from None
+    if ignored:
+        print(f"predict: {path}: ignored {_plural(len(ignored), 'column')} the model does not "
+              f"take: {', '.join(ignored[:10])}{' ...' if len(ignored) > 10 else ''}")
+    return X
+
+
+def _output_names(model, Y, labels):
+    if labels:
+        return ["label"]
+    return (_config_names(model, "targets", Y.shape[1])
+            or [f"output_{j}" for j in range(Y.shape[1])])
+
+
+def _save_csv(path, Y, names):
+    """Y as CSV: a header row, then one row per input; float32 values with 9
+    significant digits, which read back as the same float32."""
+    fmt = "%d" if Y.dtype.kind in "iu" else "%.9g"
+    rows = Y.reshape(len(Y), -1)
+
+    def write(f):
+        f.write((",".join(names) + "\n").encode())
+        np.savetxt(f, rows, fmt=fmt, delimiter=",")
+    with _writing(path, "predictions file"):
+        atomic_write(path, write)
 
 
 def _print_info(info, model, path):
