@@ -158,6 +158,10 @@ def test_cluster_of_a_pruned_model_is_sparse_codebook(work, capsys, tmp_path):
     (["lowrank", "--rank", "2", "--energy", "0.5"], "not allowed with argument"),
     (["lowrank", "--rank", "2", "--epochs", "1", "--teacher-logits", "missing.npy"],
      "missing.npy does not exist"),
+    (["prune", "--sparsity", "0.5", "--teacher-outputs", "T"],
+     "--teacher-outputs is used only for fine-tuning"),
+    (["prune", "--sparsity", "0.5", "--epochs", "1", "--teacher", "T", "--teacher-outputs",
+      "T"], "not allowed with argument"),
 ])
 def test_bad_options_one_line_exit_2(work, capsys, tmp_path, args, message):
     out = tmp_path / "o.pykd"
@@ -167,6 +171,22 @@ def test_bad_options_one_line_exit_2(work, capsys, tmp_path, args, message):
     assert message in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_teacher_outputs_refused_for_classification(work, capsys, tmp_path):
+    out = tmp_path / "o.pykd"
+    rc, _, err = _run(["cluster", "--bits", "4", "--epochs", "1", "--teacher-outputs",
+                       work / "tl.npy", "--model", work / "s.pykd", "--out", out,
+                       "--data", work / "data.npz"], capsys)
+    assert rc == 2 and not out.exists()
+    assert "--teacher-outputs has no effect on a classification task" in err, err
+    rec = tmp_path / "r.toml"
+    rec.write_text(f'[[stage]]\nop = "cluster"\nbits = 4\nepochs = 1\n'
+                   f'teacher_outputs = "{work / "tl.npy"}"\n')
+    rc, _, err = _run(["compress", "--recipe", rec, "--model", work / "s.pykd", "--out",
+                       tmp_path / "st", "--data", work / "data.npz"], capsys)
+    assert rc == 2 and not (tmp_path / "st").exists()
+    assert "stage 1: teacher_outputs has no effect on a classification task" in err, err
 
 
 def test_out_same_as_model_refused(work, capsys, tmp_path):

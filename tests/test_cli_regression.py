@@ -428,3 +428,40 @@ def test_predict_csv_without_feature_names(capsys, tmp_path):
     code, _, err = run(["predict", "--model", tmp_path / "m.pykd", "--data",
                         tmp_path / "w.csv", "--out", tmp_path / "o2.csv"], capsys)
     assert code != 0 and "2 columns but the model takes 3 features" in err
+
+
+def test_compress_teacher_outputs_file_equals_teacher(trained, capsys, tmp_path):
+    """compress commands take --teacher-outputs for regression fine-tuning
+    (the file distill takes): the same bits as --teacher MODEL, in a
+    command and in a recipe; the wrong file option for the task is refused
+    before any work, naming the right one."""
+    d, _ = trained
+    data = ["--data", d / "reg.csv", *COMMON]
+    assert run(["soft-labels", *data, "--teacher", d / "t.pykd",
+                "--out", tmp_path / "to.npy"], capsys)[0] == 0
+    prune = ["prune", *data, "--model", d / "s.pykd", "--sparsity", "0.5", "--epochs", "1"]
+    code, _, err = run(prune + ["--teacher", d / "t.pykd", "--out", tmp_path / "a.pykd"], capsys)
+    assert code == 0, err
+    code, _, err = run(prune + ["--teacher-outputs", tmp_path / "to.npy",
+                                "--out", tmp_path / "b.pykd"], capsys)
+    assert code == 0, err
+    _, A = _csv_table(d / "reg.csv")
+    X = A[:, [0, 2, 3]].astype(np.float32)
+    a, b = load_model(tmp_path / "a.pykd"), load_model(tmp_path / "b.pykd")
+    assert a.kinds == b.kinds and np.array_equal(a.forward(X), b.forward(X))
+    # a stage's seed (fine-tuning) is its own key; --seed is the split's
+    (tmp_path / "r.toml").write_text('[[stage]]\nop = "prune"\nsparsity = 0.5\nepochs = 1\n'
+                                     f'seed = {SEED}\n')
+    recipe = ["compress", *data, "--model", d / "s.pykd", "--recipe", tmp_path / "r.toml"]
+    for teacher, out in ((["--teacher", d / "t.pykd"], "sa"),
+                         (["--teacher-outputs", tmp_path / "to.npy"], "sb")):
+        code, _, err = run(recipe + teacher + ["--out", tmp_path / out], capsys)
+        assert code == 0, err
+    c, e = (load_model(tmp_path / out / "01-prune.pykd") for out in ("sa", "sb"))
+    assert c.kinds == e.kinds == a.kinds
+    assert np.array_equal(c.forward(X), a.forward(X))
+    assert np.array_equal(e.forward(X), a.forward(X))
+    code, _, err = run(prune + ["--teacher-logits", tmp_path / "to.npy",
+                                "--out", tmp_path / "c.pykd"], capsys)
+    assert code != 0 and "give --teacher-outputs FILE.npy" in err
+    assert not (tmp_path / "c.pykd").exists()

@@ -29,10 +29,10 @@ import numpy as np
 from .. import __version__
 from ..train import TrainConfig, evaluate, fit, soft_labels
 from . import _plural
-from . import (CLIError, _add_common, _check_model_task, _check_out_dir_tree, _check_outputs,
-               _data_path, _finish, _fmt_bytes, _input_file, _load_data, _load_logits,
-               _load_model_checked, _model_info, _nonneg_int, _num, _number, _pct,
-               _pos_float, _pos_int, _unit, _writing, regression_eval)
+from . import (_NOT_FOR, CLIError, _add_common, _check_model_task, _check_out_dir_tree,
+               _check_outputs, _data_path, _finish, _fmt_bytes, _input_file, _load_data,
+               _load_logits, _load_model_checked, _model_info, _nonneg_int, _num, _number,
+               _pct, _pos_float, _pos_int, _unit, _writing, regression_eval)
 
 #: Position in ``pykd --help`` (see pykd.cli._command_modules).
 ORDER = 50
@@ -67,6 +67,9 @@ def _add_finetune(p, *, epochs_help="fine-tuning epochs; 0 (default): no fine-tu
     src.add_argument("--teacher-logits", metavar="FILE.npy",
                      help="fine-tune by distillation from these teacher logits of the "
                           "training set, shape (n_train, classes)")
+    src.add_argument("--teacher-outputs", metavar="FILE.npy",
+                     help="regression: fine-tune by distillation from these teacher outputs "
+                          "of the training set, physical units, shape (n_train, outputs)")
     p.add_argument("--epochs", type=_pos_int if distill else _nonneg_int,
                    default=None if distill else 0, help=epochs_help)
     p.add_argument("--lr", type=_pos_float, default=None,
@@ -182,11 +185,23 @@ def register(sub):
     src.add_argument("--teacher-logits", metavar="FILE.npy",
                      help="teacher logits of the training set, for every stage that names no "
                           "teacher")
+    src.add_argument("--teacher-outputs", metavar="FILE.npy",
+                     help="regression: teacher outputs of the training set (physical units), "
+                          "for every stage that names no teacher")
     _add_common(p)
     p.set_defaults(func=cmd_compress)
 
 
 # ------------------------------------------------------------------ checks
+
+#: The ways to give a fine-tuning teacher (at most one per stage).
+TEACHER_KEYS = ("teacher", "teacher_logits", "teacher_outputs")
+
+
+def _teacher_key(ns):
+    """Which of TEACHER_KEYS ``ns`` gives, or None."""
+    return next((k for k in TEACHER_KEYS if getattr(ns, k, None)), None)
+
 
 def check_stage(op, ns, opt=None):
     """Cross-option checks of one command or stage, before any work: None,
@@ -194,12 +209,11 @@ def check_stage(op, ns, opt=None):
     message (``--key`` on the command line, ``key`` in a recipe)."""
     opt = opt or _opt
     epochs = ns.epochs or 0
-    given = ns.teacher or ns.teacher_logits
+    key = _teacher_key(ns)
     if op == "distill" and ns.epochs is None:
         return "epochs", "a distill stage needs epochs >= 1"
     if epochs == 0:
-        if given:
-            key = "teacher" if ns.teacher else "teacher_logits"
+        if key:
             return key, f"is used only for fine-tuning: give {opt('epochs')} N (N >= 1) too"
         for key in (*FT_DEFAULTS, "loss", "huber_delta"):
             if getattr(ns, key, None) is not None:
@@ -272,8 +286,15 @@ class Session:
             return {"test_rmse": score, "test_r2": self.r2.get(id(model))}
         return {"test_accuracy": score}
 
-    def logits(self, teacher, teacher_logits, n_classes):
-        key = (teacher, teacher_logits)
+    def check_teacher(self, ns, where):
+        """Refuse a recipe stage's teacher file of the other task before any
+        work (the command line's options are checked as every command's)."""
+        for dest, why in _NOT_FOR[self.ds.task]:
+            if dest in TEACHER_KEYS and getattr(ns, dest, None):
+                raise CLIError(f"{where}{dest} has no effect on a {self.ds.task} task: {why}")
+
+    def logits(self, teacher, teacher_logits, n_classes, teacher_outputs=None):
+        key = (teacher, teacher_logits or teacher_outputs)
         if key not in self._logits:
             ds, args = self.ds, self.args
             if teacher:
@@ -287,6 +308,10 @@ class Session:
                 self._logits[key] = soft_labels(t, ds.X_train, backend=args.backend,
                                                 progress=not self.ctx.quiet)
                 self.ctx.info(f"soft labels from {teacher}: {time.perf_counter() - t0:.1f} s")
+            elif teacher_outputs:
+                self._logits[key] = _load_logits(teacher_outputs, ds.X_train.shape[0],
+                                                 n_classes, what="teacher outputs",
+                                                 columns="outputs")
             else:
                 self._logits[key] = _load_logits(teacher_logits, ds.X_train.shape[0],
                                                  n_classes)
@@ -296,8 +321,9 @@ class Session:
         from ..compress import FineTune
         defaults = dict(FT_DEFAULTS, lr=PRUNE_LR) if op == "prune" else FT_DEFAULTS
         logits = None
-        if ns.teacher or ns.teacher_logits:
-            logits = self.logits(ns.teacher, ns.teacher_logits, model.n_outputs)
+        if _teacher_key(ns):
+            logits = self.logits(ns.teacher, ns.teacher_logits, model.n_outputs,
+                                 getattr(ns, "teacher_outputs", None))
         ds = self.ds
         has_test = ds.X_test.shape[0] > 0
         kw = {k: (getattr(ns, k) if getattr(ns, k) is not None else v)
@@ -456,6 +482,8 @@ def _check_inputs(ns):
         _input_file(ns.teacher, "teacher")
     if ns.teacher_logits:
         _input_file(ns.teacher_logits, "teacher logits")
+    if getattr(ns, "teacher_outputs", None):
+        _input_file(ns.teacher_outputs, "teacher outputs")
 
 
 def cmd_one(args, ctx):
@@ -581,8 +609,9 @@ def load_recipe(path, args):
                                   "needs it)")
         if op == "lowrank" and (ns.rank is None) == (ns.energy is None):
             raise RecipeError(f"{path}: stage {i}: rank, energy: give exactly one")
-        if not (ns.teacher or ns.teacher_logits) and (ns.epochs or 0) > 0:
-            ns.teacher, ns.teacher_logits = args.teacher, args.teacher_logits
+        if not _teacher_key(ns) and (ns.epochs or 0) > 0:
+            for k in TEACHER_KEYS:
+                setattr(ns, k, getattr(args, k))
         made = next((o for o, _ in reversed(out) if o in ("quantize", "lowrank", "cluster")),
                     None)
         if op == "distill" and made is not None:
@@ -612,6 +641,8 @@ def cmd_compress(args, ctx):
                 raise CLIError(f"{args.recipe}: stage {i}: {e}") from None
     ds = _load_data(args, ctx)
     session = Session(args, ctx, ds)
+    for i, (_, ns) in enumerate(stages, start=1):
+        session.check_teacher(ns, f"{args.recipe}: stage {i}: ")
     model = _load_model_checked(args.model, ds.n_features, "model", args.backend)
     _check_data(session, model, args.model)
     os.makedirs(args.out, exist_ok=True)
