@@ -77,6 +77,24 @@ def _cases():
     out.append(("student-dynamic-1", pykd.quantize_model(mlp, activations="dynamic"), X[:1]))
     out.append(("student-static-7", pykd.quantize_model(mlp, activations="static",
                                                         calibration=X), X[:7]))
+    # (Drawn last: the student's calibration above depends on the rng stream,
+    # and its float32 forward may differ in the last bit between thread counts.)
+    # Quantization edges (the zmm path clamps above in float, then narrows
+    # with saturating packs and a byte max): exact ties at +-0.5, +-126.5,
+    # +-127.5, values past the int32 range, on rows of 143 inputs (two
+    # 64-value steps, a 15-value tail, one byte of padding) and 11 samples
+    # (a block of 8 and 3).
+    edges = np.array([0.5, 1.5, 2.5, 126.5, 127.4999, 127.5, 128.0, 1e9, 3e9, 1e30, 3e38],
+                     np.float32)
+    edges = np.concatenate([edges, -edges])
+    X = rng.choice(edges, (11, 143)).astype(np.float32)
+    X[:, :16] = np.arange(16, dtype=np.float32) - 7.5
+    q = rng.integers(-127, 128, (143, 21)).astype(np.int8)
+    for mode, xs, scaled in (("static", np.float32(1.0), 1), ("dynamic", None, 1),
+                             ("dynamic-subnormal", None, 3e38)):
+        model = Model([DenseInt8(q, np.full(21, 1e-3, np.float32), np.zeros(21, np.float32),
+                                 x_scale=xs)])
+        out.append((f"quant-edges-{mode}", model, X / np.float32(scaled)))
     return out
 
 
