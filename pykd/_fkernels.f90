@@ -439,6 +439,19 @@ subroutine network_workspace_size(table, n, upto, nl, words)
   words = impl(table, n, upto)
 end subroutine network_workspace_size
 
+! Leading layers that one sample runs split across the OpenMP team now (0:
+! none; docs/performance.md, "Batch 1 on two cores"). For the tests.
+subroutine network_split_layers(table, nl, ks)
+  use iso_c_binding, only: c_int, c_int64_t
+  use pykd_network, only: impl => one_split_layers
+  implicit none
+  integer(c_int), intent(in) :: nl
+  integer(c_int64_t), intent(in) :: table(14, nl)
+  integer(c_int), intent(out) :: ks
+  !f2py intent(hide) :: nl
+  ks = impl(table, nl)
+end subroutine network_split_layers
+
 ! The CPU path of the int8 layer's product in this process (portable, avx2,
 ! avxvnni or avx512vnni; PYKD_INT8_PATH forces one the CPU has).
 subroutine int8_path(name)

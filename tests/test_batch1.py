@@ -270,3 +270,93 @@ def test_low_rank_one_sample_is_two_sequential_sums(act):
     t = sequential(U, np.zeros(13, F32), x[0], "identity")     # + 0 changes no bit here
     ref = sequential(V, b, t, act)
     assert same_bits(Model([LowRank(U, V, b, act)]).forward(x)[0], ref)
+
+
+# One sample on 2+ threads: the leading dense identity/relu layers of at
+# least 16384 weights split their outputs across the caller and helper
+# threads (pykd_network's run_one_split, pykd_dense_team.c); each output is
+# summed as on one thread, so every path and thread count gives the same bits. Each run is a fresh interpreter (OMP_NUM_THREADS and
+# PYKD_DENSE_PATH are read when the extension loads).
+SPLIT_PROBE = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_batch1 import split_models
+from pykd import _fkernels
+out, ks = [], []
+for model in split_models():
+    ks.append(int(_fkernels.network_split_layers(table=model.table.T)))
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((1, model.n_features)).astype(np.float32)
+        out.append(model.forward(x)[0])
+        if model.n_layers > 1:
+            out.append(model.forward(x, upto=1)[0])
+# two Python threads at once (one uses the helpers, the other runs alone),
+# then a forked child (its own helpers): the same bits
+import os, threading
+student = split_models()[0]
+x = np.random.default_rng(5).standard_normal((1, 784)).astype(np.float32)
+ref = student.forward(x)
+bad = []
+def loop():
+    for _ in range(300):
+        if not np.array_equal(student.forward(x).view(np.uint32), ref.view(np.uint32)):
+            bad.append(1)
+ts = [threading.Thread(target=loop) for _ in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+assert not bad
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if np.array_equal(student.forward(x).view(np.uint32), ref.view(np.uint32)) else 3)
+assert os.waitpid(pid, 0)[1] == 0
+np.save(sys.argv[2], np.concatenate(out))
+print(" ".join(map(str, ks)), _fkernels.dense_path().decode().strip())
+"""
+
+
+def split_models():
+    """Models whose leading dense layers split (widths not multiples of 16,
+    the last layer split or not, a layer after that is not dense, norms)."""
+    rng = np.random.default_rng(11)
+
+    def dense(n_in, n_out, act):
+        W = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(F32)
+        return Dense(W, rng.standard_normal(n_out).astype(F32), act)
+
+    student = Model([dense(784, 200, "relu"), dense(200, 200, "relu"), dense(200, 10, "identity")],
+                    norm=(F32(0.3), F32(0.35)))
+    odd = Model([dense(300, 203, "relu"), dense(203, 97, "identity"), dense(97, 129, "tanh"),
+                 dense(129, 5, "identity")], out_norm=(F32(1.5), F32(2.0)))
+    last = Model([dense(256, 257, "relu"), dense(257, 130, "identity")])
+    q = DenseInt8(rng.integers(-127, 128, (300, 200)).astype(np.int8),
+                  np.full(200, 0.001, F32), np.zeros(200, F32), "relu")
+    after_int8 = Model([q, dense(200, 200, "identity")])
+    return [student, odd, last, after_int8]
+
+
+SPLIT_LAYERS = [2, 2, 2, 0]   # per split_models() on 2+ threads
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_sample_on_two_threads_gives_the_bits_of_one(tmp_path, path):
+    flags = _cpu_flags()
+    if path != "portable" and (path + ("f" if path == "avx512" else "")) not in flags:
+        pytest.skip(f"this CPU has no {path}")
+    results = {}
+    for threads, limit in (("1", None), ("2", None), ("3", None), ("2", "1")):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+        env.update(PYKD_DENSE_PATH=path, OMP_NUM_THREADS=threads)
+        if limit:
+            env["OMP_THREAD_LIMIT"] = limit   # caps the threads when pykd loads: no split
+        name = f"{threads}-{limit}"
+        out = tmp_path / f"{name}.npy"
+        res = subprocess.run([sys.executable, "-c", SPLIT_PROBE, os.path.dirname(__file__),
+                              str(out)], env=env, check=True, timeout=300, cwd=tmp_path,
+                             capture_output=True, text=True)
+        words = res.stdout.split()
+        assert words[-1] == path
+        ks = [int(w) for w in words[:-1]]
+        assert ks == ([0] * 4 if threads == "1" or limit else SPLIT_LAYERS), (name, ks)
+        results[name] = np.load(out)
+    for name, got in results.items():
+        assert same_bits(got, results["1-None"]), name

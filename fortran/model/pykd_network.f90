@@ -8,11 +8,12 @@
 !! one model at once, each with its own `work`.
 module pykd_network
   use iso_fortran_env, only: int8, int32, int64, real32
-  use iso_c_binding, only: c_int
+  use iso_c_binding, only: c_int, c_ptr, c_loc
   !$ use omp_lib, only: omp_get_max_threads, omp_get_num_threads, omp_get_thread_num, omp_in_parallel
   use pykd_codes, only: N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, &
                         COL_F32_LEN, COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, &
-                        NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR
+                        NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR, KIND_DENSE, ACT_IDENTITY, &
+                        ACT_RELU
   use pykd_config, only: PAR_MIN_WORK
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE
   use pykd_bytes, only: str
@@ -21,7 +22,7 @@ module pykd_network
   use pykd_activation, only: valid_activation
   implicit none
   private
-  public :: network_forward, network_workspace_words
+  public :: network_forward, network_workspace_words, one_split_layers
 
   !> From this many samples a batch is split across the OpenMP team, each
   !! thread running every layer on its slice (team_size); below, the layers
@@ -30,11 +31,26 @@ module pykd_network
   integer, parameter :: TEAM_MIN_BATCH = 16
   !> Samples per thread at least, when split.
   integer, parameter :: TEAM_MIN_SLICE = 8
+  !> One sample: its leading dense layers (identity or relu) of at least
+  !! this many weights each split their outputs across up to ONE_MAX_THREADS
+  !! threads (each core streams its part of W from its own L2), at most
+  !! ONE_MAX_LAYERS of them (pykd_dense_team.c); measured in
+  !! docs/performance.md ("Batch 1 on two cores").
+  integer(int64), parameter :: ONE_SPLIT_MIN = 16384
+  integer, parameter :: ONE_MAX_THREADS = 4, ONE_MAX_LAYERS = 16
 
   interface
     integer(c_int) function blas_team_safe() bind(c, name='pykd_blas_team_safe')
       import :: c_int
     end function blas_team_safe
+    !> fortran/kernels/pykd_dense_team.c: nl dense layers of one sample, each
+    !! layer's outputs in `parts` parts on the caller and helper threads.
+    subroutine c_chain(nl, dims, w, b, x, y, parts) bind(c, name='pykd_f32_chain')
+      import :: c_int, c_ptr
+      integer(c_int), value :: nl, parts
+      integer(c_int), intent(in) :: dims(3, *)
+      type(c_ptr), intent(in) :: w(*), b(*), x(*), y(*)
+    end subroutine c_chain
   end interface
 
 contains
@@ -211,7 +227,7 @@ contains
     class(pykd_layer_t), allocatable :: layer
     real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
     integer(int64) :: a0, b0, s0, k_in
-    integer :: k, st
+    integer :: k, st, ks
 
     stat = PYKD_OK
     bad_layer = 0
@@ -223,14 +239,14 @@ contains
       cur(1:m_in, 1:m) => work(b0 + 1:b0 + int(m_in, int64) * m)
       call normalise(m_in, m, int(k_in), x, norm(1:k_in), norm(k_in + 1:2 * k_in), cur)
     end if
-    do k = 1, nl
-      if (k == nl) then
-        nxt => y
-      else if (mod(k, 2) == 1) then
-        nxt(1:table(COL_N_OUT, k), 1:m) => work(a0 + 1:a0 + table(COL_N_OUT, k) * m)
-      else
-        nxt(1:table(COL_N_OUT, k), 1:m) => work(b0 + 1:b0 + table(COL_N_OUT, k) * m)
-      end if
+    ks = 0
+    if (m == 1) ks = one_split_layers(table, nl)
+    if (ks > 0) then
+      call run_one_split(table, f32, ks, nl, a0, b0, cur, y, work)
+      call layer_out(table, ks, nl, m, a0, b0, y, work, cur)
+    end if
+    do k = ks + 1, nl
+      call layer_out(table, k, nl, m, a0, b0, y, work, nxt)
       call new_layer(table(COL_KIND, k), layer, st)
       call layer%forward(table(:, k), f32, i8, i32, m, cur, nxt, work(s0 + 1), stat)
       if (stat /= PYKD_OK) then
@@ -244,6 +260,77 @@ contains
                        norm(2 * k_in + 1:), y)
     end if
   end subroutine run_slice
+
+  !> nxt => where layer k of nl writes its m outputs: y for the last
+  !! layer, else region A (odd k) or B (even k) of `work`.
+  subroutine layer_out(table, k, nl, m, a0, b0, y, work, nxt)
+    integer(int64), intent(in) :: table(:, :), a0, b0
+    integer, intent(in) :: k, nl, m
+    real(real32), intent(inout), target, contiguous :: y(:, :)
+    real(real32), intent(inout), target :: work(*)
+    real(real32), pointer, contiguous, intent(out) :: nxt(:, :)
+
+    if (k == nl) then
+      nxt => y
+    else if (mod(k, 2) == 1) then
+      nxt(1:table(COL_N_OUT, k), 1:m) => work(a0 + 1:a0 + table(COL_N_OUT, k) * m)
+    else
+      nxt(1:table(COL_N_OUT, k), 1:m) => work(b0 + 1:b0 + table(COL_N_OUT, k) * m)
+    end if
+  end subroutine layer_out
+
+  !> Leading layers of nl that one sample runs split across threads: dense
+  !! identity or relu layers of at least ONE_SPLIT_MIN weights and 32
+  !! outputs, at most ONE_MAX_LAYERS (0 without OpenMP, with one OpenMP
+  !! thread, or inside a parallel region).
+  integer function one_split_layers(table, nl) result(ks)
+    integer(int64), intent(in) :: table(:, :)
+    integer, intent(in) :: nl
+
+    ks = 0
+    !$ if (omp_get_max_threads() < 2 .or. omp_in_parallel()) return
+    !$ do while (ks < min(nl, ONE_MAX_LAYERS))
+    !$   if (table(COL_KIND, ks + 1) /= KIND_DENSE .or. table(COL_N_OUT, ks + 1) < 32 .or. &
+    !$       table(COL_N_IN, ks + 1) * table(COL_N_OUT, ks + 1) < ONE_SPLIT_MIN .or. &
+    !$       (table(COL_ACT, ks + 1) /= ACT_IDENTITY .and. table(COL_ACT, ks + 1) /= ACT_RELU)) exit
+    !$   ks = ks + 1
+    !$ end do
+  end function one_split_layers
+
+  !> Layers 1..ks (dense, identity or relu) of one sample x, each layer's
+  !! outputs in parts of whole 16-output vectors (fixed by the width and the
+  !! thread count) on this thread and pykd_dense_team.c's helpers, each of
+  !! which streams its rows of W, the same on every call, from its core's
+  !! cache. Each output is summed as on one thread (pykd_f32_gemv), so the
+  !! bits do not depend on the parts or on who runs them.
+  subroutine run_one_split(table, f32, ks, nl, a0, b0, x, y, work)
+    integer(int64), intent(in) :: table(:, :), a0, b0
+    real(real32), intent(in), target :: f32(:)
+    integer, intent(in) :: ks, nl
+    real(real32), intent(in), target, contiguous :: x(:, :)
+    real(real32), intent(inout), target, contiguous :: y(:, :)
+    real(real32), intent(inout), target :: work(*)
+    real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
+    type(c_ptr) :: w(ks), b(ks), xs(ks), ys(ks)
+    integer(c_int) :: dims(3, ks)
+    integer(int64) :: off
+    integer :: k, nt
+
+    nt = 1
+    !$ nt = min(omp_get_max_threads(), ONE_MAX_THREADS)
+    cur => x
+    do k = 1, ks
+      call layer_out(table, k, nl, 1, a0, b0, y, work, nxt)
+      off = table(COL_F32_OFF, k)
+      dims(:, k) = int([table(COL_N_OUT, k), table(COL_N_IN, k), table(COL_ACT, k)], c_int)
+      w(k) = c_loc(f32(off + 1))
+      b(k) = c_loc(f32(off + table(COL_N_IN, k) * table(COL_N_OUT, k) + 1))
+      xs(k) = c_loc(cur(1, 1))
+      ys(k) = c_loc(nxt(1, 1))
+      cur => nxt
+    end do
+    call c_chain(int(ks, c_int), dims, w, b, xs, ys, int(nt, c_int))
+  end subroutine run_one_split
 
   !> Offsets of the regions A, B and the layer scratch in `work`, as sized by
   !! network_workspace_words.
