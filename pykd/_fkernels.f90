@@ -439,6 +439,16 @@ subroutine network_workspace_size(table, n, upto, nl, words)
   words = impl(table, n, upto)
 end subroutine network_workspace_size
 
+! The address of pykd_network_forward_c (fortran/model/pykd_network_c.f90),
+! for pykd/_lean.c's binding of Model.forward (pykd.models binds it once).
+subroutine network_forward_c_address(addr)
+  use iso_c_binding, only: c_int64_t, c_funloc
+  use pykd_network_c, only: network_forward_c
+  implicit none
+  integer(c_int64_t), intent(out) :: addr
+  addr = transfer(c_funloc(network_forward_c), addr)
+end subroutine network_forward_c_address
+
 ! Leading layers that one sample runs split across the OpenMP team now (0:
 ! none; docs/performance.md, "Batch 1 on two cores"). For the tests.
 subroutine network_split_layers(table, nl, ks)
@@ -471,29 +481,6 @@ subroutine dense_path(name)
   !f2py threadsafe
   name = dense_path_name()
 end subroutine dense_path
-
-! network_forward without errmsg: f2py pads and strips a character(512)
-! result one byte at a time, twice (~5000 instructions, more than the rest of
-! the wrapper). Model.forward calls this one and, only on a failure, the
-! full network_forward for the message. Returns (stat, bad_layer).
-subroutine network_forward_fast(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, &
-                                nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw, stat, bad_layer)
-  use iso_c_binding, only: c_float, c_int, c_int32_t, c_int64_t
-  use pykd_network, only: impl => network_forward
-  implicit none
-  integer(c_int), intent(in) :: nl, n_in, n, n_out, upto
-  integer(c_int64_t), intent(in) :: nf32, ni8, ni32, nnorm, nw
-  integer(c_int64_t), intent(in) :: table(14, nl)
-  real(c_float), intent(in) :: f32(nf32), norm(nnorm), x(n_in, n)
-  integer(1), intent(in) :: i8(ni8)
-  integer(c_int32_t), intent(in) :: i32(ni32)
-  integer(c_int), intent(in) :: norm_kinds(2)
-  real(c_float), intent(inout) :: y(n_out, n), work(nw)
-  integer(c_int), intent(out) :: stat, bad_layer
-  !f2py threadsafe
-  !f2py intent(hide) :: nl, nf32, ni8, ni32, nnorm, n_in, n, n_out, nw
-  call impl(table, f32, i8, i32, norm, norm_kinds, x, upto, y, work, stat, bad_layer)
-end subroutine network_forward_fast
 
 ! The CPU path of the codebook layer's product in this process (portable, avx2
 ! or avx512; PYKD_CODEBOOK_PATH forces one the CPU has).

@@ -431,15 +431,25 @@ def _network_ext():
     return ext
 
 
-_fast = None
+_lean = None
 
 
-def _network_fast():
-    """The shim's network_forward_fast (no error message; stat, bad_layer)."""
-    global _fast
-    if _fast is None:
-        _fast = getattr(_network_ext(), "network_forward_fast")
-    return _fast
+def _lean_forward():
+    """pykd._lean.forward (pykd/_lean.c), bound once to the network's C entry:
+    ``forward(table, f32, i8, i32, norm, norm_kinds, x, n_out, work)`` gives
+    a new (n, n_out) float32 array, or None when the arguments are not the
+    common case or the network refused them (then the full path runs)."""
+    global _lean
+    if _lean is None:
+        ext = _network_ext()
+        try:
+            from . import _lean as lean
+        except ImportError as e:
+            raise ImportError(f"this build of pykd has no pykd._lean ({e}); rebuild pykd or use "
+                              "backend='numpy'") from None
+        lean.bind(int(ext.network_forward_c_address()))
+        _lean = lean.forward
+    return _lean
 
 
 def _as_layer(layer, k):
@@ -663,15 +673,14 @@ class Model:
                 and type(batch_size) is int and 0 < X.shape[0] <= batch_size
                 and X.flags.c_contiguous and (backend or self.backend) == "fortran"):
             n = X.shape[0]
-            out = np.empty((n, self._n_outputs), np.float32)
             try:                       # this thread's workspace for n rows, if known
                 work = self._tls.fast[n]
             except (AttributeError, KeyError):
                 work = self._fast_work(n)
-            stat, _ = (_fast or _network_fast())(self._table_f, self.f32, self.i8, self.i32,
-                                                 self._norm_buf, self._norm_kinds, X.T, 0,
-                                                 out.T, work)
-            if stat == _OK:
+            out = (_lean or _lean_forward())(self.table, self.f32, self.i8, self.i32,
+                                             self._norm_buf, self._norm_kinds, X,
+                                             self._n_outputs, work)
+            if out is not None:
                 return out
             self._words.clear()        # e.g. the table was changed: size the workspace anew
             self._tls.fast = {}

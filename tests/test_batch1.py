@@ -360,3 +360,50 @@ def test_one_sample_on_two_threads_gives_the_bits_of_one(tmp_path, path):
         results[name] = np.load(out)
     for name, got in results.items():
         assert same_bits(got, results["1-None"]), name
+
+
+def test_lean_binding_takes_only_the_common_case():
+    """pykd/_lean.c: a fresh array for native aligned C-contiguous arrays of
+    the model's dtypes; None (the full path then runs and raises) for
+    anything else, or when the network refuses the arguments; nothing is
+    copied or cast."""
+    from pykd import _lean, models
+    model = _student().to_model()
+    x = np.random.default_rng(6).standard_normal((3, 784)).astype(F32)
+    model.forward(x)                                  # binds and sizes the workspace
+    work = model._fast_work(3)
+    lean = models._lean_forward()
+    args = [model.table, model.f32, model.i8, model.i32, model._norm_buf, model._norm_kinds, x,
+            10, work]
+    y = lean(*args)
+    assert y.dtype == F32 and y.shape == (3, 10) and y.flags.c_contiguous and y.base is None
+    assert same_bits(y, model.forward(x, upto=3))
+    assert lean(*args) is not y
+
+    def refused(i, value):
+        a = list(args)
+        a[i] = value
+        assert lean(*a) is None, i
+
+    refused(6, np.asfortranarray(x))                  # not C-contiguous
+    refused(6, x.astype(np.float64))                  # another dtype: never cast
+    refused(6, x.astype(">f4"))                       # byte-swapped
+    refused(6, x[:, None])                            # another rank
+    refused(6, x[:0])                                 # no rows
+    refused(6, x[:, :783].copy())                     # the network refuses the width
+    refused(7, 9)                                     # the network refuses y's shape
+    refused(7, "10")
+    ro = work.copy()
+    ro.flags.writeable = False
+    refused(8, ro)                                    # work must be writable
+    refused(8, work[:5])                              # the network refuses the size
+    refused(0, model.table.astype(np.int32))
+    refused(0, np.zeros((3, 15), np.int64))           # N_FIELDS = 14 (pykd._codes)
+    refused(0, np.asfortranarray(model.table))
+    refused(1, model.f32.astype(np.float64))
+    refused(5, model._norm_kinds.astype(np.int64))
+    refused(1, list(model.f32))
+    assert lean(*args[:8]) is None                    # too few arguments
+    assert models._codes.N_FIELDS == 14
+    with pytest.raises(ValueError, match="null"):
+        _lean.bind(0)
