@@ -3,10 +3,11 @@
  * only (C-contiguous aligned native arrays of the model's dtypes).
  *
  *   forward(table, f32, i8, i32, norm, norm_kinds, x, n_out, work)
- *       -> a new float32 array (n, n_out), or None
+ *       -> a new float32 array (n, n_out); None (not the common case); or
+ *          the network's status, an int (it refused the arguments)
  *
- * None means "not the common case, or the network refused": the caller then
- * takes its full path, which checks everything and raises the error. Every
+ * For None or a status the caller takes its full path, which checks
+ * everything and raises the error. Every
  * argument that reaches Fortran is checked there (sizes, table, slices,
  * workspace: pykd_network's check_network); here only what Fortran cannot
  * see: types, dtypes, memory layout, ranks, writability. Nothing is copied
@@ -89,7 +90,7 @@ static PyObject *forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_END_ALLOW_THREADS
     if (stat != 0) {   /* PYKD_OK */
         Py_DECREF(y);
-        Py_RETURN_NONE;
+        return PyLong_FromLong(stat);
     }
     return (PyObject *)y;
 }
@@ -97,7 +98,7 @@ static PyObject *forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 static PyMethodDef methods[] = {
     {"bind", bind, METH_O, "bind(address): the network entry (pykd.models calls it once)"},
     {"forward", (PyCFunction)(void (*)(void))forward, METH_FASTCALL,
-     "forward(table, f32, i8, i32, norm, norm_kinds, x, n_out, work) -> y or None"},
+     "forward(table, f32, i8, i32, norm, norm_kinds, x, n_out, work) -> y, None or a status"},
     {NULL, NULL, 0, NULL},
 };
 

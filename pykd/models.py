@@ -41,7 +41,6 @@ _TRAINABLE = _codes.TRAINABLE_ACTIVATIONS
 _COL = _codes.COL
 
 _F32 = np.float32
-_F32_DTYPE = np.dtype(np.float32)
 #: Cached workspace sizes per model: beyond this many batch sizes the cache is cleared.
 _WORDS_CACHE = 64
 _OK = _codes.OK
@@ -437,8 +436,9 @@ _lean = None
 def _lean_forward():
     """pykd._lean.forward (pykd/_lean.c), bound once to the network's C entry:
     ``forward(table, f32, i8, i32, norm, norm_kinds, x, n_out, work)`` gives
-    a new (n, n_out) float32 array, or None when the arguments are not the
-    common case or the network refused them (then the full path runs)."""
+    a new (n, n_out) float32 array; None when the arguments are not the
+    common case, the network's status (an int) when it refused them (then
+    the full path runs)."""
     global _lean
     if _lean is None:
         ext = _network_ext()
@@ -665,14 +665,12 @@ class Model:
         ValueError
             If an int8 layer's input holds NaN or inf (naming the layer).
         """
-        # The common case (one chunk of C-contiguous float32 rows, all layers,
-        # the Fortran backend) in a few cheap tests; anything else, and any
-        # failure, takes the full path below, which checks everything.
-        if (upto is None and type(X) is np.ndarray and X.ndim == 2
-                and X.dtype is _F32_DTYPE and X.shape[1] == self._n_features
-                and type(batch_size) is int and 0 < X.shape[0] <= batch_size
-                and X.flags.c_contiguous and (backend or self.backend) == "fortran"):
-            n = X.shape[0]
+        # The common case (one chunk of rows, all layers, the Fortran backend)
+        # in a few cheap tests; pykd._lean checks the array (float32, C order,
+        # ...) and the network its width. Anything else, and any failure,
+        # takes the full path below, which checks everything.
+        if (upto is None and type(X) is np.ndarray and X.ndim == 2 and type(batch_size) is int
+                and 0 < (n := len(X)) <= batch_size and (backend or self.backend) == "fortran"):
             try:                       # this thread's workspace for n rows, if known
                 work = self._tls.fast[n]
             except (AttributeError, KeyError):
@@ -680,10 +678,11 @@ class Model:
             out = (_lean or _lean_forward())(self.table, self.f32, self.i8, self.i32,
                                              self._norm_buf, self._norm_kinds, X,
                                              self._n_outputs, work)
-            if out is not None:
+            if type(out) is np.ndarray:
                 return out
-            self._words.clear()        # e.g. the table was changed: size the workspace anew
-            self._tls.fast = {}
+            if out is not None:        # the network refused (e.g. the table was changed):
+                self._words.clear()    # size the workspace anew
+                self._tls.fast = {}
         backend, upto, batch_size = self._check_forward(X, upto, batch_size, backend)
         n = X.shape[0]
         out = np.empty((n, self._layers[upto - 1].n_out), np.float32)

@@ -364,8 +364,8 @@ def test_one_sample_on_two_threads_gives_the_bits_of_one(tmp_path, path):
 
 def test_lean_binding_takes_only_the_common_case():
     """pykd/_lean.c: a fresh array for native aligned C-contiguous arrays of
-    the model's dtypes; None (the full path then runs and raises) for
-    anything else, or when the network refuses the arguments; nothing is
+    the model's dtypes; None for anything else, the network's status when it
+    refuses the arguments (the full path then runs and raises); nothing is
     copied or cast."""
     from pykd import _lean, models
     model = _student().to_model()
@@ -380,23 +380,28 @@ def test_lean_binding_takes_only_the_common_case():
     assert same_bits(y, model.forward(x, upto=3))
     assert lean(*args) is not y
 
-    def refused(i, value):
+    def refused(i, value, by_network=False):
         a = list(args)
         a[i] = value
-        assert lean(*a) is None, i
+        got = lean(*a)
+        if by_network:                                # the network's status (ERR_ARG)
+            assert type(got) is int and got == models._codes.ERR_ARG, (i, got)
+        else:
+            assert got is None, i
 
     refused(6, np.asfortranarray(x))                  # not C-contiguous
     refused(6, x.astype(np.float64))                  # another dtype: never cast
     refused(6, x.astype(">f4"))                       # byte-swapped
     refused(6, x[:, None])                            # another rank
     refused(6, x[:0])                                 # no rows
-    refused(6, x[:, :783].copy())                     # the network refuses the width
-    refused(7, 9)                                     # the network refuses y's shape
+    refused(6, x[:, ::2])                             # a strided view
+    refused(6, x[:, :783].copy(), by_network=True)    # the width
+    refused(7, 9, by_network=True)                    # y's shape
     refused(7, "10")
     ro = work.copy()
     ro.flags.writeable = False
     refused(8, ro)                                    # work must be writable
-    refused(8, work[:5])                              # the network refuses the size
+    refused(8, work[:5], by_network=True)             # its size
     refused(0, model.table.astype(np.int32))
     refused(0, np.zeros((3, 15), np.int64))           # N_FIELDS = 14 (pykd._codes)
     refused(0, np.asfortranarray(model.table))
