@@ -90,11 +90,12 @@ def _cases():
     X = rng.choice(edges, (11, 143)).astype(np.float32)
     X[:, :16] = np.arange(16, dtype=np.float32) - 7.5
     q = rng.integers(-127, 128, (143, 21)).astype(np.int8)
-    for mode, xs, scaled in (("static", np.float32(1.0), 1), ("dynamic", None, 1),
-                             ("dynamic-subnormal", None, 3e38)):
+    # (dynamic-tiny: max|x| = 1e-38, so max|x| / 127 is below FLT_MIN.)
+    for mode, xs, scaled in (("static", np.float32(1.0), X), ("dynamic", None, X),
+                             ("dynamic-tiny", None, X / np.float32(3e38) * np.float32(1e-38))):
         model = Model([DenseInt8(q, np.full(21, 1e-3, np.float32), np.zeros(21, np.float32),
                                  x_scale=xs)])
-        out.append((f"quant-edges-{mode}", model, X / np.float32(scaled)))
+        out.append((f"quant-edges-{mode}", model, scaled))
     return out
 
 

@@ -178,21 +178,25 @@ static __attribute__((target(T512))) uint32_t absmax_bits_512(int n_in, const fl
  * (MXCSR), narrow with the saturating packs (anything below -128, and
  * cvtps2dq's 0x80000000 for -inf or huge, becomes -128), then the byte max
  * with -127: the same bytes as clamping both sides first, in 19 instead of
- * 32 instructions. The tail takes 16 at a time, clamped in float. */
-static __attribute__((target(T512))) void quantize_row_512(int n_in, int ldx, const float *x,
-                                                           float inv1, uint8_t *u)
+ * 32 instructions. Dynamic scales (CLAMP 0) need no clamp at all: with
+ * inv = 1 / (max|x| / 127), |x * inv| <= 127 (1 + 4 ulp) < 127.5, so
+ * every value rounds into [-127, 127] (a NaN or inf sample is flagged and
+ * its bytes never used). The tail takes 16 at a time, clamped in float. */
+static inline __attribute__((always_inline, target(T512))) void quantize_row_512(
+    const int CLAMP, int n_in, int ldx, const float *x, float inv1, uint8_t *u)
 {
     const __m512 inv = _mm512_set1_ps(inv1), lo = _mm512_set1_ps(-QMAX), hi = _mm512_set1_ps(QMAX);
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i bmin = _mm512_set1_epi8(-127), boff = _mm512_set1_epi8((char)0x80);
     int i = 0;
-#define QI(v) _mm512_cvtps_epi32(_mm512_min_ps(_mm512_mul_ps(v, inv), hi))
+#define QI(v) _mm512_cvtps_epi32(CLAMP ? _mm512_min_ps(_mm512_mul_ps(v, inv), hi) : _mm512_mul_ps(v, inv))
     for (; i + 64 <= n_in; i += 64) {
         __m512i a = _mm512_packs_epi32(QI(_mm512_loadu_ps(x + i)), QI(_mm512_loadu_ps(x + i + 16)));
         __m512i b = _mm512_packs_epi32(QI(_mm512_loadu_ps(x + i + 32)), QI(_mm512_loadu_ps(x + i + 48)));
         /* per 128-bit lane k: dwords (x[4k..], x[16 + 4k..], x[32 + 4k..], x[48 + 4k..]) */
         __m512i c = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(a, b));
-        _mm512_storeu_si512(u + i, _mm512_xor_si512(_mm512_max_epi8(c, bmin), boff));
+        if (CLAMP) c = _mm512_max_epi8(c, bmin);
+        _mm512_storeu_si512(u + i, _mm512_xor_si512(c, boff));
     }
 #undef QI
     const __m128i off = _mm_set1_epi8((char)0x80);
@@ -231,9 +235,14 @@ static __attribute__((target(T512))) int quantize_512(int n_in, int ldx, const f
             inv[r] = 1.0f / sc;
             bad += bits[r] >= 0x7f800000u;
         }
-        for (int r = 0; r < nb; r++)
-            quantize_row_512(n_in, ldx, x + (ptrdiff_t)(b0 + r) * n_in, inv[r],
-                             u + (ptrdiff_t)(b0 + r) * ldx);
+        for (int r = 0; r < nb; r++) {
+            const float *xr = x + (ptrdiff_t)(b0 + r) * n_in;
+            uint8_t *ur = u + (ptrdiff_t)(b0 + r) * ldx;
+            if (x_scale > 0)
+                quantize_row_512(1, n_in, ldx, xr, inv[r], ur);
+            else
+                quantize_row_512(0, n_in, ldx, xr, inv[r], ur);
+        }
     }
     return bad;
 }
