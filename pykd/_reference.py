@@ -240,6 +240,57 @@ def int8_packed(q):
     return np.concatenate([csum, np.ascontiguousarray(w).reshape(-1).view("<i4")]).astype(np.int32)
 
 
+#: sparse_csr's planes (docs/model.md): outputs per block, inputs per chunk,
+#: blocks per group (fortran/kernels/pykd_sparse_kernel.f90 PLANE_*).
+PLANE_LANES, PLANE_CHUNK, PLANE_GROUP = 16, 32, 13
+#: The fewest entries of a layer that keeps planes (planes_kept).
+PLANE_MIN_NNZ = 128
+
+
+def plane_cells(n_in, n_out):
+    """Cells of the planes: ceil(n_in / 32) chunks times ceil(n_out / 16) blocks."""
+    return -(-n_in // PLANE_CHUNK) * -(-n_out // PLANE_LANES)
+
+
+def sparse_planes(indptr, indices, values, n_in, n_out):
+    """sparse_csr's planes of a valid CSR pattern (docs/model.md):
+    ``(n_planes, counts, idx, val)``, counts uint8 (cells,), idx int8
+    (n_planes, 16) input offsets in the chunk, val float32 (n_planes, 16);
+    ``n_planes = 0`` and empty arrays when the layer keeps none (fewer than
+    PLANE_MIN_NNZ entries, fewer than 2 per plane on average, or more than
+    4 cells per entry)."""
+    nnz = int(indices.shape[0])
+    nc, nb = -(-n_in // PLANE_CHUNK), -(-n_out // PLANE_LANES)
+    none = (0, np.zeros(0, np.uint8), np.zeros((0, PLANE_LANES), np.int8),
+            np.zeros((0, PLANE_LANES), _F32))
+    if nnz < PLANE_MIN_NNZ:
+        return none
+    rows = np.repeat(np.arange(n_in, dtype=np.int64), np.diff(indptr))
+    j = indices.astype(np.int64)
+    c, b = rows // PLANE_CHUNK, j // PLANE_LANES
+    # rank: the entry's place among the entries of its (chunk, output), inputs ascending
+    key = c * n_out + j
+    order = np.lexsort((rows, key))
+    ks = key[order]
+    new = np.r_[True, ks[1:] != ks[:-1]]
+    pos = np.arange(nnz)
+    rank = np.empty(nnz, np.int64)
+    rank[order] = pos - np.maximum.accumulate(np.where(new, pos, 0))
+    g0 = b // PLANE_GROUP * PLANE_GROUP
+    cell = g0 * nc + c * np.minimum(PLANE_GROUP, nb - g0) + (b - g0)
+    counts = np.zeros(nc * nb, np.int64)
+    np.maximum.at(counts, cell, rank + 1)
+    n_planes = int(counts.sum())
+    if not (0 < 2 * n_planes <= nnz and nc * nb <= 4 * nnz):
+        return none
+    t = (np.cumsum(counts) - counts)[cell] + rank
+    idx = np.zeros((n_planes, PLANE_LANES), np.int8)
+    val = np.zeros((n_planes, PLANE_LANES), _F32)
+    idx[t, j % PLANE_LANES] = rows - PLANE_CHUNK * c
+    val[t, j % PLANE_LANES] = values
+    return n_planes, counts.astype(np.uint8), idx, val
+
+
 def dense_int8(x, q, scale, b, activation="identity", x_scale=None):
     """int8 layer: ``qx = clamp(rint(x * (1/sx)), -127, 127)`` with one
     ``sx = max|x_s| / 127`` per sample (dynamic, ``x_scale`` None) or the

@@ -384,7 +384,10 @@ class SparseCSR(Layer):
     activation : str
     """
     kind = "sparse_csr"
-    f32_items = ("values", "b")
+    #: After the CSR: the planes, the one-sample kernel's derived copy of W
+    #: (never saved: docs/model.md, "sparse_csr's planes").
+    f32_items = ("values", "b", "_pval")
+    i8_items = ("_pcount", "_pidx")
     i32_items = ("indptr", "indices")
 
     def __init__(self, indptr, indices, values, b, activation="identity"):
@@ -396,6 +399,30 @@ class SparseCSR(Layer):
         _arr("values", values, _F32, 1, (nnz,), finite=True)
         self.indptr, self.indices, self.values, self.b = indptr, indices, values, b
         self.activation = _activation(activation)
+        self._n_planes, counts, idx, val = ref.sparse_planes(indptr, indices, values,
+                                                             self.n_in, self.n_out)
+        self._pcount = counts.view(np.int8) if self._n_planes else np.zeros(0, np.int8)
+        self._pidx, self._pval = idx, val
+
+    def repack(self):
+        """Rebuild the planes from the CSR arrays (in place, so a model
+        holding the layer sees them): call it after changing ``values`` (or
+        the pattern, keeping its number of planes) in place."""
+        _csr(self.indptr, self.indices, self.n_in, self.n_out)
+        n, counts, idx, val = ref.sparse_planes(self.indptr, self.indices, self.values,
+                                                self.n_in, self.n_out)
+        if n != self._n_planes:
+            raise ValueError(f"the pattern now has {n} planes, not {self._n_planes}: "
+                             "build a new SparseCSR")
+        if n:
+            self._pcount[...] = counts.view(np.int8)
+            self._pidx[...] = idx
+            self._pval[...] = val
+
+    @property
+    def nbytes(self):
+        """Bytes of the CSR arrays and b (the planes are derived, not counted)."""
+        return self.indptr.nbytes + self.indices.nbytes + self.values.nbytes + self.b.nbytes
 
     @classmethod
     def from_dense(cls, W, b, activation="identity"):
@@ -434,7 +461,7 @@ class SparseCSR(Layer):
         return int(self.indices.shape[0])
 
     def kind_params(self):
-        return (self.nnz, 0, 0, 0)
+        return (self.nnz, self._n_planes, 0, 0)
 
     def _rows(self):
         return np.repeat(np.arange(self.n_in), np.diff(self.indptr))

@@ -24,7 +24,20 @@
 !! gets all-NaN outputs on every kernel (docs/model.md).
 !!
 !! PYKD_SPARSE_KERNEL=scatter|panel|dense forces a kernel for batches of 2
-!! or more (tests, benchmarks); one sample always takes SCATTER.
+!! or more (tests, benchmarks); one sample always takes SCATTER, or the
+!! planes below when the layer has them.
+!!
+!! sparse_csr's planes (docs/model.md, "sparse_csr's planes"): a derived
+!! layout of W kept beside the CSR (built at load and by the Python layer,
+!! never saved) for one sample. The outputs in blocks of PLANE_LANES = 16,
+!! the inputs in chunks of PLANE_CHUNK = 32; the cell (chunk c, block b)
+!! holds count(c, b) planes, the most entries any of its 16 outputs has in
+!! the chunk, and plane t gives each output of the block its t-th entry in
+!! the chunk (input offset and value; 0 and 0 when it has fewer). Cells run
+!! over groups of PLANE_GROUP = 13 blocks (the avx512 kernel's zmm
+!! accumulators), then chunks, then the group's blocks. Each output is then
+!! summed over its inputs ascending with one multiply and one add per
+!! term, as SCATTER (the empty lanes add +-0, no change): the same bits.
 module pykd_sparse_kernel
   use iso_fortran_env, only: int8, int32, int64, real32
   use iso_c_binding, only: c_int, c_int8_t, c_int32_t, c_int64_t, c_float, c_char
@@ -35,7 +48,9 @@ module pykd_sparse_kernel
   implicit none
   private
   public :: SPARSE_SCATTER, SPARSE_PANEL, SPARSE_DENSE, sparse_kernel_for, sparse_kernel_name, &
-            sparse_workspace_words, sparse_pattern_ok, sparse_forward, sparse_path_name
+            sparse_workspace_words, sparse_pattern_ok, sparse_forward, sparse_path_name, &
+            PLANE_LANES, PLANE_CHUNK, PLANE_GROUP, PLANE_MIN_NNZ, plane_cells, plane_count, planes_kept, &
+            planes_build, planes_forward, planes_for, PLANE_MAX_BATCH
 
   integer, parameter :: SPARSE_SCATTER = 1, SPARSE_PANEL = 2, SPARSE_DENSE = 3
 
@@ -60,11 +75,27 @@ module pykd_sparse_kernel
   !! on the dense decode up to 90% sparsity); else PANEL (SCATTER for one
   !! sample). At batch 8 PANEL won from ~55% sparsity, at 64 from ~75%, at
   !! 256 from ~80%.
-  !! One sample always takes SCATTER: decoding W to use sgemv costs more
-  !! than sgemv (below ~95% sparsity the dense kind is then faster).
+  !! One sample takes SCATTER (decoding W to use sgemv costs more than
+  !! sgemv), or for sparse_csr the planes, which also take 2 to
+  !! PLANE_MAX_BATCH samples (planes_for). Batch 1 on the planes against
+  !! the dense layer (Zen 5, 1 thread, same run, times less the call
+  !! overhead): 784 x 200 0.8x at 50% sparsity, 1.4x at 70%, 1.9x at 80%,
+  !! 2.2-3x at 90%, 4.4x at 95%; 200 x 200 0.8x / 1.1x / 1.4x / 1.8-2x /
+  !! 2.9x; 1200 x 1200 1.2x / 2.1x / 2.5x / 4.7x / 7x.
   integer, parameter :: BAND_BATCH(3) = [8, 64, 256]
   real, parameter :: BAND_DENSITY(3) = [0.45, 0.25, 0.2]
   integer, parameter :: NARROW_OUT = 32
+
+  !> The planes' layout (see the top; pykd/_reference.py sparse_planes builds the same).
+  integer, parameter :: PLANE_LANES = 16, PLANE_CHUNK = 32, PLANE_GROUP = 13
+  !> The fewest entries of a layer that keeps planes (planes_kept).
+  integer, parameter :: PLANE_MIN_NNZ = 128
+
+  !> sparse_csr with planes runs them, one sample at a time, up to this
+  !! many samples (unless PYKD_SPARSE_KERNEL forces a kernel; one sample
+  !! always takes them): measured in docs/performance.md, "Sparse layers
+  !! at batch 1: planes".
+  integer, parameter :: PLANE_MAX_BATCH = 8
 
   !> The forced kernel (PYKD_SPARSE_KERNEL): -1 not read yet, 0 none.
   integer, save :: forced = -1
@@ -90,6 +121,20 @@ module pykd_sparse_kernel
       integer(c_int8_t), intent(in) :: codes(*)
       real(c_float), intent(inout) :: y(*)
     end subroutine c_scatter
+    !> The planes' sum of counts (what pykd_sp_planes reads).
+    pure integer(c_int64_t) function c_planes_total(n_cells, counts) bind(c, name='pykd_sp_planes_total')
+      import :: c_int64_t, c_int8_t
+      integer(c_int64_t), value :: n_cells
+      integer(c_int8_t), intent(in) :: counts(*)
+    end function c_planes_total
+    !> y = W^T x for one sample on the planes (pykd_sparse_simd.c).
+    subroutine c_planes(n_in, n_out, counts, idx, val, x, y) bind(c, name='pykd_sp_planes')
+      import :: c_int, c_int8_t, c_float
+      integer(c_int), value :: n_in, n_out
+      integer(c_int8_t), intent(in) :: counts(*), idx(*)
+      real(c_float), intent(in) :: val(*), x(*)
+      real(c_float), intent(out) :: y(*)
+    end subroutine c_planes
     !> The name of the path the C helpers run on.
     subroutine c_path_name(name, len) bind(c, name='pykd_sp_path_name')
       import :: c_char, c_int
@@ -135,6 +180,19 @@ contains
       end if
     end do
   end function sparse_kernel_for
+
+  !> Whether n samples of a layer with planes run on them (planes_forward).
+  logical function planes_for(n)
+    integer, intent(in) :: n
+    planes_for = n == 1
+    if (n < 2 .or. n > PLANE_MAX_BATCH) return
+    if (forced < 0) then
+      !$omp critical (pykd_sparse_env)
+      if (forced < 0) forced = env_kernel()
+      !$omp end critical (pykd_sparse_env)
+    end if
+    planes_for = forced == 0
+  end function planes_for
 
   !> The kernel PYKD_SPARSE_KERNEL names, or 0.
   integer function env_kernel()
@@ -461,5 +519,158 @@ contains
       end if
     end do
   end subroutine decode_rows
+
+
+  ! ---- sparse_csr's planes ---------------------------------------------------
+
+  !> Cells of the planes: ceil(n_in / 32) chunks times ceil(n_out / 16) blocks.
+  pure integer(int64) function plane_cells(n_in, n_out)
+    integer(int64), intent(in) :: n_in, n_out
+    plane_cells = ((n_in + PLANE_CHUNK - 1) / PLANE_CHUNK) * ((n_out + PLANE_LANES - 1) / PLANE_LANES)
+  end function plane_cells
+
+  !> 0-based position of cell (chunk c, block b), both 0-based.
+  pure integer(int64) function cell_of(nc, nb, c, b)
+    integer(int64), intent(in) :: nc, nb, c, b
+    integer(int64) :: g0
+    g0 = (b / PLANE_GROUP) * PLANE_GROUP
+    cell_of = g0 * nc + c * min(int(PLANE_GROUP, int64), nb - g0) + (b - g0)
+  end function cell_of
+
+  !> count(c, b) of every cell into counts(n_cells), and their sum. Any
+  !! pattern: entries outside indptr's rows in [0, nnz] or with an index
+  !! outside [0, n_out) are skipped (a file's pattern is counted before it
+  !! is checked); on a valid pattern, the planes' counts. The result is
+  !! -1 when the scratch cannot be allocated.
+  function plane_count(n_in, n_out, nnz, indptr, indices, counts) result(total)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(max(nnz, 1_int64))
+    integer(int8), intent(out), optional :: counts(:)
+    integer(int64) :: total
+    integer(int32), allocatable :: seen(:), cmax(:)
+    integer(int64) :: nc, nb, c, k, k0, k1, j, b
+    integer :: i, ierr
+
+    nc = (n_in + PLANE_CHUNK - 1) / PLANE_CHUNK; nb = (n_out + PLANE_LANES - 1) / PLANE_LANES
+    total = -1
+    allocate (seen(n_out), cmax(nb), stat=ierr)
+    if (ierr /= 0) return
+    seen = 0; cmax = 0; total = 0
+    if (present(counts)) counts = 0
+    do c = 0, nc - 1
+      do i = int(c) * PLANE_CHUNK + 1, min(n_in, int(c + 1) * PLANE_CHUNK)
+        call row_range(i, k0, k1)
+        do k = k0, k1
+          j = indices(k)
+          if (j < 0 .or. j >= n_out) cycle
+          seen(j + 1) = seen(j + 1) + 1
+          cmax(j / PLANE_LANES + 1) = max(cmax(j / PLANE_LANES + 1), seen(j + 1))
+        end do
+      end do
+      ! Sum, then reset only what the chunk touched.
+      do i = int(c) * PLANE_CHUNK + 1, min(n_in, int(c + 1) * PLANE_CHUNK)
+        call row_range(i, k0, k1)
+        do k = k0, k1
+          j = indices(k)
+          if (j < 0 .or. j >= n_out) cycle
+          b = j / PLANE_LANES
+          if (cmax(b + 1) > 0) then
+            total = total + cmax(b + 1)
+            if (present(counts)) counts(cell_of(nc, nb, c, b) + 1) = int(cmax(b + 1), int8)
+          end if
+          seen(j + 1) = 0; cmax(b + 1) = 0
+        end do
+      end do
+    end do
+  contains
+    pure subroutine row_range(i, k0, k1)
+      integer, intent(in) :: i
+      integer(int64), intent(out) :: k0, k1
+      k0 = max(0_int64, int(indptr(i), int64)) + 1
+      k1 = min(nnz, int(indptr(i + 1), int64))
+    end subroutine row_range
+  end function plane_count
+
+  !> Whether a layer keeps its planes: at least PLANE_MIN_NNZ entries (a
+  !! smaller product takes well under a microsecond either way), at least
+  !! 2 entries per plane on average (else the planes would stream more
+  !! bytes than they save), and the counts at most 4 bytes per entry.
+  pure logical function planes_kept(n_in, n_out, nnz, n_planes)
+    integer(int64), intent(in) :: n_in, n_out, nnz, n_planes
+    planes_kept = nnz >= PLANE_MIN_NNZ .and. n_planes > 0 .and. 2 * n_planes <= nnz .and. &
+                  plane_cells(n_in, n_out) <= 4 * nnz
+  end function planes_kept
+
+  !> The planes of a valid pattern with n_planes = plane_count: counts
+  !! (n_cells), idx (16, n_planes) input offsets in the chunk, val (16,
+  !! n_planes). stat /= 0 when the scratch cannot be allocated.
+  subroutine planes_build(n_in, n_out, nnz, indptr, indices, values, n_planes, counts, idx, val, stat)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz, n_planes
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(max(nnz, 1_int64))
+    real(real32), intent(in) :: values(max(nnz, 1_int64))
+    integer(int8), intent(out) :: counts(:), idx(PLANE_LANES, n_planes)
+    real(real32), intent(out) :: val(PLANE_LANES, n_planes)
+    integer, intent(out) :: stat
+    integer(int64), allocatable :: first(:)
+    integer(int32), allocatable :: rank(:)
+    integer(int64) :: nc, nb, c, k, j, b, t, cells
+    integer :: i
+
+    nc = (n_in + PLANE_CHUNK - 1) / PLANE_CHUNK; nb = (n_out + PLANE_LANES - 1) / PLANE_LANES
+    cells = nc * nb
+    stat = 1
+    if (plane_count(n_in, n_out, nnz, indptr, indices, counts) /= n_planes) return
+    allocate (first(cells), rank(n_out), stat=stat)
+    if (stat /= 0) return
+    ! first(cell): the cell's first plane (1-based), cells in their order.
+    t = 1
+    do k = 1, cells
+      first(k) = t
+      t = t + iand(int(counts(k), int64), 255_int64)
+    end do
+    idx = 0; val = 0; rank = 0
+    do c = 0, nc - 1
+      do i = int(c) * PLANE_CHUNK + 1, min(n_in, int(c + 1) * PLANE_CHUNK)
+        do k = indptr(i) + 1, indptr(i + 1)
+          j = indices(k); b = j / PLANE_LANES
+          t = first(cell_of(nc, nb, c, b) + 1) + rank(j + 1)
+          rank(j + 1) = rank(j + 1) + 1
+          idx(mod(j, int(PLANE_LANES, int64)) + 1, t) = int(i - 1 - c * PLANE_CHUNK, int8)
+          val(mod(j, int(PLANE_LANES, int64)) + 1, t) = values(k)
+        end do
+      end do
+      do i = int(c) * PLANE_CHUNK + 1, min(n_in, int(c + 1) * PLANE_CHUNK)
+        do k = indptr(i) + 1, indptr(i + 1)
+          rank(indices(k) + 1) = 0
+        end do
+      end do
+    end do
+  end subroutine planes_build
+
+  !> n samples on the planes, one at a time: y = act(W^T x + b); all NaN
+  !! for a sample with a NaN or inf. ok is false (y untouched) when the
+  !! counts do not add up to n_planes: the kernel would read past the planes.
+  subroutine planes_forward(n_in, n_out, n, n_planes, counts, idx, val, act, b, x, y, ok)
+    integer, intent(in) :: n_in, n_out, n, act
+    integer(int64), intent(in) :: n_planes
+    integer(int8), intent(in) :: counts(*), idx(*)
+    real(real32), intent(in) :: val(*), b(n_out), x(n_in, n)
+    real(real32), intent(out) :: y(n_out, n)
+    logical, intent(out) :: ok
+    integer :: j
+
+    ok = c_planes_total(plane_cells(int(n_in, int64), int(n_out, int64)), counts) == n_planes
+    if (.not. ok) return
+    do j = 1, n
+      if (nonfinite_count(int(n_in, int64), x(:, j)) > 0) then
+        y(:, j) = ieee_value(0.0_real32, ieee_quiet_nan)
+      else
+        call c_planes(n_in, n_out, counts, idx, val, x(:, j), y(:, j))
+      end if
+    end do
+    call bias_activation(act, n_out, n, b, y)
+  end subroutine planes_forward
 
 end module pykd_sparse_kernel

@@ -13,6 +13,7 @@ program test_layers
   use pykd_network, only: network_forward, network_workspace_words
   use pykd_bytes, only: put_u32, get_u32, str
   use pykd_int8_kernel, only: int8_path_name, int8_pack, int8_packed_words
+  use pykd_sparse_kernel, only: plane_cells, sparse_path_name
   use test_harness, only: check, finish
   use test_files, only: uniforms
   implicit none
@@ -36,6 +37,7 @@ program test_layers
   call test_round_trips()
   call test_corrupt_dense()
   call test_corrupt_csr()
+  call test_csr_planes()
   call test_corrupt_codebook()
   call test_corrupt_sparse_codebook()
   call test_network_checks()
@@ -549,6 +551,95 @@ contains
     call expect_format(c, buf, 'n_in = 131072 > MAX_IN')
 
   end subroutine test_corrupt_dense
+
+  !> sparse_csr's planes: the loader builds them (the file holds none, so
+  !! the rewrite is byte-identical), check accepts them, one sample on them
+  !! gives the bits of the same layer without planes (scatter), at odd
+  !! shapes (n_out off 16, two groups of blocks, n_in off 32, a chunk where
+  !! one output has all 32 inputs, empty rows); a stale plane is refused
+  !! by check and a damaged count by forward.
+  subroutine test_csr_planes()
+    integer, parameter :: shapes(2, 4) = reshape([45, 37, 784, 200, 70, 210, 64, 300], [2, 4])
+    real, parameter :: dens(4) = [0.3, 0.1, 0.2, 0.15]
+    type(case_t) :: c, d
+    integer(int8), allocatable :: buf(:), buf2(:)
+    real(real32), allocatable :: x(:, :), y1(:, :), y2(:, :)
+    class(pykd_layer_t), allocatable :: layer
+    character(len=512) :: msg
+    integer :: k, st, st2, n_in, n_out
+    integer(int64) :: o8
+
+    do k = 1, size(dens)
+      n_in = shapes(1, k); n_out = shapes(2, k)
+      c = make_csr(n_in, n_out, dens(k), ACT_IDENTITY)
+      if (k == 3) c = csr_full_column(c)
+      call write_payload(c, buf)
+      call read_payload(c, buf, 2, d, st, msg)
+      call check(st == PYKD_OK .and. d%row(COL_P2) > 0 .and. &
+                 d%row(COL_I8_LEN) == plane_cells(int(n_in, int64), int(n_out, int64)) + 16 * d%row(COL_P2), &
+                 'sparse_csr '//str(int(n_in, int64))//'x'//str(int(n_out, int64))//': the loader builds '// &
+                 str(d%row(COL_P2))//' planes '//trim(msg))
+      if (k == 3) call check(maxval(d%i8(:plane_cells(int(n_in, int64), int(n_out, int64)))) == 32, &
+                             'sparse_csr: a chunk with one full column has 32 planes')
+      call write_payload(d, buf2)
+      call check(size(buf2) == size(buf) .and. all(buf2 == buf), 'sparse_csr: the planes are not saved')
+      call new_layer(d%row(COL_KIND), layer, st)
+      call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+      call check(st == PYKD_OK, 'sparse_csr: check accepts the loaded planes '//trim(msg))
+      x = reshape(max(rnd(int(n_in, int64), 1.0), 0.0), [n_in, 1])
+      x(1:min(n_in, 40), 1) = 0                 ! a chunk of zeros (skipped on avx512)
+      x(min(n_in, 41), 1) = -0.0
+      allocate (y1(n_out, 1), y2(n_out, 1))
+      call run(c, x, y1, st)
+      call run(d, x, y2, st2)
+      call check(st == PYKD_OK .and. st2 == PYKD_OK .and. &
+                 all(transfer(y1, 0_int32, n_out) == transfer(y2, 0_int32, n_out)), &
+                 'sparse_csr: one sample on the planes ('//trim(sparse_path_name())// &
+                 ') gives the bits of the scatter')
+      deallocate (y1, y2)
+    end do
+    ! A stale plane value: check refuses it; a count off by one: forward does.
+    o8 = d%row(COL_F32_LEN)
+    d%f32(o8) = d%f32(o8) + 1
+    call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+    call check(st == PYKD_ERR_ARG .and. index(msg, 'planes') > 0, 'sparse_csr: a stale plane is refused: '//trim(msg))
+    d%f32(o8) = d%f32(o8) - 1
+    d%i8(1) = d%i8(1) + 1_int8
+    allocate (y2(d%row(COL_N_OUT), 1))
+    x = reshape(rnd(d%row(COL_N_IN), 1.0), [int(d%row(COL_N_IN)), 1])
+    call run(d, x, y2, st)
+    call check(st == PYKD_ERR_ARG .and. all(ieee_is_nan(y2)), 'sparse_csr: a damaged plane count is an error')
+  end subroutine test_csr_planes
+
+  !> c with inputs 1..32 all non-zero in output 5 (0-based 4), rows 33 and 40 empty.
+  function csr_full_column(c) result(e)
+    type(case_t), intent(in) :: c
+    type(case_t) :: e
+    integer(int32), allocatable :: indptr(:), indices(:)
+    integer :: n_in, n_out, i, j, nnz
+    n_in = int(c%row(COL_N_IN)); n_out = int(c%row(COL_N_OUT))
+    e = c
+    e%w(5, 1:32) = 0.5
+    e%w(:, 33) = 0; e%w(:, 40) = 0
+    allocate (indptr(n_in + 1), indices(0))
+    indptr(1) = 0
+    e%f32 = [real(real32) ::]
+    do i = 1, n_in
+      do j = 1, n_out
+        if (e%w(j, i) /= 0) then
+          indices = [indices, int(j - 1, int32)]
+          e%f32 = [e%f32, real(e%w(j, i), real32)]
+        end if
+      end do
+      indptr(i + 1) = size(indices)
+    end do
+    nnz = size(indices)
+    e%f32 = [e%f32, real(e%b, real32)]
+    e%i32 = [indptr, indices]
+    e%row(COL_P1) = nnz
+    deallocate (e%i8)
+    call finish_case(e, int(nnz + n_out, int64), 0_int64, int(n_in + 1 + nnz, int64))
+  end function csr_full_column
 
   subroutine test_corrupt_csr()
     type(case_t) :: c

@@ -1,0 +1,230 @@
+"""sparse_csr's planes (docs/model.md, "sparse_csr's planes"): the derived
+layout the one-sample kernel runs on (fortran/kernels/pykd_sparse_simd.c).
+
+- The NumPy builder (pykd._reference.sparse_planes) against a naive one
+  written from the docs, at odd shapes: n_out off 16, more than one group
+  of 13 blocks, n_in off 32, empty rows, an output with all 32 inputs of a
+  chunk (32 planes in one cell).
+- One sample on the planes gives the bits of the sequential float32 sum
+  (inputs ascending, one multiply and one add: the scatter's order) and of
+  the panel kernel on the same rows in a batch, on every CPU path this
+  machine runs plus the forced portable one, each in its own process.
+- Chunks of zeros (skipped on avx512) and -0 inputs change nothing; a NaN
+  input gives all-NaN outputs.
+- The planes are never saved (the file does not change when they do) and
+  are rebuilt on load; a damaged plane count is an error, damaged plane
+  indices cannot read outside the chunk; repack() after changing values.
+
+Run: cd tests && python -m pytest -q -p no:cacheprovider test_sparse_planes.py
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import pykd
+from pykd import _reference as ref
+from pykd.layers import SparseCSR
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kinds_helpers import run_on_path  # noqa: E402
+
+F32 = np.float32
+PATHS = ("portable", "avx2", "avx512")
+# (n_in, n_out, density): odd shapes; 784 x 200 is the student's first layer.
+SHAPES = [(45, 37, 0.3), (784, 200, 0.1), (70, 210, 0.2), (64, 300, 0.15), (200, 200, 0.1),
+          (33, 16, 0.5), (1000, 5, 0.1)]
+
+
+def make_W(n_in, n_out, density, seed):
+    rng = np.random.default_rng([n_in, n_out, seed])
+    W = rng.standard_normal((n_in, n_out)).astype(F32)
+    W[rng.random((n_in, n_out)) >= density] = 0
+    W[min(3, n_in - 1)] = 0                       # an empty row
+    if n_in >= 32 and n_out > 4:
+        W[:32, 4] = 0.5                           # output 4: all of chunk 0, 32 planes
+    return W
+
+
+def layer_of(W, act="identity"):
+    b = (np.arange(W.shape[1]) % 7 - 3).astype(F32) * F32(0.125)
+    return SparseCSR.from_dense(W, b, act)
+
+
+def naive_planes(W):
+    """The docs' layout, cell by cell and lane by lane."""
+    n_in, n_out = W.shape
+    nc, nb = -(-n_in // 32), -(-n_out // 16)
+    counts, idx, val = [], [], []
+    for g0 in range(0, nb, 13):
+        for c in range(nc):
+            for b in range(g0, min(g0 + 13, nb)):
+                lanes = []
+                for lane in range(16):
+                    j = 16 * b + lane
+                    rows = range(32 * c, min(32 * c + 32, n_in))
+                    lanes.append([(i - 32 * c, W[i, j]) for i in rows if j < n_out and W[i, j] != 0])
+                k = max(len(e) for e in lanes)
+                counts.append(k)
+                for t in range(k):
+                    idx.append([e[t][0] if t < len(e) else 0 for e in lanes])
+                    val.append([e[t][1] if t < len(e) else 0 for e in lanes])
+    return (np.array(counts, np.uint8), np.array(idx, np.int8).reshape(-1, 16),
+            np.array(val, F32).reshape(-1, 16))
+
+
+def sequential(W, b, x):
+    """y = b + sum over i ascending of x[i] * W[i] in float32, one multiply
+    and one add per term (the scatter's order), then + b."""
+    y = np.zeros(W.shape[1], F32)
+    for i in range(W.shape[0]):
+        if x[i] != 0:
+            y = y + x[i] * W[i]
+    return y + b
+
+
+def inputs(n_in, seed):
+    """Two samples: ReLU'd Gaussians with a chunk of zeros and a -0; and
+    dense Gaussians (no zeros)."""
+    rng = np.random.default_rng([n_in, seed])
+    a = np.maximum(rng.standard_normal(n_in), 0).astype(F32)
+    a[: min(n_in, 40)] = 0
+    a[min(n_in - 1, 41)] = -0.0
+    return np.stack([a, rng.standard_normal(n_in).astype(F32)])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_planes_match_a_naive_builder(shape):
+    W = make_W(*shape, seed=0)
+    layer = layer_of(W)
+    counts, idx, val = naive_planes(W)
+    assert layer._n_planes == idx.shape[0] > 0
+    assert layer.kind_params() == (layer.nnz, idx.shape[0], 0, 0)
+    np.testing.assert_array_equal(layer._pcount.view(np.uint8), counts)
+    np.testing.assert_array_equal(layer._pidx, idx)
+    assert layer._pval.tobytes() == val.tobytes()
+    if shape[0] >= 32 and shape[1] > 4:
+        assert counts.max() == 32
+
+
+def test_which_layers_keep_planes():
+    """None below PLANE_MIN_NNZ entries or under 2 entries per plane (one
+    full column: one entry per plane); p2 = 0 then, and one sample takes the
+    scatter. A diagonal keeps them (16 entries per plane)."""
+    col = np.zeros((300, 40), F32)
+    col[:, 5] = np.linspace(-1, 1, 300, dtype=F32)
+    eye = layer_of(np.eye(300, dtype=F32))
+    assert eye._n_planes == 19 and (eye._pval != 0).sum() == 300
+    for W in (col, make_W(10, 10, 0.9, 0)):
+        layer = layer_of(W)
+        assert layer._n_planes == 0 and layer._pval.size == 0 and layer._pcount.size == 0
+        m = pykd.Model([layer])
+        assert m.table[0, 11] == 0 and m.table[0, 7] == 0
+        x = inputs(W.shape[0], 1)[1]
+        assert m.forward(x[None])[0].tobytes() == sequential(W, layer.b, x).tobytes()
+
+
+def outputs():
+    """{name: array} of every shape: one sample at a time, and the same
+    samples as one batch of 3 (the panel kernel)."""
+    out = {}
+    for k, shape in enumerate(SHAPES):
+        W = make_W(*shape, seed=0)
+        m = pykd.Model([layer_of(W)])
+        X = inputs(shape[0], k)
+        X = np.concatenate([X, X[:1]])
+        out[f"{k}|one"] = np.concatenate([m.forward(X[i:i + 1]) for i in range(3)])
+        out[f"{k}|batch"] = m.forward(X)
+    return out
+
+
+def _child(outdir):
+    from pykd import _fkernels as fk
+    np.savez(os.path.join(outdir, "out.npz"), path=fk.sparse_path().decode().strip(), **outputs())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("planes")
+    got = {}
+    for p in PATHS:
+        r = run_on_path(__file__, "PYKD_SPARSE_PATH", p, tmp)
+        if str(r.pop("path")) == p:
+            got[p] = r
+    assert "portable" in got
+    return got
+
+
+def test_every_path_gives_the_sequential_bits(runs):
+    for k, shape in enumerate(SHAPES):
+        W = make_W(*shape, seed=0)
+        layer = layer_of(W)
+        X = inputs(shape[0], k)
+        want = np.stack([sequential(W, layer.b, x) for x in np.concatenate([X, X[:1]])])
+        for p, r in runs.items():
+            assert r[f"{k}|one"].tobytes() == want.tobytes(), (p, shape)
+            assert r[f"{k}|batch"].tobytes() == want.tobytes(), (p, shape, "panel")
+        # and the float64 twin
+        np.testing.assert_allclose(want, ref.sparse_csr(X[[0, 1, 0]].astype(np.float64), layer.indptr,
+                                                        layer.indices, layer.values, layer.b,
+                                                        layer.n_out, "identity"),
+                                   rtol=1e-4, atol=1e-4)
+    print("planes paths tested:", sorted(runs))
+
+
+def test_nan_input_gives_nan_outputs():
+    m = pykd.Model([layer_of(make_W(45, 37, 0.3, 0), "relu")])
+    x = np.ones((1, 45), F32)
+    x[0, 7] = np.nan
+    assert np.isnan(m.forward(x)).all()
+
+
+def test_planes_are_never_saved_and_rebuilt_on_load(tmp_path):
+    layer = layer_of(make_W(784, 200, 0.1, 0), "relu")
+    m = pykd.Model([layer])
+    m.save(tmp_path / "a.pykd")
+    m.layers[0]._pval[:] = 7          # the planes change, the file must not
+    m.layers[0]._pidx[:] = 3
+    m.save(tmp_path / "b.pykd")
+    assert (tmp_path / "a.pykd").read_bytes() == (tmp_path / "b.pykd").read_bytes()
+    back = pykd.load_model(tmp_path / "a.pykd").layers[0]
+    assert back._n_planes == layer._n_planes
+    assert back._pval.tobytes() == layer._pval.tobytes()
+    assert back._pidx.tobytes() == layer._pidx.tobytes()
+    assert back._pcount.tobytes() == layer._pcount.tobytes()
+
+
+def test_damaged_planes_never_read_out_of_bounds():
+    W = make_W(70, 210, 0.2, 0)
+    m = pykd.Model([layer_of(W)])
+    x = inputs(70, 0)[1:]
+    good = m.forward(x)
+    layer = m.layers[0]
+    layer._pidx[:] = -1               # 255: the kernel takes it modulo 32
+    assert np.isfinite(m.forward(x)).all()
+    layer._pidx[:] = layer_of(W)._pidx
+    np.testing.assert_array_equal(m.forward(x), good)
+    layer._pcount[0] += 1             # the counts no longer add up to p2
+    with pytest.raises(ValueError, match="layer 1"):
+        m.forward(x)
+    layer._pcount[0] -= 1
+    np.testing.assert_array_equal(m.forward(x), good)
+
+
+def test_repack_after_changing_values_in_place():
+    W = make_W(200, 200, 0.1, 0)
+    m = pykd.Model([layer_of(W)])
+    layer = m.layers[0]
+    x = inputs(200, 0)[1]
+    layer.values *= 2                 # the planes are stale until repack
+    layer.repack()
+    W2 = layer.to_dense()
+    assert m.forward(x[None])[0].tobytes() == sequential(W2, layer.b, x).tobytes()
+    layer.indices[:] = layer.indices[::-1]          # breaks the pattern
+    with pytest.raises(ValueError, match="increasing"):
+        layer.repack()
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
