@@ -386,7 +386,7 @@ class SparseCSR(Layer):
     kind = "sparse_csr"
     #: After the CSR: the planes, the one-sample kernel's derived copy of W
     #: (never saved: docs/model.md, "sparse_csr's planes").
-    f32_items = ("values", "b", "_pval")
+    f32_items = ("values", "_pval", "b")
     i8_items = ("_pcount", "_pidx")
     i32_items = ("indptr", "indices")
 

@@ -149,10 +149,14 @@ def reference(layer, X):
     return y
 
 
-def chosen_kernel(n_in, n_out, nnz, n):
+def chosen_kernel(n_in, n_out, nnz, n, planes=False):
     """The rule of pykd_sparse_kernel's sparse_kernel_for, with its constants
-    read from the Fortran source (BAND_BATCH, BAND_DENSITY, NARROW_OUT)."""
+    read from the Fortran source (BAND_BATCH, BAND_DENSITY, NARROW_OUT); a
+    layer with planes runs them up to PLANE_MAX_BATCH samples (planes_for),
+    which gives the scatter's bits."""
     src = open(KERNEL_SRC, encoding="utf-8").read()
+    if planes and n <= int(re.search(r"PLANE_MAX_BATCH = (\d+)", src).group(1)):
+        return "scatter"
     batches = [int(v) for v in re.search(r"BAND_BATCH\(3\) = \[([^]]*)\]", src).group(1).split(",")]
     dens = [float(v) for v in re.search(r"BAND_DENSITY\(3\) = \[([^]]*)\]", src).group(1).split(",")]
     narrow = int(re.search(r"NARROW_OUT = (\d+)", src).group(1))
@@ -232,7 +236,8 @@ def test_the_layer_picks_the_kernel_of_the_recorded_crossover(results):
             n = int(key.split("|")[1])
             for t in (1, 2):
                 for r0, r1 in team_slices(n, t):
-                    want = chosen_kernel(layer.n_in, layer.n_out, layer.nnz, r1 - r0)
+                    want = chosen_kernel(layer.n_in, layer.n_out, layer.nnz, r1 - r0,
+                                         getattr(layer, "_n_planes", 0) > 0)
                     seen.add(want)
                     assert np.array_equal(results[(None, t)][key][r0:r1],
                                           results[(want, t)][key][r0:r1],

@@ -1,7 +1,7 @@
 !> Kind 3, `sparse_csr`: W in compressed sparse rows, rows being inputs.
 !!
-!! Slices (docs/model.md): f32 = [values (nnz), b (n_out), plane values
-!! (16 p2)], i8 = [plane counts (cells), plane indices (16 p2)] (both empty
+!! Slices (docs/model.md): f32 = [values (nnz), plane values (16 p2), b
+!! (n_out)] (b last, as every float kind), i8 = [plane counts (cells), plane indices (16 p2)] (both empty
 !! when p2 = 0), i32 = [indptr (n_in + 1), indices (nnz)] (0-based, as
 !! scipy); p1 = nnz, p2 = planes. The planes (pykd_sparse_kernel) are
 !! derived from the CSR: built at load (when planes_kept), never saved, and
@@ -82,7 +82,8 @@ contains
     if (row(COL_P2) > 0 .and. planes_for(n)) then
       o8 = row(COL_I8_OFF); cells = plane_cells(row(COL_N_IN), row(COL_N_OUT))
       call planes_forward(n_in, n_out, n, row(COL_P2), i8(o8 + 1), i8(o8 + cells + 1), &
-                          f32(o + nnz + n_out + 1), int(row(COL_ACT)), f32(o + nnz + 1), x, y, ok)
+                          f32(o + nnz + 1), int(row(COL_ACT)), f32(o + nnz + PLANE_LANES * row(COL_P2) + 1), &
+                          x, y, ok)
       stat = PYKD_OK
       if (ok) return
       call nan_fill(row(COL_N_OUT) * n, y)
@@ -95,7 +96,8 @@ contains
       return
     end if
     call sparse_forward(n_in, n_out, n, nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), i8, &
-                        f32(o + 1), .false., int(row(COL_ACT)), f32(o + nnz + 1), x, y, work)
+                        f32(o + 1), .false., int(row(COL_ACT)), f32(o + nnz + PLANE_LANES * row(COL_P2) + 1), &
+                        x, y, work)
     stat = PYKD_OK
   end subroutine csr_forward
 
@@ -223,7 +225,7 @@ contains
     o = row(COL_F32_OFF); oi = row(COL_I32_OFF); o8 = row(COL_I8_OFF); nnz = row(COL_P1)
     n_in = int(row(COL_N_IN)); cells = plane_cells(row(COL_N_IN), row(COL_N_OUT))
     call planes_build(n_in, int(row(COL_N_OUT)), nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), np, &
-                      i8(o8 + 1:o8 + cells), i8(o8 + cells + 1), f32(o + nnz + row(COL_N_OUT) + 1), stat)
+                      i8(o8 + 1:o8 + cells), i8(o8 + cells + 1), f32(o + nnz + 1), stat)
     if (stat /= 0) then
       stat = code
       msg = 'p2 = '//str(np)//' is not the number of planes of the pattern (or no memory to build them)'
@@ -261,7 +263,8 @@ contains
       ! Only 32-bit indices can exceed the int32 range; any such is >= n_out.
       i32(oi + n_in + 1 + k) = int(min(v, MAX_COUNT), int32)
     end do
-    call get_f32(buf, pos, f32(row(COL_F32_OFF) + 1), nnz + row(COL_N_OUT))
+    call get_f32(buf, pos, f32(row(COL_F32_OFF) + 1), nnz)
+    call get_f32(buf, pos + 4 * nnz, f32(row(COL_F32_OFF) + nnz + PLANE_LANES * row(COL_P2) + 1), row(COL_N_OUT))
     pos = pos + 4 * (nnz + row(COL_N_OUT))
     call csr_values_ok(row, f32, i32, PYKD_ERR_FORMAT, stat, msg)
     ! The planes are derived from the CSR: built here, never read from the file.
@@ -295,7 +298,8 @@ contains
     do k = 1, nnz
       call put_uint(buf, pos, int(i32(oi + row(COL_N_IN) + 1 + k), int64), nb)
     end do
-    call put_f32(buf, pos, f32(row(COL_F32_OFF) + 1), nnz + row(COL_N_OUT))
+    call put_f32(buf, pos, f32(row(COL_F32_OFF) + 1), nnz)
+    call put_f32(buf, pos, f32(row(COL_F32_OFF) + nnz + PLANE_LANES * row(COL_P2) + 1), row(COL_N_OUT))
   end subroutine csr_write
 
   subroutine csr_check(row, f32, i8, i32, stat, msg)
@@ -352,7 +356,7 @@ contains
       stat = PYKD_ERR_ALLOC
       msg = 'cannot allocate the scratch to build the planes'
     else if (any(i8(o8 + 1:o8 + cells + PLANE_LANES * np) /= w8) .or. &
-             any(f32(o + nnz + n_out + 1:o + nnz + n_out + PLANE_LANES * np) /= wf)) then
+             any(f32(o + nnz + 1:o + nnz + PLANE_LANES * np) /= wf)) then
       msg = 'the planes are not those of the CSR arrays (repack after changing them)'
     else
       stat = PYKD_OK
@@ -402,7 +406,7 @@ contains
             '; indices must be < n_out = '//str(row(COL_N_OUT))//' and increase within a row'
     else if (nonfinite_count(nnz, f32(o + 1)) > 0) then
       msg = 'values contain NaN or infinite values'
-    else if (nonfinite_count(row(COL_N_OUT), f32(o + nnz + 1)) > 0) then
+    else if (nonfinite_count(row(COL_N_OUT), f32(o + nnz + PLANE_LANES * row(COL_P2) + 1)) > 0) then
       msg = 'b contains NaN or infinite values'
     else
       stat = PYKD_OK

@@ -599,7 +599,7 @@ contains
       deallocate (y1, y2)
     end do
     ! A stale plane value: check refuses it; a count off by one: forward does.
-    o8 = d%row(COL_F32_LEN)
+    o8 = d%row(COL_P1) + 1             ! the first plane value
     d%f32(o8) = d%f32(o8) + 1
     call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
     call check(st == PYKD_ERR_ARG .and. index(msg, 'planes') > 0, 'sparse_csr: a stale plane is refused: '//trim(msg))
