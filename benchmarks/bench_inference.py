@@ -925,6 +925,11 @@ def targets_table(rows):
                                    "ref. us", "ratio", "limit", "result"], table)
 
 
+def _gmacs(v):
+    """A peak in GMAC/s, or "absent" (the probe reports 0 for an extension the CPU lacks)."""
+    return "absent" if not v or v <= 0 else f"{v:.0f} GMAC/s"
+
+
 def int8_peak():
     """(zmm, ymm) int8 multiply-add peak of one core in GMAC/s, register-only
     vpdpbusd (benchmarks/int8_peak.c via bench_int8), or None (no C
@@ -970,7 +975,7 @@ def limits_table(blocks):
             best = max(pk.values())
             floor = STUDENT_MACS_B256 / (best * 1e9 * th)
             lines += [f"int8 peak of one core (register-only vpdpbusd, benchmarks/int8_peak.c): "
-                      f"zmm {pk['zmm']:.0f} GMAC/s, ymm {pk['ymm']:.0f} GMAC/s; the student's "
+                      f"zmm {_gmacs(pk['zmm'])}, ymm (AVX-VNNI) {_gmacs(pk['ymm'])}; the student's "
                       f"{STUDENT_MACS_B256 / 1e6:.1f} M multiply-adds at batch 256 take at "
                       f"least {_us(floor)} us on {th} core{'s' if th != 1 else ''} at that "
                       "peak.", ""]
