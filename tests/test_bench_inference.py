@@ -205,7 +205,8 @@ def synthetic_rows():
             _row("ORT int8 dynamic", 1, 12 * us), _row("ORT int8 dynamic", 256, 200 * us),
             _row("pykd low_rank e0.9", 1, 10 * us), _row("pykd low_rank e0.9", 256, 300 * us),
             _row("pykd pruned 90% dense", 1, 12 * us), _row("pykd sparse_csr 90%", 1, 4 * us,
-                                                            wait_frac=0.2)]
+                                                            wait_frac=0.2),
+            _row("pykd sparse90+codebook 5-bit", 1, 12 * us)]
     bi.add_ratios(rows)
     return rows
 
@@ -224,8 +225,11 @@ def test_targets_ratios_and_verdicts():
     # "faster than": strictly below 1; equal is not met
     assert got[("low_rank faster than dense, b1", "pykd low_rank e0.9")]["met"] is False
     assert got[("low_rank faster than dense, b256", "pykd low_rank e0.9")]["met"] is True
-    sp = got[("sparse_csr 90% >= 3x faster than its dense, b1", "pykd sparse_csr 90%")]
+    sp = got[("sparse_csr 90% >= 3x faster than its dense, b1 (whole model)",
+              "pykd sparse_csr 90%")]
     assert sp["ratio"] == pytest.approx(1 / 3) and sp["met"] is True and sp["disturbed"]
+    sc = got[("sparse90+codebook faster than its dense, b1", "pykd sparse90+codebook 5-bit")]
+    assert sc["ratio"] == pytest.approx(1.0) and sc["met"] is False   # equal is not faster
     # a candidate that was not timed: no verdict
     assert got[("int8 b1 <= 0.5x ORT int8", "pykd int8 static")]["met"] is None
     assert got[("codebook faster than dense, b1", "pykd codebook 4-bit")]["ratio"] is None
