@@ -462,6 +462,26 @@ subroutine network_split_layers(table, nl, ks)
   ks = impl(table, nl)
 end subroutine network_split_layers
 
+! The batch-1 helper threads' counts so far (split calls, calls run alone,
+! split calls with a late helper); then a hold that makes the helpers claim
+! nothing (hold: 1 set, 0 release, -1 leave) and reset (1: zero the counts
+! and end an alone period). For the tests (docs/performance.md, "Batch 1 on
+! two cores").
+subroutine network_team_probe(hold, reset, counts)
+  use iso_c_binding, only: c_int, c_long
+  implicit none
+  integer(c_int), intent(in) :: hold, reset
+  integer(c_long), intent(out) :: counts(3)
+  interface
+    subroutine probe(hold, reset, counts) bind(c, name='pykd_f32_team_probe')
+      import :: c_int, c_long
+      integer(c_int), value :: hold, reset
+      integer(c_long), intent(out) :: counts(3)
+    end subroutine probe
+  end interface
+  call probe(hold, reset, counts)
+end subroutine network_team_probe
+
 ! The CPU path of the int8 layer's product in this process (portable, avx2,
 ! avxvnni or avx512vnni; PYKD_INT8_PATH forces one the CPU has).
 subroutine int8_path(name)

@@ -362,6 +362,42 @@ def test_one_sample_on_two_threads_gives_the_bits_of_one(tmp_path, path):
         assert same_bits(got, results["1-None"]), name
 
 
+# Late helpers (pykd_dense_team.c): after 3 split calls in 8 whose helper
+# part the caller had to run itself, the caller runs alone for 20 ms. A hold
+# makes the helpers claim nothing, as if another process had their core.
+LATE_PROBE = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_batch1 import split_models
+from pykd import _fkernels
+student = split_models()[0]
+x = np.random.default_rng(5).standard_normal((1, 784)).astype(np.float32)
+ref = student.forward(x).view(np.uint32).copy()
+probe = _fkernels.network_team_probe
+probe(hold=1, reset=1)
+same = all(np.array_equal(student.forward(x).view(np.uint32), ref) for _ in range(20))
+held = [int(c) for c in probe(hold=0, reset=1)]
+same = same and all(np.array_equal(student.forward(x).view(np.uint32), ref) for _ in range(5))
+freed = [int(c) for c in probe(hold=-1, reset=0)]
+print(int(same), *held, *freed)
+"""
+
+
+def test_late_helpers_make_the_caller_run_alone_with_the_same_bits():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    env["OMP_NUM_THREADS"] = "2"
+    res = subprocess.run([sys.executable, "-c", LATE_PROBE, os.path.dirname(__file__)],
+                         env=env, check=True, timeout=300, capture_output=True, text=True)
+    same, split, alone, late, split2, alone2, late2 = map(int, res.stdout.split())
+    assert same == 1
+    # held: every split call is late; the third starts an alone period (a call
+    # more than 20 ms after it, on a very loaded machine, splits again: late too)
+    assert split >= 3 and late == split and alone >= 1 and split + alone == 20
+    # released and reset: the split resumes (a loaded machine may still make
+    # some calls late, and three of them another alone period)
+    assert split2 >= 1 and split2 + alone2 == 5 and late2 <= split2
+
+
 def test_lean_binding_takes_only_the_common_case():
     """pykd/_lean.c: a fresh array for native aligned C-contiguous arrays of
     the model's dtypes; None for anything else, the network's status when it

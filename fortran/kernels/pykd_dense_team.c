@@ -22,6 +22,13 @@
  * its sample on its own thread). Helpers spin about SPIN_NS after a call,
  * then sleep on a condition variable; the caller never waits for a wake-up.
  * A forked child starts its own helpers.
+ *
+ * Late helpers: when the caller had to run a helper's part itself in
+ * LATE_LIMIT of the last 8 calls (another process holds that core, or the
+ * calls come too far apart for the helper to be awake), the split does not
+ * pay: the caller then streams the helper's rows from another core's cache
+ * on every call. It runs alone for ALONE_NS (all of W then settles in its
+ * own L2) and tries the helpers again after that.
  */
 #include <pthread.h>
 #include <sched.h>
@@ -43,6 +50,9 @@ enum { MAX_PARTS = 4, MAX_LAYERS = 16 };
  * the core every YIELD_EVERY pauses. */
 #define SPIN_NS 100000L
 #define YIELD_EVERY 64
+/* Late helpers in the last 8 calls that make the caller run alone for ALONE_NS. */
+#define LATE_LIMIT 3
+#define ALONE_NS 20000000L
 
 typedef struct {
     int n_out, n_in, act;
@@ -73,6 +83,12 @@ static struct {
     _Atomic uint64_t gen;            /* the current call's word; helpers wait for a new one */
     _Atomic int sleepers;
     int helpers;                     /* started (by the holder of busy) */
+    /* The holder of busy's: one bit per recent split call (1: a helper was
+     * late), the end of an alone period, and counts for the tests. */
+    unsigned late_bits;
+    struct timespec alone_until;
+    long n_split, n_alone, n_late;
+    _Atomic int hold;                /* tests: helpers claim nothing while set */
     layer_t layer[MAX_LAYERS];       /* the current call's, written before gen */
     part_t part[MAX_LAYERS][MAX_PARTS] __attribute__((aligned(64)));
 } T = {.busy = PTHREAD_MUTEX_INITIALIZER, .sleep_mu = PTHREAD_MUTEX_INITIALIZER,
@@ -148,7 +164,7 @@ static void *helper(void *arg)
                 if (atomic_load(&T.gen) != g) break;
                 CPU_RELAX();
             }
-            if (!claim(k, p, g)) continue;
+            if (atomic_load_explicit(&T.hold, memory_order_relaxed) || !claim(k, p, g)) continue;
             run_part(&T.layer[k], p, parts);
             atomic_store_explicit(&T.part[k][p].fin, g, memory_order_release);
         }
@@ -163,6 +179,39 @@ static void after_fork_child(void)
     pthread_cond_init(&T.wake, NULL);
     atomic_store(&T.sleepers, 0);
     T.helpers = 0;
+    T.late_bits = 0;
+    T.alone_until = (struct timespec){0, 0};
+}
+
+static int before(const struct timespec *a, const struct timespec *b)
+{
+    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
+/* Whether the holder of busy is in an alone period. */
+static int alone_now(void)
+{
+    if (T.alone_until.tv_sec == 0 && T.alone_until.tv_nsec == 0) return 0;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    if (before(&t, &T.alone_until)) return 1;
+    T.alone_until = (struct timespec){0, 0};
+    return 0;
+}
+
+/* After a split call: remember whether a helper was late; too many late
+ * calls start an alone period. */
+static void note_call(int late)
+{
+    T.n_split++;
+    T.n_late += late;
+    T.late_bits = (T.late_bits << 1 | (unsigned)late) & 0xffu;
+    if (__builtin_popcount(T.late_bits) < LATE_LIMIT) return;
+    T.late_bits = 0;
+    clock_gettime(CLOCK_MONOTONIC, &T.alone_until);
+    T.alone_until.tv_nsec += ALONE_NS % 1000000000L;
+    T.alone_until.tv_sec += ALONE_NS / 1000000000L + T.alone_until.tv_nsec / 1000000000L;
+    T.alone_until.tv_nsec %= 1000000000L;
 }
 
 /* Helpers 1 .. parts-1 (the caller holds busy). 0 if one cannot start. */
@@ -214,7 +263,8 @@ void pykd_f32_chain(int nl, const int *dims, const float *const *w, const float 
         run_alone(nl, layer);
         return;
     }
-    if (!start_helpers(parts)) {
+    if (alone_now() || !start_helpers(parts)) {
+        T.n_alone++;
         pthread_mutex_unlock(&T.busy);
         run_alone(nl, layer);
         return;
@@ -227,13 +277,36 @@ void pykd_f32_chain(int nl, const int *dims, const float *const *w, const float 
         pthread_cond_broadcast(&T.wake);
         pthread_mutex_unlock(&T.sleep_mu);
     }
+    int late = 0;
     for (int k = 0; k < nl; k++) {
         for (int p = 0; p < parts; p++) {          /* ours, then any not started */
             if (!claim(k, p, g)) continue;
+            late |= p > 0;
             run_part(&T.layer[k], p, parts);
             atomic_store_explicit(&T.part[k][p].fin, g, memory_order_release);
         }
         while (!layer_done(k, parts, g)) CPU_RELAX();
+    }
+    note_call(late);
+    pthread_mutex_unlock(&T.busy);
+}
+
+/* For the tests: counts[0..2] = split calls, calls run alone (an alone
+ * period or no helpers), split calls with a late helper, since the process
+ * started or the last reset; then hold = 1 makes the helpers claim nothing
+ * (as if descheduled), 0 releases them, -1 leaves it, and reset = 1 zeroes
+ * the counts and ends an alone period. Waits for a caller using the helpers. */
+void pykd_f32_team_probe(int hold, int reset, long *counts)
+{
+    pthread_mutex_lock(&T.busy);
+    counts[0] = T.n_split;
+    counts[1] = T.n_alone;
+    counts[2] = T.n_late;
+    if (hold >= 0) atomic_store(&T.hold, hold != 0);
+    if (reset) {
+        T.n_split = T.n_alone = T.n_late = 0;
+        T.late_bits = 0;
+        T.alone_until = (struct timespec){0, 0};
     }
     pthread_mutex_unlock(&T.busy);
 }
