@@ -55,7 +55,14 @@ def test_fortran_step_matches_numpy_twin(act, case):
     pn, gn, ln = run(sizes, acts, pb, cfg, "numpy")
     np.testing.assert_allclose(lf, ln, rtol=1e-5)
     np.testing.assert_allclose(gf, gn, atol=1e-6, rtol=1e-4)
-    np.testing.assert_allclose(pf, pn, atol=1e-6, rtol=2e-5)
+    # Adam moves a weight whose gradient is near 0 by up to lr (1e-3) a step,
+    # the sign set by rounding noise (the products' float32 sums differ
+    # between OpenBLAS's kernels and NumPy's): a few in ten thousand weights
+    # (2 of the wide net's 19805 on AMD Zen 4) may differ by up to 10% of a
+    # step; the rest within float32 noise.
+    off = ~np.isclose(pf, pn, atol=1e-6, rtol=2e-5)
+    assert off.sum() <= max(1, 2e-4 * off.size), f"{off.sum()} of {off.size} parameters differ"
+    np.testing.assert_allclose(pf, pn, atol=1e-4, rtol=2e-5)
     assert np.abs(pf - pb["p"]).max() > 1e-4          # it did train
     assert np.abs(gf).max() > 0
 

@@ -61,8 +61,13 @@ def test_split_step_matches_numpy_twin(net, case):
     pn, gn, sn, on = run(net, cfg, use_mask, "numpy", 2)
     assert [c for _, c in of] == [c for _, c in on]
     np.testing.assert_allclose([l for l, _ in of], [l for l, _ in on], rtol=2e-5)
-    np.testing.assert_allclose(gf, gn, atol=2e-6, rtol=2e-4)
-    np.testing.assert_allclose(sf, sn, atol=2e-6, rtol=2e-4)
+    # float32 sums over the batch: where they cancel (|g| ~ 1e-3), a few in a
+    # million entries differ by up to ~3e-6 (AMD Zen 4's OpenBLAS kernels, 2
+    # of the wide net's 1.1M): allow 5 per million up to 10x the tolerance.
+    for got, want in ((gf, gn), (sf, sn)):
+        off = ~np.isclose(got, want, atol=2e-6, rtol=2e-4)
+        assert off.sum() <= 5e-6 * off.size, f"{off.sum()} of {off.size} values differ"
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
     # Adam moves a weight whose gradient is near 0 by up to lr (1e-3) a
     # step, the sign set by rounding noise: allow 5% of one step, and for
     # a few in a million weights (2 of the wide net's 1.1M here) up to the

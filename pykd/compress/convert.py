@@ -189,8 +189,23 @@ def quantize_model(model, activations="dynamic", calibration=None, *, method="mi
 def _calibrate(m, X, batch_size, percentile=None):
     """Per layer, the static input scale from max|input| (or the percentile
     of |input| over all entries) over the rows of X."""
+    from threadpoolctl import threadpool_limits
+
     amax = np.zeros(m.n_layers, np.float32)
     absval = [[] for _ in range(m.n_layers)]
+    # NumPy's BLAS on one thread: its threaded sgemm can round a product
+    # differently (seen on AMD Zen 4), and the scales, so every int8 output,
+    # would then depend on the thread count.
+    with threadpool_limits(limits=1, user_api="blas"):
+        _calibrate_rows(m, X, batch_size, percentile, amax, absval)
+    if percentile is not None:
+        for k in range(m.n_layers):
+            amax[k] = np.float32(np.percentile(np.concatenate(absval[k]), percentile))
+    return [_input_scale(a) for a in amax]
+
+
+def _calibrate_rows(m, X, batch_size, percentile, amax, absval):
+    """_calibrate's pass over X: amax[k] or absval[k] per layer input."""
     for s in range(0, X.shape[0], batch_size):
         h = np.ascontiguousarray(X[s:s + batch_size], np.float32)
         if m.norm is not None:
@@ -202,10 +217,6 @@ def _calibrate(m, X, batch_size, percentile=None):
                 absval[k].append(np.abs(h).reshape(-1))
             if k + 1 < m.n_layers:
                 h = layer.forward_numpy(np.ascontiguousarray(h, np.float32))
-    if percentile is not None:
-        for k in range(m.n_layers):
-            amax[k] = np.float32(np.percentile(np.concatenate(absval[k]), percentile))
-    return [_input_scale(a) for a in amax]
 
 
 def sparsify(model):
