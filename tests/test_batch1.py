@@ -331,10 +331,22 @@ def split_models():
     q = DenseInt8(rng.integers(-127, 128, (300, 200)).astype(np.int8),
                   np.full(200, 0.001, F32), np.zeros(200, F32), "relu")
     after_int8 = Model([q, dense(200, 200, "identity")])
-    return [student, odd, last, after_int8]
+    # low rank (two products each: t = U x, then V t + b), then dense; a
+    # rank of 8 (< 16) does not split, so neither does what follows it
+    from pykd.layers import LowRank
+
+    def low_rank(n_in, r, n_out, act):
+        return LowRank((rng.standard_normal((n_in, r)) / np.sqrt(n_in)).astype(F32),
+                       (rng.standard_normal((r, n_out)) / np.sqrt(r)).astype(F32),
+                       rng.standard_normal(n_out).astype(F32), act)
+
+    low = Model([low_rank(784, 129, 200, "relu"), low_rank(200, 48, 203, "identity"),
+                 dense(203, 100, "relu"), low_rank(100, 8, 100, "relu"),
+                 dense(100, 7, "identity")])
+    return [student, odd, last, after_int8, low]
 
 
-SPLIT_LAYERS = [2, 2, 2, 0]   # per split_models() on 2+ threads
+SPLIT_LAYERS = [2, 2, 2, 0, 3]   # per split_models() on 2+ threads
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -356,7 +368,8 @@ def test_one_sample_on_two_threads_gives_the_bits_of_one(tmp_path, path):
         words = res.stdout.split()
         assert words[-1] == path
         ks = [int(w) for w in words[:-1]]
-        assert ks == ([0] * 4 if threads == "1" or limit else SPLIT_LAYERS), (name, ks)
+        assert ks == ([0] * len(SPLIT_LAYERS) if threads == "1" or limit else SPLIT_LAYERS), \
+            (name, ks)
         results[name] = np.load(out)
     for name, got in results.items():
         assert same_bits(got, results["1-None"]), name

@@ -44,6 +44,8 @@
 
 void pykd_f32_gemv(int n_out, int n_in, const float *w, const float *x, int j0, int j1,
                    const float *b, int act, float *y);
+void pykd_f32_gemv_nobias(int n_out, int n_in, const float *w, const float *x, int j0, int j1,
+                          float *y);
 
 enum { MAX_PARTS = 4, MAX_LAYERS = 16 };
 /* Spin about 0.1 ms after a call (a loop of calls never sleeps), yielding
@@ -99,7 +101,11 @@ static void run_part(const layer_t *L, int p, int parts)
     int nv = (L->n_out + 15) / 16;
     int j0 = 16 * (nv * p / parts), j1 = 16 * (nv * (p + 1) / parts);
     if (j1 > L->n_out) j1 = L->n_out;
-    if (j1 > j0) pykd_f32_gemv(L->n_out, L->n_in, L->w, L->x, j0, j1, L->b, L->act, L->y);
+    if (j1 <= j0) return;
+    if (L->b)
+        pykd_f32_gemv(L->n_out, L->n_in, L->w, L->x, j0, j1, L->b, L->act, L->y);
+    else   /* a low-rank layer's t = U x (identity) */
+        pykd_f32_gemv_nobias(L->n_out, L->n_in, L->w, L->x, j0, j1, L->y);
 }
 
 /* Part p of layer k for call g, unless someone has it. Every part of a call
@@ -241,9 +247,9 @@ static void run_alone(int nl, const layer_t *layer)
     for (int k = 0; k < nl; k++) run_part(&layer[k], 0, 1);
 }
 
-/* Layers 0..nl-1 of one sample: dims(3, nl) = (n_out, n_in, act) per layer,
- * act identity or relu (pykd_f32_gemv's fused ones); w, b, x, y the
- * layer's arrays (x of layer k is y of layer k-1). parts <= MAX_PARTS,
+/* Products 0..nl-1 of one sample: dims(3, nl) = (n_out, n_in, act) per
+ * product, act identity or relu (pykd_f32_gemv's fused ones); w, b, x, y its
+ * arrays (x of product k is y of product k-1; b null: no bias, identity). parts <= MAX_PARTS,
  * nl <= MAX_LAYERS (else one thread). */
 void pykd_f32_chain(int nl, const int *dims, const float *const *w, const float *const *b,
                     const float *const *x, float *const *y, int parts)
@@ -251,9 +257,10 @@ void pykd_f32_chain(int nl, const int *dims, const float *const *w, const float 
     layer_t layer[MAX_LAYERS];
     if (nl <= 0) return;
     if (nl > MAX_LAYERS) {                          /* the caller splits at most MAX_LAYERS */
-        for (int k = 0; k < nl; k++)
-            pykd_f32_gemv(dims[3 * k], dims[3 * k + 1], w[k], x[k], 0, dims[3 * k], b[k],
-                          dims[3 * k + 2], y[k]);
+        for (int k = 0; k < nl; k++) {
+            layer[0] = (layer_t){dims[3 * k], dims[3 * k + 1], dims[3 * k + 2], w[k], b[k], x[k], y[k]};
+            run_part(&layer[0], 0, 1);
+        }
         return;
     }
     for (int k = 0; k < nl; k++)

@@ -8,12 +8,12 @@
 !! one model at once, each with its own `work`.
 module pykd_network
   use iso_fortran_env, only: int8, int32, int64, real32
-  use iso_c_binding, only: c_int, c_ptr, c_loc
+  use iso_c_binding, only: c_int, c_ptr, c_loc, c_null_ptr
   !$ use omp_lib, only: omp_get_max_threads, omp_get_num_threads, omp_get_thread_num, omp_in_parallel
   use pykd_codes, only: N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, &
                         COL_F32_LEN, COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, &
-                        NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR, KIND_DENSE, ACT_IDENTITY, &
-                        ACT_RELU
+                        NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR, KIND_DENSE, KIND_LOW_RANK, &
+                        ACT_IDENTITY, ACT_RELU, COL_P1
   use pykd_config, only: PAR_MIN_WORK
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE
   use pykd_bytes, only: str
@@ -31,11 +31,12 @@ module pykd_network
   integer, parameter :: TEAM_MIN_BATCH = 16
   !> Samples per thread at least, when split.
   integer, parameter :: TEAM_MIN_SLICE = 8
-  !> One sample: its leading dense layers (identity or relu) of at least
-  !! this many weights each split their outputs across up to ONE_MAX_THREADS
-  !! threads (each core streams its part of W from its own L2), at most
-  !! ONE_MAX_LAYERS of them (pykd_dense_team.c); measured in
-  !! docs/performance.md ("Batch 1 on two cores").
+  !> One sample: its leading dense and low-rank layers (identity or relu) of
+  !! at least this many weights each split their outputs across up to
+  !! ONE_MAX_THREADS threads (each core streams its part of W from its own
+  !! L2), at most ONE_MAX_LAYERS products (a low-rank layer is two) in
+  !! pykd_dense_team.c's chain; measured in docs/performance.md ("Batch 1 on
+  !! two cores").
   integer(int64), parameter :: ONE_SPLIT_MIN = 16384
   integer, parameter :: ONE_MAX_THREADS = 4, ONE_MAX_LAYERS = 16
 
@@ -43,8 +44,9 @@ module pykd_network
     integer(c_int) function blas_team_safe() bind(c, name='pykd_blas_team_safe')
       import :: c_int
     end function blas_team_safe
-    !> fortran/kernels/pykd_dense_team.c: nl dense layers of one sample, each
-    !! layer's outputs in `parts` parts on the caller and helper threads.
+    !> fortran/kernels/pykd_dense_team.c: nl dense products of one sample
+    !! (no bias where b is null), each product's outputs in `parts` parts
+    !! on the caller and helper threads.
     subroutine c_chain(nl, dims, w, b, x, y, parts) bind(c, name='pykd_f32_chain')
       import :: c_int, c_ptr
       integer(c_int), value :: nl, parts
@@ -242,7 +244,7 @@ contains
     ks = 0
     if (m == 1) ks = one_split_layers(table, nl)
     if (ks > 0) then
-      call run_one_split(table, f32, ks, nl, a0, b0, cur, y, work)
+      call run_one_split(table, f32, ks, nl, a0, b0, s0, cur, y, work)
       call layer_out(table, ks, nl, m, a0, b0, y, work, cur)
     end if
     do k = ks + 1, nl
@@ -280,56 +282,94 @@ contains
   end subroutine layer_out
 
   !> Leading layers of nl that one sample runs split across threads: dense
-  !! identity or relu layers of at least ONE_SPLIT_MIN weights and 32
-  !! outputs, at most ONE_MAX_LAYERS (0 without OpenMP, with one OpenMP
-  !! thread, or inside a parallel region).
+  !! and low-rank identity or relu layers of at least ONE_SPLIT_MIN weights
+  !! and 32 outputs, ONE_MAX_LAYERS products at most (0 without OpenMP,
+  !! with one OpenMP thread, or inside a parallel region).
   integer function one_split_layers(table, nl) result(ks)
     integer(int64), intent(in) :: table(:, :)
     integer, intent(in) :: nl
+    integer :: ne, e
 
     ks = 0
+    ne = 0
     !$ if (omp_get_max_threads() < 2 .or. omp_in_parallel()) return
-    !$ do while (ks < min(nl, ONE_MAX_LAYERS))
-    !$   if (table(COL_KIND, ks + 1) /= KIND_DENSE .or. table(COL_N_OUT, ks + 1) < 32 .or. &
-    !$       table(COL_N_IN, ks + 1) * table(COL_N_OUT, ks + 1) < ONE_SPLIT_MIN .or. &
-    !$       (table(COL_ACT, ks + 1) /= ACT_IDENTITY .and. table(COL_ACT, ks + 1) /= ACT_RELU)) exit
+    !$ do while (ks < nl)
+    !$   e = split_products(table(:, ks + 1))
+    !$   if (e == 0 .or. ne + e > ONE_MAX_LAYERS) exit
+    !$   ne = ne + e
     !$   ks = ks + 1
     !$ end do
   end function one_split_layers
 
-  !> Layers 1..ks (dense, identity or relu) of one sample x, each layer's
-  !! outputs in parts of whole 16-output vectors (fixed by the width and the
-  !! thread count) on this thread and pykd_dense_team.c's helpers, each of
-  !! which streams its rows of W, the same on every call, from its core's
-  !! cache. Each output is summed as on one thread (pykd_f32_gemv), so the
-  !! bits do not depend on the parts or on who runs them.
-  subroutine run_one_split(table, f32, ks, nl, a0, b0, x, y, work)
-    integer(int64), intent(in) :: table(:, :), a0, b0
+  !> The products a layer adds to the one-sample chain (dense 1, low rank 2:
+  !! t = U x, then V t + b), or 0 if it does not split.
+  pure integer function split_products(row) result(e)
+    integer(int64), intent(in) :: row(:)
+    integer(int64) :: r
+
+    e = 0
+    if (row(COL_N_OUT) < 32 .or. (row(COL_ACT) /= ACT_IDENTITY .and. row(COL_ACT) /= ACT_RELU)) return
+    if (row(COL_KIND) == KIND_DENSE) then
+      if (row(COL_N_IN) * row(COL_N_OUT) >= ONE_SPLIT_MIN) e = 1
+    else if (row(COL_KIND) == KIND_LOW_RANK) then
+      r = row(COL_P1)
+      if (r >= 16 .and. r * (row(COL_N_IN) + row(COL_N_OUT)) >= ONE_SPLIT_MIN) e = 2
+    end if
+  end function split_products
+
+  !> Layers 1..ks (dense or low rank, identity or relu) of one sample x as a
+  !! chain of products, each product's outputs in parts of whole 16-output
+  !! vectors (fixed by the width and the thread count) on this thread and
+  !! pykd_dense_team.c's helpers, each of which streams its rows of W, the
+  !! same on every call, from its core's cache. Each output is summed as on
+  !! one thread (pykd_f32_gemv, the products of one_sample_product), so the
+  !! bits do not depend on the parts or on who runs them. A low-rank layer's
+  !! t = U x goes to the layer scratch at s0 (its r words at m = 1).
+  subroutine run_one_split(table, f32, ks, nl, a0, b0, s0, x, y, work)
+    integer(int64), intent(in) :: table(:, :), a0, b0, s0
     real(real32), intent(in), target :: f32(:)
     integer, intent(in) :: ks, nl
     real(real32), intent(in), target, contiguous :: x(:, :)
     real(real32), intent(inout), target, contiguous :: y(:, :)
     real(real32), intent(inout), target :: work(*)
     real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
-    type(c_ptr) :: w(ks), b(ks), xs(ks), ys(ks)
-    integer(c_int) :: dims(3, ks)
-    integer(int64) :: off
-    integer :: k, nt
+    type(c_ptr) :: w(2 * ks), b(2 * ks), xs(2 * ks), ys(2 * ks)
+    integer(c_int) :: dims(3, 2 * ks)
+    integer(int64) :: off, n_in, n_out, r
+    integer :: k, nt, ne
 
     nt = 1
     !$ nt = min(omp_get_max_threads(), ONE_MAX_THREADS)
     cur => x
+    ne = 0
     do k = 1, ks
       call layer_out(table, k, nl, 1, a0, b0, y, work, nxt)
       off = table(COL_F32_OFF, k)
-      dims(:, k) = int([table(COL_N_OUT, k), table(COL_N_IN, k), table(COL_ACT, k)], c_int)
-      w(k) = c_loc(f32(off + 1))
-      b(k) = c_loc(f32(off + table(COL_N_IN, k) * table(COL_N_OUT, k) + 1))
-      xs(k) = c_loc(cur(1, 1))
-      ys(k) = c_loc(nxt(1, 1))
+      n_in = table(COL_N_IN, k); n_out = table(COL_N_OUT, k)
+      if (table(COL_KIND, k) == KIND_LOW_RANK) then
+        r = table(COL_P1, k)
+        ne = ne + 1
+        dims(:, ne) = int([r, n_in, int(ACT_IDENTITY, int64)], c_int)
+        w(ne) = c_loc(f32(off + 1))
+        b(ne) = c_null_ptr                        ! t = U x: no bias
+        xs(ne) = c_loc(cur(1, 1))
+        ys(ne) = c_loc(work(s0 + 1))
+        ne = ne + 1
+        dims(:, ne) = int([n_out, r, table(COL_ACT, k)], c_int)
+        w(ne) = c_loc(f32(off + n_in * r + 1))
+        b(ne) = c_loc(f32(off + n_in * r + n_out * r + 1))
+        xs(ne) = c_loc(work(s0 + 1))
+      else
+        ne = ne + 1
+        dims(:, ne) = int([n_out, n_in, table(COL_ACT, k)], c_int)
+        w(ne) = c_loc(f32(off + 1))
+        b(ne) = c_loc(f32(off + n_in * n_out + 1))
+        xs(ne) = c_loc(cur(1, 1))
+      end if
+      ys(ne) = c_loc(nxt(1, 1))
       cur => nxt
     end do
-    call c_chain(int(ks, c_int), dims, w, b, xs, ys, int(nt, c_int))
+    call c_chain(int(ne, c_int), dims, w, b, xs, ys, int(nt, c_int))
   end subroutine run_one_split
 
   !> Offsets of the regions A, B and the layer scratch in `work`, as sized by
