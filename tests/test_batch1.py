@@ -343,10 +343,22 @@ def split_models():
     low = Model([low_rank(784, 129, 200, "relu"), low_rank(200, 48, 203, "identity"),
                  dense(203, 100, "relu"), low_rank(100, 8, 100, "relu"),
                  dense(100, 7, "identity")])
-    return [student, odd, last, after_int8, low]
+    # codebook layers of 16, 32 (8-bit indices), 4 and 200 codes, then one
+    # too small to split
+    from pykd.layers import Codebook
+
+    def codebook(n_in, n_out, n_codes, act):
+        return Codebook((rng.standard_normal(n_codes) / np.sqrt(n_in)).astype(F32),
+                        rng.integers(0, n_codes, (n_in, n_out)).astype(np.uint8),
+                        rng.standard_normal(n_out).astype(F32), act)
+
+    cb = Model([codebook(784, 200, 16, "relu"), codebook(200, 203, 32, "identity"),
+                codebook(203, 150, 4, "relu"), codebook(150, 120, 200, "relu"),
+                codebook(120, 10, 16, "identity")], norm=(F32(0.3), F32(0.35)))
+    return [student, odd, last, after_int8, low, cb]
 
 
-SPLIT_LAYERS = [2, 2, 2, 0, 3]   # per split_models() on 2+ threads
+SPLIT_LAYERS = [2, 2, 2, 0, 3, 4]   # per split_models() on 2+ threads
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -409,6 +421,52 @@ def test_late_helpers_make_the_caller_run_alone_with_the_same_bits():
     # released and reset: the split resumes (a loaded machine may still make
     # some calls late, and three of them another alone period)
     assert split2 >= 1 and split2 + alone2 == 5 and late2 <= split2
+
+
+# A codebook layer in the chain that sees a NaN (a NaN input, or an index
+# past the codebook in a corrupt buffer) makes the layers run again on one
+# thread: the outputs and errors of one thread.
+NAN_PROBE = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_batch1 import split_models
+from pykd import _fkernels
+model = split_models()[-1]
+out = []
+x = np.random.default_rng(7).standard_normal((1, 784)).astype(np.float32)
+out.append(model.forward(x)[0])
+x[0, 100] = np.nan
+out.append(model.forward(x)[0])
+x[0, 100] = 0.5
+off = int(model.table[0, 6])          # layer 1's packed indices in i8 (4 bits)
+model.i8[off + 1000] = np.uint8(0xff).view(np.int8)   # valid: 16 codes
+out.append(model.forward(x)[0])
+model.i8[off + 1000] = np.int8(0)
+off = int(model.table[1, 6])          # layer 2: 32 codes in 8-bit indices
+model.i8[off + 77] = np.int8(40)
+try:
+    model.forward(x)
+    print("no error")
+except ValueError as e:
+    print("error:", e)
+np.save(sys.argv[2], np.stack(out))
+"""
+
+
+def test_a_nan_in_a_split_codebook_layer_gives_what_one_thread_gives(tmp_path):
+    got = {}
+    for threads in ("1", "2"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+        env["OMP_NUM_THREADS"] = threads
+        out = tmp_path / f"{threads}.npy"
+        res = subprocess.run([sys.executable, "-c", NAN_PROBE, os.path.dirname(__file__),
+                              str(out)], env=env, check=True, timeout=300, capture_output=True,
+                             text=True)
+        got[threads] = (np.load(out), res.stdout.strip())
+    (one, msg1), (two, msg2) = got["1"], got["2"]
+    assert same_bits(one, two)
+    assert np.isfinite(one[0]).all() and np.isnan(one[1]).all() and np.isfinite(one[2]).all()
+    assert msg1 == msg2 and msg1.startswith("error:") and "corrupt layer data" in msg1, msg1
 
 
 def test_lean_binding_takes_only_the_common_case():

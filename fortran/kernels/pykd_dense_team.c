@@ -1,11 +1,12 @@
-/* One sample through a chain of dense layers on several cores
- * (docs/performance.md, "Batch 1 on two cores").
+/* One sample through a chain of products (dense layers, a low-rank layer's
+ * two factors, codebook layers) on several cores (docs/performance.md,
+ * "Batch 1 on two cores").
  *
- * Each layer's outputs are cut into `parts` ranges of whole 16-output
+ * Each product's outputs are cut into `parts` ranges of whole 16-output
  * vectors (fixed by the width and the part count). Part 0 runs on the
  * calling thread, part p on helper thread p, a persistent thread of this
  * file: it takes the same rows of every W on every call, so they stay in its
- * core's L2. A layer starts when every part of the one before has finished.
+ * core's L2. A product starts when every part of the one before has finished.
  *
  * Why not an OpenMP region: a region's end waits for every thread of the
  * team, so when the OS has descheduled one (another process has its core)
@@ -15,8 +16,9 @@
  * one-thread call, never a blocked one. The caller waits only for a part a
  * helper is running.
  *
- * Each output is pykd_f32_gemv's sum in input order, whoever runs it, so the
- * bits are those of one thread for any part count, thread or timing.
+ * Each output is pykd_f32_gemv's (pykd_cb_product's) sum in input order,
+ * whoever runs it, so the bits are those of one thread for any part count,
+ * thread or timing.
  *
  * One caller at a time uses the helpers (a second concurrent caller runs
  * its sample on its own thread). Helpers spin about SPIN_NS after a call,
@@ -46,6 +48,11 @@ void pykd_f32_gemv(int n_out, int n_in, const float *w, const float *x, int j0, 
                    const float *b, int act, float *y);
 void pykd_f32_gemv_nobias(int n_out, int n_in, const float *w, const float *x, int j0, int j1,
                           float *y);
+int pykd_cb_path(void);
+int pykd_cb_product(int path, int bits, int n_codes, int n_in, int n_out, const uint8_t *packed,
+                    int64_t nbytes, const float *centroids, const float *b, int relu,
+                    const float *x, int ldx, int s0, int s1, int j0, int j1, float *y, int kc,
+                    float *work);
 
 enum { MAX_PARTS = 4, MAX_LAYERS = 16 };
 /* Spin about 0.1 ms after a call (a loop of calls never sleeps), yielding
@@ -56,9 +63,16 @@ enum { MAX_PARTS = 4, MAX_LAYERS = 16 };
 #define LATE_LIMIT 3
 #define ALONE_NS 20000000L
 
+/* One product of the chain: pykd_network's chain_entry_t (bind(c)). */
 typedef struct {
-    int n_out, n_in, act;
-    const float *w, *b, *x;
+    int n_out, n_in, act;   /* act: identity or relu (pykd_f32_gemv's codes) */
+    int bits, n_codes;      /* a codebook layer: index bits (0: dense) and codes */
+    int relu;               /* a codebook layer: 1 for relu */
+    int64_t nbytes;         /* a codebook layer: bytes of packed */
+    const float *w;         /* dense: W (n_out, n_in); codebook: the centroids */
+    const float *b;         /* null: no bias (a low-rank layer's t = U x) */
+    const uint8_t *packed;  /* a codebook layer: the packed indices */
+    const float *x;
     float *y;
 } layer_t;
 
@@ -72,10 +86,12 @@ static uint64_t call_word(uint64_t number, int nl, int parts)
 static int word_nl(uint64_t g) { return (int)(g >> 3 & 31); }
 static int word_parts(uint64_t g) { return (int)(g & 7); }
 
-/* The call word that claimed / finished a part; own cache line. */
+/* The call word that claimed / finished a part, and whether its codebook
+ * product saw a NaN (written before fin); own cache line. */
 typedef struct {
     _Atomic uint64_t claim, fin;
-    char pad[64 - 2 * sizeof(uint64_t)];
+    int nan;
+    char pad[64 - 2 * sizeof(uint64_t) - sizeof(int)];
 } part_t;
 
 static struct {
@@ -96,16 +112,29 @@ static struct {
 } T = {.busy = PTHREAD_MUTEX_INITIALIZER, .sleep_mu = PTHREAD_MUTEX_INITIALIZER,
        .wake = PTHREAD_COND_INITIALIZER};
 
-static void run_part(const layer_t *L, int p, int parts)
+/* Part p of parts of product L; 1 if a codebook product saw a NaN. */
+static int run_part(const layer_t *L, int p, int parts)
 {
     int nv = (L->n_out + 15) / 16;
     int j0 = 16 * (nv * p / parts), j1 = 16 * (nv * (p + 1) / parts);
     if (j1 > L->n_out) j1 = L->n_out;
-    if (j1 <= j0) return;
+    if (j1 <= j0) return 0;
+    if (L->bits)   /* one sample: no panel, no workspace */
+        return pykd_cb_product(pykd_cb_path(), L->bits, L->n_codes, L->n_in, L->n_out, L->packed,
+                               L->nbytes, L->w, L->b, L->relu, L->x, L->n_in, 0, 1, j0, j1,
+                               L->y, 0, NULL) != 0;
     if (L->b)
         pykd_f32_gemv(L->n_out, L->n_in, L->w, L->x, j0, j1, L->b, L->act, L->y);
     else   /* a low-rank layer's t = U x (identity) */
         pykd_f32_gemv_nobias(L->n_out, L->n_in, L->w, L->x, j0, j1, L->y);
+    return 0;
+}
+
+/* Runs part p of product k of call g and publishes it. */
+static void run_and_publish(int k, int p, int parts, uint64_t g)
+{
+    T.part[k][p].nan = run_part(&T.layer[k], p, parts);
+    atomic_store_explicit(&T.part[k][p].fin, g, memory_order_release);
 }
 
 /* Part p of layer k for call g, unless someone has it. Every part of a call
@@ -171,8 +200,7 @@ static void *helper(void *arg)
                 CPU_RELAX();
             }
             if (atomic_load_explicit(&T.hold, memory_order_relaxed) || !claim(k, p, g)) continue;
-            run_part(&T.layer[k], p, parts);
-            atomic_store_explicit(&T.part[k][p].fin, g, memory_order_release);
+            run_and_publish(k, p, parts, g);
         }
     }
     return NULL;
@@ -242,41 +270,29 @@ static int start_helpers(int parts)
     return 1;
 }
 
-static void run_alone(int nl, const layer_t *layer)
+static int run_alone(int nl, const layer_t *layer)
 {
-    for (int k = 0; k < nl; k++) run_part(&layer[k], 0, 1);
+    int nan = 0;
+    for (int k = 0; k < nl; k++) nan |= run_part(&layer[k], 0, 1);
+    return nan;
 }
 
-/* Products 0..nl-1 of one sample: dims(3, nl) = (n_out, n_in, act) per
- * product, act identity or relu (pykd_f32_gemv's fused ones); w, b, x, y its
- * arrays (x of product k is y of product k-1; b null: no bias, identity). parts <= MAX_PARTS,
- * nl <= MAX_LAYERS (else one thread). */
-void pykd_f32_chain(int nl, const int *dims, const float *const *w, const float *const *b,
-                    const float *const *x, float *const *y, int parts)
+/* Products 0..nl-1 of one sample (x of product k is y of product k-1),
+ * parts <= MAX_PARTS, nl <= MAX_LAYERS (else one thread). Returns 1 if a
+ * codebook product saw a NaN (a NaN input or a corrupt index: the caller
+ * runs the layers again on one thread for their own status), else 0. */
+int pykd_one_chain(int nl, const layer_t *chain, int parts)
 {
-    layer_t layer[MAX_LAYERS];
-    if (nl <= 0) return;
-    if (nl > MAX_LAYERS) {                          /* the caller splits at most MAX_LAYERS */
-        for (int k = 0; k < nl; k++) {
-            layer[0] = (layer_t){dims[3 * k], dims[3 * k + 1], dims[3 * k + 2], w[k], b[k], x[k], y[k]};
-            run_part(&layer[0], 0, 1);
-        }
-        return;
-    }
-    for (int k = 0; k < nl; k++)
-        layer[k] = (layer_t){dims[3 * k], dims[3 * k + 1], dims[3 * k + 2], w[k], b[k], x[k], y[k]};
+    if (nl <= 0) return 0;
+    if (nl > MAX_LAYERS) return run_alone(nl, chain);   /* the caller splits at most MAX_LAYERS */
     if (parts > MAX_PARTS) parts = MAX_PARTS;
-    if (parts < 2 || pthread_mutex_trylock(&T.busy) != 0) {
-        run_alone(nl, layer);
-        return;
-    }
+    if (parts < 2 || pthread_mutex_trylock(&T.busy) != 0) return run_alone(nl, chain);
     if (alone_now() || !start_helpers(parts)) {
         T.n_alone++;
         pthread_mutex_unlock(&T.busy);
-        run_alone(nl, layer);
-        return;
+        return run_alone(nl, chain);
     }
-    for (int k = 0; k < nl; k++) T.layer[k] = layer[k];
+    for (int k = 0; k < nl; k++) T.layer[k] = chain[k];
     uint64_t g = call_word((atomic_load(&T.gen) >> 8) + 1, nl, parts);
     atomic_store(&T.gen, g);                       /* publishes the call (seq_cst) */
     if (atomic_load(&T.sleepers) > 0) {
@@ -284,18 +300,19 @@ void pykd_f32_chain(int nl, const int *dims, const float *const *w, const float 
         pthread_cond_broadcast(&T.wake);
         pthread_mutex_unlock(&T.sleep_mu);
     }
-    int late = 0;
+    int late = 0, nan = 0;
     for (int k = 0; k < nl; k++) {
         for (int p = 0; p < parts; p++) {          /* ours, then any not started */
             if (!claim(k, p, g)) continue;
             late |= p > 0;
-            run_part(&T.layer[k], p, parts);
-            atomic_store_explicit(&T.part[k][p].fin, g, memory_order_release);
+            run_and_publish(k, p, parts, g);
         }
         while (!layer_done(k, parts, g)) CPU_RELAX();
+        for (int p = 0; p < parts; p++) nan |= T.part[k][p].nan;   /* after fin's acquire */
     }
     note_call(late);
     pthread_mutex_unlock(&T.busy);
+    return nan;
 }
 
 /* For the tests: counts[0..2] = split calls, calls run alone (an alone

@@ -8,12 +8,12 @@
 !! one model at once, each with its own `work`.
 module pykd_network
   use iso_fortran_env, only: int8, int32, int64, real32
-  use iso_c_binding, only: c_int, c_ptr, c_loc, c_null_ptr
+  use iso_c_binding, only: c_int, c_int64_t, c_ptr, c_loc, c_null_ptr
   !$ use omp_lib, only: omp_get_max_threads, omp_get_num_threads, omp_get_thread_num, omp_in_parallel
   use pykd_codes, only: N_FIELDS, COL_KIND, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, &
                         COL_F32_LEN, COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, &
                         NORM_NONE, NORM_PER_FEATURE, NORM_SCALAR, KIND_DENSE, KIND_LOW_RANK, &
-                        ACT_IDENTITY, ACT_RELU, COL_P1
+                        KIND_CODEBOOK, ACT_IDENTITY, ACT_RELU, COL_P1, COL_P2
   use pykd_config, only: PAR_MIN_WORK
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE
   use pykd_bytes, only: str
@@ -31,8 +31,8 @@ module pykd_network
   integer, parameter :: TEAM_MIN_BATCH = 16
   !> Samples per thread at least, when split.
   integer, parameter :: TEAM_MIN_SLICE = 8
-  !> One sample: its leading dense and low-rank layers (identity or relu) of
-  !! at least this many weights each split their outputs across up to
+  !> One sample: its leading dense, low-rank and codebook layers (identity or
+  !! relu) of at least this many weights each split their outputs across up to
   !! ONE_MAX_THREADS threads (each core streams its part of W from its own
   !! L2), at most ONE_MAX_LAYERS products (a low-rank layer is two) in
   !! pykd_dense_team.c's chain; measured in docs/performance.md ("Batch 1 on
@@ -40,19 +40,29 @@ module pykd_network
   integer(int64), parameter :: ONE_SPLIT_MIN = 16384
   integer, parameter :: ONE_MAX_THREADS = 4, ONE_MAX_LAYERS = 16
 
+  !> One product of the one-sample chain (pykd_dense_team.c's layer_t).
+  type, bind(c) :: chain_entry_t
+    integer(c_int) :: n_out = 0, n_in = 0, act = 0   !! act: identity or relu
+    integer(c_int) :: bits = 0, n_codes = 0, relu = 0   !! a codebook layer (bits 0: dense)
+    integer(c_int64_t) :: nbytes = 0                  !! a codebook layer: packed bytes
+    type(c_ptr) :: w = c_null_ptr      !! dense: W (n_out, n_in); codebook: centroids
+    type(c_ptr) :: b = c_null_ptr      !! null: no bias (a low-rank layer's t = U x)
+    type(c_ptr) :: packed = c_null_ptr !! a codebook layer: its packed indices
+    type(c_ptr) :: x = c_null_ptr, y = c_null_ptr
+  end type chain_entry_t
+
   interface
     integer(c_int) function blas_team_safe() bind(c, name='pykd_blas_team_safe')
       import :: c_int
     end function blas_team_safe
-    !> fortran/kernels/pykd_dense_team.c: nl dense products of one sample
-    !! (no bias where b is null), each product's outputs in `parts` parts
-    !! on the caller and helper threads.
-    subroutine c_chain(nl, dims, w, b, x, y, parts) bind(c, name='pykd_f32_chain')
-      import :: c_int, c_ptr
+    !> fortran/kernels/pykd_dense_team.c: nl products of one sample, each
+    !! product's outputs in `parts` parts on the caller and helper threads;
+    !! 1 if a codebook product saw a NaN.
+    integer(c_int) function c_one_chain(nl, chain, parts) bind(c, name='pykd_one_chain')
+      import :: c_int, chain_entry_t
       integer(c_int), value :: nl, parts
-      integer(c_int), intent(in) :: dims(3, *)
-      type(c_ptr), intent(in) :: w(*), b(*), x(*), y(*)
-    end subroutine c_chain
+      type(chain_entry_t), intent(in) :: chain(*)
+    end function c_one_chain
   end interface
 
 contains
@@ -230,22 +240,27 @@ contains
     real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
     integer(int64) :: a0, b0, s0, k_in
     integer :: k, st, ks
+    logical :: nan
 
     stat = PYKD_OK
     bad_layer = 0
     if (m == 0) return
     call regions(table, m, nl, a0, b0, s0)
     k_in = norm_len(norm_kinds(1), table(COL_N_IN, 1))
-    cur => x
-    if (norm_kinds(1) /= NORM_NONE) then
-      cur(1:m_in, 1:m) => work(b0 + 1:b0 + int(m_in, int64) * m)
-      call normalise(m_in, m, int(k_in), x, norm(1:k_in), norm(k_in + 1:2 * k_in), cur)
-    end if
+    call network_input(norm_kinds, m_in, m, int(k_in), x, norm, b0, work, cur)
     ks = 0
     if (m == 1) ks = one_split_layers(table, nl)
     if (ks > 0) then
-      call run_one_split(table, f32, ks, nl, a0, b0, s0, cur, y, work)
-      call layer_out(table, ks, nl, m, a0, b0, y, work, cur)
+      call run_one_split(table, f32, i8, ks, nl, a0, b0, s0, cur, y, work, nan)
+      if (nan) then
+        ! A codebook product saw a NaN (a NaN input or a corrupt index): the
+        ! layers again on this thread, for their own outputs and status (the
+        ! chain may have overwritten a normalised input).
+        ks = 0
+        call network_input(norm_kinds, m_in, m, int(k_in), x, norm, b0, work, cur)
+      else
+        call layer_out(table, ks, nl, m, a0, b0, y, work, cur)
+      end if
     end if
     do k = ks + 1, nl
       call layer_out(table, k, nl, m, a0, b0, y, work, nxt)
@@ -262,6 +277,22 @@ contains
                        norm(2 * k_in + 1:), y)
     end if
   end subroutine run_slice
+
+  !> cur => the network's input: x, or x normalised into region B of work.
+  subroutine network_input(norm_kinds, m_in, m, k_in, x, norm, b0, work, cur)
+    integer, intent(in) :: norm_kinds(2), m_in, m, k_in
+    real(real32), intent(in), target :: x(m_in, m)
+    real(real32), intent(in) :: norm(:)
+    integer(int64), intent(in) :: b0
+    real(real32), intent(inout), target :: work(*)
+    real(real32), pointer, contiguous, intent(out) :: cur(:, :)
+
+    cur => x
+    if (norm_kinds(1) /= NORM_NONE) then
+      cur(1:m_in, 1:m) => work(b0 + 1:b0 + int(m_in, int64) * m)
+      call normalise(m_in, m, k_in, x, norm(1:k_in), norm(k_in + 1:2 * k_in), cur)
+    end if
+  end subroutine network_input
 
   !> nxt => where layer k of nl writes its m outputs: y for the last
   !! layer, else region A (odd k) or B (even k) of `work`.
@@ -281,10 +312,10 @@ contains
     end if
   end subroutine layer_out
 
-  !> Leading layers of nl that one sample runs split across threads: dense
-  !! and low-rank identity or relu layers of at least ONE_SPLIT_MIN weights
-  !! and 32 outputs, ONE_MAX_LAYERS products at most (0 without OpenMP,
-  !! with one OpenMP thread, or inside a parallel region).
+  !> Leading layers of nl that one sample runs split across threads: dense,
+  !! low-rank and codebook identity or relu layers of at least ONE_SPLIT_MIN
+  !! weights and 32 outputs, ONE_MAX_LAYERS products at most (0 without
+  !! OpenMP, with one OpenMP thread, or inside a parallel region).
   integer function one_split_layers(table, nl) result(ks)
     integer(int64), intent(in) :: table(:, :)
     integer, intent(in) :: nl
@@ -301,8 +332,8 @@ contains
     !$ end do
   end function one_split_layers
 
-  !> The products a layer adds to the one-sample chain (dense 1, low rank 2:
-  !! t = U x, then V t + b), or 0 if it does not split.
+  !> The products a layer adds to the one-sample chain (dense and codebook
+  !! 1, low rank 2: t = U x, then V t + b), or 0 if it does not split.
   pure integer function split_products(row) result(e)
     integer(int64), intent(in) :: row(:)
     integer(int64) :: r
@@ -314,27 +345,31 @@ contains
     else if (row(COL_KIND) == KIND_LOW_RANK) then
       r = row(COL_P1)
       if (r >= 16 .and. r * (row(COL_N_IN) + row(COL_N_OUT)) >= ONE_SPLIT_MIN) e = 2
+    else if (row(COL_KIND) == KIND_CODEBOOK) then
+      if (row(COL_N_IN) * row(COL_N_OUT) >= ONE_SPLIT_MIN) e = 1
     end if
   end function split_products
 
-  !> Layers 1..ks (dense or low rank, identity or relu) of one sample x as a
-  !! chain of products, each product's outputs in parts of whole 16-output
-  !! vectors (fixed by the width and the thread count) on this thread and
-  !! pykd_dense_team.c's helpers, each of which streams its rows of W, the
-  !! same on every call, from its core's cache. Each output is summed as on
-  !! one thread (pykd_f32_gemv, the products of one_sample_product), so the
-  !! bits do not depend on the parts or on who runs them. A low-rank layer's
-  !! t = U x goes to the layer scratch at s0 (its r words at m = 1).
-  subroutine run_one_split(table, f32, ks, nl, a0, b0, s0, x, y, work)
+  !> Layers 1..ks (dense, low rank or codebook, identity or relu) of one
+  !! sample x as a chain of products, each product's outputs in parts of
+  !! whole 16-output vectors (fixed by the width and the thread count) on
+  !! this thread and pykd_dense_team.c's helpers, each of which streams its
+  !! rows of W, the same on every call, from its core's cache. Each output is
+  !! summed as on one thread (pykd_f32_gemv, pykd_cb_product), so the bits do
+  !! not depend on the parts or on who runs them. A low-rank layer's t = U x
+  !! goes to the layer scratch at s0 (its r words at m = 1). nan: a codebook
+  !! product saw a NaN (its layer then decides what that was).
+  subroutine run_one_split(table, f32, i8, ks, nl, a0, b0, s0, x, y, work, nan)
     integer(int64), intent(in) :: table(:, :), a0, b0, s0
     real(real32), intent(in), target :: f32(:)
+    integer(int8), intent(in), target :: i8(:)
     integer, intent(in) :: ks, nl
     real(real32), intent(in), target, contiguous :: x(:, :)
     real(real32), intent(inout), target, contiguous :: y(:, :)
     real(real32), intent(inout), target :: work(*)
+    logical, intent(out) :: nan
     real(real32), pointer, contiguous :: cur(:, :), nxt(:, :)
-    type(c_ptr) :: w(2 * ks), b(2 * ks), xs(2 * ks), ys(2 * ks)
-    integer(c_int) :: dims(3, 2 * ks)
+    type(chain_entry_t) :: chain(2 * ks)
     integer(int64) :: off, n_in, n_out, r
     integer :: k, nt, ne
 
@@ -346,30 +381,37 @@ contains
       call layer_out(table, k, nl, 1, a0, b0, y, work, nxt)
       off = table(COL_F32_OFF, k)
       n_in = table(COL_N_IN, k); n_out = table(COL_N_OUT, k)
+      ne = ne + 1
+      chain(ne)%n_out = int(n_out, c_int); chain(ne)%n_in = int(n_in, c_int)
+      chain(ne)%act = int(table(COL_ACT, k), c_int)
+      chain(ne)%x = c_loc(cur(1, 1))
       if (table(COL_KIND, k) == KIND_LOW_RANK) then
         r = table(COL_P1, k)
+        chain(ne)%n_out = int(r, c_int); chain(ne)%act = int(ACT_IDENTITY, c_int)
+        chain(ne)%w = c_loc(f32(off + 1))          ! t = U x: no bias, into the scratch
+        chain(ne)%y = c_loc(work(s0 + 1))
         ne = ne + 1
-        dims(:, ne) = int([r, n_in, int(ACT_IDENTITY, int64)], c_int)
-        w(ne) = c_loc(f32(off + 1))
-        b(ne) = c_null_ptr                        ! t = U x: no bias
-        xs(ne) = c_loc(cur(1, 1))
-        ys(ne) = c_loc(work(s0 + 1))
-        ne = ne + 1
-        dims(:, ne) = int([n_out, r, table(COL_ACT, k)], c_int)
-        w(ne) = c_loc(f32(off + n_in * r + 1))
-        b(ne) = c_loc(f32(off + n_in * r + n_out * r + 1))
-        xs(ne) = c_loc(work(s0 + 1))
+        chain(ne)%n_out = int(n_out, c_int); chain(ne)%n_in = int(r, c_int)
+        chain(ne)%act = int(table(COL_ACT, k), c_int)
+        chain(ne)%w = c_loc(f32(off + n_in * r + 1))
+        chain(ne)%b = c_loc(f32(off + n_in * r + n_out * r + 1))
+        chain(ne)%x = c_loc(work(s0 + 1))
+      else if (table(COL_KIND, k) == KIND_CODEBOOK) then
+        r = table(COL_P1, k)                       ! the number of codes
+        chain(ne)%bits = int(table(COL_P2, k), c_int); chain(ne)%n_codes = int(r, c_int)
+        chain(ne)%relu = merge(1_c_int, 0_c_int, table(COL_ACT, k) == ACT_RELU)
+        chain(ne)%nbytes = table(COL_I8_LEN, k)
+        chain(ne)%packed = c_loc(i8(table(COL_I8_OFF, k) + 1))
+        chain(ne)%w = c_loc(f32(off + 1))          ! the centroids, then b
+        chain(ne)%b = c_loc(f32(off + r + 1))
       else
-        ne = ne + 1
-        dims(:, ne) = int([n_out, n_in, table(COL_ACT, k)], c_int)
-        w(ne) = c_loc(f32(off + 1))
-        b(ne) = c_loc(f32(off + n_in * n_out + 1))
-        xs(ne) = c_loc(cur(1, 1))
+        chain(ne)%w = c_loc(f32(off + 1))
+        chain(ne)%b = c_loc(f32(off + n_in * n_out + 1))
       end if
-      ys(ne) = c_loc(nxt(1, 1))
+      chain(ne)%y = c_loc(nxt(1, 1))
       cur => nxt
     end do
-    call c_chain(int(ne, c_int), dims, w, b, xs, ys, int(nt, c_int))
+    nan = c_one_chain(int(ne, c_int), chain, int(nt, c_int)) /= 0
   end subroutine run_one_split
 
   !> Offsets of the regions A, B and the layer scratch in `work`, as sized by
