@@ -82,3 +82,21 @@ def test_no_bare_status_comparisons(path):
                         if re.search(r"\bstat\w*\s*[!=]=\s*[1-9]\b", line):
                             bad.append(f"{name}:{i}: {line.strip()}")
     assert not bad, "bare status numbers:\n" + "\n".join(bad)
+
+
+def test_the_c_kernels_copies_of_the_activation_codes_agree():
+    """The C kernels fuse identity and relu and keep their own copies of
+    those two codes (an enum or a #define); each copy must be Fortran's."""
+    found = 0
+    kernels = os.path.join(REPO, "fortran", "kernels")
+    for name in sorted(os.listdir(kernels)):
+        if not name.endswith(".c"):
+            continue
+        with open(os.path.join(kernels, name)) as f:
+            text = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)   # not the comments
+        copies = re.findall(r"\b(ACT_[A-Z]+)\s*=\s*(\d+)", text)
+        copies += re.findall(r"#define\s+(ACT_[A-Z]+)\s+(\d+)", text)
+        for code, value in copies:
+            assert F[code] == int(value), (name, code, value)
+            found += 1
+    assert found >= 3    # pykd_dense_simd.c's two, pykd_int8_simd.c's one
