@@ -252,17 +252,20 @@ def plane_cells(n_in, n_out):
     return -(-n_in // PLANE_CHUNK) * -(-n_out // PLANE_LANES)
 
 
-def sparse_planes(indptr, indices, values, n_in, n_out):
+def sparse_planes(indptr, indices, values, n_in, n_out, slots=False):
     """sparse_csr's planes of a valid CSR pattern (docs/model.md):
     ``(n_planes, counts, idx, val)``, counts uint8 (cells,), idx int8
     (n_planes, 16) input offsets in the chunk, val float32 (n_planes, 16);
     ``n_planes = 0`` and empty arrays when the layer keeps none (fewer than
     PLANE_MIN_NNZ entries, fewer than 2 per plane on average, or more than
-    4 cells per entry)."""
+    4 cells per entry). With ``slots``, also each entry's place in ``val``
+    (flat, int64 (nnz,); None without planes)."""
     nnz = int(indices.shape[0])
     nc, nb = -(-n_in // PLANE_CHUNK), -(-n_out // PLANE_LANES)
     none = (0, np.zeros(0, np.uint8), np.zeros((0, PLANE_LANES), np.int8),
             np.zeros((0, PLANE_LANES), _F32))
+    if slots:
+        none = none + (None,)
     if nnz < PLANE_MIN_NNZ:
         return none
     rows = np.repeat(np.arange(n_in, dtype=np.int64), np.diff(indptr))
@@ -288,6 +291,8 @@ def sparse_planes(indptr, indices, values, n_in, n_out):
     val = np.zeros((n_planes, PLANE_LANES), _F32)
     idx[t, j % PLANE_LANES] = rows - PLANE_CHUNK * c
     val[t, j % PLANE_LANES] = values
+    if slots:
+        return n_planes, counts.astype(np.uint8), idx, val, t * PLANE_LANES + j % PLANE_LANES
     return n_planes, counts.astype(np.uint8), idx, val
 
 

@@ -364,11 +364,63 @@ class DenseInt8(Layer):
         return 4 + self.q.size + 4 * self.n_out + 4 * int(self._static) + 4 * self.n_out
 
 
+class _Planes:
+    """The planes of sparse_csr and sparse_codebook: the one-sample kernel's
+    derived copy of W (``_pcount``, ``_pidx``, ``_pval``; never saved:
+    docs/model.md, "sparse_csr's planes"), built from ``_plane_values()``, the
+    entry values the CSR kernels read."""
+
+    def _build_planes(self):
+        self._n_planes, counts, idx, val = ref.sparse_planes(self.indptr, self.indices,
+                                                             self._plane_values(), self.n_in,
+                                                             self.n_out)
+        self._pcount = counts.view(np.int8) if self._n_planes else np.zeros(0, np.int8)
+        self._pidx, self._pval = idx, val
+
+    def _check_arrays(self):
+        _csr(self.indptr, self.indices, self.n_in, self.n_out)
+
+    def _refresh_values(self):
+        """The planes' values after a change of the values alone (the
+        pattern and, for sparse_codebook, the codes unchanged): what the
+        fine-tuner calls at every step, a scatter of nnz floats."""
+        if not self._n_planes:
+            return
+        slots = self.__dict__.get("_pslots")
+        if slots is None:
+            *_, slots = ref.sparse_planes(self.indptr, self.indices, self._plane_values(),
+                                          self.n_in, self.n_out, slots=True)
+            self._pslots = slots
+        self._pval.reshape(-1)[slots] = self._plane_values()
+
+    def repack(self):
+        """Rebuild the planes from the layer's arrays (in place, so a model
+        holding the layer sees them): call it after changing the values (or
+        the pattern, keeping its number of planes) in place."""
+        self._check_arrays()
+        self.__dict__.pop("_pslots", None)
+        n, counts, idx, val = ref.sparse_planes(self.indptr, self.indices, self._plane_values(),
+                                                self.n_in, self.n_out)
+        if n != self._n_planes:
+            raise ValueError(f"the pattern now has {n} planes, not {self._n_planes}: "
+                             f"build a new {type(self).__name__}")
+        if n:
+            self._pcount[...] = counts.view(np.int8)
+            self._pidx[...] = idx
+            self._pval[...] = val
+
+    @property
+    def nbytes(self):
+        """Bytes of the stored arrays (the planes are derived, not counted)."""
+        return sum(getattr(self, n).nbytes for n in self.f32_items + self.i8_items
+                   + self.i32_items if n not in ("_pcount", "_pidx", "_pval"))
+
+
 def _index_bytes(n_out):
     return 1 if n_out - 1 < 2**8 else 2 if n_out - 1 < 2**16 else 4
 
 
-class SparseCSR(Layer):
+class SparseCSR(_Planes, Layer):
     """``W`` in compressed sparse rows: only the non-zeros are stored.
 
     Row ``i`` (input ``i``) holds ``values[indptr[i]:indptr[i+1]]`` at the
@@ -399,30 +451,10 @@ class SparseCSR(Layer):
         _arr("values", values, _F32, 1, (nnz,), finite=True)
         self.indptr, self.indices, self.values, self.b = indptr, indices, values, b
         self.activation = _activation(activation)
-        self._n_planes, counts, idx, val = ref.sparse_planes(indptr, indices, values,
-                                                             self.n_in, self.n_out)
-        self._pcount = counts.view(np.int8) if self._n_planes else np.zeros(0, np.int8)
-        self._pidx, self._pval = idx, val
+        self._build_planes()
 
-    def repack(self):
-        """Rebuild the planes from the CSR arrays (in place, so a model
-        holding the layer sees them): call it after changing ``values`` (or
-        the pattern, keeping its number of planes) in place."""
-        _csr(self.indptr, self.indices, self.n_in, self.n_out)
-        n, counts, idx, val = ref.sparse_planes(self.indptr, self.indices, self.values,
-                                                self.n_in, self.n_out)
-        if n != self._n_planes:
-            raise ValueError(f"the pattern now has {n} planes, not {self._n_planes}: "
-                             "build a new SparseCSR")
-        if n:
-            self._pcount[...] = counts.view(np.int8)
-            self._pidx[...] = idx
-            self._pval[...] = val
-
-    @property
-    def nbytes(self):
-        """Bytes of the CSR arrays and b (the planes are derived, not counted)."""
-        return self.indptr.nbytes + self.indices.nbytes + self.values.nbytes + self.b.nbytes
+    def _plane_values(self):
+        return self.values
 
     @classmethod
     def from_dense(cls, W, b, activation="identity"):
@@ -649,7 +681,7 @@ class Codebook(Layer):
         return 8 + 4 * self.n_codes + self.packed.size + 4 * self.n_out
 
 
-class SparseCodebook(Layer):
+class SparseCodebook(_Planes, Layer):
     """Deep Compression's layer: the CSR pattern of :class:`SparseCSR` with
     the value of entry ``k`` equal to ``centroids[codes[k]]``.
 
@@ -663,8 +695,10 @@ class SparseCodebook(Layer):
     activation : str
     """
     kind = "sparse_codebook"
-    f32_items = ("centroids", "b")
-    i8_items = ("codes",)
+    #: After the centroids and codes: the planes of sparse_csr, with the
+    #: values ``centroids[codes]`` (never saved: docs/model.md, "sparse_csr's planes").
+    f32_items = ("centroids", "_pval", "b")
+    i8_items = ("codes", "_pcount", "_pidx")
     i32_items = ("indptr", "indices")
 
     def __init__(self, indptr, indices, codes, centroids, b, activation="identity"):
@@ -681,6 +715,16 @@ class SparseCodebook(Layer):
         self.centroids, self.b = centroids, b
         self.bits = _fewest_bits(n_codes, range(1, 9))
         self.activation = _activation(activation)
+        self._build_planes()
+
+    def _plane_values(self):
+        return self.centroids[self.codes]
+
+    def _check_arrays(self):
+        super()._check_arrays()
+        _centroids(self.centroids)
+        if self.nnz and self.codes.max() >= self.n_codes:
+            raise ValueError(f"codes must be < n_codes = {self.n_codes}, found {self.codes.max()}")
 
     @property
     def nnz(self):
@@ -691,7 +735,7 @@ class SparseCodebook(Layer):
         return int(self.centroids.shape[0])
 
     def kind_params(self):
-        return (self.nnz, self.n_codes, self.bits, 0)
+        return (self.nnz, self.n_codes, self.bits, self._n_planes)
 
     def to_dense(self):
         W = np.zeros((self.n_in, self.n_out), _F32)

@@ -467,3 +467,25 @@ def test_numpy_backend_model_fine_tunes_with_its_twins(trained):
     a, b = F.fine_tune(cb, ft), F.fine_tune(cbn, ft)
     assert b.backend == "numpy"
     np.testing.assert_allclose(a.forward(X), b.forward(X), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sparse_csr", "sparse_codebook"])
+def test_fine_tuned_planes_follow_the_values(name, tmp_path):
+    """The planes (the batch-1 kernel's derived copy of W) follow every
+    step's values: one sample of the fine-tuned model gives the bits of the
+    model saved and loaded (planes rebuilt from the file), and the trainer's
+    last batch of 5 ran on the current planes."""
+    rng = np.random.default_rng(5)
+    X, y = _data(rng)
+    m = pykd.MLP([12, 200, 3], seed=0)
+    pykd.fit(m, X, y, epochs=1, progress=False)
+    ft = pykd.FineTune(X[:69], y[:69], epochs=2, lr=3e-3, batch_size=32)   # last batch: 5
+    out = CONVERSIONS[name](m, ft)
+    assert out.layers[0]._n_planes > 0
+    path = tmp_path / "ft.pykd"
+    out.save(path)
+    back = pykd.load_model(path)
+    for a in ("_pval", "_pidx", "_pcount"):
+        assert getattr(out.layers[0], a).tobytes() == getattr(back.layers[0], a).tobytes(), a
+    one = np.concatenate([out.forward(X[i:i + 1]) for i in range(5)])
+    np.testing.assert_array_equal(one, np.concatenate([back.forward(X[i:i + 1]) for i in range(5)]))

@@ -1,5 +1,7 @@
-"""sparse_csr's planes (docs/model.md, "sparse_csr's planes"): the derived
-layout the one-sample kernel runs on (fortran/kernels/pykd_sparse_simd.c).
+"""The planes of sparse_csr and sparse_codebook (docs/model.md, "sparse_csr's
+planes"): the derived layout the one-sample kernel runs on
+(fortran/kernels/pykd_sparse_simd.c); sparse_codebook's hold the decoded
+values centroids[codes], and give the bits of its codes' kernels.
 
 - The NumPy builder (pykd._reference.sparse_planes) against a naive one
   written from the docs, at odd shapes: n_out off 16, more than one group
@@ -25,7 +27,7 @@ import pytest
 
 import pykd
 from pykd import _reference as ref
-from pykd.layers import SparseCSR
+from pykd.layers import SparseCodebook, SparseCSR
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kinds_helpers import run_on_path  # noqa: E402
@@ -50,6 +52,17 @@ def make_W(n_in, n_out, density, seed):
 def layer_of(W, act="identity"):
     b = (np.arange(W.shape[1]) % 7 - 3).astype(F32) * F32(0.125)
     return SparseCSR.from_dense(W, b, act)
+
+
+def book_of(W, act="identity", n_codes=32):
+    """A sparse_codebook layer with W's pattern and random codes; returns
+    (layer, its effective W)."""
+    csr = layer_of(W, act)
+    rng = np.random.default_rng([W.shape[0], W.shape[1], n_codes])
+    centroids = (rng.standard_normal(n_codes) + np.where(np.arange(n_codes) % 2, 3, -3)).astype(F32)
+    codes = rng.integers(0, n_codes, csr.nnz).astype(np.uint8)
+    layer = SparseCodebook(csr.indptr, csr.indices, codes, centroids, csr.b, act)
+    return layer, layer.to_dense()
 
 
 def naive_planes(W):
@@ -108,6 +121,24 @@ def test_planes_match_a_naive_builder(shape):
         assert counts.max() == 32
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_codebook_planes_hold_the_decoded_values(shape):
+    W = make_W(*shape, seed=0)
+    layer, Wd = book_of(W)
+    assert np.array_equal(Wd != 0, W != 0)              # no centroid is 0
+    counts, idx, val = naive_planes(Wd)
+    assert layer._n_planes == idx.shape[0] > 0
+    assert layer.kind_params() == (layer.nnz, layer.n_codes, layer.bits, idx.shape[0])
+    np.testing.assert_array_equal(layer._pcount.view(np.uint8), counts)
+    np.testing.assert_array_equal(layer._pidx, idx)
+    assert layer._pval.tobytes() == val.tobytes()
+    # the planes are derived: not in nbytes, not in the record
+    assert layer.nbytes == (layer.indptr.nbytes + layer.indices.nbytes + layer.codes.nbytes
+                            + layer.centroids.nbytes + layer.b.nbytes)
+    assert set(layer.to_record()) == {"kind", "activation", "indptr", "indices", "codes",
+                                      "centroids", "b"}
+
+
 def test_which_layers_keep_planes():
     """None below PLANE_MIN_NNZ entries or under 2 entries per plane (one
     full column: one entry per plane); p2 = 0 then, and one sample takes the
@@ -126,17 +157,39 @@ def test_which_layers_keep_planes():
 
 
 def outputs():
-    """{name: array} of every shape: one sample at a time, and the same
-    samples as one batch of 3 (the panel kernel)."""
+    """{name: array} of every shape, sparse_csr and sparse_codebook: one
+    sample at a time, and the same samples as one batch of 3 (also on the
+    planes); sparse_codebook also as a batch of 9 (> PLANE_MAX_BATCH: its
+    panel kernel, which reads centroids[codes]) and without planes (a copy
+    of the layer with p4 = 0: its scatter kernel, the one batch 1 ran
+    before the planes)."""
     out = {}
     for k, shape in enumerate(SHAPES):
         W = make_W(*shape, seed=0)
-        m = pykd.Model([layer_of(W)])
         X = inputs(shape[0], k)
         X = np.concatenate([X, X[:1]])
-        out[f"{k}|one"] = np.concatenate([m.forward(X[i:i + 1]) for i in range(3)])
-        out[f"{k}|batch"] = m.forward(X)
+        book, _ = book_of(W)
+        for name, layer in (("csr", layer_of(W)), ("book", book)):
+            m = pykd.Model([layer])
+            out[f"{k}|{name}|one"] = np.concatenate([m.forward(X[i:i + 1]) for i in range(3)])
+            out[f"{k}|{name}|batch"] = m.forward(X)
+        m = pykd.Model([book])
+        out[f"{k}|book|b9"] = m.forward(np.concatenate([X] * 3))
+        m = pykd.Model([without_planes(book)])
+        assert m.table[0, 13] == 0
+        out[f"{k}|book|scatter"] = np.concatenate([m.forward(X[i:i + 1]) for i in range(3)])
     return out
+
+
+def without_planes(layer):
+    """A copy of a sparse_codebook layer that keeps no planes (p4 = 0), as
+    before the planes: one sample runs its scatter over the codes."""
+    c = layer.copy()
+    c._n_planes = 0
+    c._pcount = np.zeros(0, np.int8)
+    c._pidx = np.zeros((0, 16), np.int8)
+    c._pval = np.zeros((0, 16), F32)
+    return c
 
 
 def _child(outdir):
@@ -162,9 +215,19 @@ def test_every_path_gives_the_sequential_bits(runs):
         layer = layer_of(W)
         X = inputs(shape[0], k)
         want = np.stack([sequential(W, layer.b, x) for x in np.concatenate([X, X[:1]])])
+        book, Wd = book_of(W)
+        want_book = np.stack([sequential(Wd, book.b, x) for x in np.concatenate([X, X[:1]])])
         for p, r in runs.items():
-            assert r[f"{k}|one"].tobytes() == want.tobytes(), (p, shape)
-            assert r[f"{k}|batch"].tobytes() == want.tobytes(), (p, shape, "panel")
+            assert r[f"{k}|csr|one"].tobytes() == want.tobytes(), (p, shape)
+            assert r[f"{k}|csr|batch"].tobytes() == want.tobytes(), (p, shape, "batch of 3")
+            # sparse_codebook: the planes, its scatter without planes and its
+            # panel kernel (batch 9; the density is below the dense decode's)
+            assert r[f"{k}|book|one"].tobytes() == want_book.tobytes(), (p, shape, "book")
+            assert r[f"{k}|book|batch"].tobytes() == want_book.tobytes(), (p, shape, "book 3")
+            assert r[f"{k}|book|scatter"].tobytes() == want_book.tobytes(), (p, shape, "book scatter")
+            if shape[2] < 0.45:
+                assert r[f"{k}|book|b9"].tobytes() == np.concatenate([want_book] * 3).tobytes(), \
+                    (p, shape, "book panel")
         # and the float64 twin
         np.testing.assert_allclose(want, ref.sparse_csr(X[[0, 1, 0]].astype(np.float64), layer.indptr,
                                                         layer.indices, layer.values, layer.b,
@@ -210,6 +273,54 @@ def test_damaged_planes_never_read_out_of_bounds():
         m.forward(x)
     layer._pcount[0] -= 1
     np.testing.assert_array_equal(m.forward(x), good)
+
+
+def test_codebook_repack_after_changing_centroids_in_place():
+    """The planes hold centroids[codes]: changing a centroid (or a code) in
+    place leaves them stale until repack; a code >= n_codes is refused; a
+    damaged plane count is an error, as for sparse_csr."""
+    W = make_W(200, 200, 0.1, 0)
+    book, _ = book_of(W, "relu")
+    m = pykd.Model([book])
+    layer = m.layers[0]
+    x = inputs(200, 0)[1]
+    before = m.forward(x[None])
+    layer.centroids *= 2
+    assert m.forward(x[None]).tobytes() == before.tobytes()       # stale
+    layer.repack()
+    W2 = layer.to_dense()
+    want = np.maximum(sequential(W2, layer.b, x), 0)
+    assert m.forward(x[None])[0].tobytes() == want.tobytes()
+    layer.codes[:5] = (layer.codes[:5] + 1) % layer.n_codes
+    layer.repack()
+    want = np.maximum(sequential(layer.to_dense(), layer.b, x), 0)
+    assert m.forward(x[None])[0].tobytes() == want.tobytes()
+    saved = layer.codes[0]
+    layer.codes[0] = layer.n_codes
+    with pytest.raises(ValueError, match="n_codes"):
+        layer.repack()
+    layer.codes[0] = saved
+    layer._pcount[0] += 1
+    with pytest.raises(ValueError, match="layer 1"):
+        m.forward(x[None])
+    layer._pcount[0] -= 1
+    assert m.forward(x[None])[0].tobytes() == want.tobytes()
+
+
+def test_codebook_planes_are_never_saved_and_rebuilt_on_load(tmp_path):
+    book, _ = book_of(make_W(784, 200, 0.1, 0), "relu")
+    m = pykd.Model([book])
+    m.save(tmp_path / "a.pykd")
+    m.layers[0]._pval[:] = 7
+    m.save(tmp_path / "b.pykd")
+    assert (tmp_path / "a.pykd").read_bytes() == (tmp_path / "b.pykd").read_bytes()
+    back = pykd.load_model(tmp_path / "a.pykd")
+    lb = back.layers[0]
+    assert back.table[0, 13] == book._n_planes > 0
+    for a in ("_pval", "_pidx", "_pcount"):
+        assert getattr(lb, a).tobytes() == getattr(book, a).tobytes()
+    x = inputs(784, 0)
+    np.testing.assert_array_equal(back.forward(x[:1]), pykd.Model([book]).forward(x[:1]))
 
 
 def test_repack_after_changing_values_in_place():

@@ -44,13 +44,15 @@ module pykd_sparse_kernel
   use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
   use pykd_activation, only: bias_activation
   use pykd_layer_util, only: nonfinite_count, gemm_nn
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_ALLOC
+  use pykd_bytes, only: str
   !$ use omp_lib, only: omp_get_max_threads, omp_get_thread_num, omp_in_parallel
   implicit none
   private
   public :: SPARSE_SCATTER, SPARSE_PANEL, SPARSE_DENSE, sparse_kernel_for, sparse_kernel_name, &
             sparse_workspace_words, sparse_pattern_ok, sparse_forward, sparse_path_name, &
             PLANE_LANES, PLANE_CHUNK, PLANE_GROUP, PLANE_MIN_NNZ, plane_cells, plane_count, planes_kept, &
-            planes_build, planes_forward, planes_for, PLANE_MAX_BATCH
+            planes_build, planes_check, planes_forward, planes_for, PLANE_MAX_BATCH
 
   integer, parameter :: SPARSE_SCATTER = 1, SPARSE_PANEL = 2, SPARSE_DENSE = 3
 
@@ -604,23 +606,32 @@ contains
 
   !> The planes of a valid pattern with n_planes = plane_count: counts
   !! (n_cells), idx (16, n_planes) input offsets in the chunk, val (16,
-  !! n_planes). stat /= 0 when the scratch cannot be allocated.
-  subroutine planes_build(n_in, n_out, nnz, indptr, indices, values, n_planes, counts, idx, val, stat)
+  !! n_planes). The entry values: values(k) (sparse_csr), or
+  !! centroids(codes(k) + 1) when codes and centroids are given
+  !! (sparse_codebook, codes checked < the number of centroids: the values
+  !! its scatter and panel kernels read). stat /= 0 when the counts are
+  !! not n_planes or the scratch cannot be allocated.
+  subroutine planes_build(n_in, n_out, nnz, indptr, indices, n_planes, counts, idx, val, stat, &
+                          values, codes, centroids)
     integer, intent(in) :: n_in, n_out
     integer(int64), intent(in) :: nnz, n_planes
     integer(int32), intent(in) :: indptr(n_in + 1), indices(max(nnz, 1_int64))
-    real(real32), intent(in) :: values(max(nnz, 1_int64))
     integer(int8), intent(out) :: counts(:), idx(PLANE_LANES, n_planes)
     real(real32), intent(out) :: val(PLANE_LANES, n_planes)
     integer, intent(out) :: stat
+    real(real32), intent(in), optional :: values(max(nnz, 1_int64)), centroids(*)
+    integer(int8), intent(in), optional :: codes(max(nnz, 1_int64))
     integer(int64), allocatable :: first(:)
     integer(int32), allocatable :: rank(:)
     integer(int64) :: nc, nb, c, k, j, b, t, cells
     integer :: i
+    logical :: book
 
     nc = (n_in + PLANE_CHUNK - 1) / PLANE_CHUNK; nb = (n_out + PLANE_LANES - 1) / PLANE_LANES
     cells = nc * nb
     stat = 1
+    book = present(codes) .and. present(centroids)
+    if (.not. (book .or. present(values))) return
     if (plane_count(n_in, n_out, nnz, indptr, indices, counts) /= n_planes) return
     allocate (first(cells), rank(n_out), stat=stat)
     if (stat /= 0) return
@@ -638,7 +649,11 @@ contains
           t = first(cell_of(nc, nb, c, b) + 1) + rank(j + 1)
           rank(j + 1) = rank(j + 1) + 1
           idx(mod(j, int(PLANE_LANES, int64)) + 1, t) = int(i - 1 - c * PLANE_CHUNK, int8)
-          val(mod(j, int(PLANE_LANES, int64)) + 1, t) = values(k)
+          if (book) then
+            val(mod(j, int(PLANE_LANES, int64)) + 1, t) = centroids(iand(int(codes(k)), 255) + 1)
+          else
+            val(mod(j, int(PLANE_LANES, int64)) + 1, t) = values(k)
+          end if
         end do
       end do
       do i = int(c) * PLANE_CHUNK + 1, min(n_in, int(c + 1) * PLANE_CHUNK)
@@ -648,6 +663,58 @@ contains
       end do
     end do
   end subroutine planes_build
+
+  !> Whether a layer's planes (counts(n_cells), idx(16 n_planes), val(16
+  !! n_planes); n_planes > 0) are exactly those of its checked pattern and
+  !! entry values (planes_build's values, or codes and centroids): n_planes
+  !! is the count the pattern keeps and a rebuild gives the same bytes (a
+  !! stale copy would give wrong results silently). stat: PYKD_OK,
+  !! PYKD_ERR_ARG or PYKD_ERR_ALLOC, with msg.
+  subroutine planes_check(n_in, n_out, nnz, indptr, indices, n_planes, counts, idx, val, stat, msg, &
+                          values, codes, centroids)
+    integer, intent(in) :: n_in, n_out
+    integer(int64), intent(in) :: nnz, n_planes
+    integer(int32), intent(in) :: indptr(n_in + 1), indices(max(nnz, 1_int64))
+    integer(int8), intent(in) :: counts(:), idx(PLANE_LANES * n_planes)
+    real(real32), intent(in) :: val(PLANE_LANES * n_planes)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    real(real32), intent(in), optional :: values(max(nnz, 1_int64)), centroids(*)
+    integer(int8), intent(in), optional :: codes(max(nnz, 1_int64))
+    integer(int8), allocatable :: w8(:)
+    real(real32), allocatable :: wf(:)
+    integer(int64) :: cells, want
+    integer :: ierr
+
+    cells = plane_cells(int(n_in, int64), int(n_out, int64))
+    stat = PYKD_ERR_ALLOC
+    allocate (w8(cells + PLANE_LANES * n_planes), wf(PLANE_LANES * n_planes), stat=ierr)
+    if (ierr /= 0) then
+      msg = 'cannot allocate '//str(cells + 80 * n_planes)//' bytes to check the planes'
+      return
+    end if
+    want = plane_count(n_in, n_out, nnz, indptr, indices)
+    if (want < 0) then
+      msg = 'cannot allocate the scratch to count the planes'
+      return
+    end if
+    stat = PYKD_ERR_ARG
+    if (want /= n_planes .or. .not. planes_kept(int(n_in, int64), int(n_out, int64), nnz, want)) then
+      msg = 'planes = '//str(n_planes)//': the pattern has '//str(want)// &
+            merge(' (kept)    ', ' (not kept)', planes_kept(int(n_in, int64), int(n_out, int64), nnz, want))
+      return
+    end if
+    call planes_build(n_in, n_out, nnz, indptr, indices, n_planes, w8(1:cells), w8(cells + 1), wf, ierr, &
+                      values, codes, centroids)
+    if (ierr /= 0) then
+      stat = PYKD_ERR_ALLOC
+      msg = 'cannot allocate the scratch to build the planes'
+    else if (any(counts(1:cells) /= w8(1:cells)) .or. any(idx /= w8(cells + 1:)) .or. any(val /= wf)) then
+      msg = 'the planes are not those of the CSR arrays (repack after changing them)'
+    else
+      stat = PYKD_OK
+    end if
+  end subroutine planes_check
 
   !> n samples on the planes, one at a time: y = act(W^T x + b); all NaN
   !! for a sample with a NaN or inf. ok is false (y untouched) when the

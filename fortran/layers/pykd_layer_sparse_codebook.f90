@@ -1,9 +1,14 @@
 !> Kind 6, `sparse_codebook` (Deep Compression's storage): the CSR pattern
 !! of the non-zero weights, each weight a centroid index.
 !!
-!! Slices (docs/model.md): f32 = [centroids (n_codes), b (n_out)], i8 =
-!! codes (nnz, one unsigned code per byte), i32 = [indptr (n_in + 1),
-!! indices (nnz)]; p1 = nnz, p2 = n_codes, p3 = bits.
+!! Slices (docs/model.md): f32 = [centroids (n_codes), plane values (16
+!! p4), b (n_out)] (b last, as every float kind), i8 = [codes (nnz, one
+!! unsigned code per byte), plane counts (cells), plane indices (16 p4)]
+!! (the planes empty when p4 = 0), i32 = [indptr (n_in + 1), indices
+!! (nnz)]; p1 = nnz, p2 = n_codes, p3 = bits, p4 = planes. The planes are
+!! sparse_csr's (pykd_sparse_kernel) with the decoded values
+!! centroids(codes + 1): built at load (when planes_kept), never saved,
+!! checked against a rebuild by check; one sample runs on them.
 !! Payload v2: nnz, n_codes, bits, rice_k, pos_bytes (u32 each), centroids
 !! f32[n_codes], positions u8[pos_bytes] (Rice-coded gaps of the flat
 !! positions i n_out + j), codes u8[ceil(nnz bits / 8)], b f32[n_out].
@@ -12,13 +17,15 @@
 module pykd_layer_sparse_codebook
   use iso_fortran_env, only: int8, int32, int64, real32
   use pykd_codes, only: N_FIELDS, COL_ACT, COL_N_IN, COL_N_OUT, COL_F32_OFF, COL_F32_LEN, &
-                        COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, COL_P2, COL_P3
-  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
+                        COL_I8_OFF, COL_I8_LEN, COL_I32_OFF, COL_I32_LEN, COL_P1, COL_P2, COL_P3, COL_P4
+  use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT, PYKD_ERR_ALLOC
   use pykd_layer, only: pykd_layer_t
   use pykd_bytes, only: get_f32, put_u32, put_f32, str
   use pykd_layer_util, only: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count, &
                              packed_bytes, get_bits, put_bits, get_uint, csr_ok, nan_fill
-  use pykd_sparse_kernel, only: sparse_forward, sparse_pattern_ok, sparse_workspace_words
+  use pykd_sparse_kernel, only: sparse_forward, sparse_pattern_ok, sparse_workspace_words, &
+                                plane_cells, plane_count, planes_kept, planes_build, planes_check, &
+                                planes_forward, planes_for, PLANE_LANES, PLANE_MIN_NNZ
   use pykd_layer_codebook, only: codes_ok
   implicit none
   private
@@ -57,9 +64,12 @@ contains
     sc_workspace = sparse_workspace_words(int(row(COL_N_IN)), int(row(COL_N_OUT)), n)
   end function sc_workspace
 
-  !> The codes (< n_codes) and the pattern are checked (O(nnz), vectorized),
-  !! then the CSR product reads centroids(codes + 1); its kernel depends on
-  !! n (pykd_sparse_kernel).
+  !> With planes (p4 > 0), one sample (and up to PLANE_MAX_BATCH:
+  !! planes_for) runs on them alone, as sparse_csr's: no codes, no CSR
+  !! read, the planes' counts checked to add up to p4. Otherwise the codes
+  !! (< n_codes) and the pattern are checked (O(nnz), vectorized), then
+  !! the CSR product reads centroids(codes + 1); its kernel depends on n
+  !! (pykd_sparse_kernel). Planes, scatter and panel give the same bits.
   subroutine sc_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
     real(real32), intent(in) :: f32(*)
@@ -70,13 +80,26 @@ contains
     real(real32), intent(out) :: y(row(COL_N_OUT), n)
     real(real32), intent(inout), target :: work(*)
     integer, intent(out) :: stat
-    integer(int64) :: nnz, o, oi, nc
+    integer(int64) :: nnz, o, oi, oq, nc, np, ob, cells
     integer :: n_in, n_out
+    logical :: ok
 
     n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); nnz = row(COL_P1); nc = row(COL_P2)
-    o = row(COL_F32_OFF); oi = row(COL_I32_OFF)
+    np = row(COL_P4)
+    o = row(COL_F32_OFF); oi = row(COL_I32_OFF); oq = row(COL_I8_OFF)
+    ob = o + nc + PLANE_LANES * np        ! b
+    if (np > 0 .and. planes_for(n)) then
+      cells = plane_cells(row(COL_N_IN), row(COL_N_OUT))
+      call planes_forward(n_in, n_out, n, np, i8(oq + nnz + 1), i8(oq + nnz + cells + 1), f32(o + nc + 1), &
+                          int(row(COL_ACT)), f32(ob + 1), x, y, ok)
+      stat = PYKD_OK
+      if (ok) return
+      call nan_fill(row(COL_N_OUT) * n, y)
+      stat = PYKD_ERR_ARG
+      return
+    end if
     stat = PYKD_ERR_ARG
-    if (codes_below(nnz, i8(row(COL_I8_OFF) + 1), nc)) then
+    if (codes_below(nnz, i8(oq + 1), nc)) then
       if (sparse_pattern_ok(n_in, n_out, nnz, i32(oi + 1), i32(oi + n_in + 2))) stat = PYKD_OK
     end if
     if (stat /= PYKD_OK) then
@@ -84,8 +107,8 @@ contains
       return
     end if
     call sparse_forward(n_in, n_out, n, nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), &
-                        i8(row(COL_I8_OFF) + 1), f32(o + 1), .true., int(row(COL_ACT)), &
-                        f32(o + nc + 1), x, y, work)
+                        i8(oq + 1), f32(o + 1), .true., int(row(COL_ACT)), &
+                        f32(ob + 1), x, y, work)
   end subroutine sc_forward
 
   !> Every code (an unsigned byte) is < nc. The largest code as a signed
@@ -136,15 +159,133 @@ contains
       if (ok) ok = take(need, packed_bytes(f(1), int(f(3))), 1, pos, limit, 'codes', msg)
       if (ok) ok = take(need, row(COL_N_OUT), 4, pos, limit, 'b', msg)
       if (.not. ok) return
-      row(COL_F32_LEN) = f(2) + row(COL_N_OUT)
-      row(COL_I8_LEN) = f(1)
-      row(COL_I32_LEN) = row(COL_N_IN) + 1 + f(1)
       row(COL_P1:) = 0
       row(COL_P1:COL_P3) = f(1:3)
+      if (.not. scan_planes(buf, pos + 20 + 4 * f(2), f(5), int(f(4)), row, row(COL_P4), msg)) then
+        stat = PYKD_ERR_ALLOC
+        return
+      end if
+      call set_lengths(row)
       pos = pos + need
       stat = PYKD_OK
     end if
   end subroutine sc_scan
+
+  !> The planes the file's pattern (Rice-coded positions at buf(p + 1), not
+  !! yet checked) will have once loaded, or 0 if it keeps none (or the
+  !! stream is bad: the loader then reports it). False when the scratch
+  !! (bounded by the positions the stream can hold) cannot be allocated.
+  logical function scan_planes(buf, p, pos_bytes, rice_k, row, n_planes, msg) result(ok)
+    integer(int8), intent(in) :: buf(:)
+    integer(int64), intent(in) :: p, pos_bytes, row(N_FIELDS)
+    integer, intent(in) :: rice_k
+    integer(int64), intent(out) :: n_planes
+    character(len=*), intent(inout) :: msg
+    integer(int32), allocatable :: indptr(:), indices(:)
+    integer(int64) :: nnz, n_in, n_out
+    integer :: ierr
+    logical :: good
+    character(len=200) :: why
+
+    n_planes = 0
+    ok = .true.
+    nnz = row(COL_P1); n_in = row(COL_N_IN); n_out = row(COL_N_OUT)
+    if (nnz < PLANE_MIN_NNZ) return
+    allocate (indptr(n_in + 1), indices(nnz), stat=ierr)
+    ok = ierr == 0
+    if (ok) then
+      call rice_decode(buf, p, pos_bytes, rice_k, n_in, n_out, nnz, indptr, indices, good, why)
+      if (.not. good) return
+      n_planes = plane_count(int(n_in), int(n_out), nnz, indptr, indices)
+      ok = n_planes >= 0
+    end if
+    if (.not. ok) then
+      msg = 'cannot allocate '//str(4 * (n_in + 1 + nnz))//' bytes to count the planes'
+      return
+    end if
+    if (.not. planes_kept(n_in, n_out, nnz, n_planes)) n_planes = 0
+  end function scan_planes
+
+  !> The slice lengths for nnz = p1, n_codes = p2 and p4 planes.
+  pure subroutine set_lengths(row)
+    integer(int64), intent(inout) :: row(N_FIELDS)
+    integer(int64) :: f32_len, i8_len, i32_len
+    call lengths(row, f32_len, i8_len, i32_len)
+    row(COL_F32_LEN) = f32_len
+    row(COL_I8_LEN) = i8_len
+    row(COL_I32_LEN) = i32_len
+  end subroutine set_lengths
+
+  pure subroutine lengths(row, f32_len, i8_len, i32_len)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    integer(int64), intent(out) :: f32_len, i8_len, i32_len
+    integer(int64) :: np
+    np = row(COL_P4)
+    f32_len = row(COL_P2) + PLANE_LANES * np + row(COL_N_OUT)
+    i8_len = row(COL_P1)
+    if (np > 0) i8_len = i8_len + plane_cells(row(COL_N_IN), row(COL_N_OUT)) + PLANE_LANES * np
+    i32_len = row(COL_N_IN) + 1 + row(COL_P1)
+  end subroutine lengths
+
+  !> The planes' arguments of a row: offsets of b (ob), of the plane values
+  !! (ov) and counts (o8) and the number of cells.
+  pure subroutine plane_offsets(row, ob, ov, o8, cells)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    integer(int64), intent(out) :: ob, ov, o8, cells
+    ov = row(COL_F32_OFF) + row(COL_P2)
+    ob = ov + PLANE_LANES * row(COL_P4)
+    o8 = row(COL_I8_OFF) + row(COL_P1)
+    cells = plane_cells(row(COL_N_IN), row(COL_N_OUT))
+  end subroutine plane_offsets
+
+  !> Build the planes of a checked row (p4 > 0) into its slices.
+  subroutine build_planes(row, f32, i8, i32, code, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(inout) :: f32(*)
+    integer(int8), intent(inout) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer, intent(in) :: code
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: ob, ov, o8, cells, oi, np
+    integer :: n_in
+
+    stat = PYKD_OK
+    np = row(COL_P4)
+    if (np == 0) return
+    call plane_offsets(row, ob, ov, o8, cells)
+    oi = row(COL_I32_OFF); n_in = int(row(COL_N_IN))
+    call planes_build(n_in, int(row(COL_N_OUT)), row(COL_P1), i32(oi + 1), i32(oi + n_in + 2), np, &
+                      i8(o8 + 1:o8 + cells), i8(o8 + cells + 1), f32(ov + 1), stat, &
+                      codes=i8(row(COL_I8_OFF) + 1), centroids=f32(row(COL_F32_OFF) + 1))
+    if (stat /= 0) then
+      stat = code
+      msg = 'p4 = '//str(np)//' is not the number of planes of the pattern (or no memory to build them)'
+    end if
+  end subroutine build_planes
+
+  !> p4 is 0 or the planes the pattern keeps, and the slices hold exactly
+  !! the planes of the pattern and centroids(codes + 1).
+  subroutine planes_ok(row, f32, i8, i32, stat, msg)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    real(real32), intent(in) :: f32(*)
+    integer(int8), intent(in) :: i8(*)
+    integer(int32), intent(in) :: i32(*)
+    integer, intent(out) :: stat
+    character(len=*), intent(inout) :: msg
+    integer(int64) :: ob, ov, o8, cells, oi, np
+    integer :: n_in
+
+    stat = PYKD_OK
+    np = row(COL_P4)
+    if (np == 0) return
+    call plane_offsets(row, ob, ov, o8, cells)
+    oi = row(COL_I32_OFF); n_in = int(row(COL_N_IN))
+    call planes_check(n_in, int(row(COL_N_OUT)), row(COL_P1), i32(oi + 1), i32(oi + n_in + 2), np, &
+                      i8(o8 + 1:o8 + cells), i8(o8 + cells + 1), f32(ov + 1), stat, msg, &
+                      codes=i8(row(COL_I8_OFF) + 1), centroids=f32(row(COL_F32_OFF) + 1))
+    if (stat /= PYKD_OK) msg = 'p4: '//msg
+  end subroutine planes_ok
 
   subroutine sc_load(version, buf, pos, row, f32, i8, i32, stat, msg)
     integer, intent(in) :: version
@@ -172,9 +313,11 @@ contains
     call get_codes(buf, pos, nnz, int(row(COL_P3)), i8(row(COL_I8_OFF) + 1), ok, msg)
     if (.not. ok) return
     pos = pos + packed_bytes(nnz, int(row(COL_P3)))
-    call get_f32(buf, pos, f32(o + nc + 1), row(COL_N_OUT))
+    call get_f32(buf, pos, f32(o + nc + PLANE_LANES * row(COL_P4) + 1), row(COL_N_OUT))
     pos = pos + 4 * row(COL_N_OUT)
     call sc_values_ok(row, f32, i8, i32, PYKD_ERR_FORMAT, stat, msg)
+    ! The planes are derived from the pattern and codes: built here, never read from the file.
+    if (stat == PYKD_OK) call build_planes(row, f32, i8, i32, PYKD_ERR_FORMAT, stat, msg)
   end subroutine sc_load
 
   !> Decode nnz Rice-coded gaps from the nbytes at byte `start` into a CSR
@@ -338,7 +481,7 @@ contains
       call put_bits(buf, 8 * pos + (e - 1) * bits, c, bits)
     end do
     pos = pos + nb
-    call put_f32(buf, pos, f32(row(COL_F32_OFF) + row(COL_P2) + 1), row(COL_N_OUT))
+    call put_f32(buf, pos, f32(row(COL_F32_OFF) + row(COL_P2) + PLANE_LANES * row(COL_P4) + 1), row(COL_N_OUT))
   end subroutine sc_write
 
   !> The Rice codes of the gaps, into the nb zeroed bytes at byte pos.
@@ -381,6 +524,7 @@ contains
 
     call sc_check_row(row, stat, msg)
     if (stat == PYKD_OK) call sc_values_ok(row, f32, i8, i32, PYKD_ERR_ARG, stat, msg)
+    if (stat == PYKD_OK) call planes_ok(row, f32, i8, i32, stat, msg)
     if (stat /= PYKD_OK) return
     call rice_plan(row, i32, k, nbits)
     if ((nbits + 7) / 8 > MAX_POS_BYTES) then
@@ -393,7 +537,7 @@ contains
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(out) :: stat
     character(len=*), intent(inout) :: msg
-    integer(int64) :: nnz
+    integer(int64) :: nnz, f32_len, i8_len, i32_len
     logical :: ok
 
     stat = PYKD_ERR_ARG
@@ -405,8 +549,12 @@ contains
       msg = 'nnz = p1 = '//str(nnz)//' outside 0 .. min(2**31 - 1, n_in * n_out)'
       return
     end if
-    call row_expect(row, row(COL_P2) + row(COL_N_OUT), nnz, row(COL_N_IN) + 1 + nnz, &
-                    [nnz, row(COL_P2), row(COL_P3), 0_int64], ok, msg)
+    if (row(COL_P4) < 0 .or. 2 * row(COL_P4) > nnz .or. (row(COL_P4) > 0 .and. nnz < PLANE_MIN_NNZ)) then
+      msg = 'planes = p4 = '//str(row(COL_P4))//' outside 0 .. nnz / 2'
+      return
+    end if
+    call lengths(row, f32_len, i8_len, i32_len)
+    call row_expect(row, f32_len, i8_len, i32_len, [nnz, row(COL_P2), row(COL_P3), row(COL_P4)], ok, msg)
     if (ok) stat = PYKD_OK
   end subroutine sc_check_row
 
@@ -432,7 +580,7 @@ contains
       msg = 'codes: a code is >= n_codes = '//str(nc)
     else if (nonfinite_count(nc, f32(o + 1)) > 0) then
       msg = 'centroids contain NaN or infinite values'
-    else if (nonfinite_count(row(COL_N_OUT), f32(o + nc + 1)) > 0) then
+    else if (nonfinite_count(row(COL_N_OUT), f32(o + nc + PLANE_LANES * row(COL_P4) + 1)) > 0) then
       msg = 'b contains NaN or infinite values'
     else
       stat = PYKD_OK

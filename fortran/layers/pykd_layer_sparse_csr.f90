@@ -20,7 +20,7 @@ module pykd_layer_sparse_csr
   use pykd_layer_util, only: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count, &
                              csr_ok, nan_fill, put_uint, get_uint
   use pykd_sparse_kernel, only: sparse_forward, sparse_pattern_ok, sparse_workspace_words, &
-                                plane_cells, plane_count, planes_kept, planes_build, planes_forward, &
+                                plane_cells, plane_count, planes_kept, planes_build, planes_check, planes_forward, &
                                 planes_for, &
                                 PLANE_LANES, PLANE_MIN_NNZ
   implicit none
@@ -224,8 +224,8 @@ contains
     if (np == 0) return
     o = row(COL_F32_OFF); oi = row(COL_I32_OFF); o8 = row(COL_I8_OFF); nnz = row(COL_P1)
     n_in = int(row(COL_N_IN)); cells = plane_cells(row(COL_N_IN), row(COL_N_OUT))
-    call planes_build(n_in, int(row(COL_N_OUT)), nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), np, &
-                      i8(o8 + 1:o8 + cells), i8(o8 + cells + 1), f32(o + nnz + 1), stat)
+    call planes_build(n_in, int(row(COL_N_OUT)), nnz, i32(oi + 1), i32(oi + n_in + 2), np, &
+                      i8(o8 + 1:o8 + cells), i8(o8 + cells + 1), f32(o + nnz + 1), stat, values=f32(o + 1))
     if (stat /= 0) then
       stat = code
       msg = 'p2 = '//str(np)//' is not the number of planes of the pattern (or no memory to build them)'
@@ -323,44 +323,18 @@ contains
     integer(int32), intent(in) :: i32(*)
     integer, intent(out) :: stat
     character(len=*), intent(inout) :: msg
-    integer(int64) :: o, oi, o8, nnz, np, cells, n_out, want
-    integer(int8), allocatable :: w8(:)
-    real(real32), allocatable :: wf(:)
-    integer :: n_in, ierr
+    integer(int64) :: o, oi, o8, nnz, np, cells
+    integer :: n_in
 
     stat = PYKD_OK
     np = row(COL_P2)
     if (np == 0) return
     o = row(COL_F32_OFF); oi = row(COL_I32_OFF); o8 = row(COL_I8_OFF); nnz = row(COL_P1)
-    n_in = int(row(COL_N_IN)); n_out = row(COL_N_OUT); cells = plane_cells(row(COL_N_IN), n_out)
-    stat = PYKD_ERR_ALLOC
-    allocate (w8(cells + PLANE_LANES * np), wf(PLANE_LANES * np), stat=ierr)
-    if (ierr /= 0) then
-      msg = 'cannot allocate '//str(cells + 80 * np)//' bytes to check the planes'
-      return
-    end if
-    want = plane_count(n_in, int(n_out), nnz, i32(oi + 1), i32(oi + n_in + 2))
-    if (want < 0) then
-      msg = 'cannot allocate the scratch to count the planes'
-      return
-    end if
-    stat = PYKD_ERR_ARG
-    if (want /= np .or. .not. planes_kept(row(COL_N_IN), n_out, nnz, want)) then
-      msg = 'p2 = '//str(np)//' planes: the pattern has '//str(want)// &
-            merge(' (kept)    ', ' (not kept)', planes_kept(row(COL_N_IN), n_out, nnz, want))
-      return
-    end if
-    call planes_build(n_in, int(n_out), nnz, i32(oi + 1), i32(oi + n_in + 2), f32(o + 1), np, &
-                      w8(1:cells), w8(cells + 1), wf, ierr)
-    if (ierr /= 0) then
-      stat = PYKD_ERR_ALLOC
-      msg = 'cannot allocate the scratch to build the planes'
-    else if (any(i8(o8 + 1:o8 + cells + PLANE_LANES * np) /= w8) .or. &
-             any(f32(o + nnz + 1:o + nnz + PLANE_LANES * np) /= wf)) then
-      msg = 'the planes are not those of the CSR arrays (repack after changing them)'
-    else
-      stat = PYKD_OK
-    end if
+    n_in = int(row(COL_N_IN)); cells = plane_cells(row(COL_N_IN), row(COL_N_OUT))
+    call planes_check(n_in, int(row(COL_N_OUT)), nnz, i32(oi + 1), i32(oi + n_in + 2), np, &
+                      i8(o8 + 1:o8 + cells), i8(o8 + cells + 1), f32(o + nnz + 1), stat, msg, &
+                      values=f32(o + 1))
+    if (stat /= PYKD_OK) msg = 'p2: '//msg
   end subroutine planes_ok
 
   pure subroutine csr_check_row(row, stat, msg)

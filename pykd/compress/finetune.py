@@ -215,6 +215,10 @@ class _SparseT(_Trainer):
             self.codes = layer.codes.astype(np.intp)
             self.k = layer.n_codes
 
+    def sync(self, p):
+        super().sync(p)
+        self.layer._refresh_values()              # the planes: derived from the values
+
     def _values(self):
         return self.p["centroids"][self.codes] if self.book else self.p["values"]
 

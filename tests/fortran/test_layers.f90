@@ -38,6 +38,7 @@ program test_layers
   call test_corrupt_dense()
   call test_corrupt_csr()
   call test_csr_planes()
+  call test_sparse_codebook_planes()
   call test_corrupt_codebook()
   call test_corrupt_sparse_codebook()
   call test_network_checks()
@@ -478,7 +479,7 @@ contains
     call check_round_trip(make_codebook(7, 5, 3, 2, ACT_SILU))
     call check_round_trip(make_codebook(5, 3, 2, 1, ACT_SIGMOID))
     call check_round_trip(make_sparse_codebook(9, 11, 0.2, 5, 3, ACT_RELU))
-    call check_round_trip(make_sparse_codebook(30, 40, 0.5, 256, 8, ACT_TANH))
+    call check_round_trip(make_sparse_codebook(10, 40, 0.25, 256, 8, ACT_TANH))   ! < 128 entries: no planes
     call check_round_trip(make_sparse_codebook(30, 40, 0.005, 2, 1, ACT_TANH))
     call check_round_trip(make_sparse_codebook(3, 4, 0.0, 1, 1, ACT_TANH))
     c = int8_case(QUANT_STATIC)
@@ -610,6 +611,86 @@ contains
     call run(d, x, y2, st)
     call check(st == PYKD_ERR_ARG .and. all(ieee_is_nan(y2)), 'sparse_csr: a damaged plane count is an error')
   end subroutine test_csr_planes
+
+  !> sparse_codebook's planes (sparse_csr's, values centroids(codes + 1)):
+  !! the loader builds them (the file holds none, so the rewrite is
+  !! byte-identical), check accepts them, one sample and 3 samples on them
+  !! give the bits of the same layer without planes (scatter, panel) at
+  !! odd shapes; a stale plane value, a stale centroid (changed after the
+  !! planes were built) and a wrong p4 are refused by check, a damaged
+  !! count by forward.
+  subroutine test_sparse_codebook_planes()
+    integer, parameter :: shapes(2, 4) = reshape([45, 37, 784, 200, 70, 210, 200, 200], [2, 4])
+    real, parameter :: dens(4) = [0.3, 0.1, 0.2, 0.1]
+    integer, parameter :: ns(2) = [1, 3]
+    type(case_t) :: c, d
+    integer(int8), allocatable :: buf(:), buf2(:)
+    real(real32), allocatable :: x(:, :), y1(:, :), y2(:, :)
+    class(pykd_layer_t), allocatable :: layer
+    character(len=512) :: msg
+    integer :: k, st, st2, n_in, n_out, n, m
+    integer(int64) :: o, cells
+    real(real32) :: v
+
+    do k = 1, size(dens)
+      n_in = shapes(1, k); n_out = shapes(2, k)
+      cells = plane_cells(int(n_in, int64), int(n_out, int64))
+      c = make_sparse_codebook(n_in, n_out, dens(k), 32, 5, ACT_RELU)
+      call write_payload(c, buf)
+      call read_payload(c, buf, 2, d, st, msg)
+      call check(st == PYKD_OK .and. c%row(COL_P4) == 0 .and. d%row(COL_P4) > 0 .and. &
+                 d%row(COL_I8_LEN) == d%row(COL_P1) + cells + 16 * d%row(COL_P4) .and. &
+                 d%row(COL_F32_LEN) == d%row(COL_P2) + 16 * d%row(COL_P4) + n_out, &
+                 'sparse_codebook '//str(int(n_in, int64))//'x'//str(int(n_out, int64))//': the loader builds '// &
+                 str(d%row(COL_P4))//' planes '//trim(msg))
+      call write_payload(d, buf2)
+      call check(size(buf2) == size(buf) .and. all(buf2 == buf), 'sparse_codebook: the planes are not saved')
+      call new_layer(d%row(COL_KIND), layer, st)
+      call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+      call check(st == PYKD_OK, 'sparse_codebook: check accepts the loaded planes '//trim(msg))
+      do m = 1, size(ns)
+        n = ns(m)
+        x = reshape(max(rnd(int(n_in, int64) * n, 1.0), 0.0), [n_in, n])
+        x(1:min(n_in, 40), 1) = 0                 ! a chunk of zeros (skipped on avx512)
+        x(min(n_in, 41), 1) = -0.0
+        allocate (y1(n_out, n), y2(n_out, n))
+        call run(c, x, y1, st)
+        call run(d, x, y2, st2)
+        call check(st == PYKD_OK .and. st2 == PYKD_OK .and. &
+                   all(transfer(y1, 0_int32, n_out * n) == transfer(y2, 0_int32, n_out * n)), &
+                   'sparse_codebook: '//str(int(n, int64))//' sample(s) on the planes ('//trim(sparse_path_name())// &
+                   ') give the bits of the codes'' kernel')
+        deallocate (y1, y2)
+      end do
+    end do
+    ! A stale plane value, a stale centroid: check refuses them; a count off by one: forward does.
+    o = d%row(COL_P2) + 1              ! the first plane value
+    v = d%f32(o)
+    d%f32(o) = v + 1
+    call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+    call check(st == PYKD_ERR_ARG .and. index(msg, 'planes') > 0, 'sparse_codebook: a stale plane is refused: '//trim(msg))
+    d%f32(o) = v
+    d%f32(1) = d%f32(1) * 2
+    call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+    call check(st == PYKD_ERR_ARG .and. index(msg, 'planes') > 0, &
+               'sparse_codebook: planes of the old centroids are refused: '//trim(msg))
+    d%f32(1) = d%f32(1) / 2
+    call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+    call check(st == PYKD_OK, 'sparse_codebook: restored planes are accepted '//trim(msg))
+    o = d%row(COL_I8_OFF) + d%row(COL_P1) + 1    ! the first plane count
+    d%i8(o) = d%i8(o) + 1_int8
+    call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+    call check(st == PYKD_ERR_ARG, 'sparse_codebook: a damaged plane count is refused by check: '//trim(msg))
+    allocate (y2(d%row(COL_N_OUT), 1))
+    x = reshape(rnd(d%row(COL_N_IN), 1.0), [int(d%row(COL_N_IN)), 1])
+    call run(d, x, y2, st)
+    call check(st == PYKD_ERR_ARG .and. all(ieee_is_nan(y2)), 'sparse_codebook: a damaged plane count is an error')
+    d%i8(o) = d%i8(o) - 1_int8
+    ! p4 = 0 with the same slices: the lengths no longer match.
+    d%row(COL_P4) = 0
+    call layer%check(d%row, d%f32, d%i8, d%i32, st, msg)
+    call check(st == PYKD_ERR_ARG, 'sparse_codebook: p4 = 0 with planes in the slices is refused: '//trim(msg))
+  end subroutine test_sparse_codebook_planes
 
   !> c with inputs 1..32 all non-zero in output 5 (0-based 4), rows 33 and 40 empty.
   function csr_full_column(c) result(e)
