@@ -178,6 +178,22 @@ def outputs():
         m = pykd.Model([without_planes(book)])
         assert m.table[0, 13] == 0
         out[f"{k}|book|scatter"] = np.concatenate([m.forward(X[i:i + 1]) for i in range(3)])
+        # b and relu are applied by the planes' kernel as it stores, the
+        # other activations after it; NaN and inf inputs; a damaged count
+        for act in ("relu", "tanh", "sigmoid"):
+            m = pykd.Model([layer_of(W, act)])
+            out[f"{k}|csr|{act}"] = np.concatenate([m.forward(X[i:i + 1]) for i in range(3)])
+        m = pykd.Model([layer_of(W, "relu")])
+        for bad in (np.nan, np.inf, -np.inf):
+            xb = X[1:2].copy()
+            xb[0, shape[0] - 1] = bad                 # in the last (maybe partial) chunk
+            out[f"{k}|csr|bad{bad}"] = m.forward(xb)
+        m.layers[0]._pcount[-1] += 1
+        try:
+            m.forward(X[:1])
+            out[f"{k}|csr|count"] = np.array(0)
+        except ValueError:
+            out[f"{k}|csr|count"] = np.array(1)
     return out
 
 
@@ -228,6 +244,15 @@ def test_every_path_gives_the_sequential_bits(runs):
             if shape[2] < 0.45:
                 assert r[f"{k}|book|b9"].tobytes() == np.concatenate([want_book] * 3).tobytes(), \
                     (p, shape, "book panel")
+            for act in ("relu", "tanh", "sigmoid"):
+                twin = layer_of(W, act).forward_numpy(np.concatenate([X, X[:1]]))
+                np.testing.assert_allclose(r[f"{k}|csr|{act}"], twin, rtol=1e-4, atol=1e-4)
+                assert r[f"{k}|csr|{act}"].tobytes() == runs["portable"][f"{k}|csr|{act}"].tobytes(), \
+                    (p, shape, act)
+            assert r[f"{k}|csr|relu"].tobytes() == np.maximum(want, 0).tobytes(), (p, shape)
+            for bad in (np.nan, np.inf, -np.inf):
+                assert np.isnan(r[f"{k}|csr|bad{bad}"]).all(), (p, shape, bad)
+            assert int(r[f"{k}|csr|count"]) == 1, (p, shape, "damaged count")
         # and the float64 twin
         np.testing.assert_allclose(want, ref.sparse_csr(X[[0, 1, 0]].astype(np.float64), layer.indptr,
                                                         layer.indices, layer.values, layer.b,

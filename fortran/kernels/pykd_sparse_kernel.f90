@@ -42,7 +42,8 @@ module pykd_sparse_kernel
   use iso_fortran_env, only: int8, int32, int64, real32
   use iso_c_binding, only: c_int, c_int8_t, c_int32_t, c_int64_t, c_float, c_char
   use ieee_arithmetic, only: ieee_value, ieee_quiet_nan
-  use pykd_activation, only: bias_activation
+  use pykd_activation, only: bias_activation, apply_activation
+  use pykd_codes, only: ACT_RELU
   use pykd_layer_util, only: nonfinite_count, gemm_nn
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_ALLOC
   use pykd_bytes, only: str
@@ -123,20 +124,18 @@ module pykd_sparse_kernel
       integer(c_int8_t), intent(in) :: codes(*)
       real(c_float), intent(inout) :: y(*)
     end subroutine c_scatter
-    !> The planes' sum of counts (what pykd_sp_planes reads).
-    pure integer(c_int64_t) function c_planes_total(n_cells, counts) bind(c, name='pykd_sp_planes_total')
-      import :: c_int64_t, c_int8_t
-      integer(c_int64_t), value :: n_cells
-      integer(c_int8_t), intent(in) :: counts(*)
-    end function c_planes_total
-    !> y = W^T x for one sample on the planes (pykd_sparse_simd.c).
-    subroutine c_planes(n_in, n_out, counts, idx, val, x, y) bind(c, name='pykd_sp_planes')
-      import :: c_int, c_int8_t, c_float
-      integer(c_int), value :: n_in, n_out
+    !> y = W^T x + b (then max(y, 0) when relu /= 0) for one sample on
+    !! the planes (pykd_sparse_simd.c); 0, or 1 when x has a NaN or inf
+    !! (y all NaN), or 2 when the counts do not add up to n_planes (y untouched).
+    integer(c_int) function c_planes_run(n_in, n_out, n_cells, n_planes, counts, idx, val, x, b, relu, y) &
+        bind(c, name='pykd_sp_planes_run')
+      import :: c_int, c_int8_t, c_int64_t, c_float
+      integer(c_int), value :: n_in, n_out, relu
+      integer(c_int64_t), value :: n_cells, n_planes
       integer(c_int8_t), intent(in) :: counts(*), idx(*)
-      real(c_float), intent(in) :: val(*), x(*)
-      real(c_float), intent(out) :: y(*)
-    end subroutine c_planes
+      real(c_float), intent(in) :: val(*), x(*), b(*)
+      real(c_float), intent(inout) :: y(*)
+    end function c_planes_run
     !> The name of the path the C helpers run on.
     subroutine c_path_name(name, len) bind(c, name='pykd_sp_path_name')
       import :: c_char, c_int
@@ -718,26 +717,35 @@ contains
 
   !> n samples on the planes, one at a time: y = act(W^T x + b); all NaN
   !! for a sample with a NaN or inf. ok is false (y untouched) when the
-  !! counts do not add up to n_planes: the kernel would read past the planes.
+  !! counts do not add up to n_planes: the kernel would read past the
+  !! planes. The C kernel adds b and applies relu as it stores, and tests
+  !! x and the counts as it goes (no pass of its own over either): the
+  !! other activations are applied here, to the same sums + b.
   subroutine planes_forward(n_in, n_out, n, n_planes, counts, idx, val, act, b, x, y, ok)
     integer, intent(in) :: n_in, n_out, n, act
     integer(int64), intent(in) :: n_planes
     integer(int8), intent(in) :: counts(*), idx(*)
     real(real32), intent(in) :: val(*), b(n_out), x(n_in, n)
-    real(real32), intent(out) :: y(n_out, n)
+    real(real32), intent(inout) :: y(n_out, n)
     logical, intent(out) :: ok
-    integer :: j
+    integer(int64) :: cells
+    integer :: j, st
 
-    ok = c_planes_total(plane_cells(int(n_in, int64), int(n_out, int64)), counts) == n_planes
-    if (.not. ok) return
+    cells = plane_cells(int(n_in, int64), int(n_out, int64))
+    ok = .true.
     do j = 1, n
-      if (nonfinite_count(int(n_in, int64), x(:, j)) > 0) then
+      st = c_planes_run(n_in, n_out, cells, n_planes, counts, idx, val, x(1, j), b, &
+                        merge(1_c_int, 0_c_int, act == ACT_RELU), y(1, j))
+      if (st == 2) then
+        ok = .false.
+        return
+      else if (st == 1) then
         y(:, j) = ieee_value(0.0_real32, ieee_quiet_nan)
-      else
-        call c_planes(n_in, n_out, counts, idx, val, x(:, j), y(:, j))
+        call bias_activation(act, n_out, 1, b, y(:, j))      ! NaN, as every kernel's
+      else if (act /= ACT_RELU) then
+        call apply_activation(act, n_out, 1, y(:, j))
       end if
     end do
-    call bias_activation(act, n_out, n, b, y)
   end subroutine planes_forward
 
 end module pykd_sparse_kernel
