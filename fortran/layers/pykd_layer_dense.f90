@@ -8,11 +8,11 @@ module pykd_layer_dense
                         COL_I8_LEN, COL_I32_LEN, COL_P1
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
-  use pykd_activation, only: bias_activation, apply_activation
+  use pykd_activation, only: apply_activation
   use pykd_bytes, only: get_f32, put_f32
-  use pykd_layer_util, only: take, sizes_ok, row_expect, nonfinite_count, gemm_nn
+  use pykd_layer_util, only: take, sizes_ok, row_expect, nonfinite_count
   use pykd_codes, only: ACT_IDENTITY, ACT_RELU
-  use iso_c_binding, only: c_int, c_float, c_char
+  use iso_c_binding, only: c_int, c_float, c_char, c_long
   implicit none
   private
   public :: dense_layer_t, dense_rows, one_sample_product, dense_path_name
@@ -37,7 +37,26 @@ module pykd_layer_dense
       real(c_float), intent(in) :: w(*), x(*)
       real(c_float), intent(inout) :: y(*)
     end subroutine c_gemv_nobias
+    !> fortran/kernels/pykd_dense_gemm.c: y = act(w x + b) for n samples, one
+    !! fused multiply-add per term in input order on every path (bias and
+    !! identity/relu fused); work: a panel of W (GEMM_PANEL_OUTPUTS x n_in).
+    subroutine c_gemm(n_out, n_in, n, w, x, b, act, y, work, work_words) &
+        bind(c, name='pykd_f32_gemm')
+      import :: c_int, c_float, c_long
+      integer(c_int), value :: n_out, n_in, n, act
+      real(c_float), intent(in) :: w(*), x(*), b(*)
+      real(c_float), intent(inout) :: y(*), work(*)
+      integer(c_long), value :: work_words
+    end subroutine c_gemm
   end interface
+
+  !> From 2 samples the layer runs pykd_dense_gemm.c (sgemm before), on the
+  !! calling thread: every batch of 2 or more gives each sample the same
+  !! bits, whatever the batch size, the slice a thread takes or the thread
+  !! count (docs/performance.md, "Batch 256"). GEMM_PANEL_OUTPUTS is that
+  !! file's PANEL.
+  integer, parameter :: GEMM_MIN_BATCH = 2
+  integer(int64), parameter :: GEMM_PANEL_OUTPUTS = 96
 
   type, extends(pykd_layer_t) :: dense_layer_t
   contains
@@ -69,8 +88,8 @@ contains
   end function dense_name
 
   !> y = act(w x + b): one sample through pykd_f32_gemv on this thread (no
-  !! BLAS or OpenMP wake-up); more through one sgemm, then bias and
-  !! activation in one pass.
+  !! BLAS or OpenMP wake-up); more through pykd_f32_gemm on this thread
+  !! (bits independent of the batch size and the thread count).
   subroutine dense_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
     real(real32), intent(in) :: f32(*)
@@ -90,8 +109,11 @@ contains
       call dense_rows(row, f32, x, 0, n_out, y)
       return
     end if
-    call gemm_nn(n_out, n, n_in, f32(off + 1), x, n_in, 0.0_real32, y)
-    call bias_activation(int(row(COL_ACT)), n_out, n, f32(off + row(COL_N_IN) * n_out + 1), y)
+    call c_gemm(int(n_out, c_int), int(n_in, c_int), int(n, c_int), f32(off + 1), x, &
+                f32(off + row(COL_N_IN) * n_out + 1), int(row(COL_ACT), c_int), y, work, &
+                int(dense_workspace(row, n), c_long))
+    if (row(COL_ACT) /= ACT_IDENTITY .and. row(COL_ACT) /= ACT_RELU) &
+      call apply_activation(int(row(COL_ACT)), n_out, n, y)
   end subroutine dense_forward
 
   !> Outputs j0+1 .. j1 of one sample, y(j) = act(sum_i w(j, i) x(i) + b(j)),
@@ -133,10 +155,13 @@ contains
     if (act /= ACT_IDENTITY .and. act /= ACT_RELU) call apply_activation(act, n_out, 1, y)
   end subroutine one_sample_product
 
+  !> pykd_f32_gemm's panel of W (and 16 words to align it) from
+  !! GEMM_MIN_BATCH samples, else nothing.
   pure integer(int64) function dense_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
     dense_workspace = 0
+    if (n >= GEMM_MIN_BATCH) dense_workspace = GEMM_PANEL_OUTPUTS * max(row(COL_N_IN), 0_int64) + 16
   end function dense_workspace
 
   subroutine dense_scan(version, buf, pos, limit, row, stat, msg)

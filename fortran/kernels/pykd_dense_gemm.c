@@ -1,0 +1,272 @@
+/* The dense layer's batch product (docs/performance.md, "Batch 256").
+ *
+ * y(j, s) = act(sum_i w(j, i) * x(i, s) + b(j)) for n samples, w the model's
+ * Fortran w(n_out, n_in) float32, x(n_in, n), y(n_out, n). act is fused
+ * for identity and relu (pykd_codes); for any other code the caller applies
+ * it after the bias.
+ *
+ * Each output is summed in input order from 0 with one fused multiply-add
+ * per term, acc = fma(w, x, acc), then acc + b: on every path (avx512 zmm
+ * FMA, avx2 ymm FMA, portable fmaf, which is correctly rounded wherever it
+ * runs), whatever the sample or output range, tile or thread, so the bits
+ * depend neither on the path nor on the batch size or the thread count.
+ * They differ from the one-sample kernel's (a multiply and an add per term,
+ * pykd_dense_simd.c) and from sgemm's.
+ *
+ * Why FMA (benchmarks/gemm_f32_probe.c, AMD Zen 4): with a multiply and an
+ * add per term both FP pipe pairs are full and every broadcast of x costs a
+ * cycle; an FMA leaves a slot for it. The avx512 path packs PANEL outputs
+ * of W at a time into `work` (each input's PANEL weights contiguous, 64-byte
+ * aligned), then runs tiles of TS samples x up to TV zmm vectors over them;
+ * the panel (PANEL x n_in floats) stays in L2 while every tile of the batch
+ * streams it.
+ *
+ * PYKD_DENSE_PATH=portable|avx2|avx512 forces a path the CPU has (the same
+ * choice as the one-sample kernel). No OpenMP, no BLAS: a call runs on the
+ * calling thread (network_forward gives each thread its own samples).
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(PYKD_NO_SIMD)
+#include <immintrin.h>
+#define PYKD_X86 1
+#endif
+
+int pykd_f32_path(void);
+
+/* pykd_codes: ACT_RELU = 1 (tests/test_codes.py checks it). */
+enum { ACT_RELU = 1 };
+enum { P_PORTABLE = 0, P_AVX2 = 1, P_AVX512 = 2 };
+
+/* avx512: TV zmm vectors of outputs per tile (PANEL outputs per packed
+ * panel), TS samples; 24 accumulators. pykd_layer_dense.f90's
+ * GEMM_PANEL_OUTPUTS is PANEL. */
+#define TS 4
+#define TV 6
+#define PANEL (16 * TV)
+/* From this many samples the avx512 path packs W's panels (measured:
+ * docs/performance.md, "Batch 256"); below, its tiles read W in place. */
+#define PACK_MIN 8
+
+/* Words of work the avx512 path packs into: one panel, aligned. */
+long pykd_f32_gemm_words(int n_in) { return (long)PANEL * n_in + 16; }
+
+/* z < 0 ? 0 : z keeps NaN and -0.0, as the relu of pykd_activation. */
+static inline float finish(float acc, float b, int act)
+{
+    float z = acc + b;
+    return (act == ACT_RELU && z < 0.0f) ? 0.0f : z;
+}
+
+static void gemm_portable(int n_out, int n_in, int n, const float *w, const float *x,
+                          const float *b, int act, float *y)
+{
+    for (int s = 0; s < n; s++) {
+        const float *xs = x + (ptrdiff_t)s * n_in;
+        float *ys = y + (ptrdiff_t)s * n_out;
+        for (int j = 0; j < n_out; j++) ys[j] = 0.0f;
+        for (int i = 0; i < n_in; i++) {
+            const float *wi = w + (ptrdiff_t)i * n_out;
+            float xi = xs[i];
+            for (int j = 0; j < n_out; j++) ys[j] = fmaf(wi[j], xi, ys[j]);
+        }
+        for (int j = 0; j < n_out; j++) ys[j] = finish(ys[j], b[j], act);
+    }
+}
+
+#ifdef PYKD_X86
+/* ---- avx2: W in place, tiles of up to 4 samples x 2 ymm (16 outputs); the
+ * outputs past the last whole vector of 8 in the portable loop's form. */
+#define A2 __attribute__((target("avx2,fma")))
+
+A2 static inline __attribute__((always_inline)) void tile2(const int S, const int NV, int n_out,
+                                                              int n_in, const float *w,
+                                                              const float *x, int j,
+                                                              const float *b, int act, float *y)
+{
+    __m256 acc[4][2];
+    for (int s = 0; s < S; s++)
+        for (int v = 0; v < NV; v++) acc[s][v] = _mm256_setzero_ps();
+    const float *col = w + j;
+    for (int i = 0; i < n_in; i++, col += n_out) {
+        __m256 wv[2];
+        for (int v = 0; v < NV; v++) wv[v] = _mm256_loadu_ps(col + 8 * v);
+        for (int s = 0; s < S; s++) {
+            __m256 xb = _mm256_broadcast_ss(x + (ptrdiff_t)s * n_in + i);
+            for (int v = 0; v < NV; v++) acc[s][v] = _mm256_fmadd_ps(wv[v], xb, acc[s][v]);
+        }
+    }
+    const __m256 zero = _mm256_setzero_ps();
+    for (int v = 0; v < NV; v++) {
+        __m256 bv = _mm256_loadu_ps(b + j + 8 * v);
+        for (int s = 0; s < S; s++) {
+            __m256 z = _mm256_add_ps(acc[s][v], bv);
+            if (act == ACT_RELU) z = _mm256_blendv_ps(z, zero, _mm256_cmp_ps(z, zero, _CMP_LT_OQ));
+            _mm256_storeu_ps(y + (ptrdiff_t)s * n_out + j + 8 * v, z);
+        }
+    }
+}
+
+#define CASE2(S, NV) case S: tile2(S, NV, n_out, n_in, w, xs, j, b, act, ys); break;
+
+A2 static void gemm_avx2(int n_out, int n_in, int n, const float *w, const float *x,
+                         const float *b, int act, float *y)
+{
+    int whole = n_out / 8 * 8;
+    for (int s0 = 0; s0 < n; s0 += 4) {
+        int sn = n - s0 < 4 ? n - s0 : 4;
+        const float *xs = x + (ptrdiff_t)s0 * n_in;
+        float *ys = y + (ptrdiff_t)s0 * n_out;
+        for (int j = 0; j < whole; j += 16) {
+            if (whole - j >= 16) {
+                switch (sn) { CASE2(1, 2) CASE2(2, 2) CASE2(3, 2) CASE2(4, 2) default: break; }
+            } else {
+                switch (sn) { CASE2(1, 1) CASE2(2, 1) CASE2(3, 1) CASE2(4, 1) default: break; }
+            }
+        }
+        for (int s = 0; s < sn; s++)   /* the tail: the same fma chain per output */
+            for (int j = whole; j < n_out; j++) {
+                float acc = 0.0f;
+                for (int i = 0; i < n_in; i++)
+                    acc = fmaf(w[(ptrdiff_t)i * n_out + j], xs[(ptrdiff_t)s * n_in + i], acc);
+                ys[(ptrdiff_t)s * n_out + j] = finish(acc, b[j], act);
+            }
+    }
+}
+
+/* ---- avx512: packed panels of PANEL outputs, tiles of TS x NV zmm ---- */
+#define A5 __attribute__((target("avx512f,fma")))
+
+/* wp[i * 16 nv + l] = w(j + l, i), 0 past n_out. */
+A5 static void pack_panel(int n_out, int n_in, const float *w, int j, int nv, float *wp)
+{
+    int m = n_out - j;
+    __mmask16 last = (__mmask16)(m >= 16 * nv ? 0xFFFFu : 0xFFFFu >> (16 * nv - m));
+    for (int i = 0; i < n_in; i++) {
+        const float *col = w + (ptrdiff_t)i * n_out + j;
+        float *dst = wp + (ptrdiff_t)i * 16 * nv;
+        for (int v = 0; v < nv - 1; v++) _mm512_store_ps(dst + 16 * v, _mm512_loadu_ps(col + 16 * v));
+        _mm512_store_ps(dst + 16 * (nv - 1), _mm512_maskz_loadu_ps(last, col + 16 * (nv - 1)));
+    }
+}
+
+/* PACKED: wp is a packed panel (16 NV floats per input, aligned, 0-padded);
+ * else wp is w + j read in place (n_out floats per input, the last vector
+ * masked). */
+A5 static inline __attribute__((always_inline)) void tile5(const int S, const int NV,
+                                                              const int PACKED, int n_out,
+                                                              int n_in, const float *wp,
+                                                              const float *x, int j,
+                                                              __mmask16 last, const float *b,
+                                                              int act, float *y)
+{
+    __m512 acc[TS][TV];
+    for (int s = 0; s < S; s++)
+        for (int v = 0; v < NV; v++) acc[s][v] = _mm512_setzero_ps();
+    const float *col = wp;
+    const float *xs = x;
+    const ptrdiff_t stride = PACKED ? 16 * NV : n_out;
+    for (int i = 0; i < n_in; i++, col += stride, xs++) {
+        __m512 wv[TV];
+        for (int v = 0; v < NV; v++) {
+            if (PACKED)
+                wv[v] = _mm512_load_ps(col + 16 * v);
+            else
+                wv[v] = v < NV - 1 ? _mm512_loadu_ps(col + 16 * v)
+                                   : _mm512_maskz_loadu_ps(last, col + 16 * v);
+            /* in a register: GCC 12 would fold the load into every sample's
+             * FMA (S loads of each vector per input: load-bound on Zen 4) */
+            __asm__("" : "+v"(wv[v]));
+        }
+        for (int s = 0; s < S; s++) {
+            __m512 xb = _mm512_set1_ps(xs[(ptrdiff_t)s * n_in]);
+            for (int v = 0; v < NV; v++) acc[s][v] = _mm512_fmadd_ps(wv[v], xb, acc[s][v]);
+        }
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    for (int v = 0; v < NV; v++) {
+        __mmask16 m = v == NV - 1 ? last : (__mmask16)0xFFFF;
+        __m512 bv = _mm512_maskz_loadu_ps(m, b + j + 16 * v);
+        for (int s = 0; s < S; s++) {
+            __m512 z = _mm512_add_ps(acc[s][v], bv);
+            if (act == ACT_RELU) z = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ), z, zero);
+            _mm512_mask_storeu_ps(y + (ptrdiff_t)s * n_out + j + 16 * v, m, z);
+        }
+    }
+}
+
+#define CASE5(S, NV, P) case S: tile5(S, NV, P, n_out, n_in, P ? wp : w + j, xs, j, last, b, act, ys); break;
+#define SAMPLES5(NV, P)                                                                      \
+    switch (sn) { CASE5(1, NV, P) CASE5(2, NV, P) CASE5(3, NV, P) CASE5(4, NV, P) default: break; }
+
+A5 static void gemm_avx512(int n_out, int n_in, int n, const float *w, const float *x,
+                           const float *b, int act, float *y, float *work)
+{
+    float *wp = (float *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
+    for (int j = 0; j < n_out; j += PANEL) {
+        int m = n_out - j < PANEL ? n_out - j : PANEL;
+        int nv = (m + 15) / 16;
+        __mmask16 last = (__mmask16)(0xFFFFu >> (16 * nv - m));
+        int packed = n >= PACK_MIN;   /* a few samples do not pay for the packing */
+        if (packed) pack_panel(n_out, n_in, w, j, nv, wp);
+        for (int s0 = 0; s0 < n; s0 += TS) {
+            int sn = n - s0 < TS ? n - s0 : TS;
+            const float *xs = x + (ptrdiff_t)s0 * n_in;
+            float *ys = y + (ptrdiff_t)s0 * n_out;
+            if (packed) {
+                switch (nv) {
+                case 1: SAMPLES5(1, 1) break;
+                case 2: SAMPLES5(2, 1) break;
+                case 3: SAMPLES5(3, 1) break;
+                case 4: SAMPLES5(4, 1) break;
+                case 5: SAMPLES5(5, 1) break;
+                case 6: SAMPLES5(6, 1) break;
+                default: break;
+                }
+            } else {
+                switch (nv) {
+                case 1: SAMPLES5(1, 0) break;
+                case 2: SAMPLES5(2, 0) break;
+                case 3: SAMPLES5(3, 0) break;
+                case 4: SAMPLES5(4, 0) break;
+                case 5: SAMPLES5(5, 0) break;
+                case 6: SAMPLES5(6, 0) break;
+                default: break;
+                }
+            }
+        }
+    }
+}
+
+static int has_fma(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("fma");
+}
+#endif
+
+/* y = act(w x + b) for n samples; work: pykd_f32_gemm_words(n_in) floats
+ * (the avx512 path's panel; work_words smaller: W is read by the avx2 path's
+ * tiles instead, the same bits). act other than identity and relu: bias
+ * only. */
+void pykd_f32_gemm(int n_out, int n_in, int n, const float *w, const float *x, const float *b,
+                   int act, float *y, float *work, long work_words)
+{
+    if (n <= 0 || n_out <= 0) return;
+#ifdef PYKD_X86
+    int p = pykd_f32_path();
+    if (p == P_AVX512 && work && work_words >= pykd_f32_gemm_words(n_in)) {
+        gemm_avx512(n_out, n_in, n, w, x, b, act, y, work);
+        return;
+    }
+    if (p >= P_AVX2 && has_fma()) {
+        gemm_avx2(n_out, n_in, n, w, x, b, act, y);
+        return;
+    }
+#endif
+    (void)work;
+    (void)work_words;
+    gemm_portable(n_out, n_in, n, w, x, b, act, y);
+}

@@ -1,0 +1,131 @@
+"""The dense layer's batch product (fortran/kernels/pykd_dense_gemm.c): from
+16 samples on a thread, each output is summed in input order with one fused
+multiply-add per term, acc = fma(w, x, acc), then + b and the activation.
+Every CPU path (avx512, avx2, portable fmaf) gives the same bits, whatever
+the batch size, the slice of samples or the thread count; the reference
+here is libm's fmaf, which is correctly rounded."""
+import ctypes
+import ctypes.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from pykd.layers import Dense
+from pykd.models import Model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kinds_helpers import run_on_path  # noqa: E402
+
+F32 = np.float32
+PATHS = ("portable", "avx2", "avx512")
+# (n_in, n_out, batches): panels of 96 outputs and their tails, sample
+# tiles of 4 and their tails, one output, tiny and wide layers
+SHAPES = [(784, 200, (16, 17, 256, 300)), (200, 10, (16, 19, 64)), (13, 97, (16, 33)),
+          (300, 203, (18, 128)), (5, 1, (16, 21)), (1, 193, (16,)), (1200, 96, (23,))]
+
+
+def _cases():
+    """(name, model, X), deterministic, rebuilt in each process."""
+    rng = np.random.default_rng(21)
+    out = []
+    for k, (n_in, n_out, batches) in enumerate(SHAPES):
+        act = ("identity", "relu", "tanh")[k % 3]
+        W = (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(F32)
+        model = Model([Dense(W, rng.standard_normal(n_out).astype(F32), act)])
+        for n in batches:
+            X = rng.standard_normal((n, n_in)).astype(F32)
+            out.append((f"{n_in}x{n_out}-{act}-{n}", model, X))
+    # NaN and inf inputs, -0.0 and 0 through relu
+    W = (rng.standard_normal((40, 35)) / 7).astype(F32)
+    model = Model([Dense(W, np.zeros(35, F32), "relu")])
+    X = rng.standard_normal((20, 40)).astype(F32)
+    X[3, 5] = np.nan
+    X[7, 0] = np.inf
+    X[9] = 0.0
+    X[10] = -0.0
+    out.append(("nonfinite-relu", model, X))
+    return out
+
+
+def _child(outdir):
+    import pykd._fkernels as fk
+    arrays = {name: model.forward(X) for name, model, X in _cases()}
+    # a slice of a batch and the whole batch (both >= 16 samples)
+    name, model, X = _cases()[3]
+    arrays["slice"] = model.forward(X[100:140])
+    arrays["whole"] = model.forward(X)[100:140]
+    np.savez(os.path.join(outdir, "out.npz"), path=fk.dense_path().decode().strip(), **arrays)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gemm")
+    got = {}
+    for p in PATHS:
+        for threads in (1, 2):
+            r = run_on_path(__file__, "PYKD_DENSE_PATH", p, tmp, threads)
+            if str(r["path"]) == p:
+                got[p, threads] = r
+    return got
+
+
+def _fmaf():
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.fmaf.restype = ctypes.c_float
+    libm.fmaf.argtypes = [ctypes.c_float] * 3
+    return libm.fmaf
+
+
+def test_every_path_and_thread_count_gives_the_same_bits(runs):
+    assert ("portable", 1) in runs and len(runs) >= 4
+    ref = runs["portable", 1]
+    for key, r in runs.items():
+        for name, _, _ in _cases():
+            same = r[name].view(np.uint32) == ref[name].view(np.uint32)
+            assert same.all(), f"{key} {name}: {np.count_nonzero(~same)} values differ"
+    print("dense batch paths tested:", sorted(runs))
+
+
+def test_a_slice_of_a_batch_has_the_bits_of_the_batch(runs):
+    for key, r in runs.items():
+        assert np.array_equal(r["slice"].view(np.uint32), r["whole"].view(np.uint32)), key
+
+
+def test_each_output_is_an_fmaf_chain_in_input_order():
+    fmaf = _fmaf()
+    rng = np.random.default_rng(4)
+    n_in, n_out, n = 37, 21, 16
+    W = rng.standard_normal((n_in, n_out)).astype(F32)
+    b = rng.standard_normal(n_out).astype(F32)
+    X = rng.standard_normal((n, n_in)).astype(F32)
+    got = Model([Dense(W, b, "relu")]).forward(X)
+    ref = np.empty((n, n_out), F32)
+    for s in range(n):
+        for j in range(n_out):
+            acc = F32(0)
+            for i in range(n_in):
+                acc = F32(fmaf(float(W[i, j]), float(X[s, i]), float(acc)))
+            z = F32(acc + b[j])
+            ref[s, j] = F32(0) if z < 0 else z
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
+def test_close_to_float64_and_nonfinite_rows(runs):
+    r = runs["portable", 1]
+    for name, model, X in _cases():
+        layer = model.layers[0]
+        z = X.astype(np.float64) @ layer.W.astype(np.float64) + layer.b
+        want = {"identity": z, "relu": np.maximum(z, 0), "tanh": np.tanh(z)}[layer.activation]
+        got = r[name].astype(np.float64)
+        if name == "nonfinite-relu":
+            assert np.isnan(got[3]).all() and np.isfinite(got[[0, 1, 2, 4, 5, 6]]).all()
+            assert np.array_equal(got[9], np.maximum(layer.b, 0))
+            continue
+        scale = np.abs(X).astype(np.float64) @ np.abs(layer.W).astype(np.float64) + 1
+        assert (np.abs(got - want) <= 4e-7 * scale * np.sqrt(X.shape[1]) + 1e-6).all(), name
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
