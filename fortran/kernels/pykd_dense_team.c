@@ -59,8 +59,10 @@ enum { MAX_PARTS = 4, MAX_LAYERS = 16 };
  * the core every YIELD_EVERY pauses. */
 #define SPIN_NS 100000L
 #define YIELD_EVERY 64
-/* Late helpers in the last 8 calls that make the caller run alone for ALONE_NS. */
-#define LATE_LIMIT 3
+/* Late helpers in the last 8 calls that make the caller run alone for ALONE_NS:
+ * persistently late (another process holds that core), not the odd late
+ * call of a quiet machine (an interrupt, a wake-up after an alone period). */
+#define LATE_LIMIT 6
 #define ALONE_NS 20000000L
 
 /* One product of the chain: pykd_network's chain_entry_t (bind(c)). */
