@@ -41,8 +41,7 @@ enum { ACT_RELU = 1 };
 enum { P_PORTABLE = 0, P_AVX2 = 1, P_AVX512 = 2 };
 
 /* avx512: TV zmm vectors of outputs per tile (PANEL outputs per packed
- * panel), TS samples; 24 accumulators. pykd_layer_dense.f90's
- * GEMM_PANEL_OUTPUTS is PANEL. */
+ * panel), TS samples; 24 accumulators. */
 #define TS 4
 #define TV 6
 #define PANEL (16 * TV)

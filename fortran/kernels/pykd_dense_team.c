@@ -55,6 +55,8 @@ int pykd_cb_product(int path, int bits, int n_codes, int n_in, int n_out, const 
                     float *work);
 
 enum { MAX_PARTS = 4, MAX_LAYERS = 16 };
+/* pykd_codes: ACT_RELU = 1 (tests/test_codes.py checks it). */
+enum { ACT_RELU = 1 };
 /* Spin about 0.1 ms after a call (a loop of calls never sleeps), yielding
  * the core every YIELD_EVERY pauses. */
 #define SPIN_NS 100000L
@@ -67,9 +69,8 @@ enum { MAX_PARTS = 4, MAX_LAYERS = 16 };
 
 /* One product of the chain: pykd_network's chain_entry_t (bind(c)). */
 typedef struct {
-    int n_out, n_in, act;   /* act: identity or relu (pykd_f32_gemv's codes) */
+    int n_out, n_in, act;   /* act: identity or relu */
     int bits, n_codes;      /* a codebook layer: index bits (0: dense) and codes */
-    int relu;               /* a codebook layer: 1 for relu */
     int64_t nbytes;         /* a codebook layer: bytes of packed */
     const float *w;         /* dense: W (n_out, n_in); codebook: the centroids */
     const float *b;         /* null: no bias (a low-rank layer's t = U x) */
@@ -106,7 +107,7 @@ static struct {
     /* The holder of busy's: one bit per recent split call (1: a helper was
      * late), the end of an alone period, and counts for the tests. */
     unsigned late_bits;
-    struct timespec alone_until;
+    int64_t alone_until;             /* now_ns() at the end of an alone period, or 0 */
     long n_split, n_alone, n_late;
     _Atomic int hold;                /* tests: helpers claim nothing while set */
     layer_t layer[MAX_LAYERS];       /* the current call's, written before gen */
@@ -123,8 +124,8 @@ static int run_part(const layer_t *L, int p, int parts)
     if (j1 <= j0) return 0;
     if (L->bits)   /* one sample: no panel, no workspace */
         return pykd_cb_product(pykd_cb_path(), L->bits, L->n_codes, L->n_in, L->n_out, L->packed,
-                               L->nbytes, L->w, L->b, L->relu, L->x, L->n_in, 0, 1, j0, j1,
-                               L->y, 0, NULL) != 0;
+                               L->nbytes, L->w, L->b, L->act == ACT_RELU, L->x, L->n_in, 0, 1,
+                               j0, j1, L->y, 0, NULL) != 0;
     if (L->b)
         pykd_f32_gemv(L->n_out, L->n_in, L->w, L->x, j0, j1, L->b, L->act, L->y);
     else   /* a low-rank layer's t = U x (identity) */
@@ -156,23 +157,22 @@ static int layer_done(int k, int parts, uint64_t g)
     return 1;
 }
 
-static long elapsed_ns(const struct timespec *t0)
+static int64_t now_ns(void)
 {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
-    return (t.tv_sec - t0->tv_sec) * 1000000000L + (t.tv_nsec - t0->tv_nsec);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
 /* The next call after `seen`: spin SPIN_NS, then sleep until woken. */
 static uint64_t next_call(uint64_t seen)
 {
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int64_t t0 = now_ns();
     for (long i = 1;; i++) {
         uint64_t g = atomic_load(&T.gen);
         if (g != seen) return g;
         if (i % YIELD_EVERY == 0) {
-            if (elapsed_ns(&t0) > SPIN_NS) break;
+            if (now_ns() - t0 > SPIN_NS) break;
             sched_yield();   /* a core shared with the caller or another task goes to it */
         }
         CPU_RELAX();
@@ -216,22 +216,14 @@ static void after_fork_child(void)
     atomic_store(&T.sleepers, 0);
     T.helpers = 0;
     T.late_bits = 0;
-    T.alone_until = (struct timespec){0, 0};
-}
-
-static int before(const struct timespec *a, const struct timespec *b)
-{
-    return a->tv_sec < b->tv_sec || (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+    T.alone_until = 0;
 }
 
 /* Whether the holder of busy is in an alone period. */
 static int alone_now(void)
 {
-    if (T.alone_until.tv_sec == 0 && T.alone_until.tv_nsec == 0) return 0;
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    if (before(&t, &T.alone_until)) return 1;
-    T.alone_until = (struct timespec){0, 0};
+    if (T.alone_until && now_ns() < T.alone_until) return 1;
+    T.alone_until = 0;
     return 0;
 }
 
@@ -244,10 +236,7 @@ static void note_call(int late)
     T.late_bits = (T.late_bits << 1 | (unsigned)late) & 0xffu;
     if (__builtin_popcount(T.late_bits) < LATE_LIMIT) return;
     T.late_bits = 0;
-    clock_gettime(CLOCK_MONOTONIC, &T.alone_until);
-    T.alone_until.tv_nsec += ALONE_NS % 1000000000L;
-    T.alone_until.tv_sec += ALONE_NS / 1000000000L + T.alone_until.tv_nsec / 1000000000L;
-    T.alone_until.tv_nsec %= 1000000000L;
+    T.alone_until = now_ns() + ALONE_NS;
 }
 
 /* Helpers 1 .. parts-1 (the caller holds busy). 0 if one cannot start. */
@@ -332,7 +321,7 @@ void pykd_f32_team_probe(int hold, int reset, long *counts)
     if (reset) {
         T.n_split = T.n_alone = T.n_late = 0;
         T.late_bits = 0;
-        T.alone_until = (struct timespec){0, 0};
+        T.alone_until = 0;
     }
     pthread_mutex_unlock(&T.busy);
 }

@@ -48,15 +48,18 @@ module pykd_layer_dense
       real(c_float), intent(inout) :: y(*), work(*)
       integer(c_long), value :: work_words
     end subroutine c_gemm
+    !> The words of work pykd_f32_gemm packs into for n_in inputs.
+    pure integer(c_long) function c_gemm_words(n_in) bind(c, name='pykd_f32_gemm_words')
+      import :: c_int, c_long
+      integer(c_int), value :: n_in
+    end function c_gemm_words
   end interface
 
   !> From 2 samples the layer runs pykd_dense_gemm.c (sgemm before), on the
   !! calling thread: every batch of 2 or more gives each sample the same
   !! bits, whatever the batch size, the slice a thread takes or the thread
-  !! count (docs/performance.md, "Batch 256"). GEMM_PANEL_OUTPUTS is that
-  !! file's PANEL.
+  !! count (docs/performance.md, "Batch 256").
   integer, parameter :: GEMM_MIN_BATCH = 2
-  integer(int64), parameter :: GEMM_PANEL_OUTPUTS = 96
 
   type, extends(pykd_layer_t) :: dense_layer_t
   contains
@@ -155,13 +158,13 @@ contains
     if (act /= ACT_IDENTITY .and. act /= ACT_RELU) call apply_activation(act, n_out, 1, y)
   end subroutine one_sample_product
 
-  !> pykd_f32_gemm's panel of W (and 16 words to align it) from
-  !! GEMM_MIN_BATCH samples, else nothing.
+  !> pykd_f32_gemm's panel of W from GEMM_MIN_BATCH samples, else nothing.
   pure integer(int64) function dense_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
     dense_workspace = 0
-    if (n >= GEMM_MIN_BATCH) dense_workspace = GEMM_PANEL_OUTPUTS * max(row(COL_N_IN), 0_int64) + 16
+    if (n >= GEMM_MIN_BATCH) &
+      dense_workspace = int(c_gemm_words(int(max(row(COL_N_IN), 0_int64), c_int)), int64)
   end function dense_workspace
 
   subroutine dense_scan(version, buf, pos, limit, row, stat, msg)

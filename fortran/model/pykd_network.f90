@@ -43,7 +43,7 @@ module pykd_network
   !> One product of the one-sample chain (pykd_dense_team.c's layer_t).
   type, bind(c) :: chain_entry_t
     integer(c_int) :: n_out = 0, n_in = 0, act = 0   !! act: identity or relu
-    integer(c_int) :: bits = 0, n_codes = 0, relu = 0   !! a codebook layer (bits 0: dense)
+    integer(c_int) :: bits = 0, n_codes = 0           !! a codebook layer (bits 0: dense)
     integer(c_int64_t) :: nbytes = 0                  !! a codebook layer: packed bytes
     type(c_ptr) :: w = c_null_ptr      !! dense: W (n_out, n_in); codebook: centroids
     type(c_ptr) :: b = c_null_ptr      !! null: no bias (a low-rank layer's t = U x)
@@ -340,13 +340,11 @@ contains
 
     e = 0
     if (row(COL_N_OUT) < 32 .or. (row(COL_ACT) /= ACT_IDENTITY .and. row(COL_ACT) /= ACT_RELU)) return
-    if (row(COL_KIND) == KIND_DENSE) then
+    if (row(COL_KIND) == KIND_DENSE .or. row(COL_KIND) == KIND_CODEBOOK) then
       if (row(COL_N_IN) * row(COL_N_OUT) >= ONE_SPLIT_MIN) e = 1
     else if (row(COL_KIND) == KIND_LOW_RANK) then
       r = row(COL_P1)
       if (r >= 16 .and. r * (row(COL_N_IN) + row(COL_N_OUT)) >= ONE_SPLIT_MIN) e = 2
-    else if (row(COL_KIND) == KIND_CODEBOOK) then
-      if (row(COL_N_IN) * row(COL_N_OUT) >= ONE_SPLIT_MIN) e = 1
     end if
   end function split_products
 
@@ -399,7 +397,6 @@ contains
       else if (table(COL_KIND, k) == KIND_CODEBOOK) then
         r = table(COL_P1, k)                       ! the number of codes
         chain(ne)%bits = int(table(COL_P2, k), c_int); chain(ne)%n_codes = int(r, c_int)
-        chain(ne)%relu = merge(1_c_int, 0_c_int, table(COL_ACT, k) == ACT_RELU)
         chain(ne)%nbytes = table(COL_I8_LEN, k)
         chain(ne)%packed = c_loc(i8(table(COL_I8_OFF, k) + 1))
         chain(ne)%w = c_loc(f32(off + 1))          ! the centroids, then b

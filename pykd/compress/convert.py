@@ -197,26 +197,21 @@ def _calibrate(m, X, batch_size, percentile=None):
     # differently (seen on AMD Zen 4), and the scales, so every int8 output,
     # would then depend on the thread count.
     with threadpool_limits(limits=1, user_api="blas"):
-        _calibrate_rows(m, X, batch_size, percentile, amax, absval)
+        for s in range(0, X.shape[0], batch_size):
+            h = np.ascontiguousarray(X[s:s + batch_size], np.float32)
+            if m.norm is not None:
+                h = (h - m.norm[0]).astype(np.float32, copy=False) / m.norm[1]
+            for k, layer in enumerate(m.layers):
+                if percentile is None:
+                    amax[k] = max(amax[k], np.abs(h).max())
+                else:
+                    absval[k].append(np.abs(h).reshape(-1))
+                if k + 1 < m.n_layers:
+                    h = layer.forward_numpy(np.ascontiguousarray(h, np.float32))
     if percentile is not None:
         for k in range(m.n_layers):
             amax[k] = np.float32(np.percentile(np.concatenate(absval[k]), percentile))
     return [_input_scale(a) for a in amax]
-
-
-def _calibrate_rows(m, X, batch_size, percentile, amax, absval):
-    """_calibrate's pass over X: amax[k] or absval[k] per layer input."""
-    for s in range(0, X.shape[0], batch_size):
-        h = np.ascontiguousarray(X[s:s + batch_size], np.float32)
-        if m.norm is not None:
-            h = (h - m.norm[0]).astype(np.float32, copy=False) / m.norm[1]
-        for k, layer in enumerate(m.layers):
-            if percentile is None:
-                amax[k] = max(amax[k], np.abs(h).max())
-            else:
-                absval[k].append(np.abs(h).reshape(-1))
-            if k + 1 < m.n_layers:
-                h = layer.forward_numpy(np.ascontiguousarray(h, np.float32))
 
 
 def sparsify(model):
