@@ -11,11 +11,13 @@ TypeError, a wrong shape or value a ValueError).
 import numpy as np
 
 from . import _codes
+from . import _openblas
 from . import _reference as ref
 from . import _validate as check
 
 try:
-    from . import _fkernels as _f
+    with _openblas.loading():
+        from . import _fkernels as _f
 except ImportError as exc:  # pragma: no cover - only without a build
     from . import _extension_missing
     _f = None

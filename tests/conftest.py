@@ -52,6 +52,15 @@ try:
 except ImportError as exc:  # pragma: no cover - only without a build
     FORTRAN_IMPORT_ERROR = exc
 
+# The Fortran programs, MPI ranks and CLI runs the tests start must run the
+# OpenBLAS kernels this process runs: importing pykd picks AVX-512 kernels
+# where the system's OpenBLAS does not know the CPU (pykd/_openblas.py), and
+# a Fortran program only gets them from OPENBLAS_CORETYPE (docs/fortran.md).
+if FORTRAN_IMPORT_ERROR is None and "OPENBLAS_CORETYPE" not in os.environ:
+    from pykd import _openblas  # noqa: E402
+    if _openblas.corename():
+        os.environ["OPENBLAS_CORETYPE"] = _openblas.corename()
+
 
 def pytest_configure(config):
     config.addinivalue_line(

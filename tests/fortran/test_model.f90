@@ -85,17 +85,22 @@ contains
                'predict = mlp_forward on normalised input')
     call m%predict(x, logits, stat)
     call check(stat == PYKD_OK .and. maxval(abs(logits - ref)) <= 1e-6 * maxval(abs(ref)), 'type-bound predict')
+    ! mlp_forward's products are OpenBLAS's sgemm, whose summation order
+    ! depends on the kernels OpenBLAS picks for the CPU (Prescott's SSE3
+    ! kernels, no FMA, on CPUs it does not know); predict's are pykd's own.
+    ! So the two agree to rounding, not bit for bit.
     call pykd_model_from_params(SIZES, [ACT_RELU, ACT_RELU, ACT_IDENTITY], params, m, mean, std, stat=stat)
     call mlp_forward(SIZES, [ACT_RELU, ACT_RELU, ACT_IDENTITY], params, xn, ref, stat=stat)
     call pykd_predict(m, x, logits, stat)
-    call check(stat == PYKD_OK .and. all(logits == ref), 'relu model: predict = mlp_forward, bit for bit')
+    call check(stat == PYKD_OK .and. maxval(abs(logits - ref)) <= 1e-6 * maxval(abs(ref)), &
+               'relu model: predict = mlp_forward to rounding')
     ! sigmoid, gelu and silu: mlp_forward (the training step's forward) runs
-    ! pykd_activation, the inference kernel, so a trained model predicts the same bits.
+    ! pykd_activation, the inference kernel.
     call pykd_model_from_params(SIZES, [ACT_GELU, ACT_SILU, ACT_SIGMOID], params, m, mean, std, stat=stat)
     call mlp_forward(SIZES, [ACT_GELU, ACT_SILU, ACT_SIGMOID], params, xn, ref, stat=stat)
     call pykd_predict(m, x, logits, stat)
-    call check(stat == PYKD_OK .and. all(logits == ref) .and. all(ref > 0 .and. ref < 1), &
-               'gelu/silu/sigmoid model: predict = mlp_forward, bit for bit')
+    call check(stat == PYKD_OK .and. maxval(abs(logits - ref)) <= 1e-6 .and. all(ref > 0 .and. ref < 1), &
+               'gelu/silu/sigmoid model: predict = mlp_forward to rounding')
     call m%free()
     call check(.not. m%ok .and. .not. allocated(m%table) .and. m%n_layers() == 0, 'free releases the model')
     call pykd_model_from_params(SIZES, ACTS, params(2:), m, stat=stat)
@@ -119,7 +124,9 @@ contains
     x = reshape(uniforms(size(x), 21_int64, 1.0), shape(x))
     om = uniforms(5, 22_int64, 10.0)
     os = 2 + uniforms(5, 23_int64, 1.0)
-    call mlp_forward(SIZES, RELUS, params, x, ref, stat=stat)
+    ! The reference: the same model without output normalisation.
+    call pykd_model_from_params(SIZES, RELUS, params, m, stat=stat)
+    call pykd_predict(m, x, ref, stat)
     do j = 1, 9
       ref(:, j) = ref(:, j) * os + om
     end do
@@ -349,7 +356,9 @@ contains
     call pykd_quantize_model(m, stat, msg, calibration=cal)
     call check(stat == PYKD_OK .and. all(m%table(COL_P1, :) == QUANT_STATIC), 'static quantization: '//trim(msg))
     xn = (cal - 0.5) / 1.5
-    call mlp_forward(S(1:2), [ACT_RELU], p(1:12 * 16 + 16), xn, h, stat=stat)
+    ! Layer 2's input: the float32 model's layer 1 (its kernel, not BLAS's).
+    call pykd_model_from_params(S(1:2), [ACT_RELU], p(1:12 * 16 + 16), f, [0.5_real32], [1.5_real32], stat=stat)
+    call pykd_predict(f, cal, h, stat)
     xs = [maxval(abs(xn)) / 127, maxval(abs(h)) / 127]
     call check(m%f32(2 * 16 + 1) == xs(1) .and. m%f32(2 * 16 + 1 + 2 * 5 + 1) == xs(2), &
                'x_scale = max|layer input| / 127 over the calibration batch')
