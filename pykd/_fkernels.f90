@@ -502,6 +502,16 @@ subroutine dense_path(name)
   name = dense_path_name()
 end subroutine dense_path
 
+! The tile of the dense layer's avx512 batch product in this process (4x6
+! or 8x3; PYKD_DENSE_TILE forces one).
+subroutine dense_tile(name)
+  use pykd_layer_dense, only: dense_tile_name
+  implicit none
+  character(len=16), intent(out) :: name
+  !f2py threadsafe
+  name = dense_tile_name()
+end subroutine dense_tile
+
 ! The CPU path of the codebook layer's product in this process (portable, avx2
 ! or avx512; PYKD_CODEBOOK_PATH forces one the CPU has).
 subroutine codebook_path(name)

@@ -20,6 +20,7 @@ from kinds_helpers import run_on_path  # noqa: E402
 
 F32 = np.float32
 PATHS = ("portable", "avx2", "avx512")
+_USER_TILE = os.environ.get("PYKD_DENSE_TILE")  # before the fixture below sets it
 # (n_in, n_out, batches): panels of 96 outputs and their tails, sample
 # tiles of 4 and their tails, one output, tiny and wide layers
 SHAPES = [(784, 200, (16, 17, 256, 300)), (200, 10, (16, 19, 64)), (13, 97, (16, 33)),
@@ -56,19 +57,42 @@ def _child(outdir):
     name, model, X = _cases()[3]
     arrays["slice"] = model.forward(X[100:140])
     arrays["whole"] = model.forward(X)[100:140]
-    np.savez(os.path.join(outdir, "out.npz"), path=fk.dense_path().decode().strip(), **arrays)
+    np.savez(os.path.join(outdir, "out.npz"), path=fk.dense_path().decode().strip(),
+             tile=fk.dense_tile().decode().strip(), **arrays)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, monkeypatch_module):
+    """Every path the CPU has at 1 and 2 threads; avx512 with each of its
+    tiles (4x6, the AMD default; 8x3, the Intel one)."""
     tmp = tmp_path_factory.mktemp("gemm")
     got = {}
     for p in PATHS:
-        for threads in (1, 2):
-            r = run_on_path(__file__, "PYKD_DENSE_PATH", p, tmp, threads)
-            if str(r["path"]) == p:
-                got[p, threads] = r
+        for tile in (("4x6", "8x3") if p == "avx512" else ("",)):
+            monkeypatch_module.setenv("PYKD_DENSE_TILE", tile)
+            for threads in (1, 2):
+                (tmp / (tile or "default")).mkdir(exist_ok=True)
+                r = run_on_path(__file__, "PYKD_DENSE_PATH", p, tmp / (tile or "default"), threads)
+                if str(r["path"]) == p:
+                    assert p != "avx512" or str(r["tile"]) == tile
+                    got[p + (f"-{tile}" if tile else ""), threads] = r
     return got
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_the_tile_follows_the_vendor():
+    """Without PYKD_DENSE_TILE: 8x3 on Intel, 4x6 elsewhere."""
+    import pykd._fkernels as fk
+    if _USER_TILE:
+        pytest.skip("PYKD_DENSE_TILE is set")
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+        intel = "GenuineIntel" in fh.read()
+    assert fk.dense_tile().decode().strip() == ("8x3" if intel else "4x6")
 
 
 def _fmaf():

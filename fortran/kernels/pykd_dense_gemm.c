@@ -15,19 +15,30 @@
  *
  * Why FMA (benchmarks/gemm_f32_probe.c, AMD Zen 4): with a multiply and an
  * add per term both FP pipe pairs are full and every broadcast of x costs a
- * cycle; an FMA leaves a slot for it. The avx512 path packs PANEL outputs
- * of W at a time into `work` (each input's PANEL weights contiguous, 64-byte
- * aligned), then runs tiles of TS samples x up to TV zmm vectors over them;
- * the panel (PANEL x n_in floats) stays in L2 while every tile of the batch
- * streams it.
+ * cycle; an FMA leaves a slot for it. The avx512 path packs a panel of 16 tv
+ * outputs of W at a time into `work` (each input's panel weights
+ * contiguous, 64-byte aligned), then runs tiles of ts samples x up to tv zmm
+ * vectors over them; the panel stays in L2 while every tile of the batch
+ * streams it. The tile (24 accumulators either way) follows the CPU:
+ *   4 x 6 on AMD: a zmm broadcast of x takes an FP pipe slot on Zen 4, so
+ *     few samples per tile;
+ *   8 x 3 on Intel: broadcasts are load-port work, and the panel streamed
+ *     from L2 per FLOP halves (Xeon family 6 model 207, one thread: the
+ *     student at batch 256 4% faster than with 4 x 6, alternating in one
+ *     process; benchmarks/gemm_f32_probe.c: 1.19x OpenBLAS's speed on the
+ *     student's products, against 1.11x).
+ * The tile changes no bit: each output is the same FMA chain.
  *
  * PYKD_DENSE_PATH=portable|avx2|avx512 forces a path the CPU has (the same
- * choice as the one-sample kernel). No OpenMP, no BLAS: a call runs on the
- * calling thread (network_forward gives each thread its own samples).
+ * choice as the one-sample kernel), PYKD_DENSE_TILE=4x6|8x3 the avx512
+ * tile. No OpenMP, no BLAS: a call runs on the calling thread
+ * (network_forward gives each thread its own samples).
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(PYKD_NO_SIMD)
 #include <immintrin.h>
@@ -40,16 +51,16 @@ int pykd_f32_path(void);
 enum { ACT_RELU = 1 };
 enum { P_PORTABLE = 0, P_AVX2 = 1, P_AVX512 = 2 };
 
-/* avx512: TV zmm vectors of outputs per tile (PANEL outputs per packed
- * panel), TS samples; 24 accumulators. */
-#define TS 4
+/* avx512 tiles: at most TS samples x TV zmm vectors of outputs (a packed
+ * panel holds 16 TV outputs at most). */
+#define TS 8
 #define TV 6
 #define PANEL (16 * TV)
 /* From this many samples the avx512 path packs W's panels (measured:
  * docs/performance.md, "Batch 256"); below, its tiles read W in place. */
 #define PACK_MIN 8
 
-/* Words of work the avx512 path packs into: one panel, aligned. */
+/* Words of work the avx512 path packs into: the widest panel, aligned. */
 long pykd_f32_gemm_words(int n_in) { return (long)PANEL * n_in + 16; }
 
 /* z < 0 ? 0 : z keeps NaN and -0.0, as the relu of pykd_activation. */
@@ -196,47 +207,81 @@ A5 static inline __attribute__((always_inline)) void tile5(const int S, const in
     }
 }
 
-#define CASE5(S, NV, P) case S: tile5(S, NV, P, n_out, n_in, P ? wp : w + j, xs, j, last, b, act, ys); break;
+/* The guards drop the tiles a tile shape cannot reach (ts, tv constant). */
+#define CASE5(S, NV, P) case S: if (S <= ts && NV <= tv) tile5(S, NV, P, n_out, n_in, P ? wp : w + j, xs, j, last, b, act, ys); break;
 #define SAMPLES5(NV, P)                                                                      \
-    switch (sn) { CASE5(1, NV, P) CASE5(2, NV, P) CASE5(3, NV, P) CASE5(4, NV, P) default: break; }
+    switch (sn) {                                                                            \
+    CASE5(1, NV, P) CASE5(2, NV, P) CASE5(3, NV, P) CASE5(4, NV, P)                          \
+    CASE5(5, NV, P) CASE5(6, NV, P) CASE5(7, NV, P) CASE5(8, NV, P) default: break;          \
+    }
+#define VECTORS5(P)                                                                          \
+    switch (nv) {                                                                            \
+    case 1: SAMPLES5(1, P) break;                                                            \
+    case 2: SAMPLES5(2, P) break;                                                            \
+    case 3: SAMPLES5(3, P) break;                                                            \
+    case 4: SAMPLES5(4, P) break;                                                            \
+    case 5: SAMPLES5(5, P) break;                                                            \
+    case 6: SAMPLES5(6, P) break;                                                            \
+    default: break;                                                                          \
+    }
 
-A5 static void gemm_avx512(int n_out, int n_in, int n, const float *w, const float *x,
-                           const float *b, int act, float *y, float *work)
+/* Panels of 16 tv outputs, tiles of ts samples (ts <= TS, tv <= TV; both
+ * constants where gemm_avx512 is inlined). */
+A5 static inline __attribute__((always_inline)) void
+gemm_avx512(const int ts, const int tv, int n_out, int n_in, int n, const float *w,
+            const float *x, const float *b, int act, float *y, float *work)
 {
     float *wp = (float *)(((uintptr_t)work + 63) & ~(uintptr_t)63);
-    for (int j = 0; j < n_out; j += PANEL) {
-        int m = n_out - j < PANEL ? n_out - j : PANEL;
+    for (int j = 0; j < n_out; j += 16 * tv) {
+        int m = n_out - j < 16 * tv ? n_out - j : 16 * tv;
         int nv = (m + 15) / 16;
         __mmask16 last = (__mmask16)(0xFFFFu >> (16 * nv - m));
         int packed = n >= PACK_MIN;   /* a few samples do not pay for the packing */
         if (packed) pack_panel(n_out, n_in, w, j, nv, wp);
-        for (int s0 = 0; s0 < n; s0 += TS) {
-            int sn = n - s0 < TS ? n - s0 : TS;
+        for (int s0 = 0; s0 < n; s0 += ts) {
+            int sn = n - s0 < ts ? n - s0 : ts;
             const float *xs = x + (ptrdiff_t)s0 * n_in;
             float *ys = y + (ptrdiff_t)s0 * n_out;
             if (packed) {
-                switch (nv) {
-                case 1: SAMPLES5(1, 1) break;
-                case 2: SAMPLES5(2, 1) break;
-                case 3: SAMPLES5(3, 1) break;
-                case 4: SAMPLES5(4, 1) break;
-                case 5: SAMPLES5(5, 1) break;
-                case 6: SAMPLES5(6, 1) break;
-                default: break;
-                }
+                VECTORS5(1)
             } else {
-                switch (nv) {
-                case 1: SAMPLES5(1, 0) break;
-                case 2: SAMPLES5(2, 0) break;
-                case 3: SAMPLES5(3, 0) break;
-                case 4: SAMPLES5(4, 0) break;
-                case 5: SAMPLES5(5, 0) break;
-                case 6: SAMPLES5(6, 0) break;
-                default: break;
-                }
+                VECTORS5(0)
             }
         }
     }
+}
+
+A5 static void gemm_avx512_4x6(int n_out, int n_in, int n, const float *w, const float *x,
+                               const float *b, int act, float *y, float *work)
+{
+    gemm_avx512(4, 6, n_out, n_in, n, w, x, b, act, y, work);
+}
+
+A5 static void gemm_avx512_8x3(int n_out, int n_in, int n, const float *w, const float *x,
+                               const float *b, int act, float *y, float *work)
+{
+    gemm_avx512(8, 3, n_out, n_in, n, w, x, b, act, y, work);
+}
+
+enum { TILE_4X6 = 0, TILE_8X3 = 1 };
+
+/* The avx512 tile: PYKD_DENSE_TILE, else by vendor (see the top). */
+static int avx512_tile(void)
+{
+    static int cache = -1;
+    int t = __atomic_load_n(&cache, __ATOMIC_ACQUIRE);
+    if (t < 0) {
+        const char *want = getenv("PYKD_DENSE_TILE");
+        __builtin_cpu_init();
+        if (want && strcmp(want, "4x6") == 0)
+            t = TILE_4X6;
+        else if (want && strcmp(want, "8x3") == 0)
+            t = TILE_8X3;
+        else
+            t = __builtin_cpu_is("intel") ? TILE_8X3 : TILE_4X6;
+        __atomic_store_n(&cache, t, __ATOMIC_RELEASE);
+    }
+    return t;
 }
 
 static int has_fma(void)
@@ -245,6 +290,19 @@ static int has_fma(void)
     return __builtin_cpu_supports("fma");
 }
 #endif
+
+/* The avx512 path's tile in this process ("4x6", "8x3"; "none" without
+ * x86 SIMD), blank-padded to len characters. */
+void pykd_f32_gemm_tile_name(char *name, int len)
+{
+#ifdef PYKD_X86
+    const char *s = avx512_tile() == TILE_8X3 ? "8x3" : "4x6";
+#else
+    const char *s = "none";
+#endif
+    int k = (int)strlen(s);
+    for (int c = 0; c < len; c++) name[c] = c < k ? s[c] : ' ';
+}
 
 /* y = act(w x + b) for n samples; work: pykd_f32_gemm_words(n_in) floats
  * (the avx512 path's panel; work_words smaller: W is read by the avx2 path's
@@ -257,7 +315,10 @@ void pykd_f32_gemm(int n_out, int n_in, int n, const float *w, const float *x, c
 #ifdef PYKD_X86
     int p = pykd_f32_path();
     if (p == P_AVX512 && work && work_words >= pykd_f32_gemm_words(n_in)) {
-        gemm_avx512(n_out, n_in, n, w, x, b, act, y, work);
+        if (avx512_tile() == TILE_8X3)
+            gemm_avx512_8x3(n_out, n_in, n, w, x, b, act, y, work);
+        else
+            gemm_avx512_4x6(n_out, n_in, n, w, x, b, act, y, work);
         return;
     }
     if (p >= P_AVX2 && has_fma()) {

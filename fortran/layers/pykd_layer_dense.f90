@@ -15,7 +15,7 @@ module pykd_layer_dense
   use iso_c_binding, only: c_int, c_float, c_char, c_long
   implicit none
   private
-  public :: dense_layer_t, dense_rows, one_sample_product, dense_path_name
+  public :: dense_layer_t, dense_rows, one_sample_product, dense_path_name, dense_tile_name
 
   interface
     !> fortran/kernels/pykd_dense_simd.c: y(j0+1:j1) of one sample, bias and
@@ -31,6 +31,11 @@ module pykd_layer_dense
       character(kind=c_char), intent(out) :: name(*)
       integer(c_int), value :: len
     end subroutine c_path_name
+    subroutine c_gemm_tile_name(name, len) bind(c, name='pykd_f32_gemm_tile_name')
+      import :: c_char, c_int
+      character(kind=c_char), intent(out) :: name(*)
+      integer(c_int), value :: len
+    end subroutine c_gemm_tile_name
     subroutine c_gemv_nobias(n_out, n_in, w, x, j0, j1, y) bind(c, name='pykd_f32_gemv_nobias')
       import :: c_int, c_float
       integer(c_int), value :: n_out, n_in, j0, j1
@@ -84,6 +89,15 @@ contains
     call c_path_name(buf, 16_c_int)   ! blank-padded by the C side
     name = transfer(buf, name)
   end function dense_path_name
+
+  !> The avx512 batch product's tile in this process ("4x6" or "8x3";
+  !! PYKD_DENSE_TILE forces one).
+  function dense_tile_name() result(name)
+    character(len=16) :: name
+    character(kind=c_char) :: buf(16)
+    call c_gemm_tile_name(buf, 16_c_int)
+    name = transfer(buf, name)
+  end function dense_tile_name
 
   pure function dense_name() result(s)
     character(len=:), allocatable :: s
