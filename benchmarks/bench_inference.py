@@ -948,6 +948,17 @@ def int8_peak():
     return peak if peak and max(peak) > 0 else None
 
 
+def int8_peak_all_cpus():
+    """[zmm GMAC/s per CPU] with the probe running on every CPU at once
+    (bench_int8._peak_all_cpus), or None."""
+    try:
+        import bench_int8
+        per_cpu = bench_int8._peak_all_cpus()
+    except Exception:
+        return None
+    return per_cpu if per_cpu and max(per_cpu) > 0 else None
+
+
 # multiply-adds of one batch-256 forward of the student
 STUDENT_MACS_B256 = sum(m * k * n for m, k, n in DENSE_SHAPES)
 
@@ -979,12 +990,25 @@ def limits_table(blocks):
         if pk:
             th = max(b["threads"] for b in blocks)
             best = max(pk.values())
-            floor = STUDENT_MACS_B256 / (best * 1e9 * th)
+            together = blk.get("int8_peak_all_cpus")
+            if together and pk.get("zmm"):
+                # what th threads can have: the CPUs' sum when all run at once
+                total = sum(together[:th])
+                floor = STUDENT_MACS_B256 / (total * 1e9)
+                share = total / pk["zmm"]
+                shared = (f"; on all {len(together)} CPUs at once: "
+                          f"{' + '.join(f'{v:.0f}' for v in together)} GMAC/s, "
+                          f"{share:.2f}x one CPU" +
+                          (" (the CPUs share one core's vector units: hyperthreads)"
+                           if share < 1.3 else ""))
+            else:
+                floor = STUDENT_MACS_B256 / (best * 1e9 * th)
+                shared = ""
             lines += [f"int8 peak of one core (register-only vpdpbusd, benchmarks/int8_peak.c): "
-                      f"zmm {_gmacs(pk['zmm'])}, ymm (AVX-VNNI) {_gmacs(pk['ymm'])}; the student's "
-                      f"{STUDENT_MACS_B256 / 1e6:.1f} M multiply-adds at batch 256 take at "
-                      f"least {_us(floor)} us on {th} core{'s' if th != 1 else ''} at that "
-                      "peak.", ""]
+                      f"zmm {_gmacs(pk['zmm'])}, ymm (AVX-VNNI) {_gmacs(pk['ymm'])}{shared}; "
+                      f"the student's {STUDENT_MACS_B256 / 1e6:.1f} M multiply-adds at batch "
+                      f"256 take at least {_us(floor)} us on {th} thread{'s' if th != 1 else ''} "
+                      "at that peak.", ""]
     return lines
 
 
@@ -1209,6 +1233,7 @@ def run(student, model_name, X_cal, X_check, *, threads, rounds, block_calls, co
     peak = int8_peak() if limits else None
     if peak:
         blocks[-1]["int8_peak_gmacs"] = {"zmm": peak[0], "ymm": peak[1]}
+        blocks[-1]["int8_peak_all_cpus"] = int8_peak_all_cpus()
     return {"model": model_name, "model_sizes": "-".join(map(str, sizes)) if sizes else "?",
             "mode": mode, "machine": info, "versions": versions(), "absent": absent,
             "config": {"threads": threads, "rounds": rounds, "worker_env": env,

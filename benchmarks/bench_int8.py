@@ -90,21 +90,63 @@ def _child(rounds, threads, use_ort):
     print(json.dumps(out))
 
 
-def _peak():
-    """(zmm, ymm) GMAC/s of one core, or None without a C compiler."""
+def _compile(tmp):
+    """benchmarks/int8_peak.c built into ``tmp``, or None (no C compiler)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = os.path.join(tmp, "int8_peak")
-        try:
-            subprocess.run([cc, "-O2", os.path.join(HERE, "int8_peak.c"), "-o", exe], check=True,
-                           capture_output=True)
-            words = subprocess.run([exe], check=True, capture_output=True,
-                                   text=True).stdout.split()
-        except (subprocess.CalledProcessError, OSError):
-            return None
+    exe = os.path.join(tmp, "int8_peak")
+    try:
+        subprocess.run([cc, "-O2", os.path.join(HERE, "int8_peak.c"), "-o", exe], check=True,
+                       capture_output=True)
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return exe
+
+
+def _parse(out):
+    words = out.split()
     return float(words[1]), float(words[3])
+
+
+def _peak():
+    """(zmm, ymm) GMAC/s of one core, or None without a C compiler."""
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = _compile(tmp)
+        if exe is None:
+            return None
+        try:
+            return _parse(subprocess.run([exe], check=True, capture_output=True,
+                                         text=True).stdout)
+        except (subprocess.CalledProcessError, OSError, IndexError, ValueError):
+            return None
+
+
+def _peak_all_cpus():
+    """The zmm GMAC/s of one probe per CPU this process may use, all started
+    at once, each pinned to its CPU: [per CPU], or None (no compiler, one
+    CPU, no affinity). Their sum over the one-CPU peak says whether the
+    CPUs have vector units of their own (about the CPU count) or are
+    hyperthreads of one core (about 1)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    if len(cpus) < 2:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = _compile(tmp)
+        if exe is None:
+            return None
+        procs = [subprocess.Popen([exe], stdout=subprocess.PIPE, text=True,
+                                  preexec_fn=(lambda c=c: os.sched_setaffinity(0, {c})))
+                 for c in cpus]
+        try:
+            return [_parse(p.communicate(timeout=120)[0])[0] for p in procs]
+        except (subprocess.TimeoutExpired, OSError, IndexError, ValueError):
+            for p in procs:
+                p.kill()
+            return None
 
 
 def main():
