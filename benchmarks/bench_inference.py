@@ -999,7 +999,8 @@ def limits_table(blocks):
                 shared = (f"; on all {len(together)} CPUs at once: "
                           f"{' + '.join(f'{v:.0f}' for v in together)} GMAC/s, "
                           f"{share:.2f}x one CPU" +
-                          (" (the CPUs share one core's vector units: hyperthreads)"
+                          (" (the CPUs share vector units now: hyperthreads of one core, "
+                           "or siblings busy with other work)"
                            if share < 1.3 else ""))
             else:
                 floor = STUDENT_MACS_B256 / (best * 1e9 * th)

@@ -276,8 +276,8 @@ def test_report_ends_with_the_targets_table():
     # so 2 threads have one core's peak (50.9 M / 499 GMAC/s = 102 us)
     block["int8_peak_all_cpus"] = [250.0, 249.0]
     md = bi.tables(result)
-    assert "on all 2 CPUs at once: 250 + 249 GMAC/s, 0.98x one CPU (the CPUs share one " \
-        "core's vector units: hyperthreads)" in md
+    assert "on all 2 CPUs at once: 250 + 249 GMAC/s, 0.98x one CPU (the CPUs share vector " \
+        "units now: hyperthreads of one core, or siblings busy with other work)" in md
     assert "at least 102 us on 2 threads" in md
     block["int8_peak_all_cpus"] = [500.0, 509.0]
     md = bi.tables(result)
