@@ -23,9 +23,9 @@ already set, or if ``PYKD_NO_OMP_DEFAULTS=1`` is (set it when other OpenMP
 libraries in the process must keep libgomp's defaults; pykd's results are
 the same, only its speed on few cores may suffer).
 
-While the extension loads OpenBLAS, pykd also sets ``OPENBLAS_CORETYPE`` to
-the AVX-512 kernels the CPU's flags allow (an OpenBLAS older than the CPU
-would run its SSE3 ones) and removes it once loaded; a user's
+While the extension loads OpenBLAS, pykd also sets
+``OPENBLAS_CORETYPE=SkylakeX`` on an AVX-512 CPU (an OpenBLAS older than
+the CPU would run its SSE3 kernels) and removes it once loaded; a user's
 ``OPENBLAS_CORETYPE`` wins (``pykd._openblas``).
 
 Without a build (a source checkout), ``import pykd`` works and
