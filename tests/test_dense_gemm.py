@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from pykd.layers import Dense
+from pykd.layers import Dense, LowRank
 from pykd.models import Model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +47,14 @@ def _cases():
     X[9] = 0.0
     X[10] = -0.0
     out.append(("nonfinite-relu", model, X))
+    # low rank: both factors' products are this kernel's (rank 70 of 784 x 200,
+    # and a rank whose panel has a tail)
+    for n_in, r, n_out, n in ((784, 70, 200, 256), (50, 13, 37, 19)):
+        U = (rng.standard_normal((n_in, r)) / np.sqrt(n_in)).astype(F32)
+        V = (rng.standard_normal((r, n_out)) / np.sqrt(r)).astype(F32)
+        model = Model([LowRank(U, V, rng.standard_normal(n_out).astype(F32), "relu")])
+        out.append((f"low_rank-{n_in}x{r}x{n_out}-{n}", model,
+                    rng.standard_normal((n, n_in)).astype(F32)))
     return out
 
 
@@ -136,19 +144,54 @@ def test_each_output_is_an_fmaf_chain_in_input_order():
     assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
+def test_low_rank_is_two_fmaf_chains():
+    """From 2 samples a low-rank layer is t = U x as an fmaf chain (no bias),
+    then act(V t + b) as another: the dense batch kernel twice, no BLAS."""
+    fmaf = _fmaf()
+    rng = np.random.default_rng(5)
+    n_in, r, n_out, n = 23, 5, 11, 9
+    U = rng.standard_normal((n_in, r)).astype(F32)
+    V = rng.standard_normal((r, n_out)).astype(F32)
+    b = rng.standard_normal(n_out).astype(F32)
+    X = rng.standard_normal((n, n_in)).astype(F32)
+    got = Model([LowRank(U, V, b, "relu")]).forward(X)
+
+    def chain(A, x):
+        acc = F32(0)
+        for a, v in zip(A, x):
+            acc = F32(fmaf(float(a), float(v), float(acc)))
+        return acc
+
+    ref = np.empty((n, n_out), F32)
+    for s in range(n):
+        t = [chain(U[:, k], X[s]) for k in range(r)]
+        for j in range(n_out):
+            z = F32(chain(V[:, j], t) + b[j])
+            ref[s, j] = F32(0) if z < 0 else z
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+
+
 def test_close_to_float64_and_nonfinite_rows(runs):
     r = runs["portable", 1]
     for name, model, X in _cases():
         layer = model.layers[0]
-        z = X.astype(np.float64) @ layer.W.astype(np.float64) + layer.b
+        x64, a64 = X.astype(np.float64), np.abs(X).astype(np.float64)
+        if isinstance(layer, LowRank):
+            U, V = layer.U.astype(np.float64), layer.V.astype(np.float64)
+            z = (x64 @ U) @ V + layer.b
+            scale = (a64 @ np.abs(U)) @ np.abs(V) + 1
+            terms = X.shape[1] + U.shape[1]
+        else:
+            z = x64 @ layer.W.astype(np.float64) + layer.b
+            scale = a64 @ np.abs(layer.W).astype(np.float64) + 1
+            terms = X.shape[1]
         want = {"identity": z, "relu": np.maximum(z, 0), "tanh": np.tanh(z)}[layer.activation]
         got = r[name].astype(np.float64)
         if name == "nonfinite-relu":
             assert np.isnan(got[3]).all() and np.isfinite(got[[0, 1, 2, 4, 5, 6]]).all()
             assert np.array_equal(got[9], np.maximum(layer.b, 0))
             continue
-        scale = np.abs(X).astype(np.float64) @ np.abs(layer.W).astype(np.float64) + 1
-        assert (np.abs(got - want) <= 4e-7 * scale * np.sqrt(X.shape[1]) + 1e-6).all(), name
+        assert (np.abs(got - want) <= 4e-7 * scale * np.sqrt(terms) + 1e-6).all(), name
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ module pykd_layer_dense
   use iso_c_binding, only: c_int, c_float, c_char, c_long
   implicit none
   private
-  public :: dense_layer_t, dense_rows, one_sample_product, dense_path_name, dense_tile_name
+  public :: dense_layer_t, dense_rows, one_sample_product, batch_product, batch_product_words, &
+            dense_path_name, dense_tile_name
 
   interface
     !> fortran/kernels/pykd_dense_simd.c: y(j0+1:j1) of one sample, bias and
@@ -171,6 +172,24 @@ contains
                 int(act, c_int), y)
     if (act /= ACT_IDENTITY .and. act /= ACT_RELU) call apply_activation(act, n_out, 1, y)
   end subroutine one_sample_product
+
+  !> y = act(w x + b) for n samples through pykd_f32_gemm (one FMA per term
+  !! in input order: the bits of dense_forward's batches; identity and relu
+  !! fused, any other code bias only). work: batch_product_words(n_in)
+  !! words. For other kinds' factors (low_rank).
+  subroutine batch_product(n_out, n_in, n, w, x, b, act, y, work)
+    integer, intent(in) :: n_out, n_in, n, act
+    real(real32), intent(in) :: w(*), x(*), b(*)
+    real(real32), intent(inout) :: y(*), work(*)
+
+    call c_gemm(int(n_out, c_int), int(n_in, c_int), int(n, c_int), w, x, b, int(act, c_int), &
+                y, work, c_gemm_words(int(n_in, c_int)))
+  end subroutine batch_product
+
+  pure integer(int64) function batch_product_words(n_in)
+    integer, intent(in) :: n_in
+    batch_product_words = int(c_gemm_words(int(max(n_in, 0), c_int)), int64)
+  end function batch_product_words
 
   !> pykd_f32_gemm's panel of W from GEMM_MIN_BATCH samples, else nothing.
   pure integer(int64) function dense_workspace(row, n)

@@ -9,11 +9,11 @@ module pykd_layer_low_rank
                         COL_I8_LEN, COL_I32_LEN, COL_P1
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_FORMAT
   use pykd_layer, only: pykd_layer_t
-  use pykd_activation, only: bias_activation
-  use pykd_layer_dense, only: one_sample_product
+  use pykd_codes, only: ACT_IDENTITY, ACT_RELU
+  use pykd_activation, only: apply_activation
+  use pykd_layer_dense, only: one_sample_product, batch_product, batch_product_words
   use pykd_bytes, only: get_f32, put_u32, put_f32, str
-  use pykd_layer_util, only: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count, &
-                             gemm_nn
+  use pykd_layer_util, only: MAX_COUNT, take, read_count, sizes_ok, row_expect, nonfinite_count
   implicit none
   private
   public :: low_rank_layer_t
@@ -38,7 +38,10 @@ contains
     s = 'low_rank'
   end function lr_name
 
-  !> t = u x (r, n) in work, then y = act(v t + b).
+  !> t = u x (r, n) in work, then y = act(v t + b). From 2 samples both
+  !! products are pykd_f32_gemm's (dense's batch bits: no BLAS, the same
+  !! bits for any batch, slice or thread count). t gets a zero bias: an FMA
+  !! chain from +0 is never -0, so adding +0 changes no bit.
   subroutine lr_forward(row, f32, i8, i32, n, x, y, work, stat)
     integer(int64), intent(in) :: row(N_FIELDS)
     real(real32), intent(in) :: f32(*)
@@ -49,28 +52,36 @@ contains
     real(real32), intent(out) :: y(row(COL_N_OUT), n)
     real(real32), intent(inout), target :: work(*)
     integer, intent(out) :: stat
-    integer(int64) :: o, nu, nv
-    integer :: n_in, n_out, r
+    integer(int64) :: o, nu, nv, nt
+    integer :: n_in, n_out, r, act
 
     n_in = int(row(COL_N_IN)); n_out = int(row(COL_N_OUT)); r = int(row(COL_P1))
     o = row(COL_F32_OFF); nu = row(COL_N_IN) * r; nv = row(COL_N_OUT) * r
+    act = int(row(COL_ACT))
     stat = PYKD_OK
     if (n == 1) then   ! on this thread, no BLAS or OpenMP wake-up (as dense)
       call one_sample_product(r, n_in, f32(o + 1), x, work)
-      call one_sample_product(n_out, r, f32(o + nu + 1), work, y, f32(o + nu + nv + 1), &
-                              int(row(COL_ACT)))
+      call one_sample_product(n_out, r, f32(o + nu + 1), work, y, f32(o + nu + nv + 1), act)
       return
     end if
-    call gemm_nn(r, n, n_in, f32(o + 1), x, n_in, 0.0_real32, work)
-    call gemm_nn(n_out, n, r, f32(o + nu + 1), work, r, 0.0_real32, y)
-    call bias_activation(int(row(COL_ACT)), n_out, n, f32(o + nu + nv + 1), y)
-    stat = PYKD_OK
+    ! work: t (r, n), r zeros, the product's panel
+    nt = int(r, int64) * n
+    work(nt + 1:nt + r) = 0
+    call batch_product(r, n_in, n, f32(o + 1), x, work(nt + 1), ACT_IDENTITY, work, &
+                       work(nt + r + 1))
+    call batch_product(n_out, r, n, f32(o + nu + 1), work, f32(o + nu + nv + 1), act, y, &
+                       work(nt + r + 1))
+    if (act /= ACT_IDENTITY .and. act /= ACT_RELU) call apply_activation(act, n_out, n, y)
   end subroutine lr_forward
 
   pure integer(int64) function lr_workspace(row, n)
     integer(int64), intent(in) :: row(N_FIELDS)
     integer, intent(in) :: n
-    lr_workspace = max(row(COL_P1), 0_int64) * n
+    integer(int64) :: r
+    r = max(row(COL_P1), 0_int64)
+    lr_workspace = r * n
+    if (n >= 2) lr_workspace = lr_workspace + r + &
+      batch_product_words(int(max(row(COL_N_IN), r)))
   end function lr_workspace
 
   subroutine lr_scan(version, buf, pos, limit, row, stat, msg)
