@@ -24,8 +24,8 @@ libraries in the process must keep libgomp's defaults; pykd's results are
 the same, only its speed on few cores may suffer).
 
 While the extension loads OpenBLAS, pykd also sets
-``OPENBLAS_CORETYPE=SkylakeX`` on an AVX-512 CPU (an OpenBLAS older than
-the CPU would run its SSE3 kernels) and removes it once loaded; a user's
+``OPENBLAS_CORETYPE`` to OpenBLAS's own AVX-512 kernels for the CPU's flags
+(an OpenBLAS older than the CPU would run its SSE3 kernels) and removes it once loaded; a user's
 ``OPENBLAS_CORETYPE`` wins (``pykd._openblas``).
 
 Without a build (a source checkout), ``import pykd`` works and

@@ -13,7 +13,7 @@ SKX = {"fma", "avx2", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 
 def test_kernels_follow_the_flags():
     assert _openblas.kernels_for(frozenset(SKX)) == "SkylakeX"
-    assert _openblas.kernels_for(frozenset(SKX | {"avx512_bf16"})) == "SkylakeX"
+    assert _openblas.kernels_for(frozenset(SKX | {"avx512_bf16"})) == "Cooperlake"
     for missing in sorted(SKX):
         assert _openblas.kernels_for(frozenset(SKX - {missing})) is None, missing
     assert _openblas.kernels_for(frozenset({"fma", "avx2"})) is None
@@ -30,7 +30,7 @@ def test_cpu_flags_reads_the_first_flags_line(tmp_path):
 def test_loading_sets_the_variable_only_while_loading():
     env = {}
     with _openblas.loading(env, flags=frozenset(SKX | {"avx512_bf16"})):
-        assert env == {"OPENBLAS_CORETYPE": "SkylakeX"}
+        assert env == {"OPENBLAS_CORETYPE": "Cooperlake"}
     assert env == {}
     with pytest.raises(RuntimeError):
         with _openblas.loading(env, flags=frozenset(SKX)):
