@@ -14,9 +14,9 @@ Sapphire Rapids), else "SkylakeX". So on those CPUs nothing changes, not
 even a bit: the two run different sgemm blockings, and 90% of a 1200 x 64 x
 784 product's outputs differ between them. (With OPENBLAS_VERBOSE=2, 0.3.21
 prints "Core not found: Cooperlake" before it loads the Cooperlake kernels;
-threadpoolctl and ``openblas_get_corename`` confirm them.) The variable is removed again once
-the extension has loaded: NumPy's OpenBLAS (loaded before) and child
-processes do not see it. A user's ``OPENBLAS_CORETYPE`` wins, and CPUs
+threadpoolctl and ``openblas_get_corename`` confirm them.) The variable is
+removed again once the extension has loaded: NumPy's OpenBLAS (loaded
+before) and child processes do not see it. A user's ``OPENBLAS_CORETYPE`` wins, and CPUs
 without AVX-512 (which this OpenBLAS knows) are left alone.
 """
 import contextlib
@@ -52,10 +52,9 @@ def kernels_for(flags):
 def loading(environ=os.environ, flags=None):
     """Around the import that loads OpenBLAS: sets ``OPENBLAS_CORETYPE`` for
     it (see the module's docstring) and removes it afterwards."""
-    if "OPENBLAS_CORETYPE" in environ:
-        yield
-        return
-    name = kernels_for(cpu_flags() if flags is None else flags)
+    name = None
+    if "OPENBLAS_CORETYPE" not in environ:
+        name = kernels_for(cpu_flags() if flags is None else flags)
     if name is None:
         yield
         return

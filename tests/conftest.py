@@ -58,8 +58,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
 # a Fortran program only gets them from OPENBLAS_CORETYPE (docs/fortran.md).
 if FORTRAN_IMPORT_ERROR is None and "OPENBLAS_CORETYPE" not in os.environ:
     from pykd import _openblas  # noqa: E402
-    if _openblas.corename():
-        os.environ["OPENBLAS_CORETYPE"] = _openblas.corename()
+    _core = _openblas.corename()
+    if _core:
+        os.environ["OPENBLAS_CORETYPE"] = _core
 
 
 def pytest_configure(config):

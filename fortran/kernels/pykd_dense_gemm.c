@@ -40,6 +40,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pykd_cpu_path.h"
+
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(PYKD_NO_SIMD)
 #include <immintrin.h>
 #define PYKD_X86 1
@@ -263,9 +265,12 @@ A5 static void gemm_avx512_8x3(int n_out, int n_in, int n, const float *w, const
     gemm_avx512(8, 3, n_out, n_in, n, w, x, b, act, y, work);
 }
 
-enum { TILE_4X6 = 0, TILE_8X3 = 1 };
+enum { TILE_4X6 = 0, TILE_8X3 = 1, TILE_COUNT = 2 };
+static const char *const tile_names[TILE_COUNT] = {"4x6", "8x3"};
 
-/* The avx512 tile: PYKD_DENSE_TILE, else by vendor (see the top). */
+/* The avx512 tile: PYKD_DENSE_TILE, else by vendor (see the top). Both run
+ * on any avx512 CPU, so pykd_path_get's "best runnable" default does not
+ * apply. */
 static int avx512_tile(void)
 {
     static int cache = -1;
@@ -273,12 +278,9 @@ static int avx512_tile(void)
     if (t < 0) {
         const char *want = getenv("PYKD_DENSE_TILE");
         __builtin_cpu_init();
-        if (want && strcmp(want, "4x6") == 0)
-            t = TILE_4X6;
-        else if (want && strcmp(want, "8x3") == 0)
-            t = TILE_8X3;
-        else
-            t = __builtin_cpu_is("intel") ? TILE_8X3 : TILE_4X6;
+        t = __builtin_cpu_is("intel") ? TILE_8X3 : TILE_4X6;
+        for (int k = 0; want && k < TILE_COUNT; k++)
+            if (strcmp(want, tile_names[k]) == 0) t = k;
         __atomic_store_n(&cache, t, __ATOMIC_RELEASE);
     }
     return t;
@@ -296,12 +298,11 @@ static int has_fma(void)
 void pykd_f32_gemm_tile_name(char *name, int len)
 {
 #ifdef PYKD_X86
-    const char *s = avx512_tile() == TILE_8X3 ? "8x3" : "4x6";
+    pykd_path_name_fill(tile_names, avx512_tile(), name, len);
 #else
-    const char *s = "none";
+    static const char *const none[1] = {"none"};
+    pykd_path_name_fill(none, 0, name, len);
 #endif
-    int k = (int)strlen(s);
-    for (int c = 0; c < len; c++) name[c] = c < k ? s[c] : ' ';
 }
 
 /* y = act(w x + b) for n samples; work: pykd_f32_gemm_words(n_in) floats
