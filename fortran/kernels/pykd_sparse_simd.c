@@ -299,11 +299,20 @@ static void planes_portable(int n_in, int n_out, const uint8_t *cnt, const uint8
 }
 
 #ifdef PYKD_SP_X86
+/* How far ahead (floats of val: 32 planes, 2 KiB) the plane loop asks for
+ * the values. The hardware prefetcher alone kept the 784 x 200 layer's
+ * 162 KB of planes at ~23 B/cycle from L2 (2.58 us on Intel model 207);
+ * with this 2.12 us. 512 B to 4 KiB ahead all did as well; the indices'
+ * own prefetch (a fifth of the bytes) gained nothing. A prefetch past the
+ * end never faults. */
+enum { PL_AHEAD = 512 };
+
 /* One block's planes of the cell: acc += x[idx] * val (vpermt2ps reads the
  * low 5 bits of each index: any byte stays inside the chunk). */
 #define PL_BLOCK(B)                                                                      \
     if (B < nbg) {                                                                      \
         for (int l = *cnt++; l > 0; l--) {                                              \
+            _mm_prefetch((const char *)(val + PL_AHEAD), _MM_HINT_T0);                  \
             __m512i id = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)ix));    \
             __m512 p = _mm512_permutex2var_ps(xlo, id, xhi);                            \
             a##B = _mm512_add_ps(a##B, _mm512_mul_ps(p, _mm512_loadu_ps(val)));        \
