@@ -123,6 +123,9 @@ class Layer:
     f32_items: tuple = ()
     i8_items: tuple = ()
     i32_items: tuple = ()
+    #: Per buffer (f32, i8, i32), the item a model places at a 64-byte
+    #: boundary (pykd._buffers); None: the slice's first.
+    aligned_items: tuple = (None, None, None)
 
     # --- what every kind provides
     def to_dense(self):
@@ -163,6 +166,16 @@ class Layer:
         return [(np.float32, [(n, getattr(self, n)) for n in self.f32_items]),
                 (np.int8, [(n, getattr(self, n)) for n in self.i8_items]),
                 (np.int32, [(n, getattr(self, n)) for n in self.i32_items])]
+
+    def align_leads(self):
+        """Per buffer, the elements of the slice before its ``aligned_items``
+        one (0 for the slice's start)."""
+        leads = []
+        for want, (_, items) in zip(self.aligned_items, self._buffer_arrays()):
+            names = [name for name, _ in items]
+            k = names.index(want) if want in names else 0
+            leads.append(sum(a.size for _, a in items[:k]))
+        return tuple(leads)
 
     def slice_lengths(self):
         """Elements of the layer's f32, i8 and i32 slices."""
@@ -440,6 +453,7 @@ class SparseCSR(_Planes, Layer):
     #: (never saved: docs/model.md, "sparse_csr's planes").
     f32_items = ("values", "_pval", "b")
     i8_items = ("_pcount", "_pidx")
+    aligned_items = ("_pval", None, None)
     i32_items = ("indptr", "indices")
 
     def __init__(self, indptr, indices, values, b, activation="identity"):
@@ -699,6 +713,7 @@ class SparseCodebook(_Planes, Layer):
     #: values ``centroids[codes]`` (never saved: docs/model.md, "sparse_csr's planes").
     f32_items = ("centroids", "_pval", "b")
     i8_items = ("codes", "_pcount", "_pidx")
+    aligned_items = ("_pval", None, None)
     i32_items = ("indptr", "indices")
 
     def __init__(self, indptr, indices, codes, centroids, b, activation="identity"):

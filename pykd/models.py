@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from . import _codes, _step
+from . import _buffers, _codes, _step
 from . import _validate as check
 from . import kernels as _kernels
 from .layers import Dense, DenseInt8, Layer, from_record
@@ -122,7 +122,7 @@ class MLP:
         self.metadata = dict(metadata or {})
         _check_task(self.metadata)
         self.backend = backend
-        self._bind(np.zeros(_step.param_count(self.sizes), _F32))
+        self._bind(_buffers.zeros(_step.param_count(self.sizes), _F32))
         self.seed = None
         if seed is not None:
             self.init(seed)
@@ -514,12 +514,10 @@ class Model:
             c.__dict__.update(layer.__dict__)
             clones.append(c)
         lengths = np.array([c.slice_lengths() for c in clones], np.int64)   # (nl, 3)
-        offsets = np.zeros_like(lengths)
-        offsets[1:] = np.cumsum(lengths, axis=0)[:-1]
-        totals = lengths.sum(axis=0)
-        f32 = np.zeros(max(int(totals[0]), 1), np.float32)
-        i8 = np.zeros(max(int(totals[1]), 1), np.int8)
-        i32 = np.zeros(max(int(totals[2]), 1), np.int32)
+        offsets, totals = _buffers.slice_offsets(lengths, [c.align_leads() for c in clones])
+        f32 = _buffers.zeros(max(int(totals[0]), 1), np.float32)
+        i8 = _buffers.zeros(max(int(totals[1]), 1), np.int8)
+        i32 = _buffers.zeros(max(int(totals[2]), 1), np.int32)
         table = np.zeros((len(clones), _codes.N_FIELDS), np.int64)
         for k, c in enumerate(clones):
             c._pack((f32, i8, i32), offsets[k])

@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 
-from . import _step
+from . import _buffers, _step
 from . import _validate as check
 from . import io as _io
 from ._step import REGRESSION_LOSSES, TrainConfig
@@ -1025,7 +1025,7 @@ def _training_buffer(model, sizes, hint, seed):
     n_total = _step.param_count(sizes, hint)
     if n_total == n_model:
         return model.params
-    P = np.empty(n_total, _F32)
+    P = _buffers.empty(n_total, _F32)
     P[:n_model] = model.params
     model._bind(P[:n_model])
     reg_rng = np.random.default_rng([seed, 0x68696E74])

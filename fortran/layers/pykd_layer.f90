@@ -33,6 +33,7 @@ module pykd_layer
     procedure(write_i), deferred, nopass :: write_record
     procedure(check_i), deferred, nopass :: check
     procedure(check_row_i), deferred, nopass :: check_row
+    procedure, nopass :: f32_lead => no_lead
   end type pykd_layer_t
 
   abstract interface
@@ -148,5 +149,16 @@ module pykd_layer
     end subroutine check_row_i
 
   end interface
+
+contains
+
+  !> The elements of a layer's f32 slice before the array the loader puts
+  !! at a 64-byte boundary (what its one-sample kernel streams): by default
+  !! the slice's start (pykd_models_load; pykd/_buffers.py).
+  pure integer(int64) function no_lead(row)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    no_lead = 0
+    if (.false.) no_lead = row(1)      ! row: the interface every kind shares
+  end function no_lead
 
 end module pykd_layer

@@ -46,6 +46,7 @@ module pykd_layer_sparse_codebook
     procedure, nopass :: record_bytes => sc_bytes
     procedure, nopass :: write_record => sc_write
     procedure, nopass :: check => sc_check
+    procedure, nopass :: f32_lead => planes_lead
     procedure, nopass :: check_row => sc_check_row
   end type sparse_codebook_layer_t
 
@@ -586,5 +587,11 @@ contains
       stat = PYKD_OK
     end if
   end subroutine sc_values_ok
+
+  !> The planes' values start after the n_codes centroids: the loader aligns them.
+  pure integer(int64) function planes_lead(row)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    planes_lead = row(COL_P2)
+  end function planes_lead
 
 end module pykd_layer_sparse_codebook

@@ -37,6 +37,7 @@ module pykd_layer_sparse_csr
     procedure, nopass :: record_bytes => csr_bytes
     procedure, nopass :: write_record => csr_write
     procedure, nopass :: check => csr_check
+    procedure, nopass :: f32_lead => planes_lead
     procedure, nopass :: check_row => csr_check_row
   end type sparse_csr_layer_t
 
@@ -386,5 +387,11 @@ contains
       stat = PYKD_OK
     end if
   end subroutine csr_values_ok
+
+  !> The planes' values start after the nnz values: the loader aligns them.
+  pure integer(int64) function planes_lead(row)
+    integer(int64), intent(in) :: row(N_FIELDS)
+    planes_lead = row(COL_P1)
+  end function planes_lead
 
 end module pykd_layer_sparse_csr

@@ -8,7 +8,7 @@
 !! is allocated. Pass 2 allocates the buffers and lets each kind decode and
 !! validate its payload. Every size is computed in int64 without overflow.
 submodule (pykd_models) pykd_models_load
-  use iso_c_binding, only: c_char, c_int, c_null_char
+  use iso_c_binding, only: c_char, c_int, c_null_char, c_loc, c_intptr_t
   use pykd_codes, only: PYKD_ERR_IO, PYKD_ERR_FORMAT, FORMAT_VERSION_MIN, FORMAT_VERSION, &
                         KIND_MAX, ACT_TANH
   use pykd_bytes, only: to_bytes, get_u32, get_u64, get_f32
@@ -18,6 +18,8 @@ submodule (pykd_models) pykd_models_load
 
   !> A model's arrays may take at most EXPANSION * file size + SLACK bytes (docs/format.md).
   integer(int64), parameter :: EXPANSION = 64, SLACK = 65536
+  !> Bytes: the boundary the loader puts every slice's first element on.
+  integer, parameter :: LINE = 64
 
   !> Where the reader is: the next byte (0-based), the first byte it must not
   !! read, and the file's version.
@@ -505,22 +507,27 @@ contains
     integer(int64) :: nf, ni, n32, pos
     integer :: k, ierr
 
+    ! Each slice after the one before, placed so that its first element (a
+    ! sparse layer's planes: f32_lead) falls on a 64-byte boundary once the
+    ! buffers' start is moved to one (below): the kernels' vector loads then
+    ! never straddle two cache lines (pykd/_buffers.py lays Python's out alike).
     nf = 0; ni = 0; n32 = 0
     do k = 1, size(starts)
-      model%table(COL_F32_OFF, k) = nf
-      model%table(COL_I8_OFF, k) = ni
-      model%table(COL_I32_OFF, k) = n32
-      nf = nf + model%table(COL_F32_LEN, k)
-      ni = ni + model%table(COL_I8_LEN, k)
-      n32 = n32 + model%table(COL_I32_LEN, k)
+      call new_layer(model%table(COL_KIND, k), obj, code)
+      if (code /= PYKD_OK) return  ! cannot happen: pass 1 made the same call
+      call place(nf, obj%f32_lead(model%table(:, k)), COL_F32_OFF, LINE / 4)
+      call place(ni, 0_int64, COL_I8_OFF, LINE)
+      call place(n32, 0_int64, COL_I32_OFF, LINE / 4)
     end do
-    allocate (model%f32(max(nf, 1_int64)), model%i8(max(ni, 1_int64)), model%i32(max(n32, 1_int64)), &
-              stat=ierr)
+    allocate (model%f32(nf + LINE / 4), model%i8(ni + LINE), model%i32(n32 + LINE / 4), stat=ierr)
     if (ierr /= 0) then
       code = PYKD_ERR_ALLOC
       msg = 'cannot allocate '//str(4 * nf + ni + 4 * n32)//' bytes for the layers'
       return
     end if
+    model%table(COL_F32_OFF, :) = model%table(COL_F32_OFF, :) + line_shift(c_loc_f32(model%f32), 4)
+    model%table(COL_I8_OFF, :) = model%table(COL_I8_OFF, :) + line_shift(c_loc_i8(model%i8), 1)
+    model%table(COL_I32_OFF, :) = model%table(COL_I32_OFF, :) + line_shift(c_loc_i32(model%i32), 4)
     model%f32 = 0; model%i8 = 0; model%i32 = 0
     do k = 1, size(starts)
       call new_layer(model%table(COL_KIND, k), obj, code)
@@ -536,7 +543,44 @@ contains
       end if
     end do
     code = PYKD_OK
+
+  contains
+
+    !> Layer k's slice in one buffer (offset column col, `unit` elements a
+    !! line): after `end`, its element `lead` on a line; `end` moves past it.
+    subroutine place(end, lead, col, unit)
+      integer(int64), intent(inout) :: end
+      integer(int64), intent(in) :: lead
+      integer, intent(in) :: col, unit
+      integer(int64) :: off
+      off = end
+      if (model%table(col + 1, k) > 0) off = (end + lead + unit - 1) / unit * unit - lead
+      model%table(col, k) = off
+      end = off + model%table(col + 1, k)
+    end subroutine place
   end subroutine load_layers
+
+  !> Elements of `size` bytes from addr to the next 64-byte boundary.
+  pure integer(int64) function line_shift(addr, size)
+    integer(c_intptr_t), intent(in) :: addr
+    integer, intent(in) :: size
+    line_shift = modulo(-addr, int(LINE, c_intptr_t)) / size
+  end function line_shift
+
+  integer(c_intptr_t) function c_loc_f32(a) result(addr)
+    real(real32), intent(in), target :: a(:)
+    addr = transfer(c_loc(a(1)), addr)
+  end function c_loc_f32
+
+  integer(c_intptr_t) function c_loc_i8(a) result(addr)
+    integer(int8), intent(in), target :: a(:)
+    addr = transfer(c_loc(a(1)), addr)
+  end function c_loc_i8
+
+  integer(c_intptr_t) function c_loc_i32(a) result(addr)
+    integer(int32), intent(in), target :: a(:)
+    addr = transfer(c_loc(a(1)), addr)
+  end function c_loc_i32
 
   !> The u32 at the cursor; the cursor advances.
   logical function read_u32(buf, cur, what, v, msg) result(ok)
