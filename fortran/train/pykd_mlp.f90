@@ -30,6 +30,8 @@ module pykd_mlp
   use pykd_codes, only: LOSS_CE, LOSS_KD, LOSS_MSE, LOSS_HUBER, LOSS_MSE_KD, LOSS_HUBER_KD
   use pykd_loss, only: cross_entropy, kd_loss, regression_loss
   use pykd_optim, only: sgd_step, adam_step
+  use iso_c_binding, only: c_int
+  use pykd_fp_env, only: flush_denormals_begin, flush_denormals_end
   use pykd_random, only: stream_key, dropout_fill
   use pykd_status, only: PYKD_OK, PYKD_ERR_ARG, PYKD_ERR_NONFINITE, PYKD_ERR_ALLOC, set_status
   ! OPT_SGD (state1 = velocity), OPT_ADAM (state1 = m, state2 = v)
@@ -223,10 +225,13 @@ contains
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
     real(real32), intent(in), contiguous, optional :: targets(:, :)
+    integer(c_int) :: ftz
 
+    call flush_denormals_begin(ftz)     ! subnormal results cost Intel cores ~100x (pykd_fp_env.c)
     call step_core(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
                    .true., size(x, 2), 0_int64, teacher, hint_target, stat, errmsg, targets, &
                    state1, state2, mask, 'mlp_train_step')
+    call flush_denormals_end(ftz)
   end subroutine mlp_train_step
 
   !> The first half of a data-parallel step: forward, loss and backward on
@@ -261,6 +266,7 @@ contains
     integer(int64), intent(in), optional :: first
     integer :: ng
     integer(int64) :: f
+    integer(c_int) :: ftz
 
     ng = size(x, 2)
     if (present(n_global)) ng = n_global
@@ -272,8 +278,10 @@ contains
                       'batch of n_global samples', stat, errmsg)
       return
     end if
+    call flush_denormals_begin(ftz)
     call step_core(sizes, acts, params, grads, x, labels, cfg, step, work, loss, n_correct, &
                    .false., ng, f, teacher, hint_target, stat, errmsg, targets, name='mlp_gradient')
+    call flush_denormals_end(ftz)
   end subroutine mlp_gradient
 
   !> The second half of a data-parallel step: the optimizer update of the
@@ -288,6 +296,7 @@ contains
     integer, intent(out), optional :: stat
     character(len=*), intent(out), optional :: errmsg
     integer(int64) :: np
+    integer(c_int) :: ftz
 
     np = size(params, kind=int64)
     if (size(grads, kind=int64) /= np .or. size(state1, kind=int64) /= np &
@@ -310,7 +319,9 @@ contains
       call set_status(PYKD_ERR_ARG, 'mlp_apply_update: step must be >= 1', stat, errmsg)
       return
     end if
+    call flush_denormals_begin(ftz)
     call optimizer_update(params, grads, state1, state2, cfg, step, mask)
+    call flush_denormals_end(ftz)
     call set_status(PYKD_OK, '', stat, errmsg)
   end subroutine mlp_apply_update
 
