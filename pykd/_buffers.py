@@ -15,21 +15,20 @@ import numpy as np
 ALIGN = 64
 
 
-def zeros(n, dtype):
-    """A 1-D zero array of ``n`` elements starting at an ALIGN-byte boundary
-    (a view of a slightly larger array)."""
-    dtype = np.dtype(dtype)
-    raw = np.zeros(n * dtype.itemsize + ALIGN, np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start:start + n * dtype.itemsize].view(dtype)
-
-
 def empty(n, dtype):
-    """As :func:`zeros`, uninitialised."""
+    """A 1-D uninitialised array of ``n`` elements starting at an ALIGN-byte
+    boundary (a view of a slightly larger array)."""
     dtype = np.dtype(dtype)
     raw = np.empty(n * dtype.itemsize + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
     return raw[start:start + n * dtype.itemsize].view(dtype)
+
+
+def zeros(n, dtype):
+    """As :func:`empty`, filled with zeros."""
+    a = empty(n, dtype)
+    a[...] = 0
+    return a
 
 
 def slice_offsets(lengths, leads, itemsizes=(4, 1, 4)):

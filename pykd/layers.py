@@ -172,8 +172,7 @@ class Layer:
         one (0 for the slice's start)."""
         leads = []
         for want, (_, items) in zip(self.aligned_items, self._buffer_arrays()):
-            names = [name for name, _ in items]
-            k = names.index(want) if want in names else 0
+            k = 0 if want is None else [name for name, _ in items].index(want)
             leads.append(sum(a.size for _, a in items[:k]))
         return tuple(leads)
 

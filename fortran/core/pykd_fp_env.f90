@@ -7,7 +7,7 @@ module pykd_fp_env
   !$ use omp_lib, only: omp_in_parallel
   implicit none
   private
-  public :: flush_denormals_begin, flush_denormals_end, flush_denormals_active
+  public :: flush_denormals_begin, flush_denormals_end
 
   interface
     integer(c_int) function c_ftz_get() bind(c, name='pykd_ftz_get')
@@ -37,11 +37,6 @@ contains
     integer(c_int), intent(in) :: prev
     call set_all(prev)
   end subroutine flush_denormals_end
-
-  !> Whether this thread flushes subnormal results now.
-  logical function flush_denormals_active()
-    flush_denormals_active = c_ftz_get() /= 0
-  end function flush_denormals_active
 
   subroutine set_all(on)
     integer(c_int), intent(in) :: on

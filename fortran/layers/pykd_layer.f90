@@ -158,7 +158,6 @@ contains
   pure integer(int64) function no_lead(row)
     integer(int64), intent(in) :: row(N_FIELDS)
     no_lead = 0
-    if (.false.) no_lead = row(1)      ! row: the interface every kind shares
   end function no_lead
 
 end module pykd_layer

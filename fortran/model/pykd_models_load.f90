@@ -8,7 +8,7 @@
 !! is allocated. Pass 2 allocates the buffers and lets each kind decode and
 !! validate its payload. Every size is computed in int64 without overflow.
 submodule (pykd_models) pykd_models_load
-  use iso_c_binding, only: c_char, c_int, c_null_char, c_loc, c_intptr_t
+  use iso_c_binding, only: c_char, c_int, c_null_char, c_loc, c_ptr, c_intptr_t
   use pykd_codes, only: PYKD_ERR_IO, PYKD_ERR_FORMAT, FORMAT_VERSION_MIN, FORMAT_VERSION, &
                         KIND_MAX, ACT_TANH
   use pykd_bytes, only: to_bytes, get_u32, get_u64, get_f32
@@ -499,7 +499,7 @@ contains
   subroutine load_layers(buf, cur, model, starts, code, msg)
     integer(int8), intent(in) :: buf(:)
     type(cursor_t), intent(in) :: cur
-    type(pykd_model), intent(inout) :: model
+    type(pykd_model), intent(inout), target :: model      !! target: its buffers' addresses (line_shift)
     integer(int64), intent(in) :: starts(:)
     integer, intent(out) :: code
     character(len=*), intent(inout) :: msg
@@ -525,9 +525,9 @@ contains
       msg = 'cannot allocate '//str(4 * nf + ni + 4 * n32)//' bytes for the layers'
       return
     end if
-    model%table(COL_F32_OFF, :) = model%table(COL_F32_OFF, :) + line_shift(c_loc_f32(model%f32), 4)
-    model%table(COL_I8_OFF, :) = model%table(COL_I8_OFF, :) + line_shift(c_loc_i8(model%i8), 1)
-    model%table(COL_I32_OFF, :) = model%table(COL_I32_OFF, :) + line_shift(c_loc_i32(model%i32), 4)
+    model%table(COL_F32_OFF, :) = model%table(COL_F32_OFF, :) + line_shift(c_loc(model%f32), 4)
+    model%table(COL_I8_OFF, :) = model%table(COL_I8_OFF, :) + line_shift(c_loc(model%i8), 1)
+    model%table(COL_I32_OFF, :) = model%table(COL_I32_OFF, :) + line_shift(c_loc(model%i32), 4)
     model%f32 = 0; model%i8 = 0; model%i32 = 0
     do k = 1, size(starts)
       call new_layer(model%table(COL_KIND, k), obj, code)
@@ -561,26 +561,11 @@ contains
   end subroutine load_layers
 
   !> Elements of `size` bytes from addr to the next 64-byte boundary.
-  pure integer(int64) function line_shift(addr, size)
-    integer(c_intptr_t), intent(in) :: addr
+  integer(int64) function line_shift(p, size)
+    type(c_ptr), intent(in) :: p
     integer, intent(in) :: size
-    line_shift = modulo(-addr, int(LINE, c_intptr_t)) / size
+    line_shift = modulo(-transfer(p, 0_c_intptr_t), int(LINE, c_intptr_t)) / size
   end function line_shift
-
-  integer(c_intptr_t) function c_loc_f32(a) result(addr)
-    real(real32), intent(in), target :: a(:)
-    addr = transfer(c_loc(a(1)), addr)
-  end function c_loc_f32
-
-  integer(c_intptr_t) function c_loc_i8(a) result(addr)
-    integer(int8), intent(in), target :: a(:)
-    addr = transfer(c_loc(a(1)), addr)
-  end function c_loc_i8
-
-  integer(c_intptr_t) function c_loc_i32(a) result(addr)
-    integer(int32), intent(in), target :: a(:)
-    addr = transfer(c_loc(a(1)), addr)
-  end function c_loc_i32
 
   !> The u32 at the cursor; the cursor advances.
   logical function read_u32(buf, cur, what, v, msg) result(ok)
